@@ -1,0 +1,164 @@
+"""The Helm chart lints, renders, and refuses bad values with a clear message."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import manifests
+from manifests import RenderError, by_name, of_kind, pod_spec, render_chart
+
+
+@pytest.mark.parametrize("values_name", ["defaults", "ci/prod-values.yaml", "all services"])
+def test_helm_lint_strict_passes(values_name: str) -> None:
+    values = {
+        "defaults": None,
+        "ci/prod-values.yaml": manifests.prod_values(),
+        "all services": manifests.all_services_values(),
+    }[values_name]
+    assert manifests.lint_chart(values) == []
+
+
+def test_default_values_render_only_identity() -> None:
+    documents = render_chart()
+    components = {doc["metadata"]["labels"]["app.kubernetes.io/component"] for doc in documents}
+    assert components == {"identity", "identity-migrate"}
+    kinds = sorted(doc["kind"] for doc in documents)
+    assert kinds == sorted(
+        ["Deployment", "Service", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget", "Secret", "Job", "NetworkPolicy"]
+    )
+
+
+def test_default_deployment_runs_one_service_with_grpc_probes() -> None:
+    deployment = by_name(render_chart(), "Deployment", "clm-identity")
+    assert deployment is not None
+    container = pod_spec(deployment)["containers"][0]
+    assert container["command"] == ["/usr/local/bin/clm"]
+    assert container["args"] == ["serve", "identity"]
+    assert container["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": "clm.identity.v1.CustomerService"}
+    assert container["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["CLM_LISTEN_ADDR"]["value"] == "0.0.0.0:50051"
+    assert env["CLM_MIGRATE_ON_START"]["value"] == "false"
+    assert env["CLM_LOG_FORMAT"]["value"] == "json"
+    assert env["CLM_IDENTITY_HASH_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "clm-identity"
+
+
+def test_prod_values_take_every_secret_from_existing_secrets() -> None:
+    documents = render_chart(manifests.prod_values())
+    assert of_kind(documents, "Secret") == [], "production values must not make the chart render a Secret"
+    deployment = by_name(documents, "Deployment", "clm-identity")
+    assert "replicas" not in deployment["spec"], "with an HPA the Deployment must leave replicas alone"
+    env = {entry["name"]: entry for entry in pod_spec(deployment)["containers"][0]["env"]}
+    assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "clm-identity-database", "key": "url"}
+    assert env["CLM_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "clm-redis", "key": "url"}
+    assert env["CLM_IDENTITY_HASH_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "clm-identity-hash-key", "key": "hash-key"}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://otel-collector")
+    assert env["OTEL_SERVICE_NAME"]["value"] == "clm-identity"
+    assert "deployment.environment=production" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+    hpa = by_name(documents, "HorizontalPodAutoscaler", "clm-identity")
+    assert hpa["spec"]["minReplicas"] == 3 and hpa["spec"]["maxReplicas"] == 12
+    policy = by_name(documents, "NetworkPolicy", "clm-identity")
+    peers = policy["spec"]["ingress"][0]["from"]
+    namespaces = [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers]
+    assert namespaces == ["web-shop", "support-desk"]
+
+
+def test_all_services_wire_callers_and_callees() -> None:
+    documents = render_chart(manifests.all_services_values())
+    for name, calls in manifests.SERVICE_CALLS.items():
+        deployment = by_name(documents, "Deployment", f"clm-{name}")
+        assert deployment is not None, name
+        env = {entry["name"]: entry.get("value") for entry in pod_spec(deployment)["containers"][0]["env"]}
+        urls = {k: v for k, v in env.items() if re.fullmatch(r"CLM_[A-Z]+_URL", k) and k[4:-4].lower() in manifests.SERVICE_CALLS}
+        assert urls == {f"CLM_{callee.upper()}_URL": f"http://clm-{callee}:50051" for callee in calls}
+        policy = by_name(documents, "NetworkPolicy", f"clm-{name}")
+        egress_components = {
+            peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            for rule in policy["spec"]["egress"]
+            for peer in rule.get("to", [])
+            if "podSelector" in peer and "namespaceSelector" not in peer
+        }
+        assert egress_components == set(calls), name
+        callers = {caller for caller, callees in manifests.SERVICE_CALLS.items() if name in callees}
+        ingress_components = {
+            peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            for rule in policy["spec"]["ingress"]
+            for peer in rule.get("from", [])
+        }
+        assert ingress_components == callers, name
+
+
+def test_disabled_services_render_nothing() -> None:
+    values = {"services": {"identity": {"enabled": True}, "touchpoints": {"enabled": False}}}
+    names = {doc["metadata"]["name"] for doc in render_chart(values)}
+    assert not [name for name in names if any(other in name for other in ("touchpoints", "scoring", "feedback", "metrics"))]
+
+
+def test_calling_a_disabled_service_is_refused() -> None:
+    values = {"services": {"identity": {"enabled": False}, "touchpoints": {"enabled": True}}}
+    with pytest.raises(RenderError, match=r"services\.touchpoints calls identity, but services\.identity\.enabled is false"):
+        render_chart(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"services": {"identity": {"replicas": "three"}}}, [r"services.identity.replicas|services/identity/replicas", r"integer"]),
+        ({"services": {"identiy": {"enabled": True}}}, [r"identiy", r"not allowed|additional"]),
+        ({"config": {"logFormat": "xml"}}, [r"logFormat", r"text.*json|one of"]),
+        ({"services": {"identity": {"podDisruptionBudget": {"maxUnavailble": 1}}}}, [r"maxUnavailble"]),
+        ({"redis": {"url": "localhost:6379"}}, [r"redis.url|redis/url"]),
+        ({"image": {"tag": "latest"}}, [r"latest.*not allowed"]),
+    ],
+    ids=["replicas-string", "unknown-service", "bad-log-format", "misspelt-key", "redis-url-scheme", "latest-tag"],
+)
+def test_bad_values_fail_with_a_clear_message(values: dict, expected: list[str]) -> None:
+    with pytest.raises(RenderError) as caught:
+        render_chart(values)
+    message = str(caught.value)
+    for pattern in expected:
+        assert re.search(pattern, message), f"{pattern!r} not in Helm's message:\n{message}"
+
+
+def test_lint_reports_a_schema_violation() -> None:
+    findings = manifests.lint_chart({"services": {"identity": {"replicas": "three"}}})
+    assert findings and any("replicas" in finding for finding in findings)
+
+
+def test_generated_secret_is_a_hook_before_the_migration_job() -> None:
+    documents = render_chart()
+    secret = by_name(documents, "Secret", "clm-identity")
+    job = by_name(documents, "Job", "clm-identity-migrate")
+    weight = lambda doc: int(doc["metadata"]["annotations"]["helm.sh/hook-weight"])  # noqa: E731
+    for doc in (secret, job):
+        assert doc["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert weight(secret) < weight(job)
+    assert "hook-succeeded" not in secret["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    assert set(manifests.secret_data(secret)) == {"database-url", "CLM_IDENTITY_HASH_KEY"}
+    assert len(manifests.secret_data(secret)["CLM_IDENTITY_HASH_KEY"]) == 48
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate", "identity"]
+
+
+def test_every_value_is_documented_in_the_readme() -> None:
+    readme = (manifests.CHART_DIR / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([A-Za-z0-9_.<>\-]+)`", readme))
+    missing: list[str] = []
+
+    # Maps documented as one value rather than key by key.
+    whole_maps = ("resources", "secretEnv", "resourceAttributes", "podLabels")
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict) and node and not prefix.endswith(whole_maps):
+            for key, child in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+            return
+        key = re.sub(r"^services\.[a-z]+\.", "services.<name>.", prefix)
+        if key not in documented:
+            missing.append(key)
+
+    walk("", manifests.chart_default_values())
+    assert sorted(set(missing)) == [], "values without a row in deploy/helm/clm/README.md"

@@ -1,0 +1,377 @@
+//! The append-only event log every clm producer keeps in its own database
+//! (a transactional outbox) and the tail that serves it: "every entry after
+//! cursor C, then live".
+//!
+//! # No entry is ever skipped
+//!
+//! On PostgreSQL a sequence value allocated first can commit last, so a
+//! reader that hands out entries by sequence alone would skip the late one.
+//! Every entry therefore records the id of the transaction that wrote it
+//! (`pg_current_xact_id()`), the log is ordered by (transaction id,
+//! sequence), and a reader only hands out entries whose transaction id is
+//! below the oldest transaction still running
+//! (`pg_snapshot_xmin(pg_current_snapshot())`). Every transaction below that
+//! horizon has ended, and any transaction that writes later has a larger id,
+//! so everything at or before a handed-out cursor is final: later commits
+//! only ever land after it.
+//!
+//! SQLite has a single writer whose commits are serial, so there the order
+//! is the sequence alone and everything committed is final.
+//!
+//! # Table shape
+//!
+//! Each producer creates its log table in its own migrations with these
+//! columns (see the identity service's migrations for an example):
+//! `seq` (bigserial / integer primary key autoincrement), `txid` (xid8
+//! default `pg_current_xact_id()`, PostgreSQL only), `event_id`,
+//! `customer_id`, `shard`, `kind`, `payload`, `recorded_at`, and on
+//! PostgreSQL an index on `(txid, seq)`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clm_platform::FieldViolation;
+use clm_platform::db::Pools;
+use clm_platform::server::Shutdown;
+use futures_util::Stream;
+use sqlx::Row;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// A position in a log. Entries are ordered by (transaction, sequence).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor {
+    /// The writing transaction's id on PostgreSQL; 0 on SQLite.
+    pub transaction: u64,
+    /// The entry's sequence number.
+    pub sequence: i64,
+}
+
+impl Cursor {
+    /// The position before the first entry.
+    pub const START: Cursor = Cursor {
+        transaction: 0,
+        sequence: 0,
+    };
+
+    /// Parses a cursor a client sent back; empty means [`Cursor::START`].
+    pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
+        if raw.is_empty() {
+            return Ok(Self::START);
+        }
+        let invalid = || FieldViolation::new(field, "is not a cursor returned by this log");
+        let (transaction, sequence) = raw.split_once('-').ok_or_else(invalid)?;
+        Ok(Self {
+            transaction: transaction.parse().map_err(|_| invalid())?,
+            sequence: sequence.parse().map_err(|_| invalid())?,
+        })
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.transaction, self.sequence)
+    }
+}
+
+/// The shard of a customer: entries for one customer always land in one
+/// shard, so a consumer of shard k of n sees them all, in order.
+pub fn shard_of(customer_id: Option<Uuid>) -> i32 {
+    let Some(id) = customer_id else { return 0 };
+    // FNV-1a over the id's bytes: UUIDv7 starts with a timestamp, so its
+    // leading bytes alone would spread badly.
+    let hash = id.as_bytes().iter().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+    });
+    (hash & 0x7fff_ffff) as i32
+}
+
+/// Which part of a log a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardFilter {
+    /// This consumer's shard, below `count`.
+    pub index: u32,
+    /// The number of shards (1: everything).
+    pub count: u32,
+}
+
+impl ShardFilter {
+    /// Every entry.
+    pub const ALL: ShardFilter = ShardFilter { index: 0, count: 1 };
+
+    /// Validates a shard request (count 0 means everything).
+    pub fn new(field: &str, index: u32, count: u32) -> Result<Self, FieldViolation> {
+        match count {
+            0 if index == 0 => Ok(Self::ALL),
+            0 => Err(FieldViolation::new(
+                format!("{field}.count"),
+                "is required when index is set",
+            )),
+            c if c > 1024 => Err(FieldViolation::new(
+                format!("{field}.count"),
+                "must be at most 1024",
+            )),
+            c if index >= c => Err(FieldViolation::new(
+                format!("{field}.index"),
+                "must be below count",
+            )),
+            c => Ok(Self { index, count: c }),
+        }
+    }
+}
+
+/// An entry to append.
+#[derive(Debug, Clone)]
+pub struct NewEntry<'a> {
+    /// A unique id of the event.
+    pub event_id: Uuid,
+    /// The customer it is about, which decides its shard.
+    pub customer_id: Option<Uuid>,
+    /// What kind of entry it is (producer-defined, e.g. `customer.created`).
+    pub kind: &'a str,
+    /// The encoded event body.
+    pub payload: &'a [u8],
+    /// When it happened.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// An entry read from the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Where it stands in the log.
+    pub cursor: Cursor,
+    /// A unique id of the event.
+    pub event_id: Uuid,
+    /// The customer it is about.
+    pub customer_id: Option<Uuid>,
+    /// What kind of entry it is.
+    pub kind: String,
+    /// The encoded event body.
+    pub payload: Vec<u8>,
+    /// When it happened.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// One producer's log table.
+#[derive(Clone)]
+pub struct EventLog {
+    pools: Pools,
+    table: &'static str,
+    appended: Arc<watch::Sender<u64>>,
+    poll_interval: Duration,
+}
+
+impl fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventLog")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventLog {
+    /// The log kept in `table` (a trusted, static name).
+    pub fn new(pools: Pools, table: &'static str) -> Self {
+        Self {
+            pools,
+            table,
+            appended: Arc::new(watch::channel(0).0),
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+
+    /// How often a live tail looks for entries committed by other processes
+    /// (entries committed by this process wake it at once).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Appends an entry inside the caller's PostgreSQL transaction, so it
+    /// commits (or not) with the state change it describes.
+    pub async fn append_postgres(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        entry: &NewEntry<'_>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (txid, event_id, customer_id, shard, kind, payload, recorded_at) \
+             VALUES (pg_current_xact_id(), $1, $2, $3, $4, $5, $6)",
+            self.table
+        ))
+        .bind(entry.event_id)
+        .bind(entry.customer_id)
+        .bind(shard_of(entry.customer_id))
+        .bind(entry.kind)
+        .bind(entry.payload)
+        .bind(entry.recorded_at)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends an entry inside the caller's SQLite transaction.
+    pub async fn append_sqlite(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        entry: &NewEntry<'_>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (event_id, customer_id, shard, kind, payload, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            self.table
+        ))
+        .bind(entry.event_id.to_string())
+        .bind(entry.customer_id.map(|id| id.to_string()))
+        .bind(shard_of(entry.customer_id))
+        .bind(entry.kind)
+        .bind(entry.payload)
+        .bind(entry.recorded_at.timestamp_micros())
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Wakes live tails in this process; call after a commit that appended.
+    pub fn notify_appended(&self) {
+        self.appended
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Up to `limit` final entries after `after`, in log order.
+    pub async fn read_after(
+        &self,
+        after: Cursor,
+        shard: ShardFilter,
+        limit: u32,
+    ) -> Result<Vec<Entry>, sqlx::Error> {
+        match &self.pools {
+            Pools::Postgres(pool) => {
+                let sql = format!(
+                    "SELECT seq, txid::text::bigint AS tx, event_id, customer_id, kind, payload, recorded_at \
+                     FROM {} \
+                     WHERE (txid, seq) > ($1::text::xid8, $2) \
+                       AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
+                       AND ($4 = 1 OR shard % $4 = $5) \
+                     ORDER BY txid, seq LIMIT $3",
+                    self.table
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(after.transaction.to_string())
+                    .bind(after.sequence)
+                    .bind(i64::from(limit))
+                    .bind(shard.count as i32)
+                    .bind(shard.index as i32)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Entry {
+                            cursor: Cursor {
+                                transaction: row.try_get::<i64, _>("tx")? as u64,
+                                sequence: row.try_get("seq")?,
+                            },
+                            event_id: row.try_get("event_id")?,
+                            customer_id: row.try_get("customer_id")?,
+                            kind: row.try_get("kind")?,
+                            payload: row.try_get("payload")?,
+                            recorded_at: row.try_get("recorded_at")?,
+                        })
+                    })
+                    .collect()
+            }
+            Pools::Sqlite(pools) => {
+                let sql = format!(
+                    "SELECT seq, event_id, customer_id, kind, payload, recorded_at FROM {} \
+                     WHERE seq > ?1 AND (?3 = 1 OR shard % ?3 = ?4) ORDER BY seq LIMIT ?2",
+                    self.table
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(after.sequence)
+                    .bind(i64::from(limit))
+                    .bind(i64::from(shard.count))
+                    .bind(i64::from(shard.index))
+                    .fetch_all(&pools.reader)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        let parse_uuid = |raw: String| {
+                            Uuid::try_parse(&raw).map_err(|err| sqlx::Error::Decode(Box::new(err)))
+                        };
+                        let micros: i64 = row.try_get("recorded_at")?;
+                        Ok(Entry {
+                            cursor: Cursor {
+                                transaction: 0,
+                                sequence: row.try_get("seq")?,
+                            },
+                            event_id: parse_uuid(row.try_get("event_id")?)?,
+                            customer_id: row
+                                .try_get::<Option<String>, _>("customer_id")?
+                                .map(parse_uuid)
+                                .transpose()?,
+                            kind: row.try_get("kind")?,
+                            payload: row.try_get("payload")?,
+                            recorded_at: DateTime::from_timestamp_micros(micros)
+                                .unwrap_or_default(),
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Streams batches of entries after `after`: as fast as the database
+    /// gives them while behind, then live as they are committed. Ends when
+    /// caught up if `stop_at_end`, when `shutdown` is triggered, or after the
+    /// first error (which it yields).
+    pub fn tail(
+        &self,
+        after: Cursor,
+        shard: ShardFilter,
+        batch_size: u32,
+        stop_at_end: bool,
+        shutdown: Shutdown,
+    ) -> impl Stream<Item = Result<Vec<Entry>, sqlx::Error>> + Send + 'static {
+        struct State {
+            log: EventLog,
+            cursor: Option<Cursor>,
+            appended: watch::Receiver<u64>,
+            shutdown: Shutdown,
+        }
+        let state = State {
+            log: self.clone(),
+            cursor: Some(after),
+            appended: self.appended.subscribe(),
+            shutdown,
+        };
+        futures_util::stream::unfold(state, move |mut state| async move {
+            let cursor = state.cursor?;
+            loop {
+                if state.shutdown.is_triggered() {
+                    return None;
+                }
+                state.appended.mark_unchanged();
+                match state.log.read_after(cursor, shard, batch_size).await {
+                    Err(err) => {
+                        state.cursor = None;
+                        return Some((Err(err), state));
+                    }
+                    Ok(batch) if !batch.is_empty() => {
+                        state.cursor = batch.last().map(|entry| entry.cursor);
+                        return Some((Ok(batch), state));
+                    }
+                    Ok(_) if stop_at_end => return None,
+                    Ok(_) => {
+                        let poll = state.log.poll_interval;
+                        tokio::select! {
+                            () = state.shutdown.triggered() => return None,
+                            _ = state.appended.changed() => {}
+                            () = tokio::time::sleep(poll) => {}
+                        }
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,597 @@
+//! The hot-object cache: read-through, versioned, shared by every replica
+//! through Redis or kept in-process when no Redis is configured.
+//!
+//! Correctness rules, in order of importance:
+//! - The cache never goes back in time: every write is a compare-and-set on
+//!   the object's version, so a reader that loaded an old version from the
+//!   database cannot overwrite a newer one a writer put there after commit.
+//! - Writers put the new version after every commit (write-through), so a
+//!   read after a write returns never sees the old object.
+//! - The cache is an optimisation only: when Redis fails, reads go to the
+//!   database and writes still succeed; the failure is logged and counted,
+//!   never returned. A key whose write-through failed is remembered and read
+//!   from the database until the cache has been repaired for it, so an
+//!   outage cannot leave this process serving a stale entry afterwards.
+//! - Concurrent misses on one key load it from the database once (stampede
+//!   protection); entries expire after a TTL with ±10% jitter so that a burst
+//!   of fills does not expire as a burst.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rand::Rng;
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::secret::Secret;
+
+/// A cached object: its encoded bytes and the version they are of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The object's version; higher is newer.
+    pub version: i64,
+    /// The encoded object.
+    pub bytes: Vec<u8>,
+}
+
+/// A cache backend failed (Redis unreachable, timed out, refused).
+#[derive(Debug, thiserror::Error)]
+#[error("cache backend error: {0}")]
+pub struct BackendError(String);
+
+/// Where cached objects are kept.
+#[async_trait]
+pub trait CacheBackend: Send + Sync + 'static {
+    /// The cached object under `key`, if any and not expired.
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, BackendError>;
+    /// Stores `value` unless the cache already holds the same or a newer
+    /// version of it.
+    async fn put_if_newer(
+        &self,
+        key: &str,
+        value: &Versioned,
+        ttl: Duration,
+    ) -> Result<(), BackendError>;
+    /// Forgets `key`.
+    async fn remove(&self, key: &str) -> Result<(), BackendError>;
+    /// A short name for logs ("redis", "in-process").
+    fn name(&self) -> &'static str;
+}
+
+/// Counters of what the cache did; read them for tests and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Reads answered from the cache.
+    pub hits: AtomicU64,
+    /// Reads that went to the database.
+    pub misses: AtomicU64,
+    /// Backend failures (each one logged, none returned to a caller).
+    pub errors: AtomicU64,
+}
+
+/// A snapshot of [`CacheStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheCounts {
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Reads that went to the database.
+    pub misses: u64,
+    /// Backend failures.
+    pub errors: u64,
+}
+
+const LOAD_STRIPES: usize = 256;
+const MAX_DIRTY_KEYS: usize = 100_000;
+
+/// A read-through, write-through, versioned cache over a [`CacheBackend`].
+pub struct VersionedCache {
+    backend: Arc<dyn CacheBackend>,
+    namespace: String,
+    ttl: Duration,
+    stats: CacheStats,
+    /// Keys whose write-through failed: read from the database until the
+    /// backend has forgotten them.
+    dirty: std::sync::Mutex<HashSet<String>>,
+    /// Striped locks so that concurrent misses on one key load it once.
+    load_locks: Vec<AsyncMutex<()>>,
+    last_error_log: std::sync::Mutex<Option<Instant>>,
+}
+
+impl VersionedCache {
+    /// A cache that keeps keys under `namespace` (e.g. `clm:identity:customer`).
+    pub fn new(
+        backend: Arc<dyn CacheBackend>,
+        namespace: impl Into<String>,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            backend,
+            namespace: namespace.into(),
+            ttl,
+            stats: CacheStats::default(),
+            dirty: std::sync::Mutex::new(HashSet::new()),
+            load_locks: (0..LOAD_STRIPES).map(|_| AsyncMutex::new(())).collect(),
+            last_error_log: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// What the cache has done so far.
+    pub fn counts(&self) -> CacheCounts {
+        CacheCounts {
+            hits: self.stats.hits.load(Ordering::Relaxed),
+            misses: self.stats.misses.load(Ordering::Relaxed),
+            errors: self.stats.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}:{key}", self.namespace)
+    }
+
+    fn jittered_ttl(&self) -> Duration {
+        let factor = rand::rng().random_range(0.9..1.1);
+        self.ttl.mul_f64(factor)
+    }
+
+    fn record_error(&self, operation: &str, err: &BackendError) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        // One line every few seconds is enough to see an outage; more would
+        // flood the log at full request rate.
+        let mut last = self
+            .last_error_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                backend = self.backend.name(),
+                operation,
+                error = %err,
+                errors_total = self.stats.errors.load(Ordering::Relaxed),
+                "cache unavailable, using the database"
+            );
+        }
+    }
+
+    fn is_dirty(&self, key: &str) -> bool {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    fn mark_dirty(&self, key: &str) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if dirty.len() < MAX_DIRTY_KEYS {
+            dirty.insert(key.to_owned());
+        }
+    }
+
+    fn clear_dirty(&self, key: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Tries to forget a key whose write-through failed; true once done.
+    async fn repair(&self, full_key: &str) -> bool {
+        match self.backend.remove(full_key).await {
+            Ok(()) => {
+                self.clear_dirty(full_key);
+                true
+            }
+            Err(err) => {
+                self.record_error("repair", &err);
+                false
+            }
+        }
+    }
+
+    /// The object under `key`: from the cache when there, otherwise loaded
+    /// with `load` (at most once at a time per key in this process) and
+    /// cached. `load` errors are returned; cache errors never are.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, load: F) -> Result<Option<Versioned>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Versioned>, E>>,
+    {
+        let full_key = self.full_key(key);
+        if self.is_dirty(&full_key) && !self.repair(&full_key).await {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return load().await;
+        }
+        match self.backend.get(&full_key).await {
+            Ok(Some(hit)) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(hit));
+            }
+            Ok(None) => {}
+            Err(err) => {
+                // The backend is down: every caller goes to the database
+                // directly rather than queueing behind one lock.
+                self.record_error("get", &err);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return load().await;
+            }
+        }
+
+        let stripe = {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            full_key.hash(&mut hasher);
+            (hasher.finish() as usize) % LOAD_STRIPES
+        };
+        let _loading = self.load_locks[stripe].lock().await;
+        // Another caller may have filled it while this one waited.
+        if let Ok(Some(hit)) = self.backend.get(&full_key).await {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(hit));
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let loaded = load().await?;
+        if let Some(value) = &loaded
+            && let Err(err) = self
+                .backend
+                .put_if_newer(&full_key, value, self.jittered_ttl())
+                .await
+        {
+            self.record_error("fill", &err);
+        }
+        Ok(loaded)
+    }
+
+    /// Puts a freshly committed version (write-through). Never fails: on a
+    /// backend error the key is read from the database until repaired.
+    pub async fn store(&self, key: &str, value: &Versioned) {
+        let full_key = self.full_key(key);
+        if let Err(err) = self
+            .backend
+            .put_if_newer(&full_key, value, self.jittered_ttl())
+            .await
+        {
+            self.record_error("store", &err);
+            self.mark_dirty(&full_key);
+        }
+    }
+
+    /// Forgets a key. Never fails: on a backend error the key is read from
+    /// the database until repaired.
+    pub async fn invalidate(&self, key: &str) {
+        let full_key = self.full_key(key);
+        if let Err(err) = self.backend.remove(&full_key).await {
+            self.record_error("invalidate", &err);
+            self.mark_dirty(&full_key);
+        }
+    }
+}
+
+/// The cache kept in this process: bounded, for the embedded mode and for
+/// single-replica deployments without Redis.
+pub struct InProcessBackend {
+    entries: moka::sync::Cache<String, Arc<(Versioned, Instant)>>,
+}
+
+impl InProcessBackend {
+    /// A cache of at most `capacity` entries that live at most `max_ttl`.
+    pub fn new(capacity: u64, max_ttl: Duration) -> Self {
+        Self {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(max_ttl.mul_f64(1.2))
+                .build(),
+        }
+    }
+}
+
+#[async_trait]
+impl CacheBackend for InProcessBackend {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, BackendError> {
+        Ok(self
+            .entries
+            .get(key)
+            .filter(|entry| entry.1 > Instant::now())
+            .map(|entry| entry.0.clone()))
+    }
+
+    async fn put_if_newer(
+        &self,
+        key: &str,
+        value: &Versioned,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let expires = Instant::now() + ttl;
+        self.entries
+            .entry(key.to_owned())
+            .and_compute_with(|current| match current {
+                Some(entry)
+                    if entry.value().0.version >= value.version
+                        && entry.value().1 > Instant::now() =>
+                {
+                    moka::ops::compute::Op::Nop
+                }
+                _ => moka::ops::compute::Op::Put(Arc::new((value.clone(), expires))),
+            });
+        Ok(())
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BackendError> {
+        self.entries.invalidate(key);
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "in-process"
+    }
+}
+
+/// Compare-and-set on version: KEYS[1] the key; ARGV version, bytes, ttl ms.
+const PUT_IF_NEWER: &str = r"
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// The cache in Redis, shared by every replica. Connects lazily and
+/// reconnects in the background, so a service starts and serves while Redis
+/// is down.
+pub struct RedisBackend {
+    client: redis::Client,
+    connection: tokio::sync::RwLock<Option<redis::aio::ConnectionManager>>,
+    connecting: AsyncMutex<Option<Instant>>,
+    script: redis::Script,
+    timeout: Duration,
+}
+
+impl RedisBackend {
+    /// A backend for the Redis server at `url`. Nothing is connected yet.
+    pub fn new(url: &Secret, timeout: Duration) -> Result<Self, BackendError> {
+        let client =
+            redis::Client::open(url.expose()).map_err(|err| BackendError(err.to_string()))?;
+        Ok(Self {
+            client,
+            connection: tokio::sync::RwLock::new(None),
+            connecting: AsyncMutex::new(None),
+            script: redis::Script::new(PUT_IF_NEWER),
+            timeout,
+        })
+    }
+
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, BackendError> {
+        if let Some(connection) = self.connection.read().await.as_ref() {
+            return Ok(connection.clone());
+        }
+        let mut last_attempt = self.connecting.lock().await;
+        if let Some(connection) = self.connection.read().await.as_ref() {
+            return Ok(connection.clone());
+        }
+        // While Redis is down, try to connect at most once a second instead of
+        // on every request.
+        if last_attempt.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return Err(BackendError("not connected".to_owned()));
+        }
+        *last_attempt = Some(Instant::now());
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(1000);
+        let connection =
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config)
+                .await
+                .map_err(|err| BackendError(err.to_string()))?;
+        *self.connection.write().await = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let connection = self.connection().await?;
+        match tokio::time::timeout(self.timeout, op(connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(BackendError(err.to_string())),
+            Err(_) => Err(BackendError(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+}
+
+#[async_trait]
+impl CacheBackend for RedisBackend {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, BackendError> {
+        let (version, bytes): (Option<i64>, Option<Vec<u8>>) = self
+            .run(|mut connection| async move {
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("v")
+                    .arg("d")
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        Ok(match (version, bytes) {
+            (Some(version), Some(bytes)) => Some(Versioned { version, bytes }),
+            _ => None,
+        })
+    }
+
+    async fn put_if_newer(
+        &self,
+        key: &str,
+        value: &Versioned,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let script = &self.script;
+        let _: i64 = self
+            .run(|mut connection| async move {
+                script
+                    .key(key)
+                    .arg(value.version)
+                    .arg(value.bytes.as_slice())
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .invoke_async(&mut connection)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BackendError> {
+        let _: i64 = self
+            .run(|mut connection| async move {
+                redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// The backend `CLM_REDIS_URL` asks for: Redis when set, in-process otherwise.
+pub fn backend_from_config(
+    config: &crate::PlatformConfig,
+) -> Result<Arc<dyn CacheBackend>, crate::ConfigError> {
+    match &config.redis_url {
+        Some(url) => RedisBackend::new(url, Duration::from_millis(250))
+            .map(|backend| Arc::new(backend) as Arc<dyn CacheBackend>)
+            .map_err(|err| crate::ConfigError::new("CLM_REDIS_URL", err.to_string())),
+        None => Ok(Arc::new(InProcessBackend::new(
+            config.cache_capacity,
+            config.cache_ttl,
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn versioned(version: i64, text: &str) -> Versioned {
+        Versioned {
+            version,
+            bytes: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_old_fill_never_overwrites_a_newer_write() {
+        let cache = VersionedCache::new(
+            Arc::new(InProcessBackend::new(100, Duration::from_secs(60))),
+            "t",
+            Duration::from_secs(60),
+        );
+        cache.store("k", &versioned(2, "new")).await;
+        // A reader that loaded version 1 before the write committed fills late.
+        let got = cache
+            .get_or_load("k", || async { Ok::<_, ()>(Some(versioned(1, "old"))) })
+            .await
+            .unwrap();
+        assert_eq!(got, Some(versioned(2, "new")));
+        cache.store("k", &versioned(1, "old")).await;
+        let got = cache
+            .get_or_load("k", || async { Ok::<_, ()>(None) })
+            .await
+            .unwrap();
+        assert_eq!(got, Some(versioned(2, "new")));
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_load_once() {
+        let cache = Arc::new(VersionedCache::new(
+            Arc::new(InProcessBackend::new(100, Duration::from_secs(60))),
+            "t",
+            Duration::from_secs(60),
+        ));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let cache = cache.clone();
+            let loads = loads.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_load("hot", || async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, ()>(Some(versioned(1, "v")))
+                    })
+                    .await
+                    .unwrap()
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), Some(versioned(1, "v")));
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.counts().misses, 1);
+    }
+
+    struct BrokenBackend;
+
+    #[async_trait]
+    impl CacheBackend for BrokenBackend {
+        async fn get(&self, _: &str) -> Result<Option<Versioned>, BackendError> {
+            Err(BackendError("down".into()))
+        }
+        async fn put_if_newer(
+            &self,
+            _: &str,
+            _: &Versioned,
+            _: Duration,
+        ) -> Result<(), BackendError> {
+            Err(BackendError("down".into()))
+        }
+        async fn remove(&self, _: &str) -> Result<(), BackendError> {
+            Err(BackendError("down".into()))
+        }
+        fn name(&self) -> &'static str {
+            "broken"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_backend_falls_back_and_counts() {
+        let cache = VersionedCache::new(Arc::new(BrokenBackend), "t", Duration::from_secs(60));
+        let got = cache
+            .get_or_load("k", || async { Ok::<_, ()>(Some(versioned(1, "db"))) })
+            .await
+            .unwrap();
+        assert_eq!(got, Some(versioned(1, "db")));
+        cache.store("k", &versioned(2, "db2")).await;
+        let counts = cache.counts();
+        assert_eq!(counts.errors, 2);
+        assert_eq!(counts.hits, 0);
+        assert!(cache.is_dirty("t:k"));
+    }
+
+    #[tokio::test]
+    async fn entries_expire() {
+        let backend = InProcessBackend::new(100, Duration::from_secs(60));
+        backend
+            .put_if_newer("k", &versioned(1, "v"), Duration::from_millis(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(backend.get("k").await.unwrap(), None);
+    }
+}

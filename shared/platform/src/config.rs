@@ -1,0 +1,367 @@
+//! Configuration from the environment (12-factor): defaults that make the
+//! embedded mode work, then `CLM_*` variables, validated at start-up with an
+//! error that names the bad variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+/// A configuration variable that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {variable}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable, e.g. `CLM_LISTEN_ADDR`.
+    pub variable: String,
+    /// Why its value is not usable.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// An error about `variable`.
+    pub fn new(variable: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            variable: variable.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads variables from the process environment or, in tests, from a map.
+pub struct Env {
+    lookup: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+}
+
+impl Env {
+    /// The process environment.
+    pub fn process() -> Self {
+        Self {
+            lookup: Box::new(|name| std::env::var(name).ok()),
+        }
+    }
+
+    /// A fixed set of variables, for tests.
+    pub fn from_pairs<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let map: std::collections::HashMap<String, String> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self {
+            lookup: Box::new(move |name| map.get(name).cloned()),
+        }
+    }
+
+    /// The variable's value; unset and empty are the same.
+    pub fn string(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    /// The variable parsed as `T`, or `default` when unset.
+    pub fn parse_or<T>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.string(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|err| ConfigError::new(name, format!("{raw:?} is not valid: {err}"))),
+        }
+    }
+
+    /// A boolean variable: true/false, 1/0, yes/no, on/off.
+    pub fn bool_or(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.string(name) {
+            None => Ok(default),
+            Some(raw) => match raw.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::new(
+                    name,
+                    format!("{raw:?} is not a boolean (use true or false)"),
+                )),
+            },
+        }
+    }
+
+    /// A whole number within `min..=max`, or `default` when unset.
+    pub fn bounded_or(
+        &self,
+        name: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        let value = self.parse_or(name, default)?;
+        if !(min..=max).contains(&value) {
+            return Err(ConfigError::new(
+                name,
+                format!("{value} is out of range ({min} to {max})"),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?} (use text or json)")),
+        }
+    }
+}
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest request message the server decodes, in bytes
+    /// (`CLM_MAX_MESSAGE_BYTES`, default 4 MiB).
+    pub max_message_bytes: usize,
+    /// The largest page a List call returns (`CLM_MAX_PAGE_SIZE`, default 1000).
+    pub max_page_size: u32,
+    /// The page size used when a request leaves it at 0 (100).
+    pub default_page_size: u32,
+    /// The most items one batch call may carry (`CLM_MAX_BATCH_SIZE`, default 10000).
+    pub max_batch_size: u32,
+    /// Concurrent requests served per connection (`CLM_MAX_CONCURRENT_REQUESTS`, default 1024).
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_page_size: 1000,
+            default_page_size: 100,
+            max_batch_size: 10_000,
+            max_concurrent_requests: 1024,
+        }
+    }
+}
+
+/// Where traces go when OpenTelemetry export is on.
+#[derive(Debug, Clone)]
+pub struct OtelConfig {
+    /// The OTLP/gRPC collector endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub endpoint: String,
+    /// The service name reported (`OTEL_SERVICE_NAME`, default `clm`).
+    pub service_name: String,
+}
+
+/// The settings every clm process shares.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Where the gRPC server listens (`CLM_LISTEN_ADDR`, default 127.0.0.1:50051).
+    pub listen_addr: SocketAddr,
+    /// Where SQLite files live when no database URL is given (`CLM_DATA_DIR`, default ./data).
+    pub data_dir: PathBuf,
+    /// The database for every service without its own URL (`CLM_DATABASE_URL`).
+    pub database_url: Option<Secret>,
+    /// The Redis server for hot objects (`CLM_REDIS_URL`; unset: in-process cache).
+    pub redis_url: Option<Secret>,
+    /// Run migrations when a service starts (`CLM_MIGRATE_ON_START`, default true).
+    pub migrate_on_start: bool,
+    /// Log line format (`CLM_LOG_FORMAT`, default text).
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (`CLM_LOG`, default `info`).
+    pub log_filter: String,
+    /// How long in-flight calls may drain after SIGTERM (`CLM_SHUTDOWN_GRACE_SECONDS`, default 20).
+    pub shutdown_grace: Duration,
+    /// How long a hot object stays cached (`CLM_CACHE_TTL_SECONDS`, default 300; ±10% jitter).
+    pub cache_ttl: Duration,
+    /// How many entries the in-process cache holds (`CLM_CACHE_CAPACITY`, default 100000).
+    pub cache_capacity: u64,
+    /// Request bounds.
+    pub limits: Limits,
+    /// OpenTelemetry export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otel: Option<OtelConfig>,
+}
+
+impl PlatformConfig {
+    /// Reads and validates the configuration.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_message_bytes: env.bounded_or(
+                "CLM_MAX_MESSAGE_BYTES",
+                defaults.max_message_bytes as u64,
+                64 * 1024,
+                64 * 1024 * 1024,
+            )? as usize,
+            max_page_size: env.bounded_or(
+                "CLM_MAX_PAGE_SIZE",
+                defaults.max_page_size.into(),
+                1,
+                10_000,
+            )? as u32,
+            default_page_size: defaults.default_page_size,
+            max_batch_size: env.bounded_or(
+                "CLM_MAX_BATCH_SIZE",
+                defaults.max_batch_size.into(),
+                1,
+                100_000,
+            )? as u32,
+            max_concurrent_requests: env.bounded_or(
+                "CLM_MAX_CONCURRENT_REQUESTS",
+                defaults.max_concurrent_requests as u64,
+                1,
+                1_000_000,
+            )? as usize,
+        };
+        let mut limits = limits;
+        limits.default_page_size = limits.default_page_size.min(limits.max_page_size);
+
+        let database_url = env.string("CLM_DATABASE_URL").map(Secret::new);
+        if let Some(url) = &database_url {
+            crate::db::DatabaseKind::of_url(url.expose())
+                .map_err(|reason| ConfigError::new("CLM_DATABASE_URL", reason))?;
+        }
+        let redis_url = env.string("CLM_REDIS_URL").map(Secret::new);
+        if let Some(url) = &redis_url {
+            let raw = url.expose();
+            if !(raw.starts_with("redis://")
+                || raw.starts_with("rediss://")
+                || raw.starts_with("redis+unix://")
+                || raw.starts_with("unix://"))
+            {
+                return Err(ConfigError::new(
+                    "CLM_REDIS_URL",
+                    "must start with redis://, rediss:// or unix://",
+                ));
+            }
+        }
+        let otel = env
+            .string("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .map(|endpoint| OtelConfig {
+                endpoint,
+                service_name: env
+                    .string("OTEL_SERVICE_NAME")
+                    .unwrap_or_else(|| "clm".to_owned()),
+            });
+
+        Ok(Self {
+            listen_addr: env
+                .parse_or("CLM_LISTEN_ADDR", SocketAddr::from(([127, 0, 0, 1], 50051)))?,
+            data_dir: env
+                .string("CLM_DATA_DIR")
+                .map_or_else(|| PathBuf::from("data"), PathBuf::from),
+            database_url,
+            redis_url,
+            migrate_on_start: env.bool_or("CLM_MIGRATE_ON_START", true)?,
+            log_format: env.parse_or("CLM_LOG_FORMAT", LogFormat::Text)?,
+            log_filter: env.string("CLM_LOG").unwrap_or_else(|| "info".to_owned()),
+            shutdown_grace: Duration::from_secs(env.bounded_or(
+                "CLM_SHUTDOWN_GRACE_SECONDS",
+                20,
+                0,
+                3600,
+            )?),
+            cache_ttl: Duration::from_secs(env.bounded_or(
+                "CLM_CACHE_TTL_SECONDS",
+                300,
+                1,
+                86_400,
+            )?),
+            cache_capacity: env.bounded_or("CLM_CACHE_CAPACITY", 100_000, 1, 100_000_000)?,
+            limits,
+            otel,
+        })
+    }
+
+    /// The database URL of one service: `CLM_<SERVICE>_DATABASE_URL`, else
+    /// `CLM_DATABASE_URL`, else a SQLite file `<data dir>/<service>.db`.
+    pub fn database_url_for(&self, env: &Env, service: &str) -> Result<Secret, ConfigError> {
+        let variable = format!("CLM_{}_DATABASE_URL", service.to_ascii_uppercase());
+        if let Some(url) = env.string(&variable) {
+            crate::db::DatabaseKind::of_url(&url)
+                .map_err(|reason| ConfigError::new(&variable, reason))?;
+            return Ok(Secret::new(url));
+        }
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        let path = self.data_dir.join(format!("{service}.db"));
+        Ok(Secret::new(format!("sqlite://{}", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_the_embedded_mode_work() {
+        let config = PlatformConfig::from_env(&Env::from_pairs::<_, &str, &str>([])).unwrap();
+        assert_eq!(config.listen_addr.to_string(), "127.0.0.1:50051");
+        assert!(config.redis_url.is_none());
+        let env = Env::from_pairs::<_, &str, &str>([]);
+        assert_eq!(
+            config.database_url_for(&env, "identity").unwrap().expose(),
+            "sqlite://data/identity.db"
+        );
+    }
+
+    #[test]
+    fn a_bad_variable_is_named() {
+        let env = Env::from_pairs([("CLM_LISTEN_ADDR", "not-an-address")]);
+        let err = PlatformConfig::from_env(&env).unwrap_err();
+        assert_eq!(err.variable, "CLM_LISTEN_ADDR");
+
+        let env = Env::from_pairs([("CLM_MAX_PAGE_SIZE", "0")]);
+        assert_eq!(
+            PlatformConfig::from_env(&env).unwrap_err().variable,
+            "CLM_MAX_PAGE_SIZE"
+        );
+
+        let env = Env::from_pairs([("CLM_DATABASE_URL", "mysql://x")]);
+        assert_eq!(
+            PlatformConfig::from_env(&env).unwrap_err().variable,
+            "CLM_DATABASE_URL"
+        );
+
+        let env = Env::from_pairs([("CLM_MIGRATE_ON_START", "maybe")]);
+        assert_eq!(
+            PlatformConfig::from_env(&env).unwrap_err().variable,
+            "CLM_MIGRATE_ON_START"
+        );
+    }
+
+    #[test]
+    fn a_service_url_overrides_the_shared_one() {
+        let env = Env::from_pairs([
+            ("CLM_DATABASE_URL", "postgres://db/shared"),
+            ("CLM_IDENTITY_DATABASE_URL", "postgres://db/identity"),
+        ]);
+        let config = PlatformConfig::from_env(&env).unwrap();
+        assert_eq!(
+            config.database_url_for(&env, "identity").unwrap().expose(),
+            "postgres://db/identity"
+        );
+        assert_eq!(
+            config.database_url_for(&env, "scoring").unwrap().expose(),
+            "postgres://db/shared"
+        );
+    }
+}

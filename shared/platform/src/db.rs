@@ -1,0 +1,307 @@
+//! Database connections picked by the DSN scheme (`postgres://…` or
+//! `sqlite://…`), migrations embedded in the binary, and the one mapping from
+//! database errors to what they mean for a service.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::secret::Secret;
+
+/// Which database engine a URL points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// PostgreSQL (production).
+    Postgres,
+    /// A SQLite file (the embedded default).
+    Sqlite,
+}
+
+impl DatabaseKind {
+    /// The engine of a database URL, or why the URL is not usable.
+    pub fn of_url(url: &str) -> Result<Self, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else {
+            Err("must start with postgres://, postgresql:// or sqlite://".to_owned())
+        }
+    }
+}
+
+/// SQLite connections: one writer (SQLite has a single writer, so writes
+/// queue in-process instead of failing with SQLITE_BUSY) and several readers.
+#[derive(Debug, Clone)]
+pub struct SqlitePools {
+    /// The one connection that writes.
+    pub writer: SqlitePool,
+    /// Connections for reads (WAL mode lets them run beside the writer).
+    pub reader: SqlitePool,
+}
+
+/// An open connection pool to one service's database.
+#[derive(Debug, Clone)]
+pub enum Pools {
+    /// PostgreSQL, with `search_path` set to the service's schema.
+    Postgres(PgPool),
+    /// SQLite.
+    Sqlite(SqlitePools),
+}
+
+/// Opens a service's database. On PostgreSQL every connection works in the
+/// schema named `schema` (one schema per service, so services can share a
+/// database without sharing tables); SQLite files are created when missing.
+pub async fn connect(
+    url: &Secret,
+    schema: &str,
+    max_connections: u32,
+) -> Result<Pools, sqlx::Error> {
+    match DatabaseKind::of_url(url.expose())
+        .map_err(|reason| sqlx::Error::Configuration(reason.into()))?
+    {
+        DatabaseKind::Postgres => {
+            let options = PgConnectOptions::from_str(url.expose())?
+                .options([("search_path", schema)])
+                .log_statements(tracing::log::LevelFilter::Trace)
+                .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await?;
+            Ok(Pools::Postgres(pool))
+        }
+        DatabaseKind::Sqlite => {
+            let options = SqliteConnectOptions::from_str(url.expose())?;
+            if let Some(parent) = options.get_filename().parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+            }
+            let options = options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+                .log_statements(tracing::log::LevelFilter::Trace);
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options.clone())
+                .await?;
+            let reader = SqlitePoolOptions::new()
+                .max_connections(max_connections.clamp(1, 8))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.read_only(true))
+                .await?;
+            Ok(Pools::Sqlite(SqlitePools { writer, reader }))
+        }
+    }
+}
+
+/// One migration embedded in the binary.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedMigration {
+    /// Version, increasing (e.g. 1, 2, 3).
+    pub version: i64,
+    /// What it does, for the migrations table.
+    pub description: &'static str,
+    /// The SQL, run in one transaction.
+    pub sql: &'static str,
+}
+
+/// A service's migrations, one list per engine.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceMigrations {
+    /// The schema (PostgreSQL) the service's tables live in.
+    pub schema: &'static str,
+    /// Migrations for PostgreSQL.
+    pub postgres: &'static [EmbeddedMigration],
+    /// Migrations for SQLite.
+    pub sqlite: &'static [EmbeddedMigration],
+}
+
+impl ServiceMigrations {
+    fn migrator(list: &[EmbeddedMigration]) -> Migrator {
+        let migrations = list
+            .iter()
+            .map(|m| {
+                Migration::new(
+                    m.version,
+                    Cow::Borrowed(m.description),
+                    MigrationType::Simple,
+                    Cow::Borrowed(m.sql),
+                    false,
+                )
+            })
+            .collect::<Vec<_>>();
+        Migrator {
+            migrations: Cow::Owned(migrations),
+            ignore_missing: false,
+            locking: true,
+            no_tx: false,
+        }
+    }
+
+    /// Applies every migration not applied yet. On PostgreSQL an advisory lock
+    /// makes concurrent runs (several pods, a migration Job) wait for each
+    /// other instead of racing.
+    pub async fn run(&self, pools: &Pools) -> Result<(), sqlx::migrate::MigrateError> {
+        match pools {
+            Pools::Postgres(pool) => {
+                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
+                    .execute(pool)
+                    .await?;
+                Self::migrator(self.postgres).run(pool).await
+            }
+            Pools::Sqlite(pools) => Self::migrator(self.sqlite).run(&pools.writer).await,
+        }
+    }
+
+    /// Checks that every migration has been applied, so a service started
+    /// without `CLM_MIGRATE_ON_START` fails at once with a clear message
+    /// instead of on the first query.
+    pub async fn ensure_applied(&self, pools: &Pools) -> Result<(), String> {
+        let (expected, applied) = match pools {
+            Pools::Postgres(pool) => (
+                self.postgres.iter().map(|m| m.version).max().unwrap_or(0),
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT MAX(version) FROM _sqlx_migrations WHERE success",
+                )
+                .fetch_one(pool)
+                .await,
+            ),
+            Pools::Sqlite(pools) => (
+                self.sqlite.iter().map(|m| m.version).max().unwrap_or(0),
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT MAX(version) FROM _sqlx_migrations WHERE success",
+                )
+                .fetch_one(&pools.reader)
+                .await,
+            ),
+        };
+        match applied {
+            Ok(Some(version)) if version >= expected => Ok(()),
+            Ok(version) => Err(format!(
+                "the {} database is at migration {} but this binary needs {expected}: run `clm migrate {}`",
+                self.schema,
+                version.unwrap_or(0),
+                self.schema
+            )),
+            Err(_) => Err(format!(
+                "the {} database has not been migrated: run `clm migrate {}`",
+                self.schema, self.schema
+            )),
+        }
+    }
+}
+
+/// What a database error means to a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbErrorKind {
+    /// No row matched.
+    NotFound,
+    /// A unique constraint was violated (PostgreSQL 23505); names it when known.
+    UniqueViolation(Option<String>),
+    /// A foreign key was violated (PostgreSQL 23503).
+    ForeignKeyViolation,
+    /// The transaction lost a race and may be retried (PostgreSQL 40001,
+    /// 40P01; SQLite busy or locked).
+    Retryable,
+    /// The database cannot be reached or has no free connection.
+    Unavailable,
+    /// Anything else: a bug or a broken database.
+    Other,
+}
+
+/// Classifies a database error.
+pub fn classify(err: &sqlx::Error) -> DbErrorKind {
+    match err {
+        sqlx::Error::RowNotFound => DbErrorKind::NotFound,
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => DbErrorKind::Unavailable,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.as_ref() {
+                "23505" => return DbErrorKind::UniqueViolation(db.constraint().map(str::to_owned)),
+                "23503" => return DbErrorKind::ForeignKeyViolation,
+                "40001" | "40P01" => return DbErrorKind::Retryable,
+                // SQLite primary result codes SQLITE_BUSY (5) and SQLITE_LOCKED (6),
+                // with their extended variants.
+                "5" | "6" | "261" | "262" | "517" => return DbErrorKind::Retryable,
+                "57P01" | "57P02" | "57P03" | "53300" => return DbErrorKind::Unavailable,
+                _ => {}
+            }
+            match db.kind() {
+                sqlx::error::ErrorKind::UniqueViolation => {
+                    DbErrorKind::UniqueViolation(db.constraint().map(str::to_owned))
+                }
+                sqlx::error::ErrorKind::ForeignKeyViolation => DbErrorKind::ForeignKeyViolation,
+                _ => DbErrorKind::Other,
+            }
+        }
+        _ => DbErrorKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_picks_the_engine() {
+        assert_eq!(
+            DatabaseKind::of_url("postgres://h/db"),
+            Ok(DatabaseKind::Postgres)
+        );
+        assert_eq!(
+            DatabaseKind::of_url("postgresql://h/db"),
+            Ok(DatabaseKind::Postgres)
+        );
+        assert_eq!(
+            DatabaseKind::of_url("sqlite://data/x.db"),
+            Ok(DatabaseKind::Sqlite)
+        );
+        assert!(DatabaseKind::of_url("mysql://h/db").is_err());
+    }
+
+    #[tokio::test]
+    async fn sqlite_unique_violations_are_classified() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Secret::new(format!("sqlite://{}/t.db", dir.path().display()));
+        let Pools::Sqlite(pools) = connect(&url, "t", 2).await.unwrap() else {
+            panic!("expected sqlite")
+        };
+        sqlx::query("CREATE TABLE t (k TEXT PRIMARY KEY)")
+            .execute(&pools.writer)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES ('a')")
+            .execute(&pools.writer)
+            .await
+            .unwrap();
+        let err = sqlx::query("INSERT INTO t VALUES ('a')")
+            .execute(&pools.writer)
+            .await
+            .unwrap_err();
+        assert!(matches!(classify(&err), DbErrorKind::UniqueViolation(_)));
+        let Err(err) = sqlx::query("SELECT k FROM t WHERE k = 'z'")
+            .fetch_one(&pools.reader)
+            .await
+        else {
+            panic!("no row expected")
+        };
+        assert_eq!(classify(&err), DbErrorKind::NotFound);
+    }
+}

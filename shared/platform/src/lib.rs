@@ -1,0 +1,20 @@
+//! The ground every clm service stands on: typed configuration from `CLM_*`
+//! environment variables, the gRPC server bootstrap with health, reflection
+//! and graceful shutdown, telemetry, the error → `tonic::Status` vocabulary,
+//! database connections picked by DSN scheme with embedded migrations, the
+//! versioned hot-object cache (Redis or in-process) and page tokens.
+
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod paging;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+pub mod testing;
+pub mod validate;
+
+pub use config::{ConfigError, Env, Limits, PlatformConfig};
+pub use error::{FieldViolation, StatusBuilder};
+pub use secret::Secret;

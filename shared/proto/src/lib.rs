@@ -1,0 +1,62 @@
+//! Generated protobuf messages and gRPC clients and servers for every clm
+//! contract under `proto/`, mirroring the protobuf package tree, plus the
+//! encoded descriptor set that server reflection serves.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+/// The encoded `FileDescriptorSet` of every clm contract and its imports.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/clm_descriptor.bin"));
+
+/// The `clm.*` protobuf packages.
+pub mod clm {
+    /// Messages shared by every service.
+    pub mod common {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/clm.common.v1.rs"));
+        }
+    }
+    /// The identity (customers) service.
+    pub mod identity {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/clm.identity.v1.rs"));
+        }
+    }
+    /// The touchpoints service.
+    pub mod touchpoint {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/clm.touchpoint.v1.rs"));
+        }
+    }
+    /// The lifecycle stage scoring service.
+    pub mod scoring {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/clm.scoring.v1.rs"));
+        }
+    }
+    /// The feedback (surveys) service.
+    pub mod feedback {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/clm.feedback.v1.rs"));
+        }
+    }
+    /// The metrics service.
+    pub mod metrics {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/clm.metrics.v1.rs"));
+        }
+    }
+}
+
+pub use clm::common::v1 as common;
+pub use clm::feedback::v1 as feedback;
+pub use clm::identity::v1 as identity;
+pub use clm::metrics::v1 as metrics;
+pub use clm::scoring::v1 as scoring;
+pub use clm::touchpoint::v1 as touchpoint;
