@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut files = Vec::new();
     collect_protos(&proto_root.join("clm"), &mut files)?;
+    collect_protos(&proto_root.join("google"), &mut files)?;
     files.sort();
     println!("cargo:rerun-if-changed={}", proto_root.display());
     for file in &files {

@@ -1,1 +1,143 @@
-fn main() {}
+//! `clm`: the one binary of the customer lifecycle management suite.
+//!
+//! `clm serve` runs every service in one process (the embedded default:
+//! SQLite files and an in-process cache, no external server); `clm serve
+//! <service>` runs one, as a Kubernetes pod does; `clm migrate` applies the
+//! embedded database migrations.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use clm_platform::server::{self, Mounted, Shutdown};
+use clm_platform::{Env, PlatformConfig, telemetry};
+
+/// Customer lifecycle management: identity, touchpoints, lifecycle scoring,
+/// feedback and metrics over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "clm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve gRPC: every service when none is named, otherwise the named ones.
+    ///
+    /// Configuration comes from CLM_* environment variables; with none set,
+    /// everything runs on 127.0.0.1:50051 with SQLite files under ./data.
+    Serve {
+        /// The services to run (default: all).
+        #[arg(value_enum)]
+        services: Vec<ServiceName>,
+    },
+    /// Apply the embedded database migrations and exit.
+    Migrate {
+        /// The services to migrate (default: all).
+        #[arg(value_enum)]
+        services: Vec<ServiceName>,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// The services this binary contains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServiceName {
+    /// Customer profiles and identities (clm.identity.v1.CustomerService).
+    Identity,
+}
+
+impl ServiceName {
+    fn all() -> Vec<Self> {
+        Self::value_variants().to_vec()
+    }
+}
+
+fn selected(services: Vec<ServiceName>) -> Vec<ServiceName> {
+    if services.is_empty() {
+        ServiceName::all()
+    } else {
+        services
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("clm: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Version => {
+                println!("clm {}", env!("CARGO_PKG_VERSION"));
+                Ok(())
+            }
+            Command::Serve { services } => serve(selected(services)).await,
+            Command::Migrate { services } => migrate(selected(services)).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("clm: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(services: Vec<ServiceName>) -> anyhow::Result<()> {
+    let env = Env::process();
+    let platform = PlatformConfig::from_env(&env)?;
+    let _telemetry = telemetry::init(&platform)?;
+    for service in services {
+        match service {
+            ServiceName::Identity => {
+                let config = clm_identity::IdentityConfig::from_env(&platform, &env)?;
+                clm_identity::migrate(&config).await?;
+            }
+        }
+        tracing::info!(service = ?service, "migrations applied");
+    }
+    Ok(())
+}
+
+async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
+    let env = Env::process();
+    let platform = PlatformConfig::from_env(&env)?;
+    let _telemetry = telemetry::init(&platform)?;
+    let shutdown = Shutdown::new();
+    let mut mounted = Mounted::new();
+    for service in &services {
+        match service {
+            ServiceName::Identity => {
+                let config = clm_identity::IdentityConfig::from_env(&platform, &env)?;
+                clm_identity::IdentityService::start(&platform, &config, shutdown.clone())
+                    .await?
+                    .mount(&mut mounted);
+            }
+        }
+    }
+    let listener = server::bind(platform.listen_addr).await?;
+    let address = listener.local_addr()?;
+    if platform.log_format == clm_platform::config::LogFormat::Text {
+        println!(
+            "clm listening on {address} ({})",
+            mounted.names().join(", ")
+        );
+        println!("try: grpcurl -plaintext {address} list");
+    }
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        server::termination_signal().await;
+        signal.trigger();
+    });
+    server::serve(&platform, listener, mounted, shutdown).await
+}

@@ -1,1 +1,143 @@
-//! placeholder
+//! The identity service: customer profiles, their identity keys (e-mails,
+//! phones, external and anonymous ids), resolve-or-create, merges with a
+//! ledger, consents, GDPR erasure with a suppression list, the lifecycle
+//! snapshot shown on the profile, the customer event log, and hot profiles
+//! cached in Redis or in-process.
+
+pub mod convert;
+pub mod directory;
+pub mod error;
+pub mod grpc;
+pub mod keys;
+pub mod model;
+pub mod store;
+
+use std::sync::Arc;
+
+use clm_platform::cache::{VersionedCache, backend_from_config};
+use clm_platform::db::{self, DatabaseKind};
+use clm_platform::server::{Mounted, Shutdown};
+use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
+
+use crate::directory::CustomerDirectory;
+use crate::grpc::CustomerGrpc;
+use crate::keys::{KeyHasher, KeyNormalizer};
+
+/// The name of this service in `clm serve` and `clm migrate`.
+pub const SERVICE_NAME: &str = "identity";
+
+/// The key used to hash erased identity keys when none is configured. Fine
+/// for the embedded mode; a deployment sets its own secret.
+const DEVELOPMENT_HASH_KEY: &str = "clm-embedded-development-hash-key";
+
+/// The identity service's settings.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Its database (`CLM_IDENTITY_DATABASE_URL`, else `CLM_DATABASE_URL`, else SQLite).
+    pub database_url: Secret,
+    /// Region for phone numbers without a country prefix (`CLM_PHONE_DEFAULT_REGION`).
+    pub phone_default_region: Option<String>,
+    /// Secret for hashing erased identity keys (`CLM_IDENTITY_HASH_KEY`).
+    pub hash_key: Secret,
+    /// Database connections (`CLM_IDENTITY_DB_CONNECTIONS`, default 16).
+    pub max_connections: u32,
+}
+
+impl IdentityConfig {
+    /// Reads and validates the settings.
+    pub fn from_env(platform: &PlatformConfig, env: &Env) -> Result<Self, ConfigError> {
+        let phone_default_region = env.string("CLM_PHONE_DEFAULT_REGION");
+        if let Some(region) = &phone_default_region {
+            KeyNormalizer::new(Some(region))
+                .map_err(|reason| ConfigError::new("CLM_PHONE_DEFAULT_REGION", reason))?;
+        }
+        let database_url = platform.database_url_for(env, SERVICE_NAME)?;
+        let hash_key = match env.string("CLM_IDENTITY_HASH_KEY") {
+            Some(key) if key.len() < 16 => {
+                return Err(ConfigError::new(
+                    "CLM_IDENTITY_HASH_KEY",
+                    "must be at least 16 characters",
+                ));
+            }
+            Some(key) => Secret::new(key),
+            None => {
+                if DatabaseKind::of_url(database_url.expose()) == Ok(DatabaseKind::Postgres) {
+                    tracing::warn!(
+                        "CLM_IDENTITY_HASH_KEY is not set: erased identity keys are hashed with the development key"
+                    );
+                }
+                Secret::new(DEVELOPMENT_HASH_KEY)
+            }
+        };
+        Ok(Self {
+            database_url,
+            phone_default_region,
+            hash_key,
+            max_connections: env.bounded_or("CLM_IDENTITY_DB_CONNECTIONS", 16, 1, 1000)? as u32,
+        })
+    }
+}
+
+/// Applies the identity migrations.
+pub async fn migrate(config: &IdentityConfig) -> anyhow::Result<()> {
+    let pools = db::connect(&config.database_url, store::MIGRATIONS.schema, 2).await?;
+    store::MIGRATIONS.run(&pools).await?;
+    Ok(())
+}
+
+/// A running identity service, ready to mount.
+pub struct IdentityService {
+    directory: Arc<CustomerDirectory>,
+    grpc: CustomerGrpc,
+}
+
+impl IdentityService {
+    /// Connects, migrates when asked to, and builds the service.
+    pub async fn start(
+        platform: &PlatformConfig,
+        config: &IdentityConfig,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Self> {
+        let pools = db::connect(
+            &config.database_url,
+            store::MIGRATIONS.schema,
+            config.max_connections,
+        )
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot open the identity database: {err}"))?;
+        if platform.migrate_on_start {
+            store::MIGRATIONS.run(&pools).await?;
+        } else {
+            store::MIGRATIONS
+                .ensure_applied(&pools)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+        let backend = backend_from_config(platform)?;
+        let cache = Arc::new(VersionedCache::new(
+            backend,
+            "clm:identity:customer:v1",
+            platform.cache_ttl,
+        ));
+        tracing::info!(cache = cache.backend_name(), "identity service ready");
+        let directory = Arc::new(CustomerDirectory::new(
+            store::open(pools),
+            cache,
+            KeyHasher::new(config.hash_key.expose().as_bytes()),
+        ));
+        let normalizer = KeyNormalizer::new(config.phone_default_region.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        let grpc = CustomerGrpc::new(directory.clone(), normalizer, platform.limits, shutdown);
+        Ok(Self { directory, grpc })
+    }
+
+    /// The domain service, for in-process callers.
+    pub fn directory(&self) -> &Arc<CustomerDirectory> {
+        &self.directory
+    }
+
+    /// Mounts the gRPC service.
+    pub fn mount(&self, mounted: &mut Mounted) {
+        mounted.add(self.grpc.clone().into_server());
+    }
+}

@@ -13,6 +13,7 @@ pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod testing;
+pub mod time;
 pub mod validate;
 
 pub use config::{ConfigError, Env, Limits, PlatformConfig};

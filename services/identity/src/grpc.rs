@@ -1,0 +1,776 @@
+//! `clm.identity.v1.CustomerService` over gRPC: converts and validates
+//! requests, calls the [`CustomerDirectory`], converts the answers. No
+//! business rule lives here.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use clm_eventlog::{Cursor, ShardFilter};
+use clm_platform::error::Violations;
+use clm_platform::server::Shutdown;
+use clm_platform::{Limits, paging, validate};
+use clm_proto::common as common_pb;
+use clm_proto::identity as pb;
+use futures_util::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::convert::{customer_to_proto, merge_to_proto};
+use crate::directory::{CustomerDirectory, CustomerPatch, NewCustomer, RequestKey, ResolveRequest};
+use crate::error::IdentityError;
+use crate::keys::{KeyKind, KeyNormalizer};
+use crate::model::{Consent, ConsentStatus, Lifecycle, Profile};
+use crate::store::ListQuery;
+
+const MAX_NAME: usize = 256;
+const MAX_SHORT_TEXT: usize = 128;
+const MAX_EMAILS: usize = 20;
+const MAX_PHONES: usize = 20;
+const MAX_EXTERNAL_IDS: usize = 20;
+const MAX_ANONYMOUS_IDS: usize = 100;
+const MAX_ATTRIBUTES: usize = 64;
+const MAX_ATTRIBUTE_VALUE: usize = 1024;
+const MAX_CONSENTS: usize = 32;
+const MAX_RESOLVE_KEYS: usize = 20;
+const MAX_REASON: usize = 512;
+
+/// The paths UpdateCustomer accepts in its mask.
+const UPDATABLE_FIELDS: &[&str] = &[
+    "given_name",
+    "family_name",
+    "emails",
+    "phones",
+    "external_ids",
+    "anonymous_ids",
+    "company",
+    "industry",
+    "job_title",
+    "attributes",
+    "consents",
+];
+
+/// The gRPC face of the identity service.
+#[derive(Clone)]
+pub struct CustomerGrpc {
+    directory: Arc<CustomerDirectory>,
+    normalizer: KeyNormalizer,
+    limits: Limits,
+    shutdown: Shutdown,
+}
+
+impl CustomerGrpc {
+    /// Serves `directory`.
+    pub fn new(
+        directory: Arc<CustomerDirectory>,
+        normalizer: KeyNormalizer,
+        limits: Limits,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            directory,
+            normalizer,
+            limits,
+            shutdown,
+        }
+    }
+
+    /// The generated server with this process's message size limit.
+    pub fn into_server(self) -> pb::customer_service_server::CustomerServiceServer<Self> {
+        let limit = self.limits.max_message_bytes;
+        pb::customer_service_server::CustomerServiceServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit.max(16 * 1024 * 1024))
+    }
+}
+
+fn id_field(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
+    violations.check(validate::uuid(field, raw))
+}
+
+fn done<T>(violations: Violations, value: impl FnOnce() -> T) -> Result<T, IdentityError> {
+    violations
+        .into_result()
+        .map_err(IdentityError::InvalidArgument)?;
+    Ok(value())
+}
+
+fn attributes(
+    violations: &mut Violations,
+    field: &str,
+    raw: &std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
+    if raw.len() > MAX_ATTRIBUTES {
+        violations.add(
+            field,
+            format!(
+                "has {} entries, at most {MAX_ATTRIBUTES} are allowed",
+                raw.len()
+            ),
+        );
+    }
+    for (key, value) in raw {
+        let valid_key = !key.is_empty()
+            && key.len() <= 64
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !valid_key {
+            violations.add(
+                format!("{field}[{key:?}]"),
+                "keys are 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+            );
+        }
+        violations.check(validate::text(
+            &format!("{field}[{key:?}]"),
+            value,
+            false,
+            MAX_ATTRIBUTE_VALUE,
+        ));
+    }
+    raw.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn consents(violations: &mut Violations, field: &str, raw: &[pb::Consent]) -> Vec<Consent> {
+    if raw.len() > MAX_CONSENTS {
+        violations.add(
+            field,
+            format!(
+                "has {} entries, at most {MAX_CONSENTS} are allowed",
+                raw.len()
+            ),
+        );
+    }
+    let now = crate::directory::now();
+    let mut seen = std::collections::HashSet::new();
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, consent)| {
+            let at = format!("{field}[{i}]");
+            let purpose_ok = violations
+                .check(validate::token(
+                    &format!("{at}.purpose"),
+                    &consent.purpose,
+                    64,
+                ))
+                .is_some();
+            if purpose_ok && !seen.insert(consent.purpose.clone()) {
+                violations.add(format!("{at}.purpose"), "appears more than once");
+            }
+            let status = violations.check(validate::enum_value::<pb::ConsentStatus>(
+                &format!("{at}.status"),
+                consent.status,
+                false,
+            ));
+            violations.check(validate::text(
+                &format!("{at}.source"),
+                &consent.source,
+                false,
+                MAX_SHORT_TEXT,
+            ));
+            let recorded_at = match &consent.recorded_at {
+                None => Some(now),
+                Some(ts) => violations.check(clm_platform::time::from_timestamp(
+                    &format!("{at}.recorded_at"),
+                    ts,
+                )),
+            };
+            Some(Consent {
+                purpose: consent.purpose.clone(),
+                status: match status? {
+                    pb::ConsentStatus::Granted => ConsentStatus::Granted,
+                    pb::ConsentStatus::Denied => ConsentStatus::Denied,
+                    pb::ConsentStatus::Withdrawn | pb::ConsentStatus::Unspecified => {
+                        ConsentStatus::Withdrawn
+                    }
+                },
+                source: consent.source.clone(),
+                recorded_at: recorded_at?,
+            })
+        })
+        .collect()
+}
+
+impl CustomerGrpc {
+    /// The identity keys of a Customer message, per kind.
+    fn customer_keys(
+        &self,
+        violations: &mut Violations,
+        customer: &pb::Customer,
+        kinds: &[KeyKind],
+    ) -> BTreeMap<KeyKind, Vec<RequestKey>> {
+        let mut keys = BTreeMap::new();
+        let mut add_list = |kind: KeyKind, name: &str, max: usize, values: &[String]| {
+            if values.len() > max {
+                violations.add(
+                    format!("customer.{name}"),
+                    format!("has {} entries, at most {max} are allowed", values.len()),
+                );
+            }
+            let list = values
+                .iter()
+                .enumerate()
+                .filter_map(|(i, value)| {
+                    let field = format!("customer.{name}[{i}]");
+                    let key = match kind {
+                        KeyKind::Email => self.normalizer.email(&field, value),
+                        KeyKind::Phone => self.normalizer.phone(&field, value),
+                        _ => self.normalizer.anonymous(&field, value),
+                    };
+                    violations.check(key).map(|key| RequestKey { field, key })
+                })
+                .collect::<Vec<_>>();
+            keys.insert(kind, list);
+        };
+        if kinds.contains(&KeyKind::Email) {
+            add_list(KeyKind::Email, "emails", MAX_EMAILS, &customer.emails);
+        }
+        if kinds.contains(&KeyKind::Phone) {
+            add_list(KeyKind::Phone, "phones", MAX_PHONES, &customer.phones);
+        }
+        if kinds.contains(&KeyKind::Anonymous) {
+            add_list(
+                KeyKind::Anonymous,
+                "anonymous_ids",
+                MAX_ANONYMOUS_IDS,
+                &customer.anonymous_ids,
+            );
+        }
+        if kinds.contains(&KeyKind::External) {
+            if customer.external_ids.len() > MAX_EXTERNAL_IDS {
+                violations.add(
+                    "customer.external_ids",
+                    format!(
+                        "has {} entries, at most {MAX_EXTERNAL_IDS} are allowed",
+                        customer.external_ids.len()
+                    ),
+                );
+            }
+            let list = customer
+                .external_ids
+                .iter()
+                .enumerate()
+                .filter_map(|(i, external)| {
+                    let field = format!("customer.external_ids[{i}]");
+                    violations
+                        .check(
+                            self.normalizer
+                                .external(&field, &external.source, &external.id),
+                        )
+                        .map(|key| RequestKey { field, key })
+                })
+                .collect();
+            keys.insert(KeyKind::External, list);
+        }
+        keys
+    }
+
+    fn profile_text(violations: &mut Violations, customer: &pb::Customer) {
+        for (name, value, max) in [
+            ("given_name", &customer.given_name, MAX_NAME),
+            ("family_name", &customer.family_name, MAX_NAME),
+            ("company", &customer.company, MAX_NAME),
+            ("industry", &customer.industry, MAX_SHORT_TEXT),
+            ("job_title", &customer.job_title, MAX_SHORT_TEXT),
+        ] {
+            violations.check(validate::text(
+                &format!("customer.{name}"),
+                value,
+                false,
+                max,
+            ));
+        }
+    }
+
+    fn resolve_keys(
+        &self,
+        violations: &mut Violations,
+        raw: &[common_pb::IdentityKey],
+    ) -> Vec<RequestKey> {
+        if raw.is_empty() {
+            violations.add("keys", "at least one identity key is required");
+        }
+        if raw.len() > MAX_RESOLVE_KEYS {
+            violations.add(
+                "keys",
+                format!(
+                    "has {} entries, at most {MAX_RESOLVE_KEYS} are allowed",
+                    raw.len()
+                ),
+            );
+        }
+        raw.iter()
+            .enumerate()
+            .filter_map(|(i, key)| {
+                let field = format!("keys[{i}]");
+                let kind = violations.check(validate::enum_value::<common_pb::IdentityKind>(
+                    &format!("{field}.kind"),
+                    key.kind,
+                    false,
+                ))?;
+                let value_field = format!("{field}.value");
+                if kind != common_pb::IdentityKind::ExternalId && !key.source.is_empty() {
+                    violations.add(
+                        format!("{field}.source"),
+                        "is only allowed for external ids",
+                    );
+                    return None;
+                }
+                let key = match kind {
+                    common_pb::IdentityKind::Email => {
+                        self.normalizer.email(&value_field, &key.value)
+                    }
+                    common_pb::IdentityKind::Phone => {
+                        self.normalizer.phone(&value_field, &key.value)
+                    }
+                    common_pb::IdentityKind::AnonymousId => {
+                        self.normalizer.anonymous(&value_field, &key.value)
+                    }
+                    common_pb::IdentityKind::ExternalId => self
+                        .normalizer
+                        .external(&field, &key.source, &key.value)
+                        .map_err(|v| {
+                            clm_platform::FieldViolation::new(
+                                v.field.replace(".id", ".value"),
+                                v.description,
+                            )
+                        }),
+                    common_pb::IdentityKind::Unspecified => return None,
+                };
+                violations.check(key).map(|key| RequestKey { field, key })
+            })
+            .collect()
+    }
+}
+
+fn text_violation(violations: &mut Violations, field: &str, value: &str, max: usize) {
+    violations.check(validate::text(field, value, false, max));
+}
+
+fn lifecycle(
+    violations: &mut Violations,
+    raw: Option<&common_pb::LifecycleSnapshot>,
+) -> Option<Lifecycle> {
+    let Some(raw) = raw else {
+        violations.add("lifecycle", "is required");
+        return None;
+    };
+    let stage = violations.check(validate::enum_value::<common_pb::LifecycleStage>(
+        "lifecycle.stage",
+        raw.stage,
+        true,
+    ));
+    let status = violations.check(validate::enum_value::<common_pb::AcquisitionStatus>(
+        "lifecycle.acquisition_status",
+        raw.acquisition_status,
+        true,
+    ));
+    let health = violations.check(validate::enum_value::<common_pb::Health>(
+        "lifecycle.health",
+        raw.health,
+        true,
+    ));
+    for (name, score) in [
+        ("engagement_score", raw.engagement_score),
+        ("lead_score", raw.lead_score),
+        ("health_score", raw.health_score),
+    ] {
+        if !(0.0..=100.0).contains(&score) {
+            violations.add(format!("lifecycle.{name}"), "must be between 0 and 100");
+        }
+    }
+    text_violation(
+        violations,
+        "lifecycle.model_version",
+        &raw.model_version,
+        64,
+    );
+    let time = |violations: &mut Violations, name: &str, ts: &Option<prost_types::Timestamp>| {
+        ts.as_ref().and_then(|ts| {
+            violations.check(clm_platform::time::from_timestamp(
+                &format!("lifecycle.{name}"),
+                ts,
+            ))
+        })
+    };
+    let stage_entered_at = time(violations, "stage_entered_at", &raw.stage_entered_at);
+    let health_entered_at = time(violations, "health_entered_at", &raw.health_entered_at);
+    let evaluated_at = match &raw.evaluated_at {
+        None => {
+            violations.add("lifecycle.evaluated_at", "is required");
+            None
+        }
+        Some(ts) => violations.check(clm_platform::time::from_timestamp(
+            "lifecycle.evaluated_at",
+            ts,
+        )),
+    };
+    Some(Lifecycle {
+        stage: stage? as i32,
+        acquisition_status: status? as i32,
+        health: health? as i32,
+        engagement_score: raw.engagement_score,
+        lead_score: raw.lead_score,
+        health_score: raw.health_score,
+        model_version: raw.model_version.clone(),
+        stage_entered_at,
+        health_entered_at,
+        evaluated_at: evaluated_at?,
+    })
+}
+
+type EventStream =
+    Pin<Box<dyn Stream<Item = Result<pb::StreamCustomerEventsResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::customer_service_server::CustomerService for CustomerGrpc {
+    async fn create_customer(
+        &self,
+        request: Request<pb::CreateCustomerRequest>,
+    ) -> Result<Response<pb::CreateCustomerResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        if request.customer.is_none() {
+            violations.add("customer", "is required");
+        }
+        let customer = request.customer.unwrap_or_default();
+        Self::profile_text(&mut violations, &customer);
+        let keys = self.customer_keys(
+            &mut violations,
+            &customer,
+            &[
+                KeyKind::Email,
+                KeyKind::Phone,
+                KeyKind::External,
+                KeyKind::Anonymous,
+            ],
+        );
+        let attributes = attributes(&mut violations, "customer.attributes", &customer.attributes);
+        let consents = consents(&mut violations, "customer.consents", &customer.consents);
+        text_violation(
+            &mut violations,
+            "request_id",
+            &request.request_id,
+            MAX_SHORT_TEXT,
+        );
+        let new = done(violations, || NewCustomer {
+            profile: Profile {
+                given_name: customer.given_name.trim().to_owned(),
+                family_name: customer.family_name.trim().to_owned(),
+                company: customer.company.trim().to_owned(),
+                industry: customer.industry.trim().to_owned(),
+                job_title: customer.job_title.trim().to_owned(),
+                attributes,
+                consents,
+            },
+            keys: keys.into_values().flatten().collect(),
+            request_id: (!request.request_id.is_empty()).then(|| request.request_id.clone()),
+        })?;
+        let created = self.directory.create(new).await?;
+        Ok(Response::new(pb::CreateCustomerResponse {
+            customer: Some(customer_to_proto(&created)),
+        }))
+    }
+
+    async fn get_customer(
+        &self,
+        request: Request<pb::GetCustomerRequest>,
+    ) -> Result<Response<pb::GetCustomerResponse>, Status> {
+        let request = request.into_inner();
+        let id = validate::uuid("customer_id", &request.customer_id)
+            .map_err(|v| IdentityError::InvalidArgument(vec![v]))?;
+        let customer = self.directory.get(id).await?;
+        Ok(Response::new(pb::GetCustomerResponse {
+            customer: Some(customer),
+        }))
+    }
+
+    async fn update_customer(
+        &self,
+        request: Request<pb::UpdateCustomerRequest>,
+    ) -> Result<Response<pb::UpdateCustomerResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        if request.customer.is_none() {
+            violations.add("customer", "is required");
+        }
+        let customer = request.customer.unwrap_or_default();
+        let id = id_field(&mut violations, "customer.id", &customer.id);
+        let paths: Vec<String> = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            violations.add("update_mask", "is required: name the fields to change");
+        }
+        for (i, path) in paths.iter().enumerate() {
+            if !UPDATABLE_FIELDS.contains(&path.as_str()) {
+                violations.add(
+                    format!("update_mask.paths[{i}]"),
+                    format!(
+                        "{path:?} cannot be updated (allowed: {})",
+                        UPDATABLE_FIELDS.join(", ")
+                    ),
+                );
+            }
+        }
+        if request.expected_version < 0 {
+            violations.add("expected_version", "must not be negative");
+        }
+        let has = |name: &str| paths.iter().any(|p| p == name);
+        Self::profile_text(&mut violations, &customer);
+        let kinds: Vec<KeyKind> = [
+            ("emails", KeyKind::Email),
+            ("phones", KeyKind::Phone),
+            ("external_ids", KeyKind::External),
+            ("anonymous_ids", KeyKind::Anonymous),
+        ]
+        .into_iter()
+        .filter(|(name, _)| has(name))
+        .map(|(_, kind)| kind)
+        .collect();
+        let keys = self.customer_keys(&mut violations, &customer, &kinds);
+        let attributes = has("attributes")
+            .then(|| attributes(&mut violations, "customer.attributes", &customer.attributes));
+        let consents = has("consents")
+            .then(|| consents(&mut violations, "customer.consents", &customer.consents));
+        let text = |name: &str, value: &str| has(name).then(|| value.trim().to_owned());
+        let patch = CustomerPatch {
+            given_name: text("given_name", &customer.given_name),
+            family_name: text("family_name", &customer.family_name),
+            company: text("company", &customer.company),
+            industry: text("industry", &customer.industry),
+            job_title: text("job_title", &customer.job_title),
+            attributes,
+            consents,
+            keys,
+            changed_fields: paths.clone(),
+        };
+        let id = done(violations, || id)?.expect("validated");
+        let expected = (request.expected_version > 0).then_some(request.expected_version);
+        let updated = self.directory.update(id, patch, expected).await?;
+        Ok(Response::new(pb::UpdateCustomerResponse {
+            customer: Some(customer_to_proto(&updated)),
+        }))
+    }
+
+    async fn list_customers(
+        &self,
+        request: Request<pb::ListCustomersRequest>,
+    ) -> Result<Response<pb::ListCustomersResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let page_size = violations.check(validate::page_size(
+            "page_size",
+            request.page_size,
+            self.limits.default_page_size,
+            self.limits.max_page_size,
+        ));
+        let filter = request.filter.unwrap_or_default();
+        let state = violations.check(validate::enum_value::<pb::CustomerState>(
+            "filter.state",
+            filter.state,
+            true,
+        ));
+        let stage = violations.check(validate::enum_value::<common_pb::LifecycleStage>(
+            "filter.stage",
+            filter.stage,
+            true,
+        ));
+        let health = violations.check(validate::enum_value::<common_pb::Health>(
+            "filter.health",
+            filter.health,
+            true,
+        ));
+        text_violation(&mut violations, "filter.company", &filter.company, MAX_NAME);
+        let created_after = filter.created_after.as_ref().and_then(|ts| {
+            violations.check(clm_platform::time::from_timestamp(
+                "filter.created_after",
+                ts,
+            ))
+        });
+        let created_before = filter.created_before.as_ref().and_then(|ts| {
+            violations.check(clm_platform::time::from_timestamp(
+                "filter.created_before",
+                ts,
+            ))
+        });
+        let fingerprint = paging::fingerprint(&(
+            filter.state,
+            filter.stage,
+            filter.health,
+            &filter.company,
+            filter.created_after.as_ref().map(|t| (t.seconds, t.nanos)),
+            filter.created_before.as_ref().map(|t| (t.seconds, t.nanos)),
+            filter.identified_only,
+        ));
+        let after_id: Option<Uuid> = violations
+            .check(paging::decode(
+                "page_token",
+                &request.page_token,
+                fingerprint,
+            ))
+            .flatten();
+        let query = done(violations, || ListQuery {
+            state: match state {
+                Some(pb::CustomerState::Merged) => "merged",
+                Some(pb::CustomerState::Erased) => "erased",
+                _ => "active",
+            },
+            stage: stage
+                .filter(|s| *s != common_pb::LifecycleStage::Unspecified)
+                .map(|s| s as i32),
+            health: health
+                .filter(|h| *h != common_pb::Health::Unspecified)
+                .map(|h| h as i32),
+            company: (!filter.company.trim().is_empty())
+                .then(|| filter.company.trim().to_lowercase()),
+            created_after,
+            created_before,
+            identified_only: filter.identified_only,
+            after_id,
+            limit: page_size.unwrap_or_default(),
+        })?;
+        let page = self.directory.list(query).await?;
+        Ok(Response::new(pb::ListCustomersResponse {
+            customers: page.customers.iter().map(customer_to_proto).collect(),
+            next_page_token: page
+                .next_after
+                .map(|id| paging::encode(fingerprint, &id))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn resolve_customer(
+        &self,
+        request: Request<pb::ResolveCustomerRequest>,
+    ) -> Result<Response<pb::ResolveCustomerResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let keys = self.resolve_keys(&mut violations, &request.keys);
+        let traits = request.traits.unwrap_or_default();
+        for (name, value, max) in [
+            ("given_name", &traits.given_name, MAX_NAME),
+            ("family_name", &traits.family_name, MAX_NAME),
+            ("company", &traits.company, MAX_NAME),
+            ("industry", &traits.industry, MAX_SHORT_TEXT),
+            ("job_title", &traits.job_title, MAX_SHORT_TEXT),
+        ] {
+            text_violation(&mut violations, &format!("traits.{name}"), value, max);
+        }
+        let attributes = attributes(&mut violations, "traits.attributes", &traits.attributes);
+        let consents = consents(&mut violations, "consents", &request.consents);
+        let resolve = done(violations, || ResolveRequest {
+            keys,
+            traits: Profile {
+                given_name: traits.given_name.trim().to_owned(),
+                family_name: traits.family_name.trim().to_owned(),
+                company: traits.company.trim().to_owned(),
+                industry: traits.industry.trim().to_owned(),
+                job_title: traits.job_title.trim().to_owned(),
+                attributes,
+                consents: Vec::new(),
+            },
+            consents,
+            allow_merge: request.allow_merge,
+        })?;
+        let resolved = self.directory.resolve(resolve).await?;
+        Ok(Response::new(pb::ResolveCustomerResponse {
+            customer: Some(customer_to_proto(&resolved.customer)),
+            created: resolved.created,
+            merged_customer_ids: resolved.merged_ids.iter().map(Uuid::to_string).collect(),
+        }))
+    }
+
+    async fn merge_customers(
+        &self,
+        request: Request<pb::MergeCustomersRequest>,
+    ) -> Result<Response<pb::MergeCustomersResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let survivor = id_field(&mut violations, "survivor_id", &request.survivor_id);
+        let merged = id_field(&mut violations, "merged_id", &request.merged_id);
+        text_violation(&mut violations, "reason", &request.reason, MAX_REASON);
+        text_violation(
+            &mut violations,
+            "requested_by",
+            &request.requested_by,
+            MAX_SHORT_TEXT,
+        );
+        let (survivor, merged) = done(violations, || (survivor, merged))?;
+        let (survivor, merged) = (survivor.expect("validated"), merged.expect("validated"));
+        let (customer, record) = self
+            .directory
+            .merge(survivor, merged, &request.reason, &request.requested_by)
+            .await?;
+        Ok(Response::new(pb::MergeCustomersResponse {
+            survivor: Some(customer_to_proto(&customer)),
+            record: Some(merge_to_proto(&record)),
+        }))
+    }
+
+    async fn erase_customer(
+        &self,
+        request: Request<pb::EraseCustomerRequest>,
+    ) -> Result<Response<pb::EraseCustomerResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let id = id_field(&mut violations, "customer_id", &request.customer_id);
+        text_violation(&mut violations, "reason", &request.reason, MAX_REASON);
+        text_violation(
+            &mut violations,
+            "requested_by",
+            &request.requested_by,
+            MAX_SHORT_TEXT,
+        );
+        let id = done(violations, || id)?.expect("validated");
+        let erased = self.directory.erase(id).await?;
+        tracing::info!(customer_id = %id, requested_by = %request.requested_by, "erasure requested");
+        Ok(Response::new(pb::EraseCustomerResponse {
+            customer: Some(customer_to_proto(&erased.customer)),
+            erase_time: Some(clm_platform::time::to_timestamp(erased.erased_at)),
+            suppressed_keys: erased.suppressed_keys as i32,
+        }))
+    }
+
+    async fn set_lifecycle(
+        &self,
+        request: Request<pb::SetLifecycleRequest>,
+    ) -> Result<Response<pb::SetLifecycleResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let id = id_field(&mut violations, "customer_id", &request.customer_id);
+        let lifecycle = lifecycle(&mut violations, request.lifecycle.as_ref());
+        let (id, lifecycle) = done(violations, || (id, lifecycle))?;
+        let (applied, version) = self
+            .directory
+            .set_lifecycle(id.expect("validated"), lifecycle.expect("validated"))
+            .await?;
+        Ok(Response::new(pb::SetLifecycleResponse { applied, version }))
+    }
+
+    type StreamCustomerEventsStream = EventStream;
+
+    async fn stream_customer_events(
+        &self,
+        request: Request<pb::StreamCustomerEventsRequest>,
+    ) -> Result<Response<Self::StreamCustomerEventsStream>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let after = violations.check(Cursor::parse("after_cursor", &request.after_cursor));
+        let shard = request.shard.unwrap_or_default();
+        let shard = violations.check(ShardFilter::new("shard", shard.index, shard.count));
+        let (after, shard) = done(violations, || (after, shard))?;
+        let stream = self
+            .directory
+            .events(
+                after.expect("validated"),
+                shard.expect("validated"),
+                request.stop_at_end,
+                self.shutdown.clone(),
+            )
+            .map(|batch| {
+                batch
+                    .map(|events| pb::StreamCustomerEventsResponse { events })
+                    .map_err(Status::from)
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
