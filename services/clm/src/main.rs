@@ -3,7 +3,9 @@
 //! `clm serve` runs every service in one process (the embedded default:
 //! SQLite files and an in-process cache, no external server); `clm serve
 //! <service>` runs one, as a Kubernetes pod does; `clm migrate` applies the
-//! embedded database migrations.
+//! embedded database migrations; `clm bench` measures a server under load.
+
+mod bench;
 
 use std::process::ExitCode;
 
@@ -37,6 +39,8 @@ enum Command {
         #[arg(value_enum)]
         services: Vec<ServiceName>,
     },
+    /// Measure a server under load and print requests/s and latencies.
+    Bench(bench::BenchArgs),
     /// Print the version.
     Version,
 }
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
             }
             Command::Serve { services } => serve(selected(services)).await,
             Command::Migrate { services } => migrate(selected(services)).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

@@ -3,7 +3,6 @@
 //! every request with a monotonic clock.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -12,16 +11,16 @@ use anyhow::Context as _;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{CreateCustomerRequest, Customer, GetCustomerRequest};
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// How long one request may take before it counts as an error; keeps every
 /// phase bounded even when the server stops answering.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens `count` separate HTTP/2 connections to `address`.
-pub async fn connect_channels(address: SocketAddr, count: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `count` separate HTTP/2 connections to `address` (`host:port`).
+pub async fn connect_channels(address: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .context("invalid server address")?
         .connect_timeout(Duration::from_secs(5))
@@ -218,9 +217,7 @@ async fn run_client(
                     service: String::new(),
                 };
                 match health.check(request).await {
-                    Ok(response)
-                        if response.into_inner().status == ServingStatus::Serving as i32 =>
-                    {
+                    Ok(response) if response.get_ref().status == ServingStatus::Serving as i32 => {
                         Ok(())
                     }
                     Ok(_) => Err(tonic::Status::unavailable("health is not SERVING")),

@@ -89,22 +89,21 @@ impl ServerProcess {
             child,
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        server.address = match tokio::time::timeout(START_TIMEOUT, listening_address(stdout, label))
-            .await
-        {
-            Ok(Ok(address)) => address,
-            Ok(Err(err)) => {
-                let status = server.child.wait().await.ok();
-                return Err(err.context(format!(
-                    "server {label} did not start (exit status: {})",
-                    status.map_or_else(|| "unknown".to_owned(), |status| status.to_string())
-                )));
-            }
-            Err(_) => anyhow::bail!(
-                "server {label} did not listen within {} s",
-                START_TIMEOUT.as_secs()
-            ),
-        };
+        server.address =
+            match tokio::time::timeout(START_TIMEOUT, listening_address(stdout, label)).await {
+                Ok(Ok(address)) => address,
+                Ok(Err(err)) => {
+                    let status = server.child.wait().await.ok();
+                    return Err(err.context(format!(
+                        "server {label} did not start (exit status: {})",
+                        status.map_or_else(|| "unknown".to_owned(), |status| status.to_string())
+                    )));
+                }
+                Err(_) => anyhow::bail!(
+                    "server {label} did not listen within {} s",
+                    START_TIMEOUT.as_secs()
+                ),
+            };
         server.wait_until_serving().await?;
         Ok(server)
     }
@@ -118,7 +117,7 @@ impl ServerProcess {
         let give_up_at = Instant::now() + READY_TIMEOUT;
         let mut last_problem = String::from("no answer yet");
         while Instant::now() < give_up_at {
-            match super::load::connect_channels(self.address, 1).await {
+            match super::load::connect_channels(&self.address.to_string(), 1).await {
                 Ok(channels) => match super::load::is_serving(channels[0].clone()).await {
                     Ok(true) => return Ok(()),
                     Ok(false) => last_problem = "health is not SERVING".to_owned(),
@@ -202,9 +201,14 @@ mod tests {
     #[test]
     fn the_listening_line_gives_the_address() {
         assert_eq!(
-            parse_listening_line("clm listening on 127.0.0.1:41234 (clm.identity.v1.CustomerService)"),
+            parse_listening_line(
+                "clm listening on 127.0.0.1:41234 (clm.identity.v1.CustomerService)"
+            ),
             Some(SocketAddr::from(([127, 0, 0, 1], 41234)))
         );
-        assert_eq!(parse_listening_line("try: grpcurl -plaintext 127.0.0.1:1 list"), None);
+        assert_eq!(
+            parse_listening_line("try: grpcurl -plaintext 127.0.0.1:1 list"),
+            None
+        );
     }
 }

@@ -1,0 +1,468 @@
+//! The identity rules end to end through the domain service, on SQLite and
+//! PostgreSQL: resolve, merge, erase, optimistic concurrency and the cache.
+
+#![allow(missing_docs)]
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use chrono::{Duration as TimeDelta, Utc};
+use clm_identity::directory::{CustomerPatch, NewCustomer, RequestKey, ResolveRequest};
+use clm_identity::error::IdentityError;
+use clm_identity::keys::{IdentityKey, KeyKind};
+use clm_identity::model::{Consent, ConsentStatus, Lifecycle, Profile};
+use clm_proto::identity as pb;
+use support::Backend;
+
+fn key(kind: KeyKind, value: &str) -> RequestKey {
+    RequestKey {
+        field: format!("keys[{value}]"),
+        key: IdentityKey {
+            kind,
+            value: value.to_owned(),
+        },
+    }
+}
+
+fn email(value: &str) -> RequestKey {
+    key(KeyKind::Email, value)
+}
+
+fn cookie(value: &str) -> RequestKey {
+    key(KeyKind::Anonymous, value)
+}
+
+fn resolve(keys: Vec<RequestKey>) -> ResolveRequest {
+    ResolveRequest {
+        keys,
+        ..ResolveRequest::default()
+    }
+}
+
+fn lifecycle(stage: i32, evaluated_at: chrono::DateTime<Utc>) -> Lifecycle {
+    Lifecycle {
+        stage,
+        acquisition_status: 0,
+        health: 1,
+        engagement_score: 10.0,
+        lead_score: 20.0,
+        health_score: 80.0,
+        model_version: "test-1".into(),
+        stage_entered_at: Some(evaluated_at),
+        health_entered_at: Some(evaluated_at),
+        evaluated_at,
+    }
+}
+
+async fn twenty_concurrent_resolves_of_a_new_key_create_one_customer(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let directory = directory.clone();
+        tasks.push(tokio::spawn(async move {
+            directory
+                .resolve(resolve(vec![email("new@example.com")]))
+                .await
+        }));
+    }
+    let mut ids = Vec::new();
+    let mut created = 0;
+    for task in tasks {
+        let resolved = task.await.unwrap().expect("every resolve succeeds");
+        created += usize::from(resolved.created);
+        ids.push(resolved.customer.id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "all resolves name the same customer");
+    assert_eq!(created, 1, "exactly one resolve created it");
+    let page = directory
+        .list(clm_identity::store::ListQuery {
+            state: "active",
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.customers.len(), 1);
+}
+
+async fn an_anonymous_profile_is_merged_into_the_identified_one(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let visitor = directory
+        .resolve(resolve(vec![cookie("cookie-1")]))
+        .await
+        .unwrap();
+    assert!(visitor.created);
+    let known = directory
+        .resolve(resolve(vec![email("ada@example.com")]))
+        .await
+        .unwrap();
+    // The sign-up: the cookie and the e-mail arrive together.
+    let signed_up = directory
+        .resolve(resolve(vec![email("ada@example.com"), cookie("cookie-1")]))
+        .await
+        .unwrap();
+    assert_eq!(signed_up.customer.id, known.customer.id);
+    assert_eq!(signed_up.merged_ids, vec![visitor.customer.id]);
+    assert!(signed_up.customer.keys.contains(&cookie("cookie-1").key));
+    let pointer = directory.get(visitor.customer.id).await.unwrap();
+    assert_eq!(pointer.state(), pb::CustomerState::Merged);
+    assert_eq!(pointer.merged_into_id, known.customer.id.to_string());
+}
+
+async fn two_identified_customers_merge_only_when_allowed(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let a = directory
+        .resolve(resolve(vec![email("a@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    let b = directory
+        .resolve(resolve(vec![email("b@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    let both = vec![email("a@example.com"), email("b@example.com")];
+    let err = directory.resolve(resolve(both.clone())).await.unwrap_err();
+    assert!(
+        matches!(err, IdentityError::IdentityConflict { ref customer_ids } if customer_ids.len() == 2)
+    );
+    let merged = directory
+        .resolve(ResolveRequest {
+            keys: both,
+            allow_merge: true,
+            ..ResolveRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        merged.customer.id, a.id,
+        "the older identified customer survives"
+    );
+    assert_eq!(merged.merged_ids, vec![b.id]);
+}
+
+async fn merge_then_get_points_at_the_survivor(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let survivor = directory
+        .create(NewCustomer {
+            profile: Profile {
+                given_name: "Ada".into(),
+                attributes: BTreeMap::from([("tier".into(), "gold".into())]),
+                ..Profile::default()
+            },
+            keys: vec![email("ada@example.com")],
+            request_id: None,
+        })
+        .await
+        .unwrap();
+    let merged = directory
+        .create(NewCustomer {
+            profile: Profile {
+                given_name: "A.".into(),
+                family_name: "Lovelace".into(),
+                attributes: BTreeMap::from([
+                    ("tier".into(), "silver".into()),
+                    ("city".into(), "London".into()),
+                ]),
+                ..Profile::default()
+            },
+            keys: vec![
+                email("ada.l@example.com"),
+                key(KeyKind::Phone, "+4930901820"),
+            ],
+            request_id: None,
+        })
+        .await
+        .unwrap();
+    // Warm the cache with the merged customer's pre-merge state.
+    assert_eq!(
+        directory.get(merged.id).await.unwrap().state(),
+        pb::CustomerState::Active
+    );
+
+    let (after, record) = directory
+        .merge(survivor.id, merged.id, "duplicate", "support")
+        .await
+        .unwrap();
+    assert_eq!(
+        after.profile.given_name, "Ada",
+        "the survivor keeps its own values"
+    );
+    assert_eq!(
+        after.profile.family_name, "Lovelace",
+        "empty fields are filled"
+    );
+    assert_eq!(after.profile.attributes["tier"], "gold");
+    assert_eq!(after.profile.attributes["city"], "London");
+    assert_eq!(after.keys.len(), 3);
+
+    let pointer = directory.get(merged.id).await.unwrap();
+    assert_eq!(pointer.state(), pb::CustomerState::Merged);
+    assert_eq!(pointer.merged_into_id, survivor.id.to_string());
+    assert!(
+        pointer.emails.is_empty(),
+        "the merged record keeps no personal data"
+    );
+
+    let ledger = directory.merges_of(merged.id).await.unwrap();
+    assert_eq!(ledger, vec![record.clone()]);
+    assert_eq!(record.requested_by, "support");
+
+    // The keys now resolve to the survivor.
+    let resolved = directory
+        .resolve(resolve(vec![email("ada.l@example.com")]))
+        .await
+        .unwrap();
+    assert_eq!(resolved.customer.id, survivor.id);
+
+    // A chain of merges points at the final survivor.
+    let third = directory
+        .resolve(resolve(vec![email("third@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    directory
+        .merge(third.id, survivor.id, "chain", "support")
+        .await
+        .unwrap();
+    assert_eq!(
+        directory.get(merged.id).await.unwrap().merged_into_id,
+        third.id.to_string()
+    );
+
+    assert!(matches!(
+        directory
+            .merge(survivor.id, survivor.id, "", "")
+            .await
+            .unwrap_err(),
+        IdentityError::SelfMerge
+    ));
+    assert!(matches!(
+        directory
+            .merge(third.id, merged.id, "", "")
+            .await
+            .unwrap_err(),
+        IdentityError::NotActive {
+            state: "merged",
+            ..
+        }
+    ));
+}
+
+async fn an_erased_email_is_suppressed_until_consent(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let ada = directory
+        .resolve(resolve(vec![email("erase-me@example.com"), cookie("c-9")]))
+        .await
+        .unwrap()
+        .customer;
+    directory.get(ada.id).await.unwrap();
+    let erased = directory.erase(ada.id).await.unwrap();
+    assert_eq!(erased.suppressed_keys, 2);
+    let tombstone = directory.get(ada.id).await.unwrap();
+    assert_eq!(
+        tombstone.state(),
+        pb::CustomerState::Erased,
+        "the cache shows the erasure"
+    );
+    assert!(tombstone.emails.is_empty() && tombstone.anonymous_ids.is_empty());
+
+    let err = directory
+        .resolve(resolve(vec![email("erase-me@example.com")]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IdentityError::Suppressed { .. }), "{err:?}");
+    let err = directory
+        .create(NewCustomer {
+            keys: vec![email("erase-me@example.com")],
+            ..NewCustomer::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IdentityError::Suppressed { .. }));
+
+    let again = directory
+        .resolve(ResolveRequest {
+            keys: vec![email("erase-me@example.com")],
+            consents: vec![Consent {
+                purpose: "account".into(),
+                status: ConsentStatus::Granted,
+                source: "signup_form".into(),
+                recorded_at: Utc::now(),
+            }],
+            ..ResolveRequest::default()
+        })
+        .await
+        .unwrap();
+    assert!(again.created);
+    assert_ne!(again.customer.id, ada.id);
+    // Erasing twice is harmless.
+    let twice = directory.erase(ada.id).await.unwrap();
+    assert_eq!(twice.suppressed_keys, 0);
+}
+
+async fn a_stale_version_is_aborted(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let ada = directory
+        .create(NewCustomer {
+            keys: vec![email("v@example.com")],
+            ..NewCustomer::default()
+        })
+        .await
+        .unwrap();
+    let patch = |name: &str| CustomerPatch {
+        given_name: Some(name.to_owned()),
+        changed_fields: vec!["given_name".into()],
+        ..CustomerPatch::default()
+    };
+    let first = directory
+        .update(ada.id, patch("One"), Some(ada.version))
+        .await
+        .unwrap();
+    assert_eq!(first.version, ada.version + 1);
+    let err = directory
+        .update(ada.id, patch("Two"), Some(ada.version))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::VersionConflict { expected, current, .. } if expected == ada.version && current == first.version)
+    );
+    assert_eq!(directory.get(ada.id).await.unwrap().given_name, "One");
+}
+
+async fn a_read_after_a_write_is_never_stale(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let ada = directory
+        .create(NewCustomer {
+            keys: vec![email("fresh@example.com")],
+            ..NewCustomer::default()
+        })
+        .await
+        .unwrap();
+    for round in 0..20 {
+        // Warm: the cache holds the current version.
+        directory.get(ada.id).await.unwrap();
+        let name = format!("name-{round}");
+        directory
+            .update(
+                ada.id,
+                CustomerPatch {
+                    given_name: Some(name.clone()),
+                    changed_fields: vec!["given_name".into()],
+                    ..CustomerPatch::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(directory.get(ada.id).await.unwrap().given_name, name);
+    }
+    assert!(directory.cache().counts().hits >= 20);
+}
+
+async fn keys_can_be_replaced_by_update(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let a = directory
+        .create(NewCustomer {
+            keys: vec![email("old@example.com")],
+            ..NewCustomer::default()
+        })
+        .await
+        .unwrap();
+    let b = directory
+        .create(NewCustomer {
+            keys: vec![email("taken@example.com")],
+            ..NewCustomer::default()
+        })
+        .await
+        .unwrap();
+    let replace = |emails: &[&str]| CustomerPatch {
+        keys: BTreeMap::from([(KeyKind::Email, emails.iter().map(|e| email(e)).collect())]),
+        changed_fields: vec!["emails".into()],
+        ..CustomerPatch::default()
+    };
+    let err = directory
+        .update(a.id, replace(&["taken@example.com"]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::KeyTaken { ref field } if field == "keys[taken@example.com]")
+    );
+    let updated = directory
+        .update(a.id, replace(&["new@example.com"]), None)
+        .await
+        .unwrap();
+    assert_eq!(updated.keys, vec![email("new@example.com").key]);
+    let freed = directory
+        .resolve(resolve(vec![email("old@example.com")]))
+        .await
+        .unwrap();
+    assert!(freed.created, "the removed key no longer points at anyone");
+    assert_ne!(freed.customer.id, b.id);
+}
+
+async fn create_is_idempotent_by_request_id(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let new = NewCustomer {
+        keys: vec![email("once@example.com")],
+        request_id: Some("req-42".into()),
+        ..NewCustomer::default()
+    };
+    let first = directory.create(new.clone()).await.unwrap();
+    let again = directory.create(new).await.unwrap();
+    assert_eq!(first.id, again.id);
+    let err = directory
+        .create(NewCustomer {
+            keys: vec![email("once@example.com")],
+            ..NewCustomer::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IdentityError::KeyTaken { .. }));
+}
+
+async fn lifecycle_snapshots_never_go_back_in_time(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let ada = directory
+        .resolve(resolve(vec![email("life@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    let now = clm_identity::directory::now();
+    assert!(
+        directory
+            .set_lifecycle(ada.id, lifecycle(3, now))
+            .await
+            .unwrap()
+            .0
+    );
+    let (applied, _) = directory
+        .set_lifecycle(ada.id, lifecycle(2, now - TimeDelta::seconds(10)))
+        .await
+        .unwrap();
+    assert!(!applied, "an older snapshot is ignored");
+    let shown = directory.get(ada.id).await.unwrap();
+    assert_eq!(shown.lifecycle.unwrap().stage, 3);
+    assert!(matches!(
+        directory
+            .set_lifecycle(uuid::Uuid::now_v7(), lifecycle(1, now))
+            .await
+            .unwrap_err(),
+        IdentityError::NotFound(_)
+    ));
+}
+
+on_both_backends!(
+    twenty_concurrent_resolves_of_a_new_key_create_one_customer,
+    an_anonymous_profile_is_merged_into_the_identified_one,
+    two_identified_customers_merge_only_when_allowed,
+    merge_then_get_points_at_the_survivor,
+    an_erased_email_is_suppressed_until_consent,
+    a_stale_version_is_aborted,
+    a_read_after_a_write_is_never_stale,
+    keys_can_be_replaced_by_update,
+    create_is_idempotent_by_request_id,
+    lifecycle_snapshots_never_go_back_in_time,
+);
