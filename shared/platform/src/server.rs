@@ -130,6 +130,127 @@ impl Mounted {
     }
 }
 
+/// A request above `CLM_MAX_MESSAGE_BYTES` is refused by the decoder before
+/// any handler runs, as OUT_OF_RANGE. Callers sent a bad request, so it is
+/// reported like every other bad request: INVALID_ARGUMENT with a BadRequest
+/// detail naming the request and the limit. The status may travel in the
+/// headers (trailers-only response) or in the trailers; both are rewritten.
+fn oversized_request_is_invalid(
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let (mut parts, body) = response.into_parts();
+    if let Some(rewritten) = rewrite_oversized(&parts.headers) {
+        parts.headers.extend(rewritten);
+        return http::Response::from_parts(parts, body);
+    }
+    http::Response::from_parts(
+        parts,
+        tonic::body::Body::new(OversizedTrailers { inner: body }),
+    )
+}
+
+/// The status headers that replace an oversized-message status, if `headers`
+/// carry one.
+fn rewrite_oversized(headers: &http::HeaderMap) -> Option<http::HeaderMap> {
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|status| status == "11");
+    if !out_of_range {
+        return None;
+    }
+    let message = percent_decode(
+        headers
+            .get("grpc-message")
+            .map(http::HeaderValue::as_bytes)
+            .unwrap_or_default(),
+    );
+    if !message.contains("message length too large") {
+        return None;
+    }
+    let numbers: Vec<&str> = message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .collect();
+    let description = match numbers.as_slice() {
+        [found, limit, ..] => {
+            format!(
+                "the message is {found} bytes, above the limit of {limit} bytes (CLM_MAX_MESSAGE_BYTES)"
+            )
+        }
+        _ => "the message is above the size limit (CLM_MAX_MESSAGE_BYTES)".to_owned(),
+    };
+    let status =
+        crate::error::StatusBuilder::invalid_argument(&[crate::error::FieldViolation::new(
+            "request",
+            description,
+        )]);
+    let mut rewritten = http::HeaderMap::new();
+    status.add_header(&mut rewritten).ok()?;
+    Some(rewritten)
+}
+
+/// Decodes the percent-encoding of a `grpc-message` header.
+fn percent_decode(raw: &[u8]) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            raw[i],
+            raw.get(i + 1).copied().and_then(hex),
+            raw.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A response body whose trailers get [`rewrite_oversized`].
+struct OversizedTrailers {
+    inner: tonic::body::Body,
+}
+
+impl http_body::Body for OversizedTrailers {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        polled.map(|frame| {
+            frame.map(|frame| {
+                frame.map(|frame| match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        if let Some(rewritten) = rewrite_oversized(&trailers) {
+                            trailers.extend(rewritten);
+                        }
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Binds the listening socket (port 0 picks a free port).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -182,6 +303,9 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let limits = config.limits;
     let router = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_request_is_invalid,
+        ))
         .trace_fn(crate::telemetry::request_span)
         .concurrency_limit_per_connection(limits.max_concurrent_requests)
         .tcp_nodelay(true)

@@ -93,10 +93,16 @@ impl ServerProcess {
             match tokio::time::timeout(START_TIMEOUT, listening_address(stdout, label)).await {
                 Ok(Ok(address)) => address,
                 Ok(Err(err)) => {
-                    let status = server.child.wait().await.ok();
+                    let status = tokio::time::timeout(STOP_TIMEOUT, server.child.wait())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
                     return Err(err.context(format!(
-                        "server {label} did not start (exit status: {})",
-                        status.map_or_else(|| "unknown".to_owned(), |status| status.to_string())
+                        "server {label} did not start ({})",
+                        status.map_or_else(
+                            || "exit status unknown".to_owned(),
+                            |status| status.to_string()
+                        )
                     )));
                 }
                 Err(_) => anyhow::bail!(

@@ -1,0 +1,552 @@
+//! The identity API through generated clients against the real binary: on
+//! the embedded default (SQLite, in-process cache) and on PostgreSQL with
+//! Redis.
+
+#![allow(missing_docs)]
+
+use clm_proto::common::{IdentityKey, IdentityKind};
+use clm_proto::identity::customer_service_client::CustomerServiceClient;
+use clm_proto::identity::{self as pb, Customer};
+use clm_tests::{ClmServer, details};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = CustomerServiceClient<Channel>;
+
+async fn embedded() -> ClmServer {
+    ClmServer::start(&["serve"], &[]).await.expect("start clm")
+}
+
+async fn postgres_and_redis() -> Option<ClmServer> {
+    let database = clm_tests::fresh_postgres_database("e2e").await?;
+    let redis = clm_tests::redis_url().await?;
+    Some(
+        ClmServer::start(
+            &["serve", "identity"],
+            &[
+                ("CLM_DATABASE_URL", database.expose().to_owned()),
+                ("CLM_REDIS_URL", redis.expose().to_owned()),
+                (
+                    "CLM_IDENTITY_HASH_KEY",
+                    "e2e-test-hash-key-0123456789".to_owned(),
+                ),
+            ],
+        )
+        .await
+        .expect("start clm"),
+    )
+}
+
+fn email_key(value: &str) -> IdentityKey {
+    IdentityKey {
+        kind: IdentityKind::Email as i32,
+        value: value.to_owned(),
+        source: String::new(),
+    }
+}
+
+async fn create(client: &mut Client, customer: Customer) -> Customer {
+    client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .customer
+        .expect("customer")
+}
+
+async fn count_customers(client: &mut Client) -> usize {
+    client
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customers
+        .len()
+}
+
+async fn count_events(client: &mut Client) -> usize {
+    let mut stream = client
+        .stream_customer_events(pb::StreamCustomerEventsRequest {
+            stop_at_end: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut count = 0;
+    while let Some(batch) = stream.message().await.unwrap() {
+        count += batch.events.len();
+    }
+    count
+}
+
+/// Asserts INVALID_ARGUMENT naming `field`.
+fn assert_invalid(result: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
+    let status = result.expect_err("the request must be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let (violations, _) = details(&status);
+    assert!(
+        violations.iter().any(|(f, _)| f == field),
+        "expected a violation of {field}, got {violations:?}"
+    );
+}
+
+async fn the_customer_lifecycle_of_calls(server: ClmServer) {
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    let ada = create(
+        &mut client,
+        Customer {
+            given_name: "Ada".into(),
+            emails: vec![" Ada@Example.COM ".into()],
+            phones: vec!["+49 30 901820".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ada.emails, ["ada@example.com"]);
+    assert_eq!(ada.phones, ["+4930901820"]);
+    assert_eq!(ada.version, 1);
+
+    // Update with a field mask, then with a stale version.
+    let updated = client
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                id: ada.id.clone(),
+                family_name: "Lovelace".into(),
+                given_name: "ignored: not in the mask".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["family_name".into()],
+            }),
+            expected_version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert_eq!(
+        (updated.given_name.as_str(), updated.family_name.as_str()),
+        ("Ada", "Lovelace")
+    );
+    let stale = client
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                id: ada.id.clone(),
+                family_name: "Byron".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["family_name".into()],
+            }),
+            expected_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(details(&stale).1.as_deref(), Some("VERSION_CONFLICT"));
+
+    // A duplicate identity key.
+    let taken = client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                emails: vec!["ada@example.com".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists);
+
+    // Resolve with an anonymous id merges the visitor into Ada.
+    let visitor = client
+        .resolve_customer(pb::ResolveCustomerRequest {
+            keys: vec![IdentityKey {
+                kind: IdentityKind::AnonymousId as i32,
+                value: "cookie-77".into(),
+                source: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(visitor.created);
+    let resolved = client
+        .resolve_customer(pb::ResolveCustomerRequest {
+            keys: vec![
+                email_key("ADA@example.com"),
+                IdentityKey {
+                    kind: IdentityKind::AnonymousId as i32,
+                    value: "cookie-77".into(),
+                    source: String::new(),
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let visitor_id = visitor.customer.unwrap().id;
+    assert_eq!(resolved.customer.unwrap().id, ada.id);
+    assert_eq!(resolved.merged_customer_ids, [visitor_id.clone()]);
+
+    // Merge, then get the merged id.
+    let other = create(
+        &mut client,
+        Customer {
+            emails: vec!["a.lovelace@example.com".into()],
+            company: "Analytical Engines".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let merged = client
+        .merge_customers(pb::MergeCustomersRequest {
+            survivor_id: ada.id.clone(),
+            merged_id: other.id.clone(),
+            reason: "same person".into(),
+            requested_by: "e2e".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let survivor = merged.survivor.unwrap();
+    assert_eq!(survivor.company, "Analytical Engines");
+    assert!(
+        survivor
+            .emails
+            .contains(&"a.lovelace@example.com".to_owned())
+    );
+    let pointer = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: other.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert_eq!(pointer.state(), pb::CustomerState::Merged);
+    assert_eq!(pointer.merged_into_id, ada.id);
+
+    // Erase, then resolve the erased e-mail.
+    let erased = client
+        .erase_customer(pb::EraseCustomerRequest {
+            customer_id: ada.id.clone(),
+            reason: "ticket 1234".into(),
+            requested_by: "e2e".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erased.suppressed_keys, 4);
+    let tombstone = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: ada.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert_eq!(tombstone.state(), pb::CustomerState::Erased);
+    assert!(tombstone.given_name.is_empty() && tombstone.emails.is_empty());
+    let suppressed = client
+        .resolve_customer(pb::ResolveCustomerRequest {
+            keys: vec![email_key("ada@example.com")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(suppressed.code(), Code::FailedPrecondition);
+    assert_eq!(
+        details(&suppressed).1.as_deref(),
+        Some("IDENTITY_KEY_SUPPRESSED")
+    );
+
+    // The event log tells the story without personal data.
+    let mut stream = client
+        .stream_customer_events(pb::StreamCustomerEventsRequest {
+            stop_at_end: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        for event in batch.events {
+            kinds.push(match event.change.unwrap() {
+                pb::customer_event::Change::Created(_) => "created",
+                pb::customer_event::Change::Updated(_) => "updated",
+                pb::customer_event::Change::Merged(_) => "merged",
+                pb::customer_event::Change::Erased(_) => "erased",
+                pb::customer_event::Change::LifecycleChanged(_) => "lifecycle",
+            });
+        }
+    }
+    assert_eq!(kinds.first(), Some(&"created"));
+    assert_eq!(kinds.last(), Some(&"erased"));
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "merged").count(),
+        4,
+        "two merges, each on both shards"
+    );
+}
+
+async fn bad_input_is_refused_and_stores_nothing(server: ClmServer) {
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    create(
+        &mut client,
+        Customer {
+            emails: vec!["seed@example.com".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let customers_before = count_customers(&mut client).await;
+    let events_before = count_events(&mut client).await;
+
+    assert_invalid(
+        client
+            .get_customer(pb::GetCustomerRequest {
+                customer_id: String::new(),
+            })
+            .await,
+        "customer_id",
+    );
+    assert_invalid(
+        client
+            .get_customer(pb::GetCustomerRequest {
+                customer_id: "not-a-uuid".into(),
+            })
+            .await,
+        "customer_id",
+    );
+    assert_invalid(
+        client
+            .create_customer(pb::CreateCustomerRequest {
+                customer: Some(Customer {
+                    emails: vec!["ok@example.com".into(), "not an email".into()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await,
+        "customer.emails[1]",
+    );
+    assert_invalid(
+        client
+            .create_customer(pb::CreateCustomerRequest {
+                customer: Some(Customer {
+                    phones: vec!["12".into()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await,
+        "customer.phones[0]",
+    );
+    assert_invalid(
+        client
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await,
+        "page_size",
+    );
+    assert_invalid(
+        client
+            .list_customers(pb::ListCustomersRequest {
+                filter: Some(pb::CustomerFilter {
+                    stage: 42,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await,
+        "filter.stage",
+    );
+    assert_invalid(
+        client
+            .resolve_customer(pb::ResolveCustomerRequest {
+                keys: vec![IdentityKey {
+                    kind: 99,
+                    value: "x".into(),
+                    source: String::new(),
+                }],
+                ..Default::default()
+            })
+            .await,
+        "keys[0].kind",
+    );
+    assert_invalid(
+        client
+            .create_customer(pb::CreateCustomerRequest {
+                customer: Some(Customer {
+                    given_name: "x".repeat(300),
+                    emails: vec!["long@example.com".into()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await,
+        "customer.given_name",
+    );
+    // A message above CLM_MAX_MESSAGE_BYTES never reaches a handler.
+    assert_invalid(
+        client
+            .create_customer(pb::CreateCustomerRequest {
+                customer: Some(Customer {
+                    attributes: [("blob".to_owned(), "x".repeat(5 * 1024 * 1024))].into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await,
+        "request",
+    );
+    assert_invalid(
+        client
+            .update_customer(pb::UpdateCustomerRequest {
+                customer: Some(Customer {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["version".into()],
+                }),
+                expected_version: 0,
+            })
+            .await,
+        "update_mask.paths[0]",
+    );
+    assert_invalid(
+        client
+            .stream_customer_events(pb::StreamCustomerEventsRequest {
+                after_cursor: "garbage".into(),
+                ..Default::default()
+            })
+            .await,
+        "after_cursor",
+    );
+    let missing = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    assert_eq!(
+        count_customers(&mut client).await,
+        customers_before,
+        "nothing was stored"
+    );
+    assert_eq!(
+        count_events(&mut client).await,
+        events_before,
+        "nothing was logged"
+    );
+}
+
+async fn pages_walk_every_customer_once(server: ClmServer) {
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    let mut created = Vec::new();
+    for i in 0..25 {
+        created.push(
+            create(
+                &mut client,
+                Customer {
+                    emails: vec![format!("page-{i}@example.com")],
+                    ..Default::default()
+                },
+            )
+            .await
+            .id,
+        );
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 10,
+                page_token: token.clone(),
+                filter: Some(pb::CustomerFilter {
+                    identified_only: true,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.customers.into_iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, created);
+    // A token is bound to its filter.
+    let first = client
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_invalid(
+        client
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 10,
+                page_token: first.next_page_token,
+                filter: Some(pb::CustomerFilter {
+                    company: "Acme".into(),
+                    ..Default::default()
+                }),
+            })
+            .await,
+        "page_token",
+    );
+}
+
+macro_rules! on_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::embedded().await).await;
+                }
+            )*
+        }
+        mod postgres_redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(server) = super::postgres_and_redis().await else { return };
+                    super::$name(server).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_modes!(
+    the_customer_lifecycle_of_calls,
+    bad_input_is_refused_and_stores_nothing,
+    pages_walk_every_customer_once,
+);
