@@ -106,6 +106,9 @@ def test_build_stage_builds_what_ci_builds(dockerfile: Dockerfile) -> None:
         manifest = f"{member}/Cargo.toml"
         assert f"{manifest} {manifest}" in copies, f"dependency layer misses the workspace member {member}"
     assert "Cargo.toml Cargo.lock ./" in copies
+    for member in workspace["workspace"]["members"]:
+        if (manifests.REPO_ROOT / member / "build.rs").exists():
+            assert f"> {member}/build.rs" in runs, f"the dependency layer lacks a stub build.rs for {member}"
     # The dependency layer must come before any source is copied.
     first_source = min(i for i, (op, text) in enumerate(build["instructions"]) if op == "COPY" and text.startswith(("shared ", "services ")))
     first_build = min(i for i, (op, text) in enumerate(build["instructions"]) if op == "RUN" and "cargo build" in text)
@@ -118,3 +121,16 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert entry in ignored
     for needed in ("proto", "shared", "services", "tests", "Cargo.toml", "Cargo.lock"):
         assert needed not in ignored
+
+
+def test_health_service_names_are_services_of_the_contracts() -> None:
+    declared = set()
+    for proto in (manifests.REPO_ROOT / "proto").rglob("*.proto"):
+        text = proto.read_text(encoding="utf-8")
+        package = re.search(r"^package\s+([\w.]+)\s*;", text, flags=re.M)
+        for service in re.findall(r"^service\s+(\w+)", text, flags=re.M):
+            declared.add(f"{package.group(1)}.{service}")
+    for name, service in manifests.chart_default_values()["services"].items():
+        assert service["healthService"] in declared, f"services.{name}.healthService names no proto service"
+    probe = _server(render_overlay("dev"))["readinessProbe"]["grpc"]["service"]
+    assert probe in declared

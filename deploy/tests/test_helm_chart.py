@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 
@@ -162,3 +163,42 @@ def test_every_value_is_documented_in_the_readme() -> None:
 
     walk("", manifests.chart_default_values())
     assert sorted(set(missing)) == [], "values without a row in deploy/helm/clm/README.md"
+
+
+def _readme_commands(path, program: str) -> list[list[str]]:
+    """Shell commands of the README's ```sh blocks that start with `program`, continuation lines joined."""
+    text = path.read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.startswith(program + " "):
+                commands.append(shlex.split(command))
+    return commands
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+@pytest.mark.parametrize("verb", ["install", "upgrade"])
+def test_readme_helm_commands_render(verb: str) -> None:
+    import helm_python
+
+    commands = [c for c in _readme_commands(manifests.CHART_DIR / "README.md", "helm") if c[1] == verb]
+    assert commands, f"the chart README shows no `helm {verb}`"
+    for command in commands:
+        assert command[2:4] == ["clm", "deploy/helm/clm"], command
+        values: dict = {}
+        arguments = iter(command[4:])
+        for argument in arguments:
+            if argument in ("--set",):
+                values = _deep_merge(values, helm_python.parse_set_string(next(arguments)))
+            elif argument in ("-f", "--values"):
+                values = _deep_merge(values, manifests.load_yaml(manifests.REPO_ROOT / next(arguments)))
+            elif argument in ("--namespace", "-n"):
+                assert next(arguments) == manifests.NAMESPACE
+        assert manifests.lint_chart(values) == [], command
+        assert render_chart(values), command

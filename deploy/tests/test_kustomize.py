@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -66,3 +67,15 @@ def test_migrations_run_before_the_server_with_the_same_env(overlay: str) -> Non
 def test_namespace_enforces_restricted_pod_security(overlay: str) -> None:
     (namespace,) = of_kind(render_overlay(overlay), "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_readme_documents_the_apply_path_and_its_targets_render() -> None:
+    readme = (manifests.K8S_DIR / "README.md").read_text(encoding="utf-8")
+    assert "kubectl apply -k k8s/overlays/dev" in readme
+    targets = set(re.findall(r"kubectl (?:apply -k|kustomize) (k8s/[\w/.-]*\w)", readme))
+    assert {"k8s/overlays/dev", "k8s/overlays/prod"} <= targets
+    for target in targets:
+        result = subprocess.run(
+            ["kubectl", "kustomize", str(manifests.REPO_ROOT / target)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, f"{target}: {result.stderr}"

@@ -198,7 +198,10 @@ async fn the_customer_lifecycle_of_calls(server: ClmServer) {
         .into_inner();
     let visitor_id = visitor.customer.unwrap().id;
     assert_eq!(resolved.customer.unwrap().id, ada.id);
-    assert_eq!(resolved.merged_customer_ids, [visitor_id.clone()]);
+    assert_eq!(
+        resolved.merged_customer_ids,
+        std::slice::from_ref(&visitor_id)
+    );
 
     // Merge, then get the merged id.
     let other = create(

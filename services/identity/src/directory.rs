@@ -373,14 +373,16 @@ impl CustomerDirectory {
         let mut customer = Customer::new(now);
         customer.profile = new.profile;
         customer.keys = keys.iter().map(|k| k.key.clone()).collect();
-        let mut changes = ChangeSet::default();
-        changes.added_keys = customer
-            .keys
-            .iter()
-            .map(|k| (k.clone(), customer.id))
-            .collect();
-        changes.unsuppress = unsuppress;
-        changes.request = new.request_id.clone().map(|r| (r, customer.id));
+        let mut changes = ChangeSet {
+            added_keys: customer
+                .keys
+                .iter()
+                .map(|k| (k.clone(), customer.id))
+                .collect(),
+            unsuppress,
+            request: new.request_id.clone().map(|r| (r, customer.id)),
+            ..ChangeSet::default()
+        };
         changes.events.push(event(
             &customer,
             "customer.created",
@@ -580,8 +582,10 @@ impl CustomerDirectory {
             .map(|(_, id)| id)
             .collect();
         let now = now();
-        let mut changes = ChangeSet::default();
-        changes.unsuppress = unsuppress.to_vec();
+        let mut changes = ChangeSet {
+            unsuppress: unsuppress.to_vec(),
+            ..ChangeSet::default()
+        };
 
         if owners.is_empty() {
             let mut customer = Customer::new(now);
@@ -786,13 +790,15 @@ impl CustomerDirectory {
             next.keys.clear();
             next.lifecycle = None;
             next.erased_at = Some(now);
-            let mut changes = ChangeSet::default();
-            changes.removed_keys = current.keys.iter().map(|k| (k.clone(), id)).collect();
-            changes.suppress = current
-                .keys
-                .iter()
-                .map(|k| (self.hasher.hash(k), id))
-                .collect();
+            let mut changes = ChangeSet {
+                removed_keys: current.keys.iter().map(|k| (k.clone(), id)).collect(),
+                suppress: current
+                    .keys
+                    .iter()
+                    .map(|k| (self.hasher.hash(k), id))
+                    .collect(),
+                ..ChangeSet::default()
+            };
             changes.events.push(event(
                 &next,
                 "customer.erased",

@@ -29,9 +29,12 @@ impl ConfigError {
     }
 }
 
+/// Looks up one variable.
+type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Reads variables from the process environment or, in tests, from a map.
 pub struct Env {
-    lookup: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    lookup: Lookup,
 }
 
 impl Env {

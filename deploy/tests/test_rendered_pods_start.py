@@ -1,0 +1,502 @@
+"""The proof that the rendered manifests start the product.
+
+The chart is rendered with values-local.yaml (each service's database a fresh
+PostgreSQL database on this machine, Redis on this machine). Each rendered
+Deployment then becomes a local process of the real `clm` binary:
+
+1. the migration Job of the service runs first, with the Job's own command,
+   args and env, and once more (the pre-upgrade hook on a migrated database);
+2. the server starts with exactly the Deployment's command, args and env, on top
+   of the image's ENV from deploy/Dockerfile; Secret and downward-API
+   references are resolved from the rendered objects and $(VAR) references are
+   expanded the way the kubelet does. The only change: CLM_LISTEN_ADDR binds
+   127.0.0.1:<free port> instead of the pod's 0.0.0.0:<containerPort>, to
+   which the rendered probes' port is mapped;
+3. the startup, readiness and liveness probes run as rendered (grpc.health.v1
+   Check with the rendered service name, period, timeout and thresholds);
+4. every service answers an RPC found through server reflection, and the
+   grpcurl commands of the chart README work against it;
+5. SIGTERM stops every process with exit code 0 within the time the pod has
+   after its preStop sleep (terminationGracePeriodSeconds minus the sleep).
+
+The binary is $CLM_BIN, else $CARGO_TARGET_DIR/debug/clm, else
+<repo>/target/debug/clm. Without it, PostgreSQL or Redis the test skips, but
+under CI=true it fails: CI must build the binary first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+import manifests
+from manifests import Dockerfile, by_name, of_kind, pod_spec
+
+CI = os.environ.get("CI", "").lower() == "true" or os.environ.get("CLM_TEST_REQUIRE_SERVERS", "").lower() in ("1", "true")
+LOCAL_VALUES = Path(__file__).with_name("values-local.yaml")
+
+
+def _host_port(variable: str, default: str) -> tuple[str, int]:
+    """Host and port of the test server named by `variable` (as scripts/test.sh sets it)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get(variable) or default)
+    return (url.hostname or "127.0.0.1", url.port or 0)
+
+
+POSTGRES = _host_port("CLM_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+REDIS = _host_port("CLM_TEST_REDIS_URL", "redis://127.0.0.1:6379/")
+POD_NAMESPACE = "clm-local"
+# The ENV the distroless base image brings before deploy/Dockerfile adds its own;
+# HOME is what the runtime sets for user 65532 (nonroot), here a local folder.
+BASE_IMAGE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
+}
+
+# One RPC per service that shows it works: (gRPC service, method, request as
+# proto JSON). A service turned on in values-local.yaml needs an entry here.
+SMOKE_CALLS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "identity": ("clm.identity.v1.CustomerService", "ListCustomers", {"page_size": 10}),
+}
+
+# Services whose arrival brings a call that crosses two services; once
+# touchpoints is served, add the touchpoint-recorded-with-an-email check
+# (resolved through identity) as a test below and list it here.
+CROSS_SERVICE_CHECKS: dict[str, str] = {}
+
+
+def _unavailable(reason: str) -> None:
+    if CI:
+        pytest.fail(f"{reason}; under CI=true this test must run, not skip")
+    pytest.skip(reason)
+
+
+def _reachable(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _redis_answers_ping() -> bool:
+    try:
+        with socket.create_connection(REDIS, timeout=3) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _binary_path() -> Path:
+    if os.environ.get("CLM_BIN"):
+        return Path(os.environ["CLM_BIN"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR", manifests.REPO_ROOT / "target"))
+    return target / "debug" / "clm"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _merged(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _enabled_services() -> list[str]:
+    values = _merged(manifests.chart_default_values(), manifests.load_yaml(LOCAL_VALUES))
+    return sorted(name for name, service in values["services"].items() if service["enabled"])
+
+
+ENABLED = _enabled_services()
+
+
+# --- the environment a pod's container sees ------------------------------------------------------
+
+_REFERENCE = re.compile(r"\$\$|\$\((\w+)\)")
+
+
+def _expand(value: str, defined: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion: earlier variables only, $$ escapes, unknown names stay."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return defined.get(name, match.group(0))
+
+    return _REFERENCE.sub(replace, value)
+
+
+def _lookup(documents: list[dict], kind: str, name: str, key: str, optional: bool, who: str) -> str | None:
+    source = by_name(documents, kind, name)
+    if source is None:
+        if optional:
+            return None
+        raise AssertionError(f"{who}: {kind} {name} is neither rendered nor given by the test values")
+    data = manifests.secret_data(source) if kind == "Secret" else dict(source.get("data") or {})
+    if key not in data:
+        if optional:
+            return None
+        raise AssertionError(f"{who}: {kind} {name} has no key {key}")
+    return data[key]
+
+
+def resolve_env(
+    container: dict, spec: dict, pod_name: str, documents: list[dict], image_env: dict[str, str]
+) -> dict[str, str]:
+    """The container's environment: image ENV, then envFrom, then env, as the kubelet builds it."""
+    who = f"{pod_name}/{container['name']}"
+    environment = dict(image_env)
+    declared: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        prefix = source.get("prefix", "")
+        for kind, field in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+            if field in source:
+                reference = source[field]
+                document = by_name(documents, kind, reference["name"])
+                if document is None:
+                    assert reference.get("optional"), f"{who}: envFrom {kind} {reference['name']} is missing"
+                    continue
+                data = manifests.secret_data(document) if kind == "Secret" else document.get("data", {})
+                declared.update({prefix + key: value for key, value in data.items()})
+    for entry in container.get("env", []):
+        name = entry["name"]
+        if "value" in entry:
+            declared[name] = _expand(str(entry["value"]), declared)
+            continue
+        origin = entry.get("valueFrom", {})
+        if "secretKeyRef" in origin or "configMapKeyRef" in origin:
+            kind, reference = ("Secret", origin["secretKeyRef"]) if "secretKeyRef" in origin else ("ConfigMap", origin["configMapKeyRef"])
+            value = _lookup(documents, kind, reference["name"], reference["key"], bool(reference.get("optional")), who)
+            if value is not None:
+                declared[name] = value
+        elif "fieldRef" in origin:
+            field = origin["fieldRef"]["fieldPath"]
+            fields = {
+                "metadata.name": pod_name,
+                "metadata.namespace": POD_NAMESPACE,
+                "spec.nodeName": "localhost",
+                "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
+                "status.podIP": "127.0.0.1",
+                "status.hostIP": "127.0.0.1",
+            }
+            assert field in fields, f"{who}: fieldRef {field} is not emulated here"
+            declared[name] = fields[field]
+        else:
+            raise AssertionError(f"{who}: env {name} has a source this test does not emulate: {origin}")
+    environment.update(declared)
+    return environment
+
+
+def container_argv(container: dict, dockerfile: Dockerfile, binary: Path) -> list[str]:
+    """command/args as the container runtime combines them with the image's ENTRYPOINT/CMD."""
+    if "command" in container:
+        argv = list(container["command"]) + list(container.get("args", []))
+    else:
+        argv = dockerfile.exec_form("ENTRYPOINT") + list(container.get("args", dockerfile.exec_form("CMD")))
+    image_binary = dockerfile.exec_form("ENTRYPOINT")[0]
+    assert argv[0] == image_binary, f"the container runs {argv[0]}, the image only has {image_binary}"
+    return [str(binary)] + argv[1:]
+
+
+# --- gRPC --------------------------------------------------------------------------------------
+
+
+def grpc_health(port: int, service: str, timeout: float) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            return f"{error.code().name}: {error.details()}"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def call_through_reflection(port: int, service: str, method: str, body: dict[str, Any]) -> tuple[list[str], dict]:
+    """Lists the services via reflection, then calls one method with messages built from reflection."""
+    import grpc
+    from google.protobuf import json_format, message_factory
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = list(database.get_services())
+        descriptor = DescriptorPool(database).FindServiceByName(service).methods_by_name[method]
+        request_class = message_factory.GetMessageClass(descriptor.input_type)
+        response_class = message_factory.GetMessageClass(descriptor.output_type)
+        rpc = channel.unary_unary(
+            f"/{service}/{method}",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        response = rpc(json_format.ParseDict(body, request_class()), timeout=15)
+    return services, json_format.MessageToDict(response, preserving_proto_field_name=True)
+
+
+def _grpcurl() -> str | None:
+    beside_python = Path(sys.executable).with_name("grpcurl")
+    return shutil.which("grpcurl") or (str(beside_python) if beside_python.exists() else None)
+
+
+def readme_grpcurl_commands() -> list[str]:
+    text = (manifests.CHART_DIR / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("grpcurl ")]
+
+
+# --- the local pods ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LocalPod:
+    service: str
+    deployment: dict
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    log: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def container(self) -> dict:
+        return pod_spec(self.deployment)["containers"][0]
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+
+def _image_env(dockerfile: Dockerfile, workdir: Path) -> dict[str, str]:
+    return {**BASE_IMAGE_ENV, "HOME": str(workdir), **dockerfile.runtime_env()}
+
+
+def _run_job(job: dict, documents: list[dict], dockerfile: Dockerfile, binary: Path, workdir: Path) -> None:
+    spec = pod_spec(job)
+    (container,) = spec["containers"]
+    name = f"{job['metadata']['name']}-local"
+    env = resolve_env(container, spec, name, documents, _image_env(dockerfile, workdir))
+    argv = container_argv(container, dockerfile, binary)
+    deadline = min(int(job["spec"].get("activeDeadlineSeconds", 300)), 300)
+    result = subprocess.run(
+        argv, env=env, cwd=workdir, capture_output=True, text=True, timeout=deadline, check=False
+    )
+    assert result.returncode == 0, (
+        f"{shlex.join(argv)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+
+
+def _wait_for_probe(pod: LocalPod, probe_name: str) -> None:
+    probe = pod.container[probe_name]
+    container_port = next(p["containerPort"] for p in pod.container["ports"] if p["name"] == "grpc")
+    assert probe["grpc"]["port"] == container_port, f"{probe_name} checks a port the server does not listen on"
+    service = probe["grpc"].get("service", "")
+    period = probe.get("periodSeconds", 10)
+    timeout = probe.get("timeoutSeconds", 1)
+    attempts = probe.get("failureThreshold", 3)
+    needed = probe.get("successThreshold", 1)
+    time.sleep(probe.get("initialDelaySeconds", 0))
+    successes, last = 0, ""
+    for attempt in range(attempts + needed - 1):
+        assert pod.process and pod.process.poll() is None, (
+            f"clm serve {pod.service} exited with {pod.process.returncode} before its {probe_name} passed:\n{pod.tail()}"
+        )
+        last = grpc_health(pod.port, service, timeout)
+        successes = successes + 1 if last == "SERVING" else 0
+        if successes >= needed:
+            return
+        if attempt + 1 < attempts + needed - 1:
+            time.sleep(period)
+    raise AssertionError(
+        f"{probe_name} of {pod.service} (grpc.health.v1 {service!r}) failed {attempts} times, last: {last}\n{pod.tail()}"
+    )
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    path = _binary_path()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        _unavailable(f"no clm binary at {path} (build it with `cargo build -p clm` or set CLM_BIN)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_backends() -> None:
+    if not _reachable(POSTGRES):
+        _unavailable(f"PostgreSQL is not reachable at {POSTGRES[0]}:{POSTGRES[1]}")
+    if not _redis_answers_ping():
+        _unavailable(f"Redis does not answer PING at {REDIS[0]}:{REDIS[1]}")
+    if shutil.which("psql") is None:
+        _unavailable("psql is needed to create the test databases")
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(
+        ["psql", "-h", POSTGRES[0], "-p", str(POSTGRES[1]), "-U", "postgres", "-d", "postgres",
+         "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
+        check=True, capture_output=True, text=True, timeout=60, env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+    )
+
+
+@pytest.fixture(scope="module")
+def rendered(local_backends: None) -> Iterator[list[dict]]:
+    """The chart rendered with values-local.yaml, each service on a fresh database."""
+    run = uuid.uuid4().hex[:8]
+    values = manifests.load_yaml(LOCAL_VALUES)
+    databases = []
+    for service in ENABLED:
+        database = f"clm_deploy_{service}_{run}"
+        _psql(f'CREATE DATABASE "{database}"')
+        databases.append(database)
+        values = _merged(values, {"redis": {"url": f"redis://{REDIS[0]}:{REDIS[1]}/"}})
+        values = _merged(values, {"services": {service: {"database": {
+            "url": f"postgres://postgres@{POSTGRES[0]}:{POSTGRES[1]}/{database}"}}}})
+    try:
+        yield manifests.render_chart(values, namespace=POD_NAMESPACE)
+    finally:
+        for database in databases:
+            _psql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def pods(binary: Path, rendered: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalPod]]:
+    dockerfile = Dockerfile.parse()
+    workdir = tmp_path_factory.mktemp("pods")
+    started: dict[str, LocalPod] = {}
+    try:
+        deployments = of_kind(rendered, "Deployment")
+        assert sorted(d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments) == ENABLED
+        # Migrations first, for every service, as the pre-install hooks run before any pod.
+        for deployment in deployments:
+            service = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+            job = by_name(rendered, "Job", f"{deployment['metadata']['name']}-migrate")
+            assert job is not None, f"no migration Job rendered for {service}"
+            _run_job(job, rendered, dockerfile, binary, workdir)
+            _run_job(job, rendered, dockerfile, binary, workdir)  # pre-upgrade on a migrated database
+        for deployment in deployments:
+            service = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+            spec = pod_spec(deployment)
+            container = spec["containers"][0]
+            pod_name = f"{deployment['metadata']['name']}-local-0"
+            env = resolve_env(container, spec, pod_name, rendered, _image_env(dockerfile, workdir))
+            container_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+            assert env.get("CLM_LISTEN_ADDR") == f"0.0.0.0:{container_port}", "the pod must listen on its container port"
+            port = _free_port()
+            env["CLM_LISTEN_ADDR"] = f"127.0.0.1:{port}"
+            pod = LocalPod(service, deployment, container_argv(container, dockerfile, binary), env, port,
+                           workdir / f"{service}.log")
+            with open(pod.log, "wb") as log:
+                pod.process = subprocess.Popen(pod.argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL)
+            started[service] = pod
+        for pod in started.values():
+            _wait_for_probe(pod, "startupProbe")
+        yield started
+    finally:
+        for pod in started.values():
+            if pod.process and pod.process.poll() is None:
+                pod.process.kill()
+                pod.process.wait(timeout=10)
+
+
+def test_every_enabled_service_has_a_smoke_call() -> None:
+    assert ENABLED, "values-local.yaml enables no service"
+    missing = [service for service in ENABLED if service not in SMOKE_CALLS]
+    assert missing == [], f"add a SMOKE_CALLS entry for {missing}"
+    if "touchpoints" in ENABLED:
+        assert "touchpoints" in CROSS_SERVICE_CHECKS, "touchpoints is served: add the call that crosses two services"
+
+
+@pytest.mark.parametrize("service", ENABLED)
+def test_rendered_probes_pass(pods: dict[str, LocalPod], service: str) -> None:
+    pod = pods[service]
+    _wait_for_probe(pod, "readinessProbe")
+    _wait_for_probe(pod, "livenessProbe")
+
+
+@pytest.mark.parametrize("service", ENABLED)
+def test_service_answers_through_reflection(pods: dict[str, LocalPod], service: str) -> None:
+    grpc_service, method, body = SMOKE_CALLS[service]
+    services, response = call_through_reflection(pods[service].port, grpc_service, method, body)
+    assert grpc_service in services, f"reflection lists {services}"
+    assert "grpc.health.v1.Health" in services, "grpcurl needs the health service in reflection"
+    assert isinstance(response, dict)
+
+
+def test_readme_grpcurl_commands_work(pods: dict[str, LocalPod]) -> None:
+    grpcurl = _grpcurl()
+    if grpcurl is None:
+        _unavailable("grpcurl is not installed (pip install -r deploy/tests/requirements.txt)")
+    commands = readme_grpcurl_commands()
+    assert commands, "the chart README shows no grpcurl command"
+    packages = {
+        name: service["healthService"].rsplit(".", 1)[0] + "."
+        for name, service in manifests.chart_default_values()["services"].items()
+    }
+    for service, pod in pods.items():
+        for command in commands:
+            if any(package in command for name, package in packages.items() if name != service):
+                continue  # a command for another service
+            argv = shlex.split(command.replace("localhost:50051", f"127.0.0.1:{pod.port}"))
+            result = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+            if argv[-1] == "list":
+                assert SMOKE_CALLS[service][0] in result.stdout.split()
+
+
+@pytest.mark.parametrize("service", ENABLED)
+def test_logs_follow_the_rendered_format(pods: dict[str, LocalPod], service: str) -> None:
+    pod = pods[service]
+    if pod.env.get("CLM_LOG_FORMAT") != "json":
+        pytest.skip("the rendered log format is not json")
+    lines = [line for line in pod.output().splitlines() if line.strip()]
+    assert lines, f"clm serve {service} logged nothing"
+    for line in lines:
+        assert isinstance(json.loads(line), dict), f"not a JSON log line: {line}"
+
+
+def test_sigterm_stops_every_service_within_its_grace(pods: dict[str, LocalPod]) -> None:
+    for pod in pods.values():
+        assert pod.process and pod.process.poll() is None, f"{pod.service} died early:\n{pod.tail()}"
+        pod.process.send_signal(signal.SIGTERM)
+    for pod in pods.values():
+        spec = pod_spec(pod.deployment)
+        sleep = pod.container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        budget = spec.get("terminationGracePeriodSeconds", 30) - sleep
+        try:
+            code = pod.process.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{pod.service} still runs {budget}s after SIGTERM (the kubelet would SIGKILL it)\n{pod.tail()}")
+        assert code == 0, f"{pod.service} exited {code} on SIGTERM\n{pod.tail()}"

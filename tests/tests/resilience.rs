@@ -1,0 +1,188 @@
+//! How the binary behaves when things go wrong around it: Redis freezing
+//! mid-test, SIGTERM with calls in flight, a bad configuration variable.
+
+#![allow(missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use clm_proto::identity::customer_service_client::CustomerServiceClient;
+use clm_proto::identity::{self as pb, Customer};
+use clm_tests::{ClmServer, RedisServer};
+
+async fn get(client: &mut CustomerServiceClient<tonic::transport::Channel>, id: &str) -> Customer {
+    client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: id.to_owned(),
+        })
+        .await
+        .expect("get succeeds")
+        .into_inner()
+        .customer
+        .unwrap()
+}
+
+async fn rename(
+    client: &mut CustomerServiceClient<tonic::transport::Channel>,
+    id: &str,
+    name: &str,
+) {
+    client
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                id: id.to_owned(),
+                given_name: name.to_owned(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["given_name".into()],
+            }),
+            expected_version: 0,
+        })
+        .await
+        .expect("update succeeds");
+}
+
+#[tokio::test]
+async fn a_frozen_redis_slows_nothing_down_and_leaves_nothing_stale() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let Some(database) = clm_tests::fresh_postgres_database("e2e").await else {
+        return;
+    };
+    let server = ClmServer::start(
+        &["serve", "identity"],
+        &[
+            ("CLM_DATABASE_URL", database.expose().to_owned()),
+            ("CLM_REDIS_URL", redis.url.clone()),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    let created = client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                given_name: "Before".into(),
+                emails: vec!["frozen@example.com".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    // Warm: Redis now holds the profile as "Before".
+    assert_eq!(get(&mut client, &created.id).await.given_name, "Before");
+
+    redis.pause();
+    let started = Instant::now();
+    assert_eq!(get(&mut client, &created.id).await.given_name, "Before");
+    rename(&mut client, &created.id, "During").await;
+    assert_eq!(get(&mut client, &created.id).await.given_name, "During");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "calls answered from the database"
+    );
+
+    // Redis comes back with the old profile still in it: it must not be served.
+    redis.resume();
+    for _ in 0..5 {
+        assert_eq!(get(&mut client, &created.id).await.given_name, "During");
+    }
+    rename(&mut client, &created.id, "After").await;
+    assert_eq!(get(&mut client, &created.id).await.given_name, "After");
+    assert!(
+        server.log().contains("cache unavailable"),
+        "the outage is logged"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let mut server = ClmServer::start(&["serve"], &[]).await.unwrap();
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    // A live tail never ends by itself; shutdown must end it.
+    let mut stream = client
+        .stream_customer_events(pb::StreamCustomerEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits within the grace period");
+    assert!(status.success(), "exit status {status:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap();
+    assert!(matches!(ended, Ok(None) | Err(_)));
+    let log = server.log();
+    assert!(log.contains("NOT_SERVING"), "{log}");
+}
+
+#[tokio::test]
+async fn a_bad_variable_is_named_at_start() {
+    let output = std::process::Command::new(clm_tests::clm_binary())
+        .args(["serve"])
+        .env("CLM_MAX_PAGE_SIZE", "lots")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CLM_MAX_PAGE_SIZE"), "{stderr}");
+
+    let output = std::process::Command::new(clm_tests::clm_binary())
+        .args(["serve", "identity"])
+        .env("CLM_PHONE_DEFAULT_REGION", "Atlantis")
+        .env("CLM_DATA_DIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("CLM_PHONE_DEFAULT_REGION"));
+}
+
+#[tokio::test]
+async fn migrate_then_serve_without_migrating() {
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/identity.db", data.path().display());
+    let unmigrated = std::process::Command::new(clm_tests::clm_binary())
+        .args(["serve", "identity"])
+        .env("CLM_IDENTITY_DATABASE_URL", &url)
+        .env("CLM_MIGRATE_ON_START", "false")
+        .env("CLM_LISTEN_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!unmigrated.status.success());
+    assert!(String::from_utf8_lossy(&unmigrated.stderr).contains("clm migrate identity"));
+
+    for _ in 0..2 {
+        let migrate = std::process::Command::new(clm_tests::clm_binary())
+            .args(["migrate", "identity"])
+            .env("CLM_IDENTITY_DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        assert!(
+            migrate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
+    }
+    let server = ClmServer::start(
+        &["serve", "identity"],
+        &[
+            ("CLM_IDENTITY_DATABASE_URL", url.clone()),
+            ("CLM_MIGRATE_ON_START", "false".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    client
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .expect("serves after a separate migration");
+}
