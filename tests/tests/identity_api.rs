@@ -4,7 +4,9 @@
 
 #![allow(missing_docs)]
 
-use clm_proto::common::{IdentityKey, IdentityKind};
+use clm_proto::common::{
+    CustomerReference, IdentityKey, IdentityKeys, IdentityKind, customer_reference,
+};
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{self as pb, Customer};
 use clm_tests::{ClmServer, details};
@@ -526,6 +528,168 @@ async fn pages_walk_every_customer_once(server: ClmServer) {
     );
 }
 
+fn id_reference(id: &str) -> CustomerReference {
+    CustomerReference {
+        reference: Some(customer_reference::Reference::CustomerId(id.to_owned())),
+    }
+}
+
+fn email_reference(email: &str) -> CustomerReference {
+    CustomerReference {
+        reference: Some(customer_reference::Reference::IdentityKeys(IdentityKeys {
+            keys: vec![email_key(email)],
+        })),
+    }
+}
+
+async fn a_batch_of_references_fails_only_its_bad_references(server: ClmServer) {
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    let ada = create(
+        &mut client,
+        Customer {
+            emails: vec!["ada@example.com".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let duplicate = create(
+        &mut client,
+        Customer {
+            emails: vec!["a.lovelace@example.org".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    client
+        .merge_customers(pb::MergeCustomersRequest {
+            survivor_id: ada.id.clone(),
+            merged_id: duplicate.id.clone(),
+            reason: "same person".into(),
+            requested_by: "e2e".into(),
+        })
+        .await
+        .unwrap();
+    let gone = create(
+        &mut client,
+        Customer {
+            emails: vec!["gone@example.com".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    client
+        .erase_customer(pb::EraseCustomerRequest {
+            customer_id: gone.id.clone(),
+            reason: "ticket 7".into(),
+            requested_by: "e2e".into(),
+        })
+        .await
+        .unwrap();
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let customers_before = count_customers(&mut client).await;
+
+    let results = client
+        .resolve_customers(pb::ResolveCustomersRequest {
+            references: vec![
+                id_reference(&ada.id),
+                id_reference(&duplicate.id),
+                email_reference(" Batch@Example.com "),
+                id_reference("not-a-uuid"),
+                email_reference("not an email"),
+                id_reference(&unknown),
+                id_reference(&gone.id),
+                email_reference("gone@example.com"),
+                email_reference("batch@example.com"),
+                CustomerReference { reference: None },
+            ],
+        })
+        .await
+        .expect("a batch with bad references still answers")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 10, "one result per reference");
+    let failure = |index: usize| {
+        let result: &pb::ResolvedReference = &results[index];
+        assert!(result.customer_id.is_empty(), "{result:?}");
+        (result.error_code, result.error_reason.as_str())
+    };
+
+    assert_eq!(results[0].customer_id, ada.id);
+    assert_eq!(results[0].error_code, 0);
+    assert_eq!(
+        results[1].customer_id, ada.id,
+        "a merged id names its survivor"
+    );
+    assert!(!results[1].created);
+    let batch = &results[2];
+    assert!(batch.created && !batch.customer_id.is_empty(), "{batch:?}");
+    assert_eq!(
+        (&results[8].customer_id, results[8].created),
+        (&batch.customer_id, true),
+        "a repeated reference is resolved once"
+    );
+    assert_eq!(failure(3), (3, "INVALID_REFERENCE"));
+    assert!(
+        results[3]
+            .error_message
+            .contains("references[3].customer_id"),
+        "{:?}",
+        results[3]
+    );
+    assert_eq!(failure(4), (3, "INVALID_REFERENCE"));
+    assert!(
+        results[4]
+            .error_message
+            .contains("references[4].identity_keys.keys[0].value"),
+        "{:?}",
+        results[4]
+    );
+    assert_eq!(failure(5), (5, "CUSTOMER_NOT_FOUND"));
+    assert!(results[5].error_message.contains(&unknown));
+    assert_eq!(failure(6), (9, "CUSTOMER_ERASED"));
+    assert_eq!(failure(7), (9, "IDENTITY_KEY_SUPPRESSED"));
+    assert!(
+        results[7]
+            .error_message
+            .contains("references[7].identity_keys.keys[0]:"),
+        "{:?}",
+        results[7]
+    );
+    assert_eq!(failure(9), (3, "INVALID_REFERENCE"));
+    assert!(results[9].error_message.contains("references[9]"));
+
+    // The reasons are those of the unary calls.
+    let missing = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(details(&missing).1.as_deref(), Some("CUSTOMER_NOT_FOUND"));
+    assert_eq!(missing.message(), results[5].error_message);
+
+    assert_eq!(
+        count_customers(&mut client).await,
+        customers_before + 1,
+        "only the new keys created a customer"
+    );
+
+    assert_invalid(
+        client
+            .resolve_customers(pb::ResolveCustomersRequest { references: vec![] })
+            .await,
+        "references",
+    );
+    assert_invalid(
+        client
+            .resolve_customers(pb::ResolveCustomersRequest {
+                references: vec![id_reference(&ada.id); 1001],
+            })
+            .await,
+        "references",
+    );
+}
+
 macro_rules! on_both_modes {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -552,4 +716,5 @@ on_both_modes!(
     the_customer_lifecycle_of_calls,
     bad_input_is_refused_and_stores_nothing,
     pages_walk_every_customer_once,
+    a_batch_of_references_fails_only_its_bad_references,
 );

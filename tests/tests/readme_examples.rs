@@ -117,6 +117,7 @@ async fn every_readme_grpcurl_example_answers_as_documented() {
         "UpdateCustomer",
         "ListCustomers",
         "ResolveCustomer",
+        "ResolveCustomers",
         "MergeCustomers",
         "EraseCustomer",
         "SetLifecycle",

@@ -29,8 +29,12 @@ use crate::store::{ChangeSet, CustomerStore, ListQuery, LogEvent, StoreError};
 
 /// How often an operation re-reads and retries after losing a race.
 const MAX_ATTEMPTS: u32 = 8;
-/// How many merge pointers GetCustomer follows to find the final survivor.
+/// How many merge pointers are followed to find the final survivor.
 const MAX_MERGE_HOPS: usize = 16;
+/// How many distinct references of one ResolveCustomers call are resolved at
+/// once: enough to overlap database round trips, few enough to leave
+/// connections for other calls.
+const REFERENCE_CONCURRENCY: usize = 16;
 
 /// An identity key as a request gave it, with the field that carried it (for
 /// error messages).
@@ -118,6 +122,70 @@ pub struct CustomerPage {
     pub customers: Vec<Customer>,
     /// Where the next page starts, if there is one.
     pub next_after: Option<Uuid>,
+}
+
+/// A customer reference of ResolveCustomers, validated.
+#[derive(Debug, Clone)]
+pub enum CustomerReference {
+    /// A customer id, followed through merges to its final survivor.
+    Id(Uuid),
+    /// Identity keys, resolved (or created) as ResolveCustomer does, without
+    /// merging two identified customers.
+    Keys(Vec<RequestKey>),
+}
+
+/// What makes two references identical: the id, or the set of keys (their
+/// order and the request fields that carried them do not matter).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ReferenceTarget {
+    Id(Uuid),
+    Keys(BTreeSet<IdentityKey>),
+}
+
+impl CustomerReference {
+    fn target(&self) -> ReferenceTarget {
+        match self {
+            Self::Id(id) => ReferenceTarget::Id(*id),
+            Self::Keys(keys) => ReferenceTarget::Keys(keys.iter().map(|k| k.key.clone()).collect()),
+        }
+    }
+}
+
+/// The customer a reference names now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferencedCustomer {
+    /// The customer: for an id, the final survivor of any merges.
+    pub customer_id: Uuid,
+    /// True when this call created it from identity keys.
+    pub created: bool,
+}
+
+/// The outcome of one reference of ResolveCustomers; an error concerns that
+/// reference only.
+pub type ReferenceOutcome = Result<ReferencedCustomer, IdentityError>;
+
+/// The outcome of `first` told for `reference`, an identical reference that
+/// shares it: a failure names the request field of `reference`, not of
+/// `first`.
+fn outcome_for(
+    reference: &CustomerReference,
+    first: &CustomerReference,
+    outcome: &ReferenceOutcome,
+) -> ReferenceOutcome {
+    match (outcome, first, reference) {
+        (
+            Err(IdentityError::Suppressed { field }),
+            CustomerReference::Keys(first_keys),
+            CustomerReference::Keys(keys),
+        ) => {
+            let own_field = first_keys
+                .iter()
+                .find(|k| &k.field == field)
+                .map_or_else(|| field.clone(), |k| field_of(keys, &k.key));
+            Err(IdentityError::Suppressed { field: own_field })
+        }
+        _ => outcome.clone(),
+    }
 }
 
 /// Customer profiles, their identities and their cache.
@@ -325,18 +393,154 @@ impl CustomerDirectory {
             .get_cached(id)
             .await?
             .ok_or(IdentityError::NotFound(id))?;
-        let mut pointer = customer.merged_into_id.clone();
+        if customer.merged_into_id.is_empty() {
+            return Ok(customer);
+        }
+        let (survivor_id, survivor) = self.final_survivor(id, customer.clone()).await?;
+        // The chain ends at a customer that was never merged, or, when a pointer
+        // leads nowhere or the chain is too long, at the last pointer read.
+        customer.merged_into_id = if survivor.merged_into_id.is_empty() {
+            survivor_id.to_string()
+        } else {
+            survivor.merged_into_id
+        };
+        Ok(customer)
+    }
+
+    /// Follows the merge pointers from `customer` (whose id is `id`) through
+    /// the cache, at most [`MAX_MERGE_HOPS`] of them, and returns the last
+    /// customer reached with its id: the final survivor, or `customer` itself
+    /// when it was never merged. The chain stops early at a pointer that leads
+    /// nowhere; the customer returned then still carries that pointer.
+    async fn final_survivor(
+        &self,
+        id: Uuid,
+        customer: pb::Customer,
+    ) -> Result<(Uuid, pb::Customer), IdentityError> {
+        let mut current = (id, customer);
         for _ in 0..MAX_MERGE_HOPS {
-            let Ok(next_id) = Uuid::try_parse(&pointer) else {
+            let Ok(next_id) = Uuid::try_parse(&current.1.merged_into_id) else {
                 break;
             };
             match self.get_cached(next_id).await? {
-                Some(next) if !next.merged_into_id.is_empty() => pointer = next.merged_into_id,
-                _ => break,
+                Some(next) => current = (next_id, next),
+                None => break,
             }
         }
-        customer.merged_into_id = pointer;
-        Ok(customer)
+        Ok(current)
+    }
+
+    /// Resolves the references of one ResolveCustomers call: one outcome per
+    /// reference, in order. Identical references (the same id, or the same set
+    /// of keys) are resolved once and share their outcome; distinct ones are
+    /// resolved [`REFERENCE_CONCURRENCY`] at a time. A failure of the request
+    /// (an unknown or erased customer, a suppressed key, a conflict) is the
+    /// outcome of its reference; a database outage fails the whole call.
+    pub async fn resolve_references(
+        &self,
+        references: Vec<CustomerReference>,
+    ) -> Result<Vec<ReferenceOutcome>, IdentityError> {
+        let mut distinct: Vec<&CustomerReference> = Vec::new();
+        let mut distinct_index_of_reference = Vec::with_capacity(references.len());
+        let mut index_of_target = BTreeMap::new();
+        for reference in &references {
+            let next_index = distinct.len();
+            let index = *index_of_target
+                .entry(reference.target())
+                .or_insert(next_index);
+            if index == next_index {
+                distinct.push(reference);
+            }
+            distinct_index_of_reference.push(index);
+        }
+
+        // The futures are built before they enter the stream (a closure there
+        // would make the handler's future not provably `Send`); nothing runs
+        // until the stream polls them.
+        let pending: Vec<_> =
+            distinct
+                .iter()
+                .enumerate()
+                .map(|(index, reference)| async move {
+                    (index, self.resolve_reference(reference).await)
+                })
+                .collect();
+        let mut resolving =
+            futures_util::stream::iter(pending).buffer_unordered(REFERENCE_CONCURRENCY);
+        let mut resolved = Vec::with_capacity(distinct.len());
+        while let Some((index, outcome)) = resolving.next().await {
+            match outcome {
+                Err(err) if err.is_outage() => return Err(err),
+                outcome => resolved.push((index, outcome)),
+            }
+        }
+        // Every distinct reference answered once: in index order, the
+        // position of an outcome is its index.
+        resolved.sort_by_key(|(index, _)| *index);
+        let resolved: Vec<ReferenceOutcome> =
+            resolved.into_iter().map(|(_, outcome)| outcome).collect();
+
+        Ok(references
+            .iter()
+            .zip(distinct_index_of_reference)
+            .map(|(reference, index)| outcome_for(reference, distinct[index], &resolved[index]))
+            .collect())
+    }
+
+    async fn resolve_reference(&self, reference: &CustomerReference) -> ReferenceOutcome {
+        match reference {
+            CustomerReference::Id(id) => self.live_survivor(*id).await,
+            CustomerReference::Keys(keys) => {
+                let resolved = self
+                    .resolve(ResolveRequest {
+                        keys: keys.clone(),
+                        traits: Profile::default(),
+                        consents: Vec::new(),
+                        allow_merge: false,
+                    })
+                    .await?;
+                Ok(ReferencedCustomer {
+                    customer_id: resolved.customer.id,
+                    created: resolved.created,
+                })
+            }
+        }
+    }
+
+    /// The live customer an id names now, through the cache: the customer
+    /// itself, or the final survivor of its merges.
+    async fn live_survivor(&self, id: Uuid) -> ReferenceOutcome {
+        let customer = self
+            .get_cached(id)
+            .await?
+            .ok_or(IdentityError::NotFound(id))?;
+        let (survivor_id, survivor) = self.final_survivor(id, customer).await?;
+        match survivor.state() {
+            pb::CustomerState::Active => Ok(ReferencedCustomer {
+                customer_id: survivor_id,
+                created: false,
+            }),
+            pb::CustomerState::Erased => Err(IdentityError::NotActive {
+                customer_id: survivor_id,
+                state: "erased",
+                merged_into: None,
+            }),
+            // The chain of merges broke off (a pointer that leads nowhere or
+            // too many hops): say where it ended.
+            pb::CustomerState::Merged => match Uuid::try_parse(&survivor.merged_into_id) {
+                Ok(into) => Err(IdentityError::NotActive {
+                    customer_id: survivor_id,
+                    state: "merged",
+                    merged_into: Some(into),
+                }),
+                Err(_) => Err(IdentityError::Internal(format!(
+                    "customer {survivor_id} is merged into an unreadable id"
+                ))),
+            },
+            pb::CustomerState::Unspecified => Err(IdentityError::Internal(format!(
+                "customer {survivor_id} has no state"
+            ))),
+        }
     }
 
     async fn get_cached(&self, id: Uuid) -> Result<Option<pb::Customer>, IdentityError> {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::store::StoreError;
 
 /// Everything an identity operation can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum IdentityError {
     /// The request is malformed; every bad field is named.
     #[error("invalid request")]
@@ -90,104 +90,193 @@ impl From<StoreError> for IdentityError {
     }
 }
 
-impl From<IdentityError> for Status {
-    fn from(err: IdentityError) -> Self {
-        match err {
-            IdentityError::InvalidArgument(violations) => {
-                StatusBuilder::invalid_argument(&violations)
+/// The `ErrorInfo` reason of a malformed reference in a batch call
+/// (ResolveCustomers): the reference fails, the rest of the batch does not.
+pub const INVALID_REFERENCE: &str = "INVALID_REFERENCE";
+
+/// How an [`IdentityError`] is told to a caller: the one mapping behind both
+/// the unary statuses and the per-reference outcomes of ResolveCustomers, so
+/// that both carry the same codes, reasons and messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorReport {
+    /// INVALID_ARGUMENT naming every bad field (a `google.rpc.BadRequest`).
+    BadRequest(Vec<FieldViolation>),
+    /// A failure the caller can act on, with an `ErrorInfo` reason.
+    Reason {
+        /// The `google.rpc.Code`.
+        code: Code,
+        /// The UPPER_SNAKE_CASE reason callers match on.
+        reason: &'static str,
+        /// What went wrong, for people.
+        message: String,
+        /// Ids that help (`ErrorInfo` metadata).
+        metadata: Vec<(&'static str, String)>,
+    },
+    /// The database is unreachable: UNAVAILABLE, the caller may retry.
+    Unavailable(String),
+    /// A bug or a broken database: INTERNAL; the detail is logged, never
+    /// returned.
+    Internal(String),
+}
+
+impl IdentityError {
+    /// True when the database failed (unreachable or broken) rather than the
+    /// request: a batch call then fails as a whole instead of reporting the
+    /// failure on each of its items.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Internal(_) => true,
+            Self::InvalidArgument(_)
+            | Self::NotFound(_)
+            | Self::KeyTaken { .. }
+            | Self::VersionConflict { .. }
+            | Self::NotActive { .. }
+            | Self::IdentityConflict { .. }
+            | Self::Suppressed { .. }
+            | Self::SelfMerge
+            | Self::Contended(_) => false,
+        }
+    }
+
+    /// How this error is told to a caller.
+    pub fn report(self) -> ErrorReport {
+        let reason = |code: Code,
+                      reason: &'static str,
+                      message: String,
+                      metadata: &[(&'static str, String)]| {
+            ErrorReport::Reason {
+                code,
+                reason,
+                message,
+                metadata: metadata.to_vec(),
             }
-            IdentityError::NotFound(id) => StatusBuilder::with_reason(
+        };
+        match self {
+            Self::InvalidArgument(violations) => ErrorReport::BadRequest(violations),
+            Self::NotFound(id) => reason(
                 Code::NotFound,
-                format!("customer {id} not found"),
                 "CUSTOMER_NOT_FOUND",
-                &[("customer_id", &id.to_string())],
+                format!("customer {id} not found"),
+                &[("customer_id", id.to_string())],
             ),
-            IdentityError::KeyTaken { field } => StatusBuilder::with_reason(
+            Self::KeyTaken { field } => reason(
                 Code::AlreadyExists,
-                format!("{field}: the identity key belongs to another customer"),
                 "IDENTITY_KEY_TAKEN",
-                &[("field", &field)],
+                format!("{field}: the identity key belongs to another customer"),
+                &[("field", field)],
             ),
-            IdentityError::VersionConflict {
+            Self::VersionConflict {
                 customer_id,
                 expected,
                 current,
-            } => StatusBuilder::with_reason(
+            } => reason(
                 Code::Aborted,
+                "VERSION_CONFLICT",
                 format!(
                     "customer {customer_id} is at version {current}, not the expected {expected}: read it again and retry"
                 ),
-                "VERSION_CONFLICT",
                 &[
-                    ("customer_id", &customer_id.to_string()),
-                    ("expected_version", &expected.to_string()),
-                    ("current_version", &current.to_string()),
+                    ("customer_id", customer_id.to_string()),
+                    ("expected_version", expected.to_string()),
+                    ("current_version", current.to_string()),
                 ],
             ),
-            IdentityError::NotActive {
+            Self::NotActive {
                 customer_id,
                 state,
                 merged_into,
             } => {
-                let survivor = merged_into.map(|id| id.to_string()).unwrap_or_default();
-                let message = match merged_into {
-                    Some(into) => format!("customer {customer_id} was merged into {into}"),
-                    None => format!("customer {customer_id} is {state}"),
+                let (reason_code, message) = match merged_into {
+                    Some(into) => (
+                        "CUSTOMER_MERGED",
+                        format!("customer {customer_id} was merged into {into}"),
+                    ),
+                    None => (
+                        "CUSTOMER_ERASED",
+                        format!("customer {customer_id} is {state}"),
+                    ),
                 };
-                StatusBuilder::with_reason(
+                reason(
                     Code::FailedPrecondition,
+                    reason_code,
                     message,
-                    if merged_into.is_some() {
-                        "CUSTOMER_MERGED"
-                    } else {
-                        "CUSTOMER_ERASED"
-                    },
                     &[
-                        ("customer_id", &customer_id.to_string()),
-                        ("merged_into_id", &survivor),
+                        ("customer_id", customer_id.to_string()),
+                        (
+                            "merged_into_id",
+                            merged_into.map(|id| id.to_string()).unwrap_or_default(),
+                        ),
                     ],
                 )
             }
-            IdentityError::IdentityConflict { customer_ids } => {
+            Self::IdentityConflict { customer_ids } => {
                 let ids = customer_ids
                     .iter()
                     .map(Uuid::to_string)
                     .collect::<Vec<_>>()
                     .join(",");
-                StatusBuilder::with_reason(
+                reason(
                     Code::FailedPrecondition,
+                    "IDENTITY_CONFLICT",
                     format!(
                         "the identity keys belong to different identified customers ({ids}); set allow_merge to merge them"
                     ),
-                    "IDENTITY_CONFLICT",
-                    &[("customer_ids", &ids)],
+                    &[("customer_ids", ids)],
                 )
             }
-            IdentityError::Suppressed { field } => StatusBuilder::with_reason(
+            Self::Suppressed { field } => reason(
                 Code::FailedPrecondition,
+                "IDENTITY_KEY_SUPPRESSED",
                 format!(
                     "{field}: the identity key belonged to an erased customer; record a GRANTED consent to use it again"
                 ),
-                "IDENTITY_KEY_SUPPRESSED",
-                &[("field", &field)],
+                &[("field", field)],
             ),
-            IdentityError::SelfMerge => StatusBuilder::invalid_argument(&[FieldViolation::new(
+            Self::SelfMerge => ErrorReport::BadRequest(vec![FieldViolation::new(
                 "merged_id",
                 "must differ from survivor_id",
             )]),
-            IdentityError::Contended(id) => StatusBuilder::with_reason(
+            Self::Contended(id) => reason(
                 Code::Aborted,
-                "the customer changed concurrently too many times, retry",
                 "CONTENDED",
-                &[("customer_id", &id.to_string())],
+                "the customer changed concurrently too many times, retry".to_owned(),
+                &[("customer_id", id.to_string())],
             ),
-            IdentityError::Unavailable(detail) => {
+            Self::Unavailable(detail) => ErrorReport::Unavailable(detail),
+            Self::Internal(detail) => ErrorReport::Internal(detail),
+        }
+    }
+}
+
+impl From<ErrorReport> for Status {
+    fn from(report: ErrorReport) -> Self {
+        match report {
+            ErrorReport::BadRequest(violations) => StatusBuilder::invalid_argument(&violations),
+            ErrorReport::Reason {
+                code,
+                reason,
+                message,
+                metadata,
+            } => {
+                let metadata: Vec<(&str, &str)> = metadata
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str()))
+                    .collect();
+                StatusBuilder::with_reason(code, message, reason, &metadata)
+            }
+            ErrorReport::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "customer database unavailable");
                 StatusBuilder::unavailable("the customer database")
             }
-            IdentityError::Internal(detail) => {
+            ErrorReport::Internal(detail) => {
                 StatusBuilder::internal("handling a customer request", &detail)
             }
         }
+    }
+}
+
+impl From<IdentityError> for Status {
+    fn from(err: IdentityError) -> Self {
+        err.report().into()
     }
 }

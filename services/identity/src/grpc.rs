@@ -9,16 +9,19 @@ use std::sync::Arc;
 use clm_eventlog::{Cursor, ShardFilter};
 use clm_platform::error::Violations;
 use clm_platform::server::Shutdown;
-use clm_platform::{Limits, paging, validate};
+use clm_platform::{FieldViolation, Limits, paging, validate};
 use clm_proto::common as common_pb;
 use clm_proto::identity as pb;
 use futures_util::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 use crate::convert::{customer_to_proto, merge_to_proto};
-use crate::directory::{CustomerDirectory, CustomerPatch, NewCustomer, RequestKey, ResolveRequest};
-use crate::error::IdentityError;
+use crate::directory::{
+    CustomerDirectory, CustomerPatch, CustomerReference, NewCustomer, ReferenceOutcome, RequestKey,
+    ResolveRequest,
+};
+use crate::error::{ErrorReport, INVALID_REFERENCE, IdentityError};
 use crate::keys::{KeyKind, KeyNormalizer};
 use crate::model::{Consent, ConsentStatus, Lifecycle, Profile};
 use crate::store::ListQuery;
@@ -33,6 +36,7 @@ const MAX_ATTRIBUTES: usize = 64;
 const MAX_ATTRIBUTE_VALUE: usize = 1024;
 const MAX_CONSENTS: usize = 32;
 const MAX_RESOLVE_KEYS: usize = 20;
+const MAX_REFERENCES: usize = 1000;
 const MAX_REASON: usize = 512;
 
 /// The paths UpdateCustomer accepts in its mask.
@@ -282,17 +286,22 @@ impl CustomerGrpc {
         }
     }
 
+    /// The identity keys of a resolve, each named by its field: `keys[i]`
+    /// under `prefix` (empty for ResolveCustomer, e.g.
+    /// `references[3].identity_keys.` for ResolveCustomers).
     fn resolve_keys(
         &self,
         violations: &mut Violations,
+        prefix: &str,
         raw: &[common_pb::IdentityKey],
     ) -> Vec<RequestKey> {
+        let list_field = format!("{prefix}keys");
         if raw.is_empty() {
-            violations.add("keys", "at least one identity key is required");
+            violations.add(&list_field, "at least one identity key is required");
         }
         if raw.len() > MAX_RESOLVE_KEYS {
             violations.add(
-                "keys",
+                &list_field,
                 format!(
                     "has {} entries, at most {MAX_RESOLVE_KEYS} are allowed",
                     raw.len()
@@ -302,7 +311,7 @@ impl CustomerGrpc {
         raw.iter()
             .enumerate()
             .filter_map(|(i, key)| {
-                let field = format!("keys[{i}]");
+                let field = format!("{list_field}[{i}]");
                 let kind = violations.check(validate::enum_value::<common_pb::IdentityKind>(
                     &format!("{field}.kind"),
                     key.kind,
@@ -330,16 +339,89 @@ impl CustomerGrpc {
                         .normalizer
                         .external(&field, &key.source, &key.value)
                         .map_err(|v| {
-                            clm_platform::FieldViolation::new(
-                                v.field.replace(".id", ".value"),
-                                v.description,
-                            )
+                            FieldViolation::new(v.field.replace(".id", ".value"), v.description)
                         }),
                     common_pb::IdentityKind::Unspecified => return None,
                 };
                 violations.check(key).map(|key| RequestKey { field, key })
             })
             .collect()
+    }
+
+    /// One reference of ResolveCustomers (the `index`th), or every violation
+    /// that makes it invalid.
+    fn customer_reference(
+        &self,
+        index: usize,
+        raw: &common_pb::CustomerReference,
+    ) -> Result<CustomerReference, Vec<FieldViolation>> {
+        let field = format!("references[{index}]");
+        match &raw.reference {
+            None => Err(vec![FieldViolation::new(
+                field,
+                "set exactly one of customer_id or identity_keys",
+            )]),
+            Some(common_pb::customer_reference::Reference::CustomerId(id)) => {
+                validate::uuid(&format!("{field}.customer_id"), id)
+                    .map(CustomerReference::Id)
+                    .map_err(|violation| vec![violation])
+            }
+            Some(common_pb::customer_reference::Reference::IdentityKeys(keys)) => {
+                let mut violations = Violations::new();
+                let keys = self.resolve_keys(
+                    &mut violations,
+                    &format!("{field}.identity_keys."),
+                    &keys.keys,
+                );
+                violations.into_result()?;
+                Ok(CustomerReference::Keys(keys))
+            }
+        }
+    }
+}
+
+/// The result of a reference that failed validation: INVALID_ARGUMENT with
+/// every bad field in the message.
+fn invalid_reference(violations: &[FieldViolation]) -> pb::ResolvedReference {
+    pb::ResolvedReference {
+        error_code: Code::InvalidArgument as i32,
+        error_reason: INVALID_REFERENCE.to_owned(),
+        error_message: violations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; "),
+        ..pb::ResolvedReference::default()
+    }
+}
+
+/// The result of a resolved reference, with the code, reason and message the
+/// unary RPCs give for the same error. An outage is no per-reference result:
+/// it fails the call.
+fn resolved_reference(outcome: ReferenceOutcome) -> Result<pb::ResolvedReference, Status> {
+    match outcome {
+        Ok(customer) => Ok(pb::ResolvedReference {
+            customer_id: customer.customer_id.to_string(),
+            created: customer.created,
+            ..pb::ResolvedReference::default()
+        }),
+        Err(err) => match err.report() {
+            ErrorReport::Reason {
+                code,
+                reason,
+                message,
+                metadata: _,
+            } => Ok(pb::ResolvedReference {
+                error_code: code as i32,
+                error_reason: reason.to_owned(),
+                error_message: message,
+                ..pb::ResolvedReference::default()
+            }),
+            ErrorReport::BadRequest(violations) => Ok(invalid_reference(&violations)),
+            outage @ (ErrorReport::Unavailable(_) | ErrorReport::Internal(_)) => {
+                Err(Status::from(outage))
+            }
+        },
     }
 }
 
@@ -644,7 +726,7 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
     ) -> Result<Response<pb::ResolveCustomerResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let keys = self.resolve_keys(&mut violations, &request.keys);
+        let keys = self.resolve_keys(&mut violations, "", &request.keys);
         let traits = request.traits.unwrap_or_default();
         for (name, value, max) in [
             ("given_name", &traits.given_name, MAX_NAME),
@@ -677,6 +759,43 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
             created: resolved.created,
             merged_customer_ids: resolved.merged_ids.iter().map(Uuid::to_string).collect(),
         }))
+    }
+
+    async fn resolve_customers(
+        &self,
+        request: Request<pb::ResolveCustomersRequest>,
+    ) -> Result<Response<pb::ResolveCustomersResponse>, Status> {
+        let request = request.into_inner();
+        let count = request.references.len();
+        if count == 0 {
+            return Err(
+                IdentityError::invalid("references", "at least one reference is required").into(),
+            );
+        }
+        if count > MAX_REFERENCES {
+            return Err(IdentityError::invalid(
+                "references",
+                format!("has {count} entries, at most {MAX_REFERENCES} are allowed"),
+            )
+            .into());
+        }
+        let mut results = vec![pb::ResolvedReference::default(); count];
+        let mut positions = Vec::with_capacity(count);
+        let mut references = Vec::with_capacity(count);
+        for (index, raw) in request.references.iter().enumerate() {
+            match self.customer_reference(index, raw) {
+                Ok(reference) => {
+                    positions.push(index);
+                    references.push(reference);
+                }
+                Err(violations) => results[index] = invalid_reference(&violations),
+            }
+        }
+        let outcomes = self.directory.resolve_references(references).await?;
+        for (index, outcome) in positions.into_iter().zip(outcomes) {
+            results[index] = resolved_reference(outcome)?;
+        }
+        Ok(Response::new(pb::ResolveCustomersResponse { results }))
     }
 
     async fn merge_customers(

@@ -6,14 +6,22 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{Duration as TimeDelta, Utc};
-use clm_identity::directory::{CustomerPatch, NewCustomer, RequestKey, ResolveRequest};
+use clm_eventlog::EventLog;
+use clm_identity::directory::{
+    CustomerPatch, CustomerReference, NewCustomer, ReferencedCustomer, RequestKey, ResolveRequest,
+};
 use clm_identity::error::IdentityError;
 use clm_identity::keys::{IdentityKey, KeyKind};
 use clm_identity::model::{Consent, ConsentStatus, Lifecycle, Profile};
+use clm_identity::model::{Customer, MergeRecord};
+use clm_identity::store::{ChangeSet, CustomerStore, ListQuery, StoreError};
 use clm_proto::identity as pb;
 use support::Backend;
+use uuid::Uuid;
 
 fn key(kind: KeyKind, value: &str) -> RequestKey {
     RequestKey {
@@ -454,7 +462,264 @@ async fn lifecycle_snapshots_never_go_back_in_time(backend: Backend) {
     ));
 }
 
+/// A key as the `reference`th reference of ResolveCustomers carries it.
+fn reference_key(reference: usize, key: RequestKey) -> RequestKey {
+    RequestKey {
+        field: format!("references[{reference}].identity_keys.keys[0]"),
+        ..key
+    }
+}
+
+async fn count_active(directory: &clm_identity::directory::CustomerDirectory) -> usize {
+    directory
+        .list(ListQuery {
+            state: "active",
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .customers
+        .len()
+}
+
+async fn a_batch_of_references_resolves_each_once(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let ada = directory
+        .resolve(resolve(vec![email("ada@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    let duplicate = directory
+        .resolve(resolve(vec![email("a.lovelace@example.org")]))
+        .await
+        .unwrap()
+        .customer;
+    // Warm the cache with the duplicate before the merge: the batch must
+    // still see the merge.
+    directory.get(duplicate.id).await.unwrap();
+    directory
+        .merge(ada.id, duplicate.id, "same person", "test")
+        .await
+        .unwrap();
+    let grace = directory
+        .resolve(resolve(vec![email("grace@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    let gone = directory
+        .resolve(resolve(vec![email("gone@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    directory.erase(gone.id).await.unwrap();
+    let unknown = Uuid::now_v7();
+    let active_before = count_active(&directory).await;
+
+    let new_visitor = |reference: usize| {
+        CustomerReference::Keys(vec![
+            reference_key(reference, cookie("batch-cookie")),
+            reference_key(reference, email("new@example.com")),
+        ])
+    };
+    let references = vec![
+        CustomerReference::Id(ada.id),
+        CustomerReference::Id(duplicate.id),
+        CustomerReference::Id(gone.id),
+        CustomerReference::Id(unknown),
+        new_visitor(4),
+        CustomerReference::Keys(vec![reference_key(5, email("gone@example.com"))]),
+        // The same keys in another order: the same reference.
+        CustomerReference::Keys(vec![
+            reference_key(6, email("new@example.com")),
+            reference_key(6, cookie("batch-cookie")),
+        ]),
+        CustomerReference::Id(ada.id),
+        CustomerReference::Keys(vec![
+            reference_key(8, email("ada@example.com")),
+            reference_key(8, email("grace@example.com")),
+        ]),
+        CustomerReference::Keys(vec![reference_key(9, email("gone@example.com"))]),
+        CustomerReference::Keys(vec![reference_key(10, email("grace@example.com"))]),
+    ];
+    let outcomes = directory
+        .resolve_references(references)
+        .await
+        .expect("no outage");
+    assert_eq!(outcomes.len(), 11, "one outcome per reference");
+
+    let existing = |id: Uuid| ReferencedCustomer {
+        customer_id: id,
+        created: false,
+    };
+    assert_eq!(outcomes[0].as_ref().unwrap(), &existing(ada.id));
+    assert_eq!(
+        outcomes[1].as_ref().unwrap(),
+        &existing(ada.id),
+        "a merged id names its survivor"
+    );
+    assert!(
+        matches!(outcomes[2], Err(IdentityError::NotActive { customer_id, state: "erased", merged_into: None }) if customer_id == gone.id),
+        "{:?}",
+        outcomes[2]
+    );
+    assert!(
+        matches!(outcomes[3], Err(IdentityError::NotFound(id)) if id == unknown),
+        "{:?}",
+        outcomes[3]
+    );
+    let created = outcomes[4].as_ref().expect("new keys resolve").clone();
+    assert!(created.created);
+    assert_eq!(
+        outcomes[6].as_ref().unwrap(),
+        &created,
+        "identical references share one outcome"
+    );
+    assert!(
+        matches!(&outcomes[5], Err(IdentityError::Suppressed { field }) if field == "references[5].identity_keys.keys[0]"),
+        "{:?}",
+        outcomes[5]
+    );
+    assert!(
+        matches!(&outcomes[9], Err(IdentityError::Suppressed { field }) if field == "references[9].identity_keys.keys[0]"),
+        "a repeated reference's failure names its own field: {:?}",
+        outcomes[9]
+    );
+    assert_eq!(outcomes[7].as_ref().unwrap(), &existing(ada.id));
+    assert!(
+        matches!(&outcomes[8], Err(IdentityError::IdentityConflict { customer_ids }) if customer_ids.len() == 2),
+        "two identified customers are not merged: {:?}",
+        outcomes[8]
+    );
+    assert_eq!(outcomes[10].as_ref().unwrap(), &existing(grace.id));
+
+    assert_eq!(
+        count_active(&directory).await,
+        active_before + 1,
+        "the repeated new keys created one customer"
+    );
+    let again = directory
+        .resolve(resolve(vec![cookie("batch-cookie")]))
+        .await
+        .unwrap();
+    assert_eq!(again.customer.id, created.customer_id);
+    assert!(!again.created);
+}
+
+async fn a_large_batch_of_new_keys_creates_each_customer(backend: Backend) {
+    let directory = support::directory(&backend, support::in_process_cache());
+    let references: Vec<CustomerReference> = (0..200)
+        .map(|i| {
+            CustomerReference::Keys(vec![reference_key(
+                i,
+                cookie(&format!("visitor-{}", i % 100)),
+            )])
+        })
+        .collect();
+    let outcomes = directory.resolve_references(references).await.unwrap();
+    let ids: Vec<Uuid> = outcomes
+        .iter()
+        .map(|outcome| outcome.as_ref().expect("resolved").customer_id)
+        .collect();
+    for i in 0..100 {
+        assert_eq!(ids[i], ids[i + 100], "reference {i} and its repetition");
+    }
+    let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 100);
+    assert_eq!(count_active(&directory).await, 100);
+}
+
+/// A store whose database can be switched off: every call then fails as
+/// unreachable.
+struct SwitchableStore {
+    inner: Arc<dyn CustomerStore>,
+    down: AtomicBool,
+}
+
+impl SwitchableStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl CustomerStore for SwitchableStore {
+    async fn get(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
+        self.check()?;
+        self.inner.get(id).await
+    }
+    async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Customer>, StoreError> {
+        self.check()?;
+        self.inner.get_many(ids).await
+    }
+    async fn owners_of(
+        &self,
+        keys: &[IdentityKey],
+    ) -> Result<Vec<(IdentityKey, Uuid)>, StoreError> {
+        self.check()?;
+        self.inner.owners_of(keys).await
+    }
+    async fn suppressed(&self, hashes: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.check()?;
+        self.inner.suppressed(hashes).await
+    }
+    async fn customer_for_request(&self, request_id: &str) -> Result<Option<Uuid>, StoreError> {
+        self.check()?;
+        self.inner.customer_for_request(request_id).await
+    }
+    async fn merges_of(&self, customer_id: Uuid) -> Result<Vec<MergeRecord>, StoreError> {
+        self.check()?;
+        self.inner.merges_of(customer_id).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Customer>, StoreError> {
+        self.check()?;
+        self.inner.list(query).await
+    }
+    async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.commit(changes).await
+    }
+    fn event_log(&self) -> &EventLog {
+        self.inner.event_log()
+    }
+}
+
+async fn a_database_outage_fails_the_whole_batch(backend: Backend) {
+    let store = Arc::new(SwitchableStore {
+        inner: backend.store.clone(),
+        down: AtomicBool::new(false),
+    });
+    let directory = clm_identity::directory::CustomerDirectory::new(
+        store.clone(),
+        support::in_process_cache(),
+        clm_identity::keys::KeyHasher::new(b"test-hash-key-0123456789"),
+    );
+    let ada = directory
+        .resolve(resolve(vec![email("ada@example.com")]))
+        .await
+        .unwrap()
+        .customer;
+    // Hot in the cache: this reference alone would still resolve.
+    directory.get(ada.id).await.unwrap();
+    store.down.store(true, Ordering::SeqCst);
+    let err = directory
+        .resolve_references(vec![
+            CustomerReference::Id(ada.id),
+            CustomerReference::Keys(vec![reference_key(1, email("new@example.com"))]),
+        ])
+        .await
+        .expect_err("an outage is no per-reference outcome");
+    assert!(matches!(err, IdentityError::Unavailable(_)), "{err:?}");
+}
+
 on_both_backends!(
+    a_batch_of_references_resolves_each_once,
+    a_large_batch_of_new_keys_creates_each_customer,
+    a_database_outage_fails_the_whole_batch,
     twenty_concurrent_resolves_of_a_new_key_create_one_customer,
     an_anonymous_profile_is_merged_into_the_identified_one,
     two_identified_customers_merge_only_when_allowed,

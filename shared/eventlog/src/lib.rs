@@ -27,6 +27,8 @@
 //! `customer_id`, `shard`, `kind`, `payload`, `recorded_at`, and on
 //! PostgreSQL an index on `(txid, seq)`.
 
+pub mod consumer;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -333,45 +335,102 @@ impl EventLog {
         stop_at_end: bool,
         shutdown: Shutdown,
     ) -> impl Stream<Item = Result<Vec<Entry>, sqlx::Error>> + Send + 'static {
-        struct State {
-            log: EventLog,
-            cursor: Option<Cursor>,
-            appended: watch::Receiver<u64>,
-            shutdown: Shutdown,
-        }
-        let state = State {
-            log: self.clone(),
-            cursor: Some(after),
-            appended: self.appended.subscribe(),
-            shutdown,
+        let log = self.clone();
+        let reader = move |cursor: Cursor| {
+            let log = log.clone();
+            async move {
+                let batch = log.read_after(cursor, shard, batch_size).await?;
+                Ok(batch
+                    .into_iter()
+                    .map(|entry| (entry.cursor, entry))
+                    .collect())
+            }
         };
-        futures_util::stream::unfold(state, move |mut state| async move {
-            let cursor = state.cursor?;
-            loop {
-                if state.shutdown.is_triggered() {
-                    return None;
+        tail_batches(
+            reader,
+            after,
+            TailOptions {
+                stop_at_end,
+                poll_interval: self.poll_interval,
+            },
+            self.appended.subscribe(),
+            shutdown,
+        )
+    }
+
+    /// A receiver that changes whenever this process appends.
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+}
+
+/// How a tail behaves once it has caught up.
+#[derive(Debug, Clone, Copy)]
+pub struct TailOptions {
+    /// End the stream when caught up instead of waiting for new entries.
+    pub stop_at_end: bool,
+    /// How often to look for entries committed by other processes.
+    pub poll_interval: Duration,
+}
+
+/// The tail loop shared by every log: calls `read` with the cursor after
+/// the last entry handed out and yields each non-empty batch; when a read
+/// comes back empty it ends (`stop_at_end`) or waits for `appended` to
+/// change or for the poll interval. Ends on shutdown and after the first
+/// error, which it yields.
+pub fn tail_batches<E, Err, R, Fut>(
+    read: R,
+    after: Cursor,
+    options: TailOptions,
+    appended: watch::Receiver<u64>,
+    shutdown: Shutdown,
+) -> impl Stream<Item = Result<Vec<E>, Err>> + Send + 'static
+where
+    E: Send + 'static,
+    Err: Send + 'static,
+    R: Fn(Cursor) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<(Cursor, E)>, Err>> + Send,
+{
+    struct State<R> {
+        read: R,
+        cursor: Option<Cursor>,
+        appended: watch::Receiver<u64>,
+        shutdown: Shutdown,
+    }
+    let state = State {
+        read,
+        cursor: Some(after),
+        appended,
+        shutdown,
+    };
+    futures_util::stream::unfold(state, move |mut state| async move {
+        let cursor = state.cursor?;
+        loop {
+            if state.shutdown.is_triggered() {
+                return None;
+            }
+            state.appended.mark_unchanged();
+            match (state.read)(cursor).await {
+                Err(err) => {
+                    state.cursor = None;
+                    return Some((Err(err), state));
                 }
-                state.appended.mark_unchanged();
-                match state.log.read_after(cursor, shard, batch_size).await {
-                    Err(err) => {
-                        state.cursor = None;
-                        return Some((Err(err), state));
-                    }
-                    Ok(batch) if !batch.is_empty() => {
-                        state.cursor = batch.last().map(|entry| entry.cursor);
-                        return Some((Ok(batch), state));
-                    }
-                    Ok(_) if stop_at_end => return None,
-                    Ok(_) => {
-                        let poll = state.log.poll_interval;
-                        tokio::select! {
-                            () = state.shutdown.triggered() => return None,
-                            _ = state.appended.changed() => {}
-                            () = tokio::time::sleep(poll) => {}
-                        }
+                Ok(batch) if !batch.is_empty() => {
+                    state.cursor = batch.last().map(|(position, _)| *position);
+                    return Some((
+                        Ok(batch.into_iter().map(|(_, entry)| entry).collect()),
+                        state,
+                    ));
+                }
+                Ok(_) if options.stop_at_end => return None,
+                Ok(_) => {
+                    tokio::select! {
+                        () = state.shutdown.triggered() => return None,
+                        _ = state.appended.changed() => {}
+                        () = tokio::time::sleep(options.poll_interval) => {}
                     }
                 }
             }
-        })
-    }
+        }
+    })
 }

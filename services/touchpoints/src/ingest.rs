@@ -1,0 +1,195 @@
+//! The rules of recording touchpoints: one result per item, duplicates by
+//! event id reported and never stored twice, customers resolved in one
+//! round trip per batch, and nothing stored when identity cannot be asked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::model::{Stored, Touchpoint};
+use crate::resolver::{IdentityResolver, IdentityUnavailable, Reference, Resolution};
+use crate::store::{StoreError, TouchpointStore};
+
+/// One reason an item was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The request field, e.g. `touchpoints[3].revenue.currency_code`.
+    pub field: String,
+    /// UPPER_SNAKE_CASE reason.
+    pub reason: String,
+    /// Explanation.
+    pub description: String,
+}
+
+impl Violation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, reason: &str, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.to_owned(),
+            description: description.into(),
+        }
+    }
+}
+
+/// A valid item: its touchpoint (customer still to resolve) and reference.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The field prefix of the item, e.g. `touchpoints[3]`.
+    pub field: String,
+    /// Who it is about.
+    pub reference: Reference,
+    /// The touchpoint; `customer_id` is filled after resolution.
+    pub touchpoint: Touchpoint,
+}
+
+/// What happened to one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now.
+    Stored {
+        /// Its id.
+        id: Uuid,
+        /// Its customer.
+        customer_id: Uuid,
+    },
+    /// Stored before (possibly earlier in the same batch).
+    Duplicate {
+        /// The earlier touchpoint's id.
+        id: Uuid,
+        /// Its customer.
+        customer_id: Uuid,
+    },
+    /// Not stored.
+    Rejected(Vec<Violation>),
+}
+
+/// Why a whole ingest call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Identity could not be asked; nothing was stored.
+    #[error(transparent)]
+    IdentityUnavailable(#[from] IdentityUnavailable),
+    /// The database failed; nothing was stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How many times a batch is retried after losing a lock race.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Records touchpoints.
+#[derive(Clone)]
+pub struct TouchpointIngest {
+    store: Arc<dyn TouchpointStore>,
+    resolver: IdentityResolver,
+}
+
+impl TouchpointIngest {
+    /// Ingest into `store`, resolving customers through `resolver`.
+    pub fn new(store: Arc<dyn TouchpointStore>, resolver: IdentityResolver) -> Self {
+        Self { store, resolver }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn TouchpointStore> {
+        &self.store
+    }
+
+    /// The resolver.
+    pub fn resolver(&self) -> &IdentityResolver {
+        &self.resolver
+    }
+
+    /// Records a batch: items that failed validation come in as their
+    /// violations. Returns one outcome per item, in order. Either everything
+    /// valid is committed or (on an error) nothing.
+    pub async fn record(
+        &self,
+        items: Vec<Result<Candidate, Vec<Violation>>>,
+    ) -> Result<Vec<Outcome>, IngestError> {
+        let references: Vec<Reference> = items
+            .iter()
+            .filter_map(|item| item.as_ref().ok().map(|c| c.reference.clone()))
+            .collect();
+        let mut resolutions = self.resolver.resolve(&references).await?.into_iter();
+
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(items.len());
+        let mut to_store: Vec<Touchpoint> = Vec::new();
+        let mut slots: Vec<usize> = Vec::new();
+        // Later items with an event id seen earlier in the batch: (slot, first item's slot).
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut first_by_event: HashMap<String, usize> = HashMap::new();
+        for (slot, item) in items.into_iter().enumerate() {
+            let candidate = match item {
+                Err(violations) => {
+                    outcomes.push(Some(Outcome::Rejected(violations)));
+                    continue;
+                }
+                Ok(candidate) => candidate,
+            };
+            let resolution = resolutions.next().expect("one resolution per candidate");
+            match resolution {
+                Resolution::Refused { reason, message } => {
+                    outcomes.push(Some(Outcome::Rejected(vec![Violation::new(
+                        format!("{}.customer", candidate.field),
+                        &reason,
+                        message,
+                    )])));
+                }
+                Resolution::Customer(customer_id) => {
+                    if let Some(first) = first_by_event.get(&candidate.touchpoint.event_id) {
+                        repeats.push((slot, *first));
+                        outcomes.push(None);
+                        continue;
+                    }
+                    first_by_event.insert(candidate.touchpoint.event_id.clone(), slot);
+                    let mut touchpoint = candidate.touchpoint;
+                    touchpoint.customer_id = customer_id;
+                    to_store.push(touchpoint);
+                    slots.push(slot);
+                    outcomes.push(None);
+                }
+            }
+        }
+
+        let stored = self.insert_with_retries(&to_store).await?;
+        for (slot, result) in slots.into_iter().zip(stored) {
+            outcomes[slot] = Some(match result {
+                Stored::New { id, customer_id } => Outcome::Stored { id, customer_id },
+                Stored::Duplicate { id, customer_id } => Outcome::Duplicate { id, customer_id },
+            });
+        }
+        for (slot, first) in repeats {
+            outcomes[slot] = Some(match outcomes[first].clone() {
+                Some(
+                    Outcome::Stored { id, customer_id } | Outcome::Duplicate { id, customer_id },
+                ) => Outcome::Duplicate { id, customer_id },
+                other => other.expect("the first occurrence has an outcome"),
+            });
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every item has an outcome"))
+            .collect())
+    }
+
+    async fn insert_with_retries(
+        &self,
+        touchpoints: &[Touchpoint],
+    ) -> Result<Vec<Stored>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.store.insert(touchpoints).await {
+                Err(StoreError::Conflict(detail)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %detail, "touchpoint batch lost a race, retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt)))
+                        .await;
+                }
+                other => return other,
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Resolves customer references through the identity service: one
+//! ResolveCustomers round trip for a whole batch, with a short-lived local
+//! cache of what was resolved.
+
+use std::time::Duration;
+
+use clm_proto::common as common_pb;
+use clm_proto::identity as identity_pb;
+use clm_proto::identity::customer_service_client::CustomerServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+
+/// How a batch names a customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// By id.
+    Id(Uuid),
+    /// By identity keys, resolved (and created when new) by identity.
+    Keys(Vec<common_pb::IdentityKey>),
+}
+
+impl Reference {
+    fn cache_key(&self) -> String {
+        match self {
+            Self::Id(id) => format!("i:{id}"),
+            Self::Keys(keys) => {
+                let mut parts: Vec<String> = keys
+                    .iter()
+                    .map(|k| format!("{}\u{1f}{}\u{1f}{}", k.kind, k.source, k.value))
+                    .collect();
+                parts.sort_unstable();
+                format!("k:{}", parts.join("\u{1e}"))
+            }
+        }
+    }
+
+    fn to_proto(&self) -> common_pb::CustomerReference {
+        common_pb::CustomerReference {
+            reference: Some(match self {
+                Self::Id(id) => {
+                    common_pb::customer_reference::Reference::CustomerId(id.to_string())
+                }
+                Self::Keys(keys) => common_pb::customer_reference::Reference::IdentityKeys(
+                    common_pb::IdentityKeys { keys: keys.clone() },
+                ),
+            }),
+        }
+    }
+}
+
+/// What identity said about one reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The customer (after merges: the survivor).
+    Customer(Uuid),
+    /// Identity refused the reference.
+    Refused {
+        /// The ErrorInfo reason (CUSTOMER_NOT_FOUND, CUSTOMER_ERASED, …).
+        reason: String,
+        /// Identity's explanation.
+        message: String,
+    },
+}
+
+/// The identity service could not be asked.
+#[derive(Debug, thiserror::Error)]
+#[error("the identity service is unavailable: {0}")]
+pub struct IdentityUnavailable(pub String);
+
+/// The most references one ResolveCustomers call carries.
+const MAX_PER_CALL: usize = 1000;
+
+/// Resolves references through the identity service.
+#[derive(Clone)]
+pub struct IdentityResolver {
+    client: CustomerServiceClient<Channel>,
+    cache: moka::sync::Cache<String, Uuid>,
+    timeout: Duration,
+}
+
+impl IdentityResolver {
+    /// A resolver for the identity service at `url` (connected lazily).
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|err| format!("{url:?} is not a valid URL: {err}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        Ok(Self {
+            client: CustomerServiceClient::new(endpoint.connect_lazy()),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(200_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            timeout,
+        })
+    }
+
+    /// Forgets what is cached about a customer (after a merge or erasure).
+    pub fn forget(&self, customer_id: Uuid) {
+        self.cache
+            .invalidate(&Reference::Id(customer_id).cache_key());
+        let stale: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(_, id)| *id == customer_id)
+            .map(|(key, _)| (*key).clone())
+            .collect();
+        for key in stale {
+            self.cache.invalidate(&key);
+        }
+    }
+
+    /// One resolution per reference, in order. Fails only when identity
+    /// cannot be asked about a reference that is not cached.
+    pub async fn resolve(
+        &self,
+        references: &[Reference],
+    ) -> Result<Vec<Resolution>, IdentityUnavailable> {
+        let keys: Vec<String> = references.iter().map(Reference::cache_key).collect();
+        let mut resolved: std::collections::HashMap<String, Resolution> =
+            std::collections::HashMap::new();
+        let mut missing: Vec<(String, &Reference)> = Vec::new();
+        for (key, reference) in keys.iter().zip(references) {
+            if resolved.contains_key(key) || missing.iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            match self.cache.get(key) {
+                Some(id) => {
+                    resolved.insert(key.clone(), Resolution::Customer(id));
+                }
+                None => missing.push((key.clone(), reference)),
+            }
+        }
+        for chunk in missing.chunks(MAX_PER_CALL) {
+            let mut request = tonic::Request::new(identity_pb::ResolveCustomersRequest {
+                references: chunk.iter().map(|(_, r)| r.to_proto()).collect(),
+            });
+            request.set_timeout(self.timeout);
+            clm_platform::telemetry::inject_context(&mut request);
+            let response = self
+                .client
+                .clone()
+                .resolve_customers(request)
+                .await
+                .map_err(|status| {
+                    IdentityUnavailable(format!("{}: {}", status.code(), status.message()))
+                })?
+                .into_inner();
+            if response.results.len() != chunk.len() {
+                return Err(IdentityUnavailable(
+                    "identity answered with the wrong number of results".into(),
+                ));
+            }
+            for ((key, _), result) in chunk.iter().zip(response.results) {
+                let resolution = if result.error_code == 0 {
+                    match Uuid::try_parse(&result.customer_id) {
+                        Ok(id) => {
+                            self.cache.insert(key.clone(), id);
+                            Resolution::Customer(id)
+                        }
+                        Err(_) => {
+                            return Err(IdentityUnavailable(
+                                "identity returned a malformed customer id".into(),
+                            ));
+                        }
+                    }
+                } else {
+                    Resolution::Refused {
+                        reason: result.error_reason,
+                        message: result.error_message,
+                    }
+                };
+                resolved.insert(key.clone(), resolution);
+            }
+        }
+        Ok(keys
+            .iter()
+            .map(|key| {
+                resolved
+                    .get(key)
+                    .cloned()
+                    .expect("every reference was resolved")
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,228 @@
+//! The consumer side of a log tail: read batches after the saved cursor,
+//! apply each batch and save the new cursor in the same transaction as the
+//! state derived from it, and on any failure reconnect with backoff from the
+//! cursor last saved. A crash between reading and committing therefore
+//! re-reads the batch instead of losing or double-counting it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clm_platform::db::Pools;
+use clm_platform::server::Shutdown;
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
+use rand::Rng as _;
+
+use crate::ShardFilter;
+
+/// A failure of a source or a projection; the consumer logs it and retries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConsumeError(pub String);
+
+impl ConsumeError {
+    /// An error with a message.
+    pub fn new(message: impl std::fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+}
+
+/// One entry with the cursor that resumes after it.
+#[derive(Debug, Clone)]
+pub struct Positioned<E> {
+    /// The opaque cursor of the entry.
+    pub cursor: String,
+    /// The entry.
+    pub entry: E,
+}
+
+/// Where entries come from: usually a producer's server-streaming log RPC.
+#[async_trait]
+pub trait LogSource: Send + Sync + 'static {
+    /// The entry type.
+    type Entry: Send + 'static;
+
+    /// Opens a live stream of batches after `after` (empty: the start).
+    async fn open(
+        &self,
+        after: &str,
+        shard: ShardFilter,
+    ) -> Result<BoxStream<'static, Result<Vec<Positioned<Self::Entry>>, ConsumeError>>, ConsumeError>;
+}
+
+/// Derived state kept by a consumer, with its cursor beside it.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// The entry type.
+    type Entry: Send + 'static;
+
+    /// The cursor saved with the state (empty: nothing consumed yet).
+    async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError>;
+
+    /// Applies a batch and saves `cursor` (the last entry's) atomically.
+    async fn apply(
+        &self,
+        batch: Vec<Self::Entry>,
+        cursor: &str,
+        shard: ShardFilter,
+    ) -> Result<(), ConsumeError>;
+}
+
+/// How a consumer retries.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first wait after a failure.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Runs a consumer until `shutdown`: reads from `source` after the saved
+/// cursor and applies every batch to `projection`.
+pub async fn run<S, P>(
+    name: &str,
+    source: S,
+    projection: P,
+    shard: ShardFilter,
+    backoff: Backoff,
+    shutdown: Shutdown,
+) where
+    S: LogSource,
+    P: Projection<Entry = S::Entry>,
+{
+    let mut wait = backoff.initial;
+    while !shutdown.is_triggered() {
+        match consume_until_failure(&source, &projection, shard, &shutdown, &mut wait, backoff)
+            .await
+        {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(consumer = name, error = %err, retry_in_ms = wait.as_millis() as u64, "log consumer failed, reconnecting");
+            }
+        }
+        let jittered = wait.mul_f64(rand::rng().random_range(0.8..1.2));
+        tokio::select! {
+            () = shutdown.triggered() => return,
+            () = tokio::time::sleep(jittered) => {}
+        }
+        wait = (wait * 2).min(backoff.max);
+    }
+}
+
+async fn consume_until_failure<S, P>(
+    source: &S,
+    projection: &P,
+    shard: ShardFilter,
+    shutdown: &Shutdown,
+    wait: &mut Duration,
+    backoff: Backoff,
+) -> Result<(), ConsumeError>
+where
+    S: LogSource,
+    P: Projection<Entry = S::Entry>,
+{
+    let cursor = projection.saved_cursor(shard).await?;
+    let mut stream = source.open(&cursor, shard).await?;
+    loop {
+        let batch = tokio::select! {
+            () = shutdown.triggered() => return Ok(()),
+            batch = stream.next() => batch,
+        };
+        let Some(batch) = batch else {
+            return Err(ConsumeError::new("the log stream ended"));
+        };
+        let batch = batch?;
+        let Some(last) = batch.last().map(|p| p.cursor.clone()) else {
+            continue;
+        };
+        projection
+            .apply(batch.into_iter().map(|p| p.entry).collect(), &last, shard)
+            .await?;
+        // A batch went through: the next failure starts with a short wait.
+        *wait = backoff.initial;
+    }
+}
+
+/// The cursor table every consumer keeps in its own database:
+/// `log_cursors (consumer, shard_index, shard_count, cursor, updated_at)`.
+pub mod cursors {
+    use super::*;
+
+    /// The cursor saved for `consumer` and `shard` (empty when none).
+    pub async fn load(
+        pools: &Pools,
+        consumer: &str,
+        shard: ShardFilter,
+    ) -> Result<String, ConsumeError> {
+        let cursor: Option<String> = match pools {
+            Pools::Postgres(pool) => sqlx::query_scalar(
+                "SELECT cursor FROM log_cursors WHERE consumer = $1 AND shard_index = $2 AND shard_count = $3",
+            )
+            .bind(consumer)
+            .bind(shard.index as i32)
+            .bind(shard.count as i32)
+            .fetch_optional(pool)
+            .await,
+            Pools::Sqlite(pools) => sqlx::query_scalar(
+                "SELECT cursor FROM log_cursors WHERE consumer = ?1 AND shard_index = ?2 AND shard_count = ?3",
+            )
+            .bind(consumer)
+            .bind(shard.index)
+            .bind(shard.count)
+            .fetch_optional(&pools.writer)
+            .await,
+        }
+        .map_err(ConsumeError::new)?;
+        Ok(cursor.unwrap_or_default())
+    }
+
+    /// Saves the cursor inside the caller's PostgreSQL transaction.
+    pub async fn save_postgres(
+        tx: &mut sqlx::PgConnection,
+        consumer: &str,
+        shard: ShardFilter,
+        cursor: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) VALUES ($1, $2, $3, $4, now()) \
+             ON CONFLICT (consumer, shard_index, shard_count) DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()",
+        )
+        .bind(consumer)
+        .bind(shard.index as i32)
+        .bind(shard.count as i32)
+        .bind(cursor)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Saves the cursor inside the caller's SQLite transaction.
+    pub async fn save_sqlite(
+        tx: &mut sqlx::SqliteConnection,
+        consumer: &str,
+        shard: ShardFilter,
+        cursor: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (consumer, shard_index, shard_count) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+        )
+        .bind(consumer)
+        .bind(shard.index)
+        .bind(shard.count)
+        .bind(cursor)
+        .bind(chrono::Utc::now().timestamp_micros())
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
