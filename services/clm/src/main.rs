@@ -50,6 +50,8 @@ enum Command {
 enum ServiceName {
     /// Customer profiles and identities (clm.identity.v1.CustomerService).
     Identity,
+    /// Interactions, timelines and the touchpoint log (clm.touchpoint.v1.TouchpointService).
+    Touchpoints,
 }
 
 impl ServiceName {
@@ -108,6 +110,10 @@ async fn migrate(services: Vec<ServiceName>) -> anyhow::Result<()> {
                 let config = clm_identity::IdentityConfig::from_env(&platform, &env)?;
                 clm_identity::migrate(&config).await?;
             }
+            ServiceName::Touchpoints => {
+                let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
+                clm_touchpoints::migrate(&config).await?;
+            }
         }
         tracing::info!(service = ?service, "migrations applied");
     }
@@ -119,6 +125,11 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
     let platform = PlatformConfig::from_env(&env)?;
     let _telemetry = telemetry::init(&platform)?;
     let shutdown = Shutdown::new();
+    // Bind first: services that call a sibling in this process need the
+    // address actually bound (the configured port may be 0).
+    let listener = server::bind(platform.listen_addr).await?;
+    let address = listener.local_addr()?;
+    let own_url = format!("http://{}", loopback_of(address));
     let mut mounted = Mounted::new();
     for service in &services {
         match service {
@@ -128,10 +139,30 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
                     .await?
                     .mount(&mut mounted);
             }
+            ServiceName::Touchpoints => {
+                let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
+                let identity_url = match (
+                    &config.identity_url,
+                    services.contains(&ServiceName::Identity),
+                ) {
+                    (Some(url), _) => url.clone(),
+                    (None, true) => own_url.clone(),
+                    (None, false) => anyhow::bail!(
+                        "invalid CLM_IDENTITY_URL: required when this process does not serve identity \
+                         (e.g. http://clm-identity:50051)"
+                    ),
+                };
+                clm_touchpoints::TouchpointsService::start(
+                    &platform,
+                    &config,
+                    &identity_url,
+                    shutdown.clone(),
+                )
+                .await?
+                .mount(&mut mounted);
+            }
         }
     }
-    let listener = server::bind(platform.listen_addr).await?;
-    let address = listener.local_addr()?;
     if platform.log_format == clm_platform::config::LogFormat::Text {
         println!(
             "clm listening on {address} ({})",
@@ -145,4 +176,18 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
         signal.trigger();
     });
     server::serve(&platform, listener, mounted, shutdown).await
+}
+
+/// The address to reach this process from itself: an unspecified listen
+/// address (0.0.0.0, ::) is reached through loopback.
+fn loopback_of(address: std::net::SocketAddr) -> std::net::SocketAddr {
+    match address.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], address.port()))
+        }
+        ip if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, address.port()))
+        }
+        _ => address,
+    }
 }
