@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 struct Backend {
     store: Arc<dyn TouchpointStore>,
+    pools: db::Pools,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -28,7 +29,8 @@ async fn sqlite() -> Backend {
     let pools = db::connect(&url, "touchpoints", 4).await.unwrap();
     store::MIGRATIONS.run(&pools).await.unwrap();
     Backend {
-        store: store::open(pools),
+        store: store::open(pools.clone()),
+        pools,
         _dir: Some(dir),
     }
 }
@@ -38,7 +40,8 @@ async fn postgres() -> Option<Backend> {
     let pools = db::connect(&url, "touchpoints", 8).await.unwrap();
     store::MIGRATIONS.run(&pools).await.unwrap();
     Some(Backend {
-        store: store::open(pools),
+        store: store::open(pools.clone()),
+        pools,
         _dir: None,
     })
 }
@@ -422,3 +425,56 @@ on_both_backends!(
     merges_rekey_and_erasures_strip,
     the_log_is_sharded_by_customer,
 );
+
+/// PostgreSQL only: a writer that took its transaction id and sequence value
+/// first but commits last is still handed out, in order, and nothing after
+/// it is handed out before it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_log_waits_for_a_late_commit() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    let db::Pools::Postgres(pool) = &backend.pools else {
+        panic!("expected postgres")
+    };
+    let customer = Uuid::now_v7();
+    let mut slow = pool.begin().await.unwrap();
+    // The slow writer's change entry: a re-key logged while its transaction stays open.
+    sqlx::query(
+        "INSERT INTO touchpoint_changes (event_id, customer_id, shard, kind, payload, recorded_at) \
+         VALUES ($1, $2, 0, 'touchpoints.rekeyed', '\\x'::bytea, now())",
+    )
+    .bind(Uuid::now_v7())
+    .bind(customer)
+    .execute(&mut *slow)
+    .await
+    .unwrap();
+    backend
+        .store
+        .insert(&[touchpoint("fast-1", customer, "page_view", 1)])
+        .await
+        .unwrap();
+    backend
+        .store
+        .insert(&[touchpoint("fast-2", customer, "page_view", 1)])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let early = backend
+        .store
+        .read_log(Cursor::START, ShardFilter::ALL, 100)
+        .await
+        .unwrap();
+    assert!(
+        early.is_empty(),
+        "nothing may pass the open transaction: {early:?}"
+    );
+    slow.commit().await.unwrap();
+    let all = log_when(backend.store.as_ref(), 3).await;
+    assert_eq!(all.len(), 3);
+    assert!(
+        matches!(all[0].1, LogEntry::Change { .. }),
+        "the early writer comes first"
+    );
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+}
