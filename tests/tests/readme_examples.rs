@@ -111,22 +111,31 @@ async fn every_readme_grpcurl_example_answers_as_documented() {
         examples.len() >= 15,
         "the README documents every identity RPC"
     );
+    // Every RPC of every served service has an example.
     for rpc in [
-        "CreateCustomer",
-        "GetCustomer",
-        "UpdateCustomer",
-        "ListCustomers",
-        "ResolveCustomer",
-        "ResolveCustomers",
-        "MergeCustomers",
-        "EraseCustomer",
-        "SetLifecycle",
-        "StreamCustomerEvents",
+        "CustomerService/CreateCustomer",
+        "CustomerService/GetCustomer",
+        "CustomerService/UpdateCustomer",
+        "CustomerService/ListCustomers",
+        "CustomerService/ResolveCustomer",
+        "CustomerService/ResolveCustomers",
+        "CustomerService/MergeCustomers",
+        "CustomerService/EraseCustomer",
+        "CustomerService/SetLifecycle",
+        "CustomerService/StreamCustomerEvents",
+        "TouchpointService/RecordTouchpoint",
+        "TouchpointService/RecordTouchpoints",
+        "TouchpointService/StreamTouchpoints",
+        "TouchpointService/ListTouchpoints",
+        "TouchpointService/CountTouchpoints",
+        "TouchpointService/StreamTouchpointLog",
     ] {
         assert!(
             examples
                 .iter()
-                .any(|e| e.script.contains(&format!("CustomerService/{rpc}"))),
+                .any(|e| e.script.contains(&format!("{rpc} "))
+                    || e.script.contains(&format!("{rpc}\n"))
+                    || e.script.ends_with(rpc)),
             "no README example calls {rpc}"
         );
     }
