@@ -186,3 +186,26 @@ async fn migrate_then_serve_without_migrating() {
         .await
         .expect("serves after a separate migration");
 }
+
+#[tokio::test]
+async fn trace_export_to_an_absent_collector_does_not_disturb_serving() {
+    let server = ClmServer::start(
+        &["serve"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", clm_tests::free_port())),
+            ("OTEL_SERVICE_NAME", "clm-e2e".to_owned()),
+        ],
+    )
+    .await;
+    let mut server = server.expect("serves with trace export on");
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    for _ in 0..3 {
+        client
+            .list_customers(pb::ListCustomersRequest::default())
+            .await
+            .expect("calls succeed while spans cannot be exported");
+    }
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(15)).await.expect("exits");
+    assert!(status.success());
+}

@@ -125,43 +125,48 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
     let platform = PlatformConfig::from_env(&env)?;
     let _telemetry = telemetry::init(&platform)?;
     let shutdown = Shutdown::new();
-    // Bind first: services that call a sibling in this process need the
-    // address actually bound (the configured port may be 0).
+    // Every setting is checked before anything is opened, so a bad variable
+    // is reported as such and not as a side effect.
+    let identity = match services.contains(&ServiceName::Identity) {
+        true => Some(clm_identity::IdentityConfig::from_env(&platform, &env)?),
+        false => None,
+    };
+    let touchpoints = match services.contains(&ServiceName::Touchpoints) {
+        true => {
+            let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
+            if config.identity_url.is_none() && identity.is_none() {
+                anyhow::bail!(
+                    "invalid CLM_IDENTITY_URL: required when this process does not serve identity \
+                     (e.g. http://clm-identity:50051)"
+                );
+            }
+            Some(config)
+        }
+        false => None,
+    };
+    // Bind before starting services: a service that calls a sibling in this
+    // process needs the address actually bound (the configured port may be 0).
     let listener = server::bind(platform.listen_addr).await?;
     let address = listener.local_addr()?;
-    let own_url = format!("http://{}", loopback_of(address));
     let mut mounted = Mounted::new();
-    for service in &services {
-        match service {
-            ServiceName::Identity => {
-                let config = clm_identity::IdentityConfig::from_env(&platform, &env)?;
-                clm_identity::IdentityService::start(&platform, &config, shutdown.clone())
-                    .await?
-                    .mount(&mut mounted);
-            }
-            ServiceName::Touchpoints => {
-                let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
-                let identity_url = match (
-                    &config.identity_url,
-                    services.contains(&ServiceName::Identity),
-                ) {
-                    (Some(url), _) => url.clone(),
-                    (None, true) => own_url.clone(),
-                    (None, false) => anyhow::bail!(
-                        "invalid CLM_IDENTITY_URL: required when this process does not serve identity \
-                         (e.g. http://clm-identity:50051)"
-                    ),
-                };
-                clm_touchpoints::TouchpointsService::start(
-                    &platform,
-                    &config,
-                    &identity_url,
-                    shutdown.clone(),
-                )
-                .await?
-                .mount(&mut mounted);
-            }
-        }
+    if let Some(config) = &identity {
+        clm_identity::IdentityService::start(&platform, config, shutdown.clone())
+            .await?
+            .mount(&mut mounted);
+    }
+    if let Some(config) = &touchpoints {
+        let identity_url = config
+            .identity_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", loopback_of(address)));
+        clm_touchpoints::TouchpointsService::start(
+            &platform,
+            config,
+            &identity_url,
+            shutdown.clone(),
+        )
+        .await?
+        .mount(&mut mounted);
     }
     if platform.log_format == clm_platform::config::LogFormat::Text {
         println!(
