@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 
 import pytest
 
 import manifests
-from manifests import Dockerfile, by_name, pod_spec, render_chart, render_overlay
+from manifests import Dockerfile, by_name, of_kind, pod_spec, render_chart, render_overlay
 
 
-def _server(documents: list[dict]) -> dict:
-    return pod_spec(by_name(documents, "Deployment", "clm-identity"))["containers"][0]
+def _server(documents: list[dict], name: str = "clm-identity") -> dict:
+    return pod_spec(by_name(documents, "Deployment", name))["containers"][0]
+
+
+def _deployment_names(documents: list[dict]) -> list[str]:
+    return sorted(d["metadata"]["name"] for d in documents if d["kind"] == "Deployment")
 
 
 def _comparable(container: dict) -> dict:
@@ -26,34 +31,103 @@ def _comparable(container: dict) -> dict:
     }
 
 
-def test_chart_and_kustomize_base_run_the_same_container() -> None:
-    chart = _server(render_chart())
-    dev = _server(render_overlay("dev"))
+def test_chart_defaults_and_kustomize_deploy_the_same_services() -> None:
+    chart = _deployment_names(render_chart())
+    for overlay in manifests.OVERLAYS:
+        assert _deployment_names(render_overlay(overlay)) == chart, f"overlay {overlay}"
+    assert _deployment_names(render_chart(manifests.prod_values())) == chart
+
+
+@pytest.mark.parametrize("deployment", _deployment_names(render_chart()))
+def test_chart_and_kustomize_base_run_the_same_container(deployment: str) -> None:
+    chart = _server(render_chart(), deployment)
+    dev = _server(render_overlay("dev"), deployment)
     assert chart["image"] == dev["image"], "the chart's default image and the kustomize base image differ"
     assert _comparable(chart) == {
         **_comparable(dev),
         # The chart adds CLM_REDIS_URL only when Redis is configured; the base always references it, optional.
         "env names": sorted(n for n in _comparable(dev)["env names"] if n != "CLM_REDIS_URL"),
     }
+    # Plain values (the callee URLs among them) are the same, except what the dev overlay changes.
+    chart_env = {e["name"]: e["value"] for e in chart["env"] if "value" in e}
+    dev_env = {e["name"]: e["value"] for e in dev["env"] if "value" in e}
+    assert {k: v for k, v in chart_env.items() if k != "CLM_LOG_FORMAT"} == {
+        k: v for k, v in dev_env.items() if k != "CLM_LOG_FORMAT"
+    }
 
 
-def test_chart_prod_values_and_prod_overlay_agree() -> None:
-    chart = _server(render_chart(manifests.prod_values()))
-    prod = _server(render_overlay("prod"))
+@pytest.mark.parametrize("deployment", _deployment_names(render_chart()))
+def test_chart_prod_values_and_prod_overlay_agree(deployment: str) -> None:
+    chart_documents = render_chart(manifests.prod_values())
+    prod_documents = render_overlay("prod")
+    chart = _server(chart_documents, deployment)
+    prod = _server(prod_documents, deployment)
     assert chart["image"] == prod["image"]
     assert chart["ports"] == prod["ports"]
     assert chart["resources"] == prod["resources"]
     assert _comparable(chart)["env names"] == _comparable(prod)["env names"]
     chart_env = {e["name"]: e.get("value") for e in chart["env"]}
     prod_env = {e["name"]: e.get("value") for e in prod["env"]}
-    for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_ENDPOINT", "CLM_PHONE_DEFAULT_REGION"):
-        assert chart_env[name] == prod_env[name], name
+    for name, value in chart_env.items():
+        if value is not None:
+            assert prod_env[name] == value, name
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        chart_object, prod_object = by_name(chart_documents, kind, deployment), by_name(prod_documents, kind, deployment)
+        assert (chart_object is None) == (prod_object is None), f"{kind} {deployment}"
+        if chart_object is not None:
+            assert chart_object["spec"] == prod_object["spec"], f"{kind} {deployment}"
 
 
-def test_service_ports_agree() -> None:
-    chart = by_name(render_chart(), "Service", "clm-identity")["spec"]["ports"]
-    dev = by_name(render_overlay("dev"), "Service", "clm-identity")["spec"]["ports"]
+def _policy_shape(policy: dict) -> dict:
+    """What a NetworkPolicy allows, independent of rule order and comments."""
+
+    def canonical(rules: list[dict], side: str) -> list[str]:
+        key = lambda item: json.dumps(item, sort_keys=True)  # noqa: E731
+        return sorted(
+            key({"peers": sorted(map(key, rule.get(side, []))), "ports": sorted(map(key, rule.get("ports", [])))})
+            for rule in rules
+        )
+
+    spec = policy["spec"]
+    return {"ingress": canonical(spec.get("ingress", []), "from"), "egress": canonical(spec.get("egress", []), "to")}
+
+
+@pytest.mark.parametrize("deployment", _deployment_names(render_chart()))
+def test_chart_and_kustomize_network_policies_agree(deployment: str) -> None:
+    """Callers and callees are wired the same way; clients and Redis are compared per rendering."""
+    chart = by_name(render_chart(), "NetworkPolicy", deployment)
+    dev = by_name(render_overlay("dev"), "NetworkPolicy", deployment)
+    assert _policy_shape(chart) == _policy_shape(dev)
+
+
+@pytest.mark.parametrize("deployment", _deployment_names(render_chart()))
+def test_service_ports_agree(deployment: str) -> None:
+    chart = by_name(render_chart(), "Service", deployment)["spec"]["ports"]
+    dev = by_name(render_overlay("dev"), "Service", deployment)["spec"]["ports"]
     assert chart == dev
+
+
+def test_callee_url_variables_are_ones_the_binary_reads() -> None:
+    """A variable pointing at a rendered Service (CLM_IDENTITY_URL=http://clm-identity:50051) is read by the binary
+    under exactly that name; the chart derives it from the callee's key, kustomize spells it out."""
+    from urllib.parse import urlsplit
+
+    sources = "\n".join(
+        path.read_text(encoding="utf-8") for path in (manifests.REPO_ROOT / "services").rglob("*.rs")
+    )
+    for documents in (render_chart(), render_overlay("dev"), render_chart(manifests.prod_values()), render_overlay("prod")):
+        services = {service["metadata"]["name"] for service in of_kind(documents, "Service")}
+        for deployment in of_kind(documents, "Deployment"):
+            for entry in pod_spec(deployment)["containers"][0]["env"]:
+                value = entry.get("value", "")
+                if value.startswith(("http://", "https://")) and urlsplit(value).hostname in services:
+                    assert f'"{entry["name"]}"' in sources, (
+                        f"{deployment['metadata']['name']}: {entry['name']}={value}, but the binary never reads {entry['name']}"
+                    )
+    touchpoints = _server(render_chart(), "clm-touchpoints")
+    assert manifests.env_value(touchpoints, "CLM_IDENTITY_URL") == {
+        "name": "CLM_IDENTITY_URL", "value": "http://clm-identity:50051"
+    }
 
 
 # --- the image -----------------------------------------------------------------

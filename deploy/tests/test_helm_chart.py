@@ -21,14 +21,59 @@ def test_helm_lint_strict_passes(values_name: str) -> None:
     assert manifests.lint_chart(values) == []
 
 
-def test_default_values_render_only_identity() -> None:
+# The services the binary serves today; the chart turns exactly these on by default.
+DEFAULT_SERVICES = ["identity", "touchpoints"]
+
+
+def test_default_values_render_identity_and_touchpoints() -> None:
     documents = render_chart()
     components = {doc["metadata"]["labels"]["app.kubernetes.io/component"] for doc in documents}
-    assert components == {"identity", "identity-migrate"}
-    kinds = sorted(doc["kind"] for doc in documents)
-    assert kinds == sorted(
-        ["Deployment", "Service", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget", "Secret", "Job", "NetworkPolicy"]
-    )
+    assert components == {c for name in DEFAULT_SERVICES for c in (name, f"{name}-migrate")}
+    for name in DEFAULT_SERVICES:
+        kinds = sorted(
+            doc["kind"] for doc in documents
+            if doc["metadata"]["labels"]["app.kubernetes.io/component"] in (name, f"{name}-migrate")
+        )
+        assert kinds == sorted(
+            ["Deployment", "Service", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget", "Secret", "Job", "NetworkPolicy"]
+        ), name
+
+
+def test_default_touchpoints_calls_identity_and_nothing_else() -> None:
+    documents = render_chart({"redis": {"url": "redis://redis:6379/"}})
+    deployment = by_name(documents, "Deployment", "clm-touchpoints")
+    container = pod_spec(deployment)["containers"][0]
+    assert container["args"] == ["serve", "touchpoints"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": "clm.touchpoint.v1.TouchpointService"}
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["CLM_IDENTITY_URL"] == {"name": "CLM_IDENTITY_URL", "value": "http://clm-identity:50051"}
+    assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "clm-touchpoints", "key": "database-url"}
+    # touchpoints uses neither Redis nor identity's hash key.
+    assert "CLM_REDIS_URL" not in env and "CLM_IDENTITY_HASH_KEY" not in env
+    assert set(manifests.secret_data(by_name(documents, "Secret", "clm-touchpoints"))) == {"database-url"}
+    assert "CLM_REDIS_URL" in {e["name"] for e in pod_spec(by_name(documents, "Deployment", "clm-identity"))["containers"][0]["env"]}
+    job = by_name(documents, "Job", "clm-touchpoints-migrate")
+    assert pod_spec(job)["containers"][0]["args"] == ["migrate", "touchpoints"]
+
+    touchpoints_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    identity_labels = by_name(documents, "Deployment", "clm-identity")["spec"]["template"]["metadata"]["labels"]
+    identity_policy = by_name(documents, "NetworkPolicy", "clm-identity")["spec"]
+    admitted = [
+        peer["podSelector"]["matchLabels"]
+        for rule in identity_policy["ingress"] for peer in rule["from"] if "namespaceSelector" not in peer
+    ]
+    assert admitted and all(manifests.labels_match(labels, touchpoints_labels) for labels in admitted)
+    policy = by_name(documents, "NetworkPolicy", "clm-touchpoints")["spec"]
+    assert policy["ingress"] == [], "nothing calls touchpoints by default"
+    to_pods = [
+        (peer["podSelector"]["matchLabels"], rule["ports"])
+        for rule in policy["egress"] for peer in rule.get("to", []) if "namespaceSelector" not in peer
+    ]
+    assert len(to_pods) == 1 and manifests.labels_match(to_pods[0][0], identity_labels)
+    assert to_pods[0][1] == [{"protocol": "TCP", "port": 50051}]
+    egress_ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+    assert egress_ports == {53, 5432, 50051}, "no route to Redis for touchpoints"
 
 
 def test_default_deployment_runs_one_service_with_grpc_probes() -> None:
@@ -64,8 +109,18 @@ def test_prod_values_take_every_secret_from_existing_secrets() -> None:
     assert hpa["spec"]["minReplicas"] == 3 and hpa["spec"]["maxReplicas"] == 12
     policy = by_name(documents, "NetworkPolicy", "clm-identity")
     peers = policy["spec"]["ingress"][0]["from"]
-    namespaces = [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers]
+    namespaces = [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers if "namespaceSelector" in peer]
     assert namespaces == ["web-shop", "support-desk"]
+    callers = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in peers if "namespaceSelector" not in peer]
+    assert callers == ["touchpoints"]
+    touchpoints = by_name(documents, "Deployment", "clm-touchpoints")
+    assert "replicas" not in touchpoints["spec"]
+    env = {entry["name"]: entry for entry in pod_spec(touchpoints)["containers"][0]["env"]}
+    assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "clm-touchpoints-database", "key": "url"}
+    assert env["CLM_IDENTITY_URL"]["value"] == "http://clm-identity:50051"
+    assert env["OTEL_SERVICE_NAME"]["value"] == "clm-touchpoints"
+    assert "CLM_REDIS_URL" not in env
+    assert by_name(documents, "HorizontalPodAutoscaler", "clm-touchpoints") is not None
 
 
 def test_all_services_wire_callers_and_callees() -> None:

@@ -24,40 +24,72 @@ def test_kubectl_kustomize_renders(target: str) -> None:
     assert "kind: Deployment" in result.stdout
 
 
+# The services the chart turns on by default; the kustomize base holds the same ones.
+SERVICES = sorted(name for name, service in manifests.chart_default_values()["services"].items() if service["enabled"])
+
+
+def _secret_keys(documents: list[dict], name: str) -> set[str]:
+    """Keys of the (hash-suffixed) generated Secret a Deployment's env refers to as `name`."""
+    deployment = by_name(documents, "Deployment", name)
+    names = {
+        entry["valueFrom"]["secretKeyRef"]["name"]
+        for entry in pod_spec(deployment)["containers"][0]["env"]
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    }
+    assert len(names) == 1 and next(iter(names)).startswith(f"{name}-"), names
+    return set(manifests.secret_data(by_name(documents, "Secret", names.pop())))
+
+
 def test_dev_is_one_small_replica_without_autoscaler() -> None:
     documents = render_overlay("dev")
-    deployment = by_name(documents, "Deployment", "clm-identity")
-    assert deployment["spec"]["replicas"] == 1
+    assert sorted(d["metadata"]["name"] for d in of_kind(documents, "Deployment")) == [f"clm-{s}" for s in SERVICES]
+    for deployment in of_kind(documents, "Deployment"):
+        assert deployment["spec"]["replicas"] == 1
+        limits = pod_spec(deployment)["containers"][0]["resources"]["limits"]
+        assert limits["memory"] in {"128Mi", "256Mi"}
     assert of_kind(documents, "HorizontalPodAutoscaler") == []
-    limits = pod_spec(deployment)["containers"][0]["resources"]["limits"]
-    assert limits["memory"] in {"128Mi", "256Mi"}
     assert all(doc["metadata"].get("namespace", "clm-dev") == "clm-dev" for doc in documents if doc["kind"] != "Namespace")
-    secret = of_kind(documents, "Secret")[0]
-    assert {"database-url", "CLM_IDENTITY_HASH_KEY"} <= set(manifests.secret_data(secret))
+    assert {"database-url", "CLM_IDENTITY_HASH_KEY"} <= _secret_keys(documents, "clm-identity")
+    assert _secret_keys(documents, "clm-touchpoints") == {"database-url"}
 
 
 def test_prod_has_autoscaler_budget_and_policies() -> None:
     documents = render_overlay("prod")
-    deployment = by_name(documents, "Deployment", "clm-identity")
-    assert "replicas" not in deployment["spec"]
-    assert by_name(documents, "HorizontalPodAutoscaler", "clm-identity") is not None
-    assert by_name(documents, "PodDisruptionBudget", "clm-identity") is not None
-    policy = by_name(documents, "NetworkPolicy", "clm-identity")
-    assert policy["spec"]["ingress"], "prod lets the client team in"
-    egress_ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
-    assert {53, 5432, 6379, 4317} <= egress_ports
+    for service in SERVICES:
+        name = f"clm-{service}"
+        deployment = by_name(documents, "Deployment", name)
+        assert "replicas" not in deployment["spec"], name
+        assert by_name(documents, "HorizontalPodAutoscaler", name) is not None
+        assert by_name(documents, "PodDisruptionBudget", name) is not None
+        policy = by_name(documents, "NetworkPolicy", name)
+        namespaces = {
+            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for rule in policy["spec"]["ingress"] for peer in rule["from"] if "namespaceSelector" in peer
+        }
+        assert namespaces == {"web-shop"}, f"prod lets the client team call {name}"
+        egress_ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+        assert {53, 5432, 4317} <= egress_ports, name
+        assert (6379 in egress_ports) == (service == "identity"), "only identity uses Redis"
+        env = {e["name"] for e in pod_spec(deployment)["containers"][0]["env"]}
+        assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"} <= env
     assert of_kind(documents, "Secret") == [], "production Secrets are created outside the repository"
-    env = {e["name"] for e in pod_spec(deployment)["containers"][0]["env"]}
-    assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"} <= env
+    callers = [
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for rule in by_name(documents, "NetworkPolicy", "clm-identity")["spec"]["ingress"]
+        for peer in rule["from"] if "namespaceSelector" not in peer
+    ]
+    assert callers == ["touchpoints"], "the prod patch must keep the callers the base admits"
 
 
 @pytest.mark.parametrize("overlay", manifests.OVERLAYS)
-def test_migrations_run_before_the_server_with_the_same_env(overlay: str) -> None:
-    deployment = by_name(render_overlay(overlay), "Deployment", "clm-identity")
+@pytest.mark.parametrize("service", SERVICES)
+def test_migrations_run_before_the_server_with_the_same_env(overlay: str, service: str) -> None:
+    deployment = by_name(render_overlay(overlay), "Deployment", f"clm-{service}")
     spec = pod_spec(deployment)
     (migrate,) = spec["initContainers"]
     (server,) = spec["containers"]
-    assert migrate["args"] == ["migrate", "identity"]
+    assert migrate["args"] == ["migrate", service]
+    assert server["args"] == ["serve", service]
     assert migrate["command"] == server["command"]
     assert migrate["image"] == server["image"]
     assert sorted(migrate["env"], key=lambda e: e["name"]) == sorted(server["env"], key=lambda e: e["name"])

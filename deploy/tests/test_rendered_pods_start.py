@@ -6,17 +6,23 @@ Deployment then becomes a local process of the real `clm` binary:
 
 1. the migration Job of the service runs first, with the Job's own command,
    args and env, and once more (the pre-upgrade hook on a migrated database);
-2. the server starts with exactly the Deployment's command, args and env, on top
-   of the image's ENV from deploy/Dockerfile; Secret and downward-API
-   references are resolved from the rendered objects and $(VAR) references are
-   expanded the way the kubelet does. The only change: CLM_LISTEN_ADDR binds
-   127.0.0.1:<free port> instead of the pod's 0.0.0.0:<containerPort>, to
-   which the rendered probes' port is mapped;
+2. each service starts as its own process with exactly the Deployment's
+   command, args and env, on top of the image's ENV from deploy/Dockerfile;
+   Secret and downward-API references are resolved from the rendered objects
+   and $(VAR) references are expanded the way the kubelet does. Two changes,
+   both made explicitly: CLM_LISTEN_ADDR binds 127.0.0.1:<free port> instead
+   of the pod's 0.0.0.0:<containerPort>, to which the rendered probes' port is
+   mapped; and, as there is no cluster DNS here, a CLM_*_URL variable whose
+   URL names a rendered Service (CLM_IDENTITY_URL=http://clm-identity:50051)
+   is pointed at the local process of the Deployment that Service selects;
 3. the startup, readiness and liveness probes run as rendered (grpc.health.v1
    Check with the rendered service name, period, timeout and thresholds);
 4. every service answers an RPC found through server reflection, and the
-   grpcurl commands of the chart README work against it;
-5. SIGTERM stops every process with exit code 0 within the time the pod has
+   grpcurl commands of the chart README work against the service its
+   port-forward line names;
+5. calls that cross services work between the processes: a touchpoint
+   recorded with an e-mail on touchpoints is resolved through identity;
+6. SIGTERM stops every process with exit code 0 within the time the pod has
    after its preStop sleep (terminationGracePeriodSeconds minus the sleep).
 
 The binary is $CLM_BIN, else $CARGO_TARGET_DIR/debug/clm, else
@@ -41,12 +47,13 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
 
 import manifests
-from manifests import Dockerfile, by_name, of_kind, pod_spec
+from manifests import Dockerfile, by_name, labels_match, of_kind, pod_spec
 
 CI = os.environ.get("CI", "").lower() == "true" or os.environ.get("CLM_TEST_REQUIRE_SERVERS", "").lower() in ("1", "true")
 LOCAL_VALUES = Path(__file__).with_name("values-local.yaml")
@@ -74,12 +81,16 @@ BASE_IMAGE_ENV = {
 # proto JSON). A service turned on in values-local.yaml needs an entry here.
 SMOKE_CALLS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "identity": ("clm.identity.v1.CustomerService", "ListCustomers", {"page_size": 10}),
+    # Any valid UUID works on an empty database: no touchpoints, an empty count
+    # (and no call to identity).
+    "touchpoints": ("clm.touchpoint.v1.TouchpointService", "CountTouchpoints", {"customer_id": str(uuid.uuid4())}),
 }
 
-# Services whose arrival brings a call that crosses two services; once
-# touchpoints is served, add the touchpoint-recorded-with-an-email check
-# (resolved through identity) as a test below and list it here.
-CROSS_SERVICE_CHECKS: dict[str, str] = {}
+# Services whose arrival brings a call that crosses two services, and the
+# test below that makes it.
+CROSS_SERVICE_CHECKS: dict[str, str] = {
+    "touchpoints": "test_touchpoint_recorded_with_an_email_resolves_through_identity",
+}
 
 
 def _unavailable(reason: str) -> None:
@@ -265,14 +276,100 @@ def call_through_reflection(port: int, service: str, method: str, body: dict[str
 
 
 def _grpcurl() -> str | None:
+    """$GRPCURL, else grpcurl on PATH, else the one pip installed beside this Python."""
+    if os.environ.get("GRPCURL"):
+        return os.environ["GRPCURL"]
     beside_python = Path(sys.executable).with_name("grpcurl")
     return shutil.which("grpcurl") or (str(beside_python) if beside_python.exists() else None)
 
 
-def readme_grpcurl_commands() -> list[str]:
+def _require_grpcurl() -> str:
+    grpcurl = _grpcurl()
+    if grpcurl is None:
+        _unavailable("grpcurl is not installed (pip install -r deploy/tests/requirements.txt, or set GRPCURL)")
+    return grpcurl
+
+
+def grpcurl_call(port: int, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One unary call through grpcurl and reflection; the response as grpcurl prints it (lowerCamelCase JSON)."""
+    argv = [_require_grpcurl(), "-plaintext", "-d", json.dumps(body), f"127.0.0.1:{port}", method]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def _readme_sh_lines() -> list[str]:
     text = (manifests.CHART_DIR / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.splitlines() if line.startswith("grpcurl ")]
+    return [line for block in blocks for line in block.splitlines()]
+
+
+def readme_grpcurl_commands() -> list[str]:
+    return [line for line in _readme_sh_lines() if line.startswith("grpcurl ")]
+
+
+def readme_port_forwards() -> dict[int, str]:
+    """Local port -> Service name, from the README's `kubectl port-forward svc/<name> <local>:grpc` lines."""
+    forwards: dict[int, str] = {}
+    for line in _readme_sh_lines():
+        match = re.search(r"\bport-forward svc/([a-z0-9-]+) (\d+):grpc\b", line)
+        if match:
+            port = int(match.group(2))
+            assert forwards.get(port, match.group(1)) == match.group(1), f"the README forwards two Services to {port}"
+            forwards[port] = match.group(1)
+    return forwards
+
+
+# --- Services without cluster DNS ----------------------------------------------------------------
+
+_SERVICE_URL_VARIABLE = re.compile(r"CLM_[A-Z0-9_]+_URL")
+
+
+def service_backends(documents: list[dict], namespace: str) -> dict[tuple[str, int], str]:
+    """(host, port) a rendered Service is reached at in the cluster -> the Deployment it selects."""
+    deployments = of_kind(documents, "Deployment")
+    backends: dict[tuple[str, int], str] = {}
+    for service in of_kind(documents, "Service"):
+        name = service["metadata"]["name"]
+        selected = [
+            d["metadata"]["name"] for d in deployments
+            if labels_match(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(selected) == 1, f"Service {name} selects {selected}"
+        for port in service["spec"]["ports"]:
+            for host in (name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"):
+                backends[(host, port["port"])] = selected[0]
+    return backends
+
+
+def rewrite_service_urls(
+    env: dict[str, str], backends: dict[tuple[str, int], str], local_ports: dict[str, int]
+) -> dict[str, tuple[str, str]]:
+    """Points each CLM_*_URL that names a rendered Service at the local process of its Deployment.
+
+    Only those variables change, and only their host and port; any other
+    variable (database, Redis, OTLP) keeps its rendered value. Returns
+    {variable: (rendered value, local value)}.
+    """
+    rewritten: dict[str, tuple[str, str]] = {}
+    for name, value in sorted(env.items()):
+        if not _SERVICE_URL_VARIABLE.fullmatch(name):
+            continue
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            continue
+        port = url.port or (443 if url.scheme == "https" else 80)
+        backend = backends.get((url.hostname, port))
+        if backend is None:
+            # A bare name can only be an in-cluster Service: then it must be one the chart renders.
+            assert "." in url.hostname or url.hostname == "localhost", (
+                f"{name}={value} names no Service of this rendering (or the wrong port)"
+            )
+            continue
+        local = urlunsplit((url.scheme, f"127.0.0.1:{local_ports[backend]}", url.path, url.query, url.fragment))
+        env[name] = local
+        rewritten[name] = (value, local)
+    return rewritten
 
 
 # --- the local pods ----------------------------------------------------------------------------
@@ -287,6 +384,8 @@ class LocalPod:
     port: int
     log: Path
     process: subprocess.Popen | None = None
+    # CLM_*_URL variables pointed at a local process: {name: (rendered, local)}.
+    rewritten: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def container(self) -> dict:
@@ -405,6 +504,14 @@ def pods(binary: Path, rendered: list[dict], tmp_path_factory: pytest.TempPathFa
             assert job is not None, f"no migration Job rendered for {service}"
             _run_job(job, rendered, dockerfile, binary, workdir)
             _run_job(job, rendered, dockerfile, binary, workdir)  # pre-upgrade on a migrated database
+        # Every pod's local port first, so that callers can be pointed at their callees.
+        local_ports: dict[str, int] = {}
+        for deployment in deployments:
+            port = _free_port()
+            while port in local_ports.values():
+                port = _free_port()
+            local_ports[deployment["metadata"]["name"]] = port
+        backends = service_backends(rendered, POD_NAMESPACE)
         for deployment in deployments:
             service = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
             spec = pod_spec(deployment)
@@ -413,10 +520,11 @@ def pods(binary: Path, rendered: list[dict], tmp_path_factory: pytest.TempPathFa
             env = resolve_env(container, spec, pod_name, rendered, _image_env(dockerfile, workdir))
             container_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
             assert env.get("CLM_LISTEN_ADDR") == f"0.0.0.0:{container_port}", "the pod must listen on its container port"
-            port = _free_port()
+            port = local_ports[deployment["metadata"]["name"]]
             env["CLM_LISTEN_ADDR"] = f"127.0.0.1:{port}"
+            rewritten = rewrite_service_urls(env, backends, local_ports)
             pod = LocalPod(service, deployment, container_argv(container, dockerfile, binary), env, port,
-                           workdir / f"{service}.log")
+                           workdir / f"{service}.log", rewritten=rewritten)
             with open(pod.log, "wb") as log:
                 pod.process = subprocess.Popen(pod.argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL)
@@ -437,6 +545,9 @@ def test_every_enabled_service_has_a_smoke_call() -> None:
     assert missing == [], f"add a SMOKE_CALLS entry for {missing}"
     if "touchpoints" in ENABLED:
         assert "touchpoints" in CROSS_SERVICE_CHECKS, "touchpoints is served: add the call that crosses two services"
+    for service, check in CROSS_SERVICE_CHECKS.items():
+        assert service in ENABLED, f"values-local.yaml must enable {service}, or {check} never runs"
+        assert callable(globals().get(check)), f"CROSS_SERVICE_CHECKS names {check}, which is no test here"
 
 
 @pytest.mark.parametrize("service", ENABLED)
@@ -456,24 +567,91 @@ def test_service_answers_through_reflection(pods: dict[str, LocalPod], service: 
 
 
 def test_readme_grpcurl_commands_work(pods: dict[str, LocalPod]) -> None:
-    grpcurl = _grpcurl()
-    if grpcurl is None:
-        _unavailable("grpcurl is not installed (pip install -r deploy/tests/requirements.txt)")
+    """Each README grpcurl command goes to the service the README forwards its localhost port to."""
+    grpcurl = _require_grpcurl()
     commands = readme_grpcurl_commands()
     assert commands, "the chart README shows no grpcurl command"
+    forwards = readme_port_forwards()
+    by_service_name = {pod.deployment["metadata"]["name"]: pod for pod in pods.values()}
     packages = {
         name: service["healthService"].rsplit(".", 1)[0] + "."
         for name, service in manifests.chart_default_values()["services"].items()
     }
-    for service, pod in pods.items():
-        for command in commands:
-            if any(package in command for name, package in packages.items() if name != service):
-                continue  # a command for another service
-            argv = shlex.split(command.replace("localhost:50051", f"127.0.0.1:{pod.port}"))
-            result = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
-            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-            if argv[-1] == "list":
-                assert SMOKE_CALLS[service][0] in result.stdout.split()
+    answered: set[str] = set()
+    for command in commands:
+        address = re.search(r"\blocalhost:(\d+)\b", command)
+        assert address, f"{command}: no localhost:<port> to send it to"
+        target = forwards.get(int(address.group(1)))
+        assert target, f"{command}: the README forwards no Service to localhost:{address.group(1)}"
+        pod = by_service_name.get(target)
+        if pod is None:
+            continue  # a service values-local.yaml leaves off
+        wrong = [name for name, package in packages.items() if name != pod.service and package in command]
+        assert not wrong, f"{command}: a call for {wrong} sent to {target}"
+        argv = shlex.split(command.replace(address.group(0), f"127.0.0.1:{pod.port}"))
+        result = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        if argv[-1] == "list":
+            assert SMOKE_CALLS[pod.service][0] in result.stdout.split()
+        answered.add(pod.service)
+    assert answered == set(pods), f"the chart README shows no grpcurl command for {sorted(set(pods) - answered)}"
+
+
+def test_callers_reach_their_callees_through_the_rewritten_urls(pods: dict[str, LocalPod]) -> None:
+    """The rewrite is narrow: only Service URLs changed, each to the port of the pod behind that Service."""
+    ports = {pod.deployment["metadata"]["name"]: pod.port for pod in pods.values()}
+    for pod in pods.values():
+        rendered = {e["name"]: e.get("value") for e in pod.container["env"]}
+        calls = manifests.SERVICE_CALLS[pod.service]
+        assert sorted(pod.rewritten) == sorted(f"CLM_{callee.upper()}_URL" for callee in calls), pod.service
+        for name, (before, after) in pod.rewritten.items():
+            assert rendered[name] == before
+            callee = urlsplit(before).hostname
+            assert after == f"http://127.0.0.1:{ports[callee]}", f"{pod.service}: {name}"
+            assert pod.env[name] == after
+
+
+def test_touchpoint_recorded_with_an_email_resolves_through_identity(pods: dict[str, LocalPod]) -> None:
+    """touchpoints resolves the e-mail through the identity process: identity then knows that customer."""
+    if "touchpoints" not in pods:
+        pytest.skip("values-local.yaml leaves touchpoints off")
+    identity, touchpoints = pods["identity"], pods["touchpoints"]
+    # touchpoints serves nothing of identity's, so its only way there is CLM_IDENTITY_URL.
+    assert touchpoints.env["CLM_IDENTITY_URL"] == f"http://127.0.0.1:{identity.port}"
+    run = uuid.uuid4().hex[:12]
+    email, event_id = f"deploy-check-{run}@example.com", f"deploy-check-{run}"
+    request = {"touchpoint": {
+        "event_id": event_id,
+        "customer": {"identity_keys": {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": email}]}},
+        "channel": "CHANNEL_WEB",
+        "type": "page_view",
+    }}
+    recorded = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", request)
+    assert not recorded.get("duplicate"), recorded
+    customer_id = recorded["touchpoint"].get("customerId")
+    assert customer_id, f"RecordTouchpoint returned no customer_id: {recorded}"
+
+    # identity lists exactly one customer with that e-mail: the touchpoint's.
+    holders, token = [], ""
+    for _ in range(100):
+        page = grpcurl_call(identity.port, "clm.identity.v1.CustomerService/ListCustomers",
+                            {"page_size": 100, "page_token": token, "filter": {"identified_only": True}})
+        holders += [c["id"] for c in page.get("customers", []) if email in c.get("emails", [])]
+        token = page.get("nextPageToken", "")
+        if not token:
+            break
+    assert holders == [customer_id], f"identity's customers with {email}: {holders}, touchpoint's: {customer_id}"
+    resolved = grpcurl_call(identity.port, "clm.identity.v1.CustomerService/ResolveCustomer",
+                            {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": email}]})
+    assert resolved["customer"]["id"] == customer_id
+    assert not resolved.get("created"), "identity created the customer only now: touchpoints never reached it"
+
+    # The timeline on touchpoints holds the touchpoint under that customer, and a retry stores nothing new.
+    timeline = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/ListTouchpoints",
+                            {"customer_id": customer_id})
+    assert [t["eventId"] for t in timeline.get("touchpoints", [])] == [event_id]
+    again = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", request)
+    assert again.get("duplicate") is True and again["touchpoint"]["customerId"] == customer_id
 
 
 @pytest.mark.parametrize("service", ENABLED)

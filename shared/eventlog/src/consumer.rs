@@ -138,6 +138,9 @@ where
             batch = stream.next() => batch,
         };
         let Some(batch) = batch else {
+            if shutdown.is_triggered() {
+                return Ok(());
+            }
             return Err(ConsumeError::new("the log stream ended"));
         };
         let batch = batch?;

@@ -113,7 +113,7 @@ helm.sh/chart: {{ include "clm.chart" .root }}
 {{- $v := .root.Values -}}
 {{- $need := false -}}
 {{- if not .svc.database.existingSecret.name -}}{{- $need = true -}}{{- end -}}
-{{- if and $v.redis.url (not $v.redis.existingSecret.name) -}}{{- $need = true -}}{{- end -}}
+{{- if and (dig "usesRedis" true .svc) $v.redis.url (not $v.redis.existingSecret.name) -}}{{- $need = true -}}{{- end -}}
 {{- range $envName, $source := .svc.secretEnv -}}
 {{- if not (dig "existingSecret" "name" "" $source) -}}{{- $need = true -}}{{- end -}}
 {{- end -}}
@@ -158,7 +158,10 @@ $(POD_NAME) expansion.
       name: {{ $secretName }}
       key: database-url
       {{- end }}
-{{- if $v.redis.existingSecret.name }}
+{{- if not (dig "usesRedis" true .svc) }}
+{{- /* A service that keeps no cache in Redis gets neither its URL nor a route to it
+       (usesRedis missing, as in values reused from an older release: true). */}}
+{{- else if $v.redis.existingSecret.name }}
 - name: CLM_REDIS_URL
   valueFrom:
     secretKeyRef:
@@ -187,6 +190,7 @@ $(POD_NAME) expansion.
 - name: CLM_PHONE_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- /* The callee's Service by its in-namespace DNS name; CLM_IDENTITY_URL is what the binary reads for identity. */}}
 {{- range $callee := .svc.calls | sortAlpha }}
 - name: {{ printf "CLM_%s_URL" (upper $callee) }}
   value: {{ printf "http://%s:%d" (include "clm.serviceFullname" (dict "root" $.root "name" $callee)) (int $v.grpc.port) | quote }}
@@ -249,7 +253,7 @@ seccompProfile:
     {{- end }}
 {{- end -}}
 
-{{/* Egress every clm pod needs: DNS, its database, Redis when configured, the OTLP collector when enabled. */}}
+{{/* Egress every clm pod needs: DNS, its database, Redis when configured and used, the OTLP collector when enabled. */}}
 {{- define "clm.baseEgress" -}}
 {{- $v := .root.Values -}}
 - to:
@@ -267,7 +271,7 @@ seccompProfile:
     - protocol: TCP
       port: {{ $v.networkPolicy.dns.port }}
 {{ include "clm.egressRule" .svc.database.egress }}
-{{- if or $v.redis.url $v.redis.existingSecret.name }}
+{{- if and (dig "usesRedis" true .svc) (or $v.redis.url $v.redis.existingSecret.name) }}
 {{ include "clm.egressRule" $v.redis.egress }}
 {{- end }}
 {{- if $v.otel.enabled }}
