@@ -5,8 +5,10 @@
 //! HTTP/2 connections, the requests per second and p50/p99 latency of
 //! GetCustomer on a cache miss (a database read), on an in-process cache hit
 //! and on a Redis cache hit, each next to the health Check of the same
-//! server: the no-op that passes through the same middleware. With
-//! `--server` it measures an already running server instead.
+//! server: the no-op that passes through the same middleware. A hit phase
+//! and its baseline alternate in one-second slices (ABBA), so that both see
+//! the same background load on a shared machine. With `--server` it
+//! measures an already running server instead.
 
 mod load;
 mod report;
@@ -21,7 +23,8 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 use self::load::{
-    PhaseMeasurement, Workload, connect_channels, is_serving, measure, seed_customers,
+    PhaseMeasurement, Workload, connect_channels, is_serving, measure, measure_alternating,
+    seed_customers,
 };
 use self::report::{PhaseRole, PhaseRow, Report, TargetCheck};
 use self::server_process::{ServerProcess, ServerSpec};
@@ -105,8 +108,12 @@ impl GetCustomerBenchArgs {
 
     fn setup(&self, target: &str) -> (String, serde_json::Value) {
         let text = format!(
-            "clm bench get-customer: {target}; {} clients over {} connections, {} s per phase, hot set of {} customers",
-            self.concurrency, self.channels, self.seconds, self.hot_customers
+            "clm bench get-customer: {target}; {} clients over {} connections, {} s per phase (hits and health alternating every {} s), hot set of {} customers",
+            self.concurrency,
+            self.channels,
+            self.seconds,
+            load::ALTERNATION_SLICE.as_secs(),
+            self.hot_customers
         );
         let json = json!({
             "target": target,
@@ -185,7 +192,7 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
     progress(&format!(
         "starting server A (in-process cache, {database_kind} database)"
     ));
-    let server = ServerProcess::start("A", &in_process_spec).await?;
+    let mut server = ServerProcess::start("A", &in_process_spec).await?;
     let channels = connect_to(&server, args).await?;
     let customer_ids = seed(
         args,
@@ -195,12 +202,13 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
         &mut report,
     )
     .await?;
+    server.ensure_running("seeding")?;
     drop(channels);
     // 2. CreateCustomer wrote every new customer through to the cache, so
     // restart for an empty one.
     progress("restarting server A so that its in-process cache is empty");
     server.stop().await?;
-    let server = ServerProcess::start("A", &in_process_spec).await?;
+    let mut server = ServerProcess::start("A", &in_process_spec).await?;
     let channels = connect_to(&server, args).await?;
 
     // 3. Every read is the first of its id in this process: a miss.
@@ -213,6 +221,7 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
         &misses,
     )
     .await?;
+    server.ensure_running("the cache-miss phase")?;
     if misses.ids_consumed() >= customer_ids.len() {
         report.notes.push(format!(
             "the cache-miss phase read all {} customers in {:.1} s; raise --customers for a full-length phase",
@@ -230,38 +239,18 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
     // 4. The hot set was read in phase 3; the warm-up covers what was not.
     let hot_ids = hot_set(&customer_ids, args);
     warm_up(args, &channels, &hot_ids, "A", &mut report).await?;
-    progress(&format!("measuring: {IN_PROCESS_HIT_PHASE}"));
-    let measured = measure(
+
+    // 5. In-process hits and the baseline of server A, alternating.
+    measure_hits_against_health(
+        args,
         &channels,
-        args.concurrency(),
-        args.phase_duration(),
-        &Workload::ReadRepeatedly {
-            customer_ids: hot_ids.clone(),
-        },
-    )
-    .await?;
-    report.rows.push(measured_row(
+        &hot_ids,
         &server_a,
         IN_PROCESS_HIT_PHASE,
-        PhaseRole::Measured,
-        measured,
-    ));
-
-    // 5. The baseline of server A.
-    progress(&format!("measuring: {HEALTH_PHASE} on server A"));
-    let measured = measure(
-        &channels,
-        args.concurrency(),
-        args.phase_duration(),
-        &Workload::HealthCheck,
+        &mut report,
     )
     .await?;
-    report.rows.push(measured_row(
-        &server_a,
-        HEALTH_PHASE,
-        PhaseRole::Baseline,
-        measured,
-    ));
+    server.ensure_running("the in-process cache-hit phase")?;
     drop(channels);
     server.stop().await?;
 
@@ -290,55 +279,34 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
         ..in_process_spec
     };
     progress("starting server B (Redis cache)");
-    let server = ServerProcess::start("B", &redis_spec).await?;
+    let mut server = ServerProcess::start("B", &redis_spec).await?;
     let channels = connect_to(&server, args).await?;
     warm_up(args, &channels, &hot_ids, "B", &mut report).await?;
-    progress(&format!("measuring: {REDIS_HIT_PHASE}"));
     let before = redis.keyspace_counts().await;
-    let measured = measure(
+    let hit_requests = measure_hits_against_health(
+        args,
         &channels,
-        args.concurrency(),
-        args.phase_duration(),
-        &Workload::ReadRepeatedly {
-            customer_ids: hot_ids.clone(),
-        },
+        &hot_ids,
+        &server_b,
+        REDIS_HIT_PHASE,
+        &mut report,
     )
     .await?;
+    server.ensure_running("the Redis cache-hit phase")?;
     let after = redis.keyspace_counts().await;
     if let (Ok(before), Ok(after)) = (before, after) {
         let hits = after.hits.saturating_sub(before.hits);
         let misses = after.misses.saturating_sub(before.misses);
         report.notes.push(format!(
-            "redis counted {hits} keyspace hits and {misses} misses during the Redis-hit phase ({} GetCustomer answered)",
-            measured.requests
+            "redis counted {hits} keyspace hits and {misses} misses during the Redis-hit phase ({hit_requests} GetCustomer answered)"
         ));
-        if hits < measured.requests {
+        if hits < hit_requests {
             report.notes.push(
                 "fewer redis hits than GetCustomer answers: some reads did not come from redis (see the server's warnings above)"
                     .to_owned(),
             );
         }
     }
-    report.rows.push(measured_row(
-        &server_b,
-        REDIS_HIT_PHASE,
-        PhaseRole::Measured,
-        measured,
-    ));
-    progress(&format!("measuring: {HEALTH_PHASE} on server B"));
-    let measured = measure(
-        &channels,
-        args.concurrency(),
-        args.phase_duration(),
-        &Workload::HealthCheck,
-    )
-    .await?;
-    report.rows.push(measured_row(
-        &server_b,
-        HEALTH_PHASE,
-        PhaseRole::Baseline,
-        measured,
-    ));
     drop(channels);
     server.stop().await?;
     Ok(report)
@@ -380,37 +348,56 @@ async fn bench_running_server(
     .await?;
     let hot_ids = hot_set(&customer_ids, args);
     warm_up(args, &channels, &hot_ids, address, &mut report).await?;
-    progress(&format!("measuring: {RUNNING_SERVER_HIT_PHASE}"));
-    let measured = measure(
+    measure_hits_against_health(
+        args,
         &channels,
-        args.concurrency(),
-        args.phase_duration(),
-        &Workload::ReadRepeatedly {
-            customer_ids: hot_ids,
-        },
-    )
-    .await?;
-    report.rows.push(measured_row(
+        &hot_ids,
         &server_label,
         RUNNING_SERVER_HIT_PHASE,
-        PhaseRole::Measured,
-        measured,
-    ));
-    progress(&format!("measuring: {HEALTH_PHASE}"));
-    let measured = measure(
-        &channels,
-        args.concurrency(),
-        args.phase_duration(),
-        &Workload::HealthCheck,
+        &mut report,
     )
     .await?;
+    Ok(report)
+}
+
+/// Measures GetCustomer of the hot set and the health Check in alternating
+/// slices, adds both rows and returns how many GetCustomer calls succeeded.
+async fn measure_hits_against_health(
+    args: &GetCustomerBenchArgs,
+    channels: &[Channel],
+    hot_ids: &Arc<[String]>,
+    server: &str,
+    hit_phase: &'static str,
+    report: &mut Report,
+) -> anyhow::Result<u64> {
+    progress(&format!(
+        "measuring on server {server}: {hit_phase} and {HEALTH_PHASE}, alternating every {} s",
+        load::ALTERNATION_SLICE.as_secs()
+    ));
+    let hits = Workload::ReadRepeatedly {
+        customer_ids: hot_ids.clone(),
+    };
+    let [hit_measurement, health_measurement] = measure_alternating(
+        channels,
+        args.concurrency(),
+        args.phase_duration(),
+        [&hits, &Workload::HealthCheck],
+    )
+    .await?;
+    let hit_requests = hit_measurement.requests;
     report.rows.push(measured_row(
-        &server_label,
+        server,
+        hit_phase,
+        PhaseRole::Measured,
+        hit_measurement,
+    ));
+    report.rows.push(measured_row(
+        server,
         HEALTH_PHASE,
         PhaseRole::Baseline,
-        measured,
+        health_measurement,
     ));
-    Ok(report)
+    Ok(hit_requests)
 }
 
 fn measured_row(

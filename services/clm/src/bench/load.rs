@@ -18,6 +18,8 @@ use tonic_health::pb::health_client::HealthClient;
 /// How long one request may take before it counts as an error; keeps every
 /// phase bounded even when the server stops answering.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each slice of two alternating phases lasts.
+pub const ALTERNATION_SLICE: Duration = Duration::from_secs(1);
 
 /// Opens `count` separate HTTP/2 connections to `address` (`host:port`).
 pub async fn connect_channels(address: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
@@ -133,6 +135,23 @@ pub struct PhaseMeasurement {
 }
 
 impl PhaseMeasurement {
+    fn empty() -> Self {
+        Self {
+            requests: 0,
+            errors: ErrorTally::default(),
+            elapsed: Duration::ZERO,
+            latencies_micros: Vec::new(),
+        }
+    }
+
+    /// Adds another slice of the same phase; latencies are left unsorted.
+    fn absorb(&mut self, slice: Self) {
+        self.requests += slice.requests;
+        self.errors.merge(slice.errors);
+        self.elapsed += slice.elapsed;
+        self.latencies_micros.extend(slice.latencies_micros);
+    }
+
     /// Successful requests per second of wall time.
     pub fn requests_per_second(&self) -> f64 {
         let seconds = self.elapsed.as_secs_f64();
@@ -179,12 +198,7 @@ pub async fn measure(
             deadline,
         )));
     }
-    let mut measurement = PhaseMeasurement {
-        requests: 0,
-        errors: ErrorTally::default(),
-        elapsed: Duration::ZERO,
-        latencies_micros: Vec::new(),
-    };
+    let mut measurement = PhaseMeasurement::empty();
     for client in clients {
         let (latencies, errors) = client.await.context("a benchmark client panicked")?;
         measurement.requests += latencies.len() as u64;
@@ -194,6 +208,33 @@ pub async fn measure(
     measurement.elapsed = started.elapsed();
     measurement.latencies_micros.sort_unstable();
     Ok(measurement)
+}
+
+/// Measures two workloads for `duration` each, alternating in slices of
+/// about [`ALTERNATION_SLICE`] in ABBA order, so that both see the same
+/// background load and drift of a shared machine.
+pub async fn measure_alternating(
+    channels: &[Channel],
+    concurrency: usize,
+    duration: Duration,
+    workloads: [&Workload; 2],
+) -> anyhow::Result<[PhaseMeasurement; 2]> {
+    let slices = (duration.as_secs_f64() / ALTERNATION_SLICE.as_secs_f64())
+        .round()
+        .max(1.0) as u32;
+    let slice = duration / slices;
+    let mut measurements = [PhaseMeasurement::empty(), PhaseMeasurement::empty()];
+    for round in 0..slices {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for index in order {
+            let measured = measure(channels, concurrency, slice, workloads[index]).await?;
+            measurements[index].absorb(measured);
+        }
+    }
+    for measurement in &mut measurements {
+        measurement.latencies_micros.sort_unstable();
+    }
+    Ok(measurements)
 }
 
 async fn run_client(
@@ -356,6 +397,16 @@ mod tests {
         assert_eq!(phase.percentile_ms(100.0), Some(100.0));
         assert_eq!(measurement(vec![1500]).percentile_ms(99.0), Some(1.5));
         assert_eq!(measurement(Vec::new()).percentile_ms(50.0), None);
+    }
+
+    #[test]
+    fn slices_add_up() {
+        let mut phase = measurement(vec![3000, 1000]);
+        phase.absorb(measurement(vec![2000]));
+        assert_eq!(phase.requests, 3);
+        assert_eq!(phase.elapsed, Duration::from_secs(4));
+        phase.latencies_micros.sort_unstable();
+        assert_eq!(phase.percentile_ms(50.0), Some(2.0));
     }
 
     #[test]

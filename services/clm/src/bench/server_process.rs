@@ -114,6 +114,21 @@ impl ServerProcess {
         Ok(server)
     }
 
+    /// Fails when the server has exited, naming `during` (what was running)
+    /// and its exit status.
+    pub fn ensure_running(&mut self, during: &str) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                anyhow::bail!("server {} exited during {during} ({status})", self.label)
+            }
+            Err(err) => Err(anyhow::Error::new(err).context(format!(
+                "cannot tell whether server {} still runs",
+                self.label
+            ))),
+        }
+    }
+
     /// Where the server listens.
     pub fn address(&self) -> SocketAddr {
         self.address
