@@ -192,7 +192,10 @@ async fn trace_export_to_an_absent_collector_does_not_disturb_serving() {
     let server = ClmServer::start(
         &["serve"],
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", clm_tests::free_port())),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{}", clm_tests::free_port()),
+            ),
             ("OTEL_SERVICE_NAME", "clm-e2e".to_owned()),
         ],
     )
@@ -206,6 +209,9 @@ async fn trace_export_to_an_absent_collector_does_not_disturb_serving() {
             .expect("calls succeed while spans cannot be exported");
     }
     server.signal("TERM");
-    let status = server.wait_exit(Duration::from_secs(15)).await.expect("exits");
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits");
     assert!(status.success());
 }

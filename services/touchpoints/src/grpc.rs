@@ -448,26 +448,29 @@ fn rejection_status(violations: &[Violation]) -> Status {
 
 fn log_entry_to_proto(cursor: Cursor, entry: LogEntry) -> Result<pb::TouchpointLogEntry, Status> {
     match entry {
-        LogEntry::Recorded(t) => Ok(pb::TouchpointLogEntry {
-            cursor: cursor.to_string(),
-            entry_id: t.id.to_string(),
-            customer_id: t.customer_id.to_string(),
-            commit_time: Some(to_timestamp(t.recorded_at)),
-            change: Some(pb::touchpoint_log_entry::Change::Recorded(
-                pb::TouchpointRecorded {
-                    touchpoint_id: t.id.to_string(),
-                    event_id: t.event_id,
-                    channel: i32::from(t.channel),
-                    r#type: t.kind,
-                    occur_time: Some(to_timestamp(t.occurred_at)),
-                    campaign: t.campaign,
-                    utm_source: t.utm_source,
-                    utm_medium: t.utm_medium,
-                    revenue: money_to_proto(&t.revenue),
-                    cost: money_to_proto(&t.cost),
-                },
-            )),
-        }),
+        LogEntry::Recorded(t) => {
+            let t = *t;
+            Ok(pb::TouchpointLogEntry {
+                cursor: cursor.to_string(),
+                entry_id: t.id.to_string(),
+                customer_id: t.customer_id.to_string(),
+                commit_time: Some(to_timestamp(t.recorded_at)),
+                change: Some(pb::touchpoint_log_entry::Change::Recorded(
+                    pb::TouchpointRecorded {
+                        touchpoint_id: t.id.to_string(),
+                        event_id: t.event_id,
+                        channel: i32::from(t.channel),
+                        r#type: t.kind,
+                        occur_time: Some(to_timestamp(t.occurred_at)),
+                        campaign: t.campaign,
+                        utm_source: t.utm_source,
+                        utm_medium: t.utm_medium,
+                        revenue: money_to_proto(&t.revenue),
+                        cost: money_to_proto(&t.cost),
+                    },
+                )),
+            })
+        }
         LogEntry::Change { payload, .. } => {
             let mut entry = pb::TouchpointLogEntry::decode(payload.as_slice())
                 .map_err(|err| StatusBuilder::internal("reading the touchpoint log", &err))?;

@@ -125,7 +125,7 @@ pub struct TypeCount {
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogEntry {
     /// A touchpoint was recorded (its properties are not carried).
-    Recorded(Touchpoint),
+    Recorded(Box<Touchpoint>),
     /// Another kind of entry, already encoded (`TouchpointLogEntry` without
     /// cursor), for the customer it concerns.
     Change {

@@ -258,7 +258,12 @@ async fn merges_rekey_and_erasures_strip(backend: Backend) {
     });
     backend
         .store
-        .apply_customer_changes(&[merge.clone()], "test", ShardFilter::ALL, "0-7")
+        .apply_customer_changes(
+            std::slice::from_ref(&merge),
+            "test",
+            ShardFilter::ALL,
+            "0-7",
+        )
         .await
         .unwrap();
     assert_eq!(

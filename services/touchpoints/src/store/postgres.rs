@@ -378,7 +378,7 @@ impl TouchpointStore for PostgresTouchpointStore {
                         recorded_at: row.try_get("recorded_at")?,
                         payload: row.try_get("payload")?,
                     },
-                    None => LogEntry::Recorded(touchpoint_from_row(row, false)?),
+                    None => LogEntry::Recorded(Box::new(touchpoint_from_row(row, false)?)),
                 };
                 Ok((cursor, entry))
             })

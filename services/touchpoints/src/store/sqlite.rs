@@ -369,7 +369,7 @@ impl TouchpointStore for SqliteTouchpointStore {
                         recorded_at: time_column(row, "recorded_at")?,
                         payload: row.try_get("payload")?,
                     },
-                    None => LogEntry::Recorded(touchpoint_from_row(row, false)?),
+                    None => LogEntry::Recorded(Box::new(touchpoint_from_row(row, false)?)),
                 };
                 Ok((cursor, entry))
             })
