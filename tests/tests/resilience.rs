@@ -215,3 +215,65 @@ async fn trace_export_to_an_absent_collector_does_not_disturb_serving() {
         .expect("exits");
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn two_replicas_sharing_redis_see_each_others_writes() {
+    let Some(database) = clm_tests::fresh_postgres_database("e2e").await else {
+        return;
+    };
+    let Some(redis) = clm_tests::redis_url().await else {
+        return;
+    };
+    let env = [
+        ("CLM_DATABASE_URL", database.expose().to_owned()),
+        ("CLM_REDIS_URL", redis.expose().to_owned()),
+    ];
+    let first = ClmServer::start(&["serve", "identity"], &env)
+        .await
+        .unwrap();
+    let second = ClmServer::start(&["serve", "identity"], &env)
+        .await
+        .unwrap();
+    let mut one = CustomerServiceClient::new(first.channel().await);
+    let mut two = CustomerServiceClient::new(second.channel().await);
+    let created = one
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                given_name: "v0".into(),
+                emails: vec!["replicas@example.com".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    for round in 1..=5 {
+        // Both replicas hold the profile hot.
+        get(&mut one, &created.id).await;
+        get(&mut two, &created.id).await;
+        let name = format!("v{round}");
+        let (writer, reader) = if round % 2 == 0 {
+            (&mut one, &mut two)
+        } else {
+            (&mut two, &mut one)
+        };
+        rename(writer, &created.id, &name).await;
+        // The writer itself never reads its old data.
+        assert_eq!(get(writer, &created.id).await.given_name, name);
+        // The other replica is told by Redis and drops its copy promptly.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            if get(reader, &created.id).await.given_name == name {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the other replica kept serving the old profile"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

@@ -1,5 +1,7 @@
 //! `clm bench`: load benchmarks that print figures.
 //!
+//! `clm bench ingest` measures touchpoint ingest; see its module.
+//!
 //! `clm bench get-customer` starts identity servers of this same binary,
 //! seeds customers and measures, with many concurrent clients over several
 //! HTTP/2 connections, the requests per second and p50/p99 latency of
@@ -10,6 +12,7 @@
 //! the same background load on a shared machine. With `--server` it
 //! measures an already running server instead.
 
+mod ingest;
 mod load;
 mod report;
 mod server_process;
@@ -56,6 +59,14 @@ enum Benchmark {
     /// (other CLM_* settings of this environment pass through to them),
     /// seeds customers, measures, and stops the servers.
     GetCustomer(GetCustomerBenchArgs),
+    /// Touchpoint ingest into PostgreSQL (batches of 1,000 and 10,000,
+    /// client streams) next to a raw binary COPY of the same rows, unary
+    /// RecordTouchpoint against the health Check, and the touchpoint log
+    /// read by a consumer that is behind.
+    ///
+    /// Creates a fresh database on the PostgreSQL server, starts `clm serve
+    /// identity touchpoints` on it, measures, and drops the database.
+    Ingest(ingest::IngestBenchArgs),
 }
 
 /// Arguments of `clm bench get-customer`.
@@ -130,6 +141,7 @@ impl GetCustomerBenchArgs {
 /// Runs the benchmark named in `args` and prints its figures.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.benchmark {
+        Benchmark::Ingest(args) => ingest::run(args).await,
         Benchmark::GetCustomer(args) => {
             let report = match &args.server {
                 Some(address) => bench_running_server(&args, address).await?,
@@ -170,6 +182,7 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
         data_dir: data_dir.path().to_path_buf(),
         database_url,
         redis_url: None,
+        services: &["identity"],
     };
     let server_a = "A (in-process cache)".to_owned();
     let server_b = "B (Redis cache)".to_owned();
@@ -300,7 +313,22 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
         report.notes.push(format!(
             "redis counted {hits} keyspace hits and {misses} misses during the Redis-hit phase ({hit_requests} GetCustomer answered)"
         ));
-        if hits < hit_requests {
+        let client_cache = std::env::var("CLM_REDIS_CLIENT_CACHE")
+            .map(|v| {
+                !matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "0" | "false" | "no" | "off"
+                )
+            })
+            .unwrap_or(true);
+        if client_cache {
+            report.notes.push(
+                "Redis client-side caching is on (CLM_REDIS_CLIENT_CACHE): repeated reads of a hot profile are served from the \
+                 server's tracked copy of the Redis entry, which Redis invalidates on change; run with \
+                 CLM_REDIS_CLIENT_CACHE=false to measure a Redis round trip per read"
+                    .to_owned(),
+            );
+        } else if hits < hit_requests {
             report.notes.push(
                 "fewer redis hits than GetCustomer answers: some reads did not come from redis (see the server's warnings above)"
                     .to_owned(),

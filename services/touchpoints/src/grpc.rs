@@ -771,7 +771,7 @@ impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
         let reader = move |cursor: Cursor| {
             let store = store.clone();
             async move {
-                let batch = store.read_log(cursor, shard, 5000).await?;
+                let batch = store.read_log(cursor, shard, 10_000).await?;
                 Ok::<_, StoreError>(
                     batch
                         .into_iter()

@@ -96,6 +96,8 @@ pub struct VersionedCache {
     /// Keys whose write-through failed: read from the database until the
     /// backend has forgotten them.
     dirty: std::sync::Mutex<HashSet<String>>,
+    /// True while `dirty` may hold keys: the read path checks it without a lock.
+    any_dirty: std::sync::atomic::AtomicBool,
     /// Striped locks so that concurrent misses on one key load it once.
     load_locks: Vec<AsyncMutex<()>>,
     last_error_log: std::sync::Mutex<Option<Instant>>,
@@ -114,6 +116,7 @@ impl VersionedCache {
             ttl,
             stats: CacheStats::default(),
             dirty: std::sync::Mutex::new(HashSet::new()),
+            any_dirty: std::sync::atomic::AtomicBool::new(false),
             load_locks: (0..LOAD_STRIPES).map(|_| AsyncMutex::new(())).collect(),
             last_error_log: std::sync::Mutex::new(None),
         }
@@ -173,6 +176,7 @@ impl VersionedCache {
         let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         if dirty.len() < MAX_DIRTY_KEYS {
             dirty.insert(key.to_owned());
+            self.any_dirty.store(true, Ordering::Release);
         }
     }
 
@@ -349,7 +353,8 @@ return 1
 /// is down.
 pub struct RedisBackend {
     client: redis::Client,
-    connection: tokio::sync::RwLock<Option<redis::aio::ConnectionManager>>,
+    client_cache: Option<redis::caching::CacheConfig>,
+    connection: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
     connecting: AsyncMutex<Option<Instant>>,
     script: redis::Script,
     timeout: Duration,
@@ -362,19 +367,51 @@ impl RedisBackend {
             redis::Client::open(url.expose()).map_err(|err| BackendError(err.to_string()))?;
         Ok(Self {
             client,
-            connection: tokio::sync::RwLock::new(None),
+            client_cache: None,
+            connection: tokio::sync::OnceCell::new(),
             connecting: AsyncMutex::new(None),
             script: redis::Script::new(PUT_IF_NEWER),
             timeout,
         })
     }
 
+    /// Keeps recently read entries in this process too, with Redis's
+    /// server-assisted client-side caching (RESP3 tracking): Redis tells
+    /// this process when a key it holds changes, from any replica, and the
+    /// local copy is dropped; after a reconnection everything is dropped.
+    /// A repeated read of a hot profile then costs no round trip.
+    pub fn with_client_side_cache(
+        mut self,
+        entries: usize,
+        ttl: Duration,
+    ) -> Result<Self, BackendError> {
+        use redis::IntoConnectionInfo as _;
+        let mut info = self
+            .client
+            .get_connection_info()
+            .clone()
+            .into_connection_info()
+            .map_err(|err| BackendError(err.to_string()))?;
+        info.redis.protocol = redis::ProtocolVersion::RESP3;
+        self.client = redis::Client::open(info).map_err(|err| BackendError(err.to_string()))?;
+        let size =
+            std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        self.client_cache = Some(
+            redis::caching::CacheConfig::new()
+                .set_size(size)
+                .set_default_client_ttl(ttl),
+        );
+        Ok(self)
+    }
+
+    /// The connection, once made. The manager reconnects by itself after
+    /// that; only the first connection is attempted here.
     async fn connection(&self) -> Result<redis::aio::ConnectionManager, BackendError> {
-        if let Some(connection) = self.connection.read().await.as_ref() {
+        if let Some(connection) = self.connection.get() {
             return Ok(connection.clone());
         }
         let mut last_attempt = self.connecting.lock().await;
-        if let Some(connection) = self.connection.read().await.as_ref() {
+        if let Some(connection) = self.connection.get() {
             return Ok(connection.clone());
         }
         // While Redis is down, try to connect at most once a second instead of
@@ -388,11 +425,15 @@ impl RedisBackend {
             .set_response_timeout(self.timeout)
             .set_number_of_retries(1)
             .set_max_delay(1000);
+        let config = match self.client_cache {
+            Some(cache) => config.set_cache_config(cache),
+            None => config,
+        };
         let connection =
             redis::aio::ConnectionManager::new_with_config(self.client.clone(), config)
                 .await
                 .map_err(|err| BackendError(err.to_string()))?;
-        *self.connection.write().await = Some(connection.clone());
+        let _ = self.connection.set(connection.clone());
         Ok(connection)
     }
 
@@ -401,12 +442,11 @@ impl RedisBackend {
         F: FnOnce(redis::aio::ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        // The manager's response timeout bounds every command.
         let connection = self.connection().await?;
-        match tokio::time::timeout(self.timeout, op(connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(BackendError(err.to_string())),
-            Err(_) => Err(BackendError(format!("no answer within {:?}", self.timeout))),
-        }
+        op(connection)
+            .await
+            .map_err(|err| BackendError(err.to_string()))
     }
 }
 
@@ -472,9 +512,21 @@ pub fn backend_from_config(
     config: &crate::PlatformConfig,
 ) -> Result<Arc<dyn CacheBackend>, crate::ConfigError> {
     match &config.redis_url {
-        Some(url) => RedisBackend::new(url, Duration::from_millis(250))
-            .map(|backend| Arc::new(backend) as Arc<dyn CacheBackend>)
-            .map_err(|err| crate::ConfigError::new("CLM_REDIS_URL", err.to_string())),
+        Some(url) => {
+            let backend = RedisBackend::new(url, Duration::from_millis(250))
+                .map_err(|err| crate::ConfigError::new("CLM_REDIS_URL", err.to_string()))?;
+            let backend = if config.redis_client_cache {
+                backend
+                    .with_client_side_cache(
+                        config.cache_capacity.min(1_000_000) as usize,
+                        config.cache_ttl,
+                    )
+                    .map_err(|err| crate::ConfigError::new("CLM_REDIS_URL", err.to_string()))?
+            } else {
+                backend
+            };
+            Ok(Arc::new(backend))
+        }
         None => Ok(Arc::new(InProcessBackend::new(
             config.cache_capacity,
             config.cache_ttl,

@@ -196,6 +196,9 @@ pub struct PlatformConfig {
     pub cache_ttl: Duration,
     /// How many entries the in-process cache holds (`CLM_CACHE_CAPACITY`, default 100000).
     pub cache_capacity: u64,
+    /// Keep hot Redis entries in process too, invalidated by Redis
+    /// (`CLM_REDIS_CLIENT_CACHE`, default true; needs Redis 6 or later).
+    pub redis_client_cache: bool,
     /// Request bounds.
     pub limits: Limits,
     /// OpenTelemetry export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
@@ -288,6 +291,7 @@ impl PlatformConfig {
                 86_400,
             )?),
             cache_capacity: env.bounded_or("CLM_CACHE_CAPACITY", 100_000, 1, 100_000_000)?,
+            redis_client_cache: env.bool_or("CLM_REDIS_CLIENT_CACHE", true)?,
             limits,
             otel,
         })

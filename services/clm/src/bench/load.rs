@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{CreateCustomerRequest, Customer, GetCustomerRequest};
+use clm_proto::touchpoint::RecordTouchpointRequest;
+use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -68,6 +70,16 @@ pub enum Workload {
     ReadRepeatedly {
         /// The hot customers.
         customer_ids: Arc<[String]>,
+    },
+    /// RecordTouchpoint of a new touchpoint each time, for the customers in
+    /// turn.
+    RecordTouchpoint {
+        /// The customers the touchpoints are about.
+        customer_ids: Arc<[String]>,
+        /// Makes the event ids of this run unique.
+        run_id: Arc<str>,
+        /// The next event number, shared by the clients.
+        next_event: Arc<AtomicUsize>,
     },
 }
 
@@ -244,6 +256,7 @@ async fn run_client(
     deadline: Instant,
 ) -> (Vec<u32>, ErrorTally) {
     let mut health = HealthClient::new(channel.clone());
+    let mut touchpoints = TouchpointServiceClient::new(channel.clone());
     let mut customers = CustomerServiceClient::new(channel);
     let mut latencies = Vec::with_capacity(16 * 1024);
     let mut errors = ErrorTally::default();
@@ -281,6 +294,31 @@ async fn run_client(
                 }
                 hot_position = (hot_position + 1) % customer_ids.len();
                 get_customer(&mut customers, &customer_ids[hot_position]).await
+            }
+            Workload::RecordTouchpoint {
+                customer_ids,
+                run_id,
+                next_event,
+            } => {
+                if customer_ids.is_empty() {
+                    break;
+                }
+                let event = next_event.fetch_add(1, Ordering::Relaxed);
+                let touchpoint = super::ingest::touchpoint(
+                    run_id,
+                    event,
+                    &customer_ids[event % customer_ids.len()],
+                );
+                let request = RecordTouchpointRequest {
+                    touchpoint: Some(touchpoint),
+                };
+                match touchpoints.record_touchpoint(request).await {
+                    Ok(response) if !response.get_ref().duplicate => Ok(()),
+                    Ok(_) => Err(tonic::Status::already_exists(
+                        "a new event was reported as a duplicate",
+                    )),
+                    Err(status) => Err(status),
+                }
             }
         };
         let micros = u32::try_from(request_started.elapsed().as_micros()).unwrap_or(u32::MAX);

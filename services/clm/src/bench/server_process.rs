@@ -27,6 +27,8 @@ const OVERRIDDEN_VARIABLES: &[&str] = &[
     "CLM_DATA_DIR",
     "CLM_DATABASE_URL",
     "CLM_IDENTITY_DATABASE_URL",
+    "CLM_TOUCHPOINTS_DATABASE_URL",
+    "CLM_IDENTITY_URL",
     "CLM_REDIS_URL",
     "CLM_MIGRATE_ON_START",
     "CLM_SHUTDOWN_GRACE_SECONDS",
@@ -44,6 +46,8 @@ pub struct ServerSpec {
     pub database_url: String,
     /// Its `CLM_REDIS_URL`; `None`: the in-process cache.
     pub redis_url: Option<String>,
+    /// The services it runs (`clm serve <services>`).
+    pub services: &'static [&'static str],
 }
 
 /// A running `clm serve identity` child process.
@@ -57,7 +61,7 @@ impl ServerProcess {
     /// Starts a server and waits until it listens and answers SERVING.
     pub async fn start(label: &'static str, spec: &ServerSpec) -> anyhow::Result<Self> {
         let mut command = Command::new(&spec.executable);
-        command.args(["serve", "identity"]);
+        command.arg("serve").args(spec.services);
         for variable in OVERRIDDEN_VARIABLES {
             command.env_remove(variable);
         }

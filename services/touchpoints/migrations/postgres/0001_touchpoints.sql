@@ -4,9 +4,11 @@
 -- (txid, seq) order.
 CREATE SEQUENCE touchpoint_log_seq;
 
+-- The event id is the key: ingest looks touchpoints up by it (idempotency),
+-- and nothing looks one up by its server id, so that needs no index.
 CREATE TABLE touchpoints (
-    id                UUID PRIMARY KEY,
-    event_id          TEXT NOT NULL UNIQUE,
+    event_id          TEXT PRIMARY KEY,
+    id                UUID NOT NULL,
     customer_id       UUID NOT NULL,
     channel           SMALLINT NOT NULL,
     type              TEXT NOT NULL,

@@ -81,6 +81,26 @@ fn touchpoint_from_row(row: &PgRow, with_properties: bool) -> Result<Touchpoint,
     })
 }
 
+/// A touchpoint from a log row, by column position (the log is read in
+/// bulk by consumers that are behind, so decoding speed matters).
+fn log_touchpoint_from_row(row: &PgRow) -> Result<Touchpoint, sqlx::Error> {
+    Ok(Touchpoint {
+        id: row.try_get(2)?,
+        event_id: row.try_get(3)?,
+        customer_id: row.try_get(4)?,
+        channel: row.try_get(5)?,
+        kind: row.try_get(6)?,
+        occurred_at: row.try_get(7)?,
+        recorded_at: row.try_get(8)?,
+        campaign: row.try_get(9)?,
+        utm_source: row.try_get(10)?,
+        utm_medium: row.try_get(11)?,
+        properties: None,
+        revenue: money(row.try_get(13)?, row.try_get(14)?),
+        cost: money(row.try_get(15)?, row.try_get(16)?),
+    })
+}
+
 const TOUCHPOINT_COLUMNS: &str = "id, event_id, customer_id, channel, type, occurred_at, recorded_at, campaign, \
      utm_source, utm_medium, properties, revenue_currency, revenue_micros, cost_currency, cost_micros";
 
@@ -106,24 +126,28 @@ impl TouchpointStore for PostgresTouchpointStore {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
-        let merged: HashMap<Uuid, Uuid> = sqlx::query_as(
-            "SELECT merged_id, survivor_id FROM merged_customers WHERE merged_id = ANY($1)",
+        // One round trip for both: merged customers (to store under the
+        // survivor) and erased ones (to store without properties).
+        let remapped: Vec<(Uuid, Option<Uuid>, bool)> = sqlx::query_as(
+            "SELECT c.id, m.survivor_id, e.customer_id IS NOT NULL \
+             FROM unnest($1::uuid[]) AS c(id) \
+             LEFT JOIN merged_customers m ON m.merged_id = c.id \
+             LEFT JOIN erased_customers e ON e.customer_id = COALESCE(m.survivor_id, c.id) \
+             WHERE m.survivor_id IS NOT NULL OR e.customer_id IS NOT NULL",
         )
         .bind(&customers)
         .fetch_all(&mut *tx)
         .await
-        .map_err(StoreError::from_db)?
-        .into_iter()
-        .collect();
-        let erased: HashSet<Uuid> = sqlx::query_scalar(
-            "SELECT customer_id FROM erased_customers WHERE customer_id = ANY($1)",
-        )
-        .bind(&customers)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::from_db)?
-        .into_iter()
-        .collect();
+        .map_err(StoreError::from_db)?;
+        let merged: HashMap<Uuid, Uuid> = remapped
+            .iter()
+            .filter_map(|(id, survivor, _)| survivor.map(|s| (*id, s)))
+            .collect();
+        let erased: HashSet<Uuid> = remapped
+            .iter()
+            .filter(|(_, _, erased)| *erased)
+            .map(|(id, survivor, _)| survivor.unwrap_or(*id))
+            .collect();
 
         let count = touchpoints.len();
         let mut ids = Vec::with_capacity(count);
@@ -367,18 +391,18 @@ impl TouchpointStore for PostgresTouchpointStore {
         rows.iter()
             .map(|row| {
                 let cursor = Cursor {
-                    transaction: row.try_get::<i64, _>("tx")? as u64,
-                    sequence: row.try_get("seq")?,
+                    transaction: row.try_get::<i64, _>(0)? as u64,
+                    sequence: row.try_get(1)?,
                 };
-                let change_id: Option<Uuid> = row.try_get("change_id")?;
+                let change_id: Option<Uuid> = row.try_get(17)?;
                 let entry = match change_id {
                     Some(event_id) => LogEntry::Change {
                         event_id,
-                        customer_id: row.try_get("customer_id")?,
-                        recorded_at: row.try_get("recorded_at")?,
-                        payload: row.try_get("payload")?,
+                        customer_id: row.try_get(4)?,
+                        recorded_at: row.try_get(8)?,
+                        payload: row.try_get(18)?,
                     },
-                    None => LogEntry::Recorded(Box::new(touchpoint_from_row(row, false)?)),
+                    None => LogEntry::Recorded(Box::new(log_touchpoint_from_row(row)?)),
                 };
                 Ok((cursor, entry))
             })
