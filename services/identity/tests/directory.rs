@@ -370,6 +370,55 @@ async fn a_read_after_a_write_is_never_stale(backend: Backend) {
     assert!(directory.cache().counts().hits >= 20);
 }
 
+async fn a_read_after_a_write_through_redis_is_never_stale(backend: Backend) {
+    let Some(url) = clm_platform::testing::redis_url().await else {
+        return;
+    };
+    for client_side in [false, true] {
+        let redis = clm_platform::cache::RedisBackend::new(&url, std::time::Duration::from_secs(2))
+            .unwrap();
+        let redis = if client_side {
+            redis
+                .with_client_side_cache(1000, std::time::Duration::from_secs(60))
+                .unwrap()
+        } else {
+            redis
+        };
+        let directory =
+            support::directory(&backend, support::cache_over(std::sync::Arc::new(redis)));
+        let ada = directory
+            .create(NewCustomer {
+                keys: vec![email(&format!("redis-{client_side}@example.com"))],
+                ..NewCustomer::default()
+            })
+            .await
+            .unwrap();
+        for round in 0..10 {
+            directory.get(ada.id).await.unwrap();
+            let name = format!("name-{round}");
+            directory
+                .update(
+                    ada.id,
+                    CustomerPatch {
+                        given_name: Some(name.clone()),
+                        changed_fields: vec!["given_name".into()],
+                        ..CustomerPatch::default()
+                    },
+                    None,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                directory.get(ada.id).await.unwrap().given_name,
+                name,
+                "client-side cache: {client_side}"
+            );
+        }
+        let counts = directory.cache().counts();
+        assert!(counts.hits >= 10 && counts.errors == 0, "{counts:?}");
+    }
+}
+
 async fn keys_can_be_replaced_by_update(backend: Backend) {
     let directory = support::directory(&backend, support::in_process_cache());
     let a = directory
@@ -727,6 +776,7 @@ on_both_backends!(
     an_erased_email_is_suppressed_until_consent,
     a_stale_version_is_aborted,
     a_read_after_a_write_is_never_stale,
+    a_read_after_a_write_through_redis_is_never_stale,
     keys_can_be_replaced_by_update,
     create_is_idempotent_by_request_id,
     lifecycle_snapshots_never_go_back_in_time,

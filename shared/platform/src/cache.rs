@@ -85,6 +85,9 @@ pub struct CacheCounts {
 }
 
 const LOAD_STRIPES: usize = 256;
+/// How long this process remembers the versions it wrote: far longer than a
+/// backend needs to drop an older copy.
+const WRITTEN_VERSION_MEMORY: Duration = Duration::from_secs(10);
 const MAX_DIRTY_KEYS: usize = 100_000;
 
 /// A read-through, write-through, versioned cache over a [`CacheBackend`].
@@ -98,6 +101,11 @@ pub struct VersionedCache {
     dirty: std::sync::Mutex<HashSet<String>>,
     /// True while `dirty` may hold keys: the read path checks it without a lock.
     any_dirty: std::sync::atomic::AtomicBool,
+    /// The version each key had when this process last wrote it: a cached
+    /// entry older than that is not served (the backend may still hold or
+    /// hand out the old one for a moment, e.g. a client-side copy whose
+    /// invalidation is on its way).
+    written: moka::sync::Cache<String, i64>,
     /// Striped locks so that concurrent misses on one key load it once.
     load_locks: Vec<AsyncMutex<()>>,
     last_error_log: std::sync::Mutex<Option<Instant>>,
@@ -117,6 +125,10 @@ impl VersionedCache {
             stats: CacheStats::default(),
             dirty: std::sync::Mutex::new(HashSet::new()),
             any_dirty: std::sync::atomic::AtomicBool::new(false),
+            written: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(WRITTEN_VERSION_MEMORY)
+                .build(),
             load_locks: (0..LOAD_STRIPES).map(|_| AsyncMutex::new(())).collect(),
             last_error_log: std::sync::Mutex::new(None),
         }
@@ -215,6 +227,10 @@ impl VersionedCache {
             return load().await;
         }
         match self.backend.get(&full_key).await {
+            Ok(Some(hit)) if self.older_than_written(&full_key, &hit) => {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return load().await;
+            }
             Ok(Some(hit)) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(hit));
@@ -236,7 +252,9 @@ impl VersionedCache {
         };
         let _loading = self.load_locks[stripe].lock().await;
         // Another caller may have filled it while this one waited.
-        if let Ok(Some(hit)) = self.backend.get(&full_key).await {
+        if let Ok(Some(hit)) = self.backend.get(&full_key).await
+            && !self.older_than_written(&full_key, &hit)
+        {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(hit));
         }
@@ -253,10 +271,17 @@ impl VersionedCache {
         Ok(loaded)
     }
 
+    fn older_than_written(&self, full_key: &str, hit: &Versioned) -> bool {
+        self.written
+            .get(full_key)
+            .is_some_and(|written| hit.version < written)
+    }
+
     /// Puts a freshly committed version (write-through). Never fails: on a
     /// backend error the key is read from the database until repaired.
     pub async fn store(&self, key: &str, value: &Versioned) {
         let full_key = self.full_key(key);
+        self.written.insert(full_key.clone(), value.version);
         if let Err(err) = self
             .backend
             .put_if_newer(&full_key, value, self.jittered_ttl())
@@ -634,6 +659,56 @@ mod tests {
         assert_eq!(counts.errors, 2);
         assert_eq!(counts.hits, 0);
         assert!(cache.is_dirty("t:k"));
+    }
+
+    /// A backend that keeps serving what it first held, as a client-side
+    /// copy does until its invalidation arrives.
+    struct LaggingBackend(std::sync::Mutex<Option<Versioned>>);
+
+    #[async_trait]
+    impl CacheBackend for LaggingBackend {
+        async fn get(&self, _: &str) -> Result<Option<Versioned>, BackendError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        async fn put_if_newer(
+            &self,
+            _: &str,
+            value: &Versioned,
+            _: Duration,
+        ) -> Result<(), BackendError> {
+            self.0.lock().unwrap().get_or_insert_with(|| value.clone());
+            Ok(())
+        }
+        async fn remove(&self, _: &str) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "lagging"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_older_than_this_process_wrote_is_never_served() {
+        let cache = VersionedCache::new(
+            Arc::new(LaggingBackend(std::sync::Mutex::new(None))),
+            "t",
+            Duration::from_secs(60),
+        );
+        cache.store("k", &versioned(1, "one")).await;
+        assert_eq!(
+            cache
+                .get_or_load("k", || async { Ok::<_, ()>(None) })
+                .await
+                .unwrap(),
+            Some(versioned(1, "one"))
+        );
+        cache.store("k", &versioned(2, "two")).await;
+        // The backend still answers version 1: the database is asked instead.
+        let got = cache
+            .get_or_load("k", || async { Ok::<_, ()>(Some(versioned(2, "two"))) })
+            .await
+            .unwrap();
+        assert_eq!(got, Some(versioned(2, "two")));
     }
 
     #[tokio::test]
