@@ -15,7 +15,7 @@ pub mod store;
 use std::sync::Arc;
 
 use clm_platform::cache::{VersionedCache, backend_from_config};
-use clm_platform::db::{self, DatabaseKind};
+use clm_platform::db::DatabaseKind;
 use clm_platform::server::{Mounted, Shutdown};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 
@@ -80,8 +80,9 @@ impl IdentityConfig {
 
 /// Applies the identity migrations.
 pub async fn migrate(config: &IdentityConfig) -> anyhow::Result<()> {
-    let pools = db::connect(&config.database_url, store::MIGRATIONS.schema, 2).await?;
-    store::MIGRATIONS.run(&pools).await?;
+    store::MIGRATIONS
+        .open(&config.database_url, 2, true)
+        .await?;
     Ok(())
 }
 
@@ -98,21 +99,13 @@ impl IdentityService {
         config: &IdentityConfig,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
-        let pools = db::connect(
-            &config.database_url,
-            store::MIGRATIONS.schema,
-            config.max_connections,
-        )
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot open the identity database: {err}"))?;
-        if platform.migrate_on_start {
-            store::MIGRATIONS.run(&pools).await?;
-        } else {
-            store::MIGRATIONS
-                .ensure_applied(&pools)
-                .await
-                .map_err(anyhow::Error::msg)?;
-        }
+        let pools = store::MIGRATIONS
+            .open(
+                &config.database_url,
+                config.max_connections,
+                platform.migrate_on_start,
+            )
+            .await?;
         let backend = backend_from_config(platform)?;
         let cache = Arc::new(VersionedCache::new(
             backend,

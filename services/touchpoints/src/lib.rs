@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
-use clm_platform::db;
 use clm_platform::server::{Mounted, Shutdown};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 use tonic::transport::Endpoint;
@@ -80,8 +79,9 @@ impl TouchpointsConfig {
 
 /// Applies the touchpoints migrations.
 pub async fn migrate(config: &TouchpointsConfig) -> anyhow::Result<()> {
-    let pools = db::connect(&config.database_url, store::MIGRATIONS.schema, 2).await?;
-    store::MIGRATIONS.run(&pools).await?;
+    store::MIGRATIONS
+        .open(&config.database_url, 2, true)
+        .await?;
     Ok(())
 }
 
@@ -100,21 +100,13 @@ impl TouchpointsService {
         identity_url: &str,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
-        let pools = db::connect(
-            &config.database_url,
-            store::MIGRATIONS.schema,
-            config.max_connections,
-        )
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot open the touchpoints database: {err}"))?;
-        if platform.migrate_on_start {
-            store::MIGRATIONS.run(&pools).await?;
-        } else {
-            store::MIGRATIONS
-                .ensure_applied(&pools)
-                .await
-                .map_err(anyhow::Error::msg)?;
-        }
+        let pools = store::MIGRATIONS
+            .open(
+                &config.database_url,
+                config.max_connections,
+                platform.migrate_on_start,
+            )
+            .await?;
         let store = store::open(pools);
         let resolver = IdentityResolver::new(identity_url, config.identity_timeout)
             .map_err(|err| anyhow::anyhow!("CLM_IDENTITY_URL: {err}"))?;

@@ -205,6 +205,58 @@ impl ServiceMigrations {
     }
 }
 
+impl ServiceMigrations {
+    /// Opens a service's database for serving: applies the migrations when
+    /// `migrate` is set (`CLM_MIGRATE_ON_START`), otherwise checks that they
+    /// were applied (by `clm migrate`), so a service never runs against a
+    /// schema it does not know.
+    pub async fn open(
+        &self,
+        url: &Secret,
+        max_connections: u32,
+        migrate: bool,
+    ) -> anyhow::Result<Pools> {
+        let pools = connect(url, self.schema, max_connections)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot open the {} database: {err}", self.schema))?;
+        if migrate {
+            self.run(&pools).await?;
+        } else {
+            self.ensure_applied(&pools)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(pools)
+    }
+}
+
+/// Decoding the column conventions of the SQLite stores: ids as UUID
+/// strings, times as microseconds since the Unix epoch.
+pub mod sqlite_columns {
+    use chrono::{DateTime, Utc};
+    use sqlx::Row as _;
+    use sqlx::sqlite::SqliteRow;
+    use uuid::Uuid;
+
+    /// A decoding error from any error.
+    pub fn decode_err(err: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
+        sqlx::Error::Decode(Box::new(err))
+    }
+
+    /// A UUID stored as text.
+    pub fn uuid(row: &SqliteRow, column: &str) -> Result<Uuid, sqlx::Error> {
+        let raw: String = row.try_get(column)?;
+        Uuid::try_parse(&raw).map_err(decode_err)
+    }
+
+    /// A time stored as microseconds since the Unix epoch.
+    pub fn time(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        let micros: i64 = row.try_get(column)?;
+        DateTime::from_timestamp_micros(micros)
+            .ok_or_else(|| sqlx::Error::Decode(format!("bad time in {column}").into()))
+    }
+}
+
 /// What a database error means to a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DbErrorKind {

@@ -37,20 +37,7 @@ impl SqliteTouchpointStore {
     }
 }
 
-fn decode_err(err: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
-    sqlx::Error::Decode(Box::new(err))
-}
-
-fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, sqlx::Error> {
-    let raw: String = row.try_get(column)?;
-    Uuid::try_parse(&raw).map_err(decode_err)
-}
-
-fn time_column(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
-    let micros: i64 = row.try_get(column)?;
-    DateTime::from_timestamp_micros(micros)
-        .ok_or_else(|| sqlx::Error::Decode(format!("bad time in {column}").into()))
-}
+use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
 
 fn money(currency: Option<String>, micros: Option<i64>) -> Option<Money> {
     match (currency, micros) {
