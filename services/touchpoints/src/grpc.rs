@@ -524,11 +524,9 @@ impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
         let template = candidate.as_ref().ok().map(|c| c.touchpoint.clone());
         let outcome = self
             .ingest
-            .record(vec![candidate])
+            .record_one(candidate)
             .await
-            .map_err(ingest_error)?
-            .pop()
-            .expect("one outcome");
+            .map_err(ingest_error)?;
         match outcome {
             Outcome::Rejected(violations) => Err(rejection_status(&violations)),
             Outcome::Stored { id, customer_id } => {

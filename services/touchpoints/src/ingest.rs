@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use uuid::Uuid;
 
@@ -66,7 +69,7 @@ pub enum Outcome {
 }
 
 /// Why a whole ingest call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
     /// Identity could not be asked; nothing was stored.
     #[error(transparent)]
@@ -79,17 +82,95 @@ pub enum IngestError {
 /// How many times a batch is retried after losing a lock race.
 const MAX_ATTEMPTS: u32 = 5;
 
+/// One unary touchpoint waiting for its batch, and where its outcome goes.
+type Waiting = (
+    Result<Candidate, Vec<Violation>>,
+    oneshot::Sender<Result<Outcome, IngestError>>,
+);
+
+/// The most unary touchpoints committed together.
+const MAX_GROUP: usize = 512;
+/// How long the first unary touchpoint of a group waits for company.
+const GROUP_WINDOW: Duration = Duration::from_millis(1);
+
 /// Records touchpoints.
 #[derive(Clone)]
 pub struct TouchpointIngest {
     store: Arc<dyn TouchpointStore>,
     resolver: IdentityResolver,
+    unary: Option<mpsc::Sender<Waiting>>,
 }
 
 impl TouchpointIngest {
     /// Ingest into `store`, resolving customers through `resolver`.
     pub fn new(store: Arc<dyn TouchpointStore>, resolver: IdentityResolver) -> Self {
-        Self { store, resolver }
+        Self {
+            store,
+            resolver,
+            unary: None,
+        }
+    }
+
+    /// Groups concurrent single-touchpoint calls into one batch (one
+    /// identity round trip, one transaction): under load many callers share
+    /// a commit instead of each paying for its own. Call once, on a runtime.
+    pub fn with_group_commit(mut self) -> Self {
+        let (sender, mut receiver) = mpsc::channel::<Waiting>(4 * MAX_GROUP);
+        let ingest = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let mut group = vec![first];
+                let window = tokio::time::sleep(GROUP_WINDOW);
+                tokio::pin!(window);
+                while group.len() < MAX_GROUP {
+                    tokio::select! {
+                        next = receiver.recv() => match next {
+                            Some(item) => group.push(item),
+                            None => break,
+                        },
+                        () = &mut window => break,
+                    }
+                }
+                let (items, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                match ingest.record(items).await {
+                    Ok(outcomes) => {
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                    Err(err) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        self.unary = Some(sender);
+        self
+    }
+
+    /// Records one touchpoint, grouped with concurrent ones when group
+    /// commit is on.
+    pub async fn record_one(
+        &self,
+        item: Result<Candidate, Vec<Violation>>,
+    ) -> Result<Outcome, IngestError> {
+        let Some(unary) = &self.unary else {
+            let mut outcomes = self.record(vec![item]).await?;
+            return Ok(outcomes.pop().expect("one outcome per item"));
+        };
+        let (reply, answer) = oneshot::channel();
+        if unary.send((item, reply)).await.is_err() {
+            return Err(IngestError::Store(StoreError::Unavailable(
+                "the ingest queue is closed".into(),
+            )));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(IngestError::Store(StoreError::Unavailable(
+                "the ingest queue is closed".into(),
+            )))
+        })
     }
 
     /// The store.

@@ -127,7 +127,7 @@ impl TouchpointsService {
             )
             .await;
         });
-        let ingest = TouchpointIngest::new(store, resolver);
+        let ingest = TouchpointIngest::new(store, resolver).with_group_commit();
         let grpc = TouchpointGrpc::new(ingest, platform.limits, config.max_future_skew, shutdown);
         tracing::info!(identity = identity_url, "touchpoints service ready");
         Ok(Self { grpc })

@@ -63,7 +63,7 @@ pub enum Resolution {
 }
 
 /// The identity service could not be asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("the identity service is unavailable: {0}")]
 pub struct IdentityUnavailable(pub String);
 

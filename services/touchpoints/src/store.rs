@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::model::{CustomerChange, LogEntry, Stored, TimelineQuery, Touchpoint, TypeCount};
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached.
     #[error("database unavailable: {0}")]
