@@ -1,0 +1,199 @@
+//! CEL rule conditions: compiled and checked once per model, evaluated many
+//! times against a customer's feature map.
+//!
+//! Conditions run on the `cel` crate's interpreter with its standard library
+//! and no optional features (no regular expressions, timestamps or
+//! durations: the feature map has none). Because that interpreter does not
+//! type-check, every condition also goes through
+//! [`type_check`](crate::type_check) when it is compiled.
+
+use std::sync::{Arc, OnceLock};
+
+use cel::{Context, Env, Program, Value};
+
+use crate::feature_map::{Feature, FeatureSet};
+use crate::type_check::{TypeErrorKind, check_condition};
+use crate::validation::ViolationReason;
+
+/// The longest condition accepted, in characters.
+pub const MAX_CONDITION_CHARS: usize = 4096;
+
+/// Where a condition is used, which decides the features it may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleKind {
+    /// A stage rule.
+    Stage,
+    /// A health rule.
+    Health,
+    /// A profile-fit rule of the lead score, which may not use `lead_score`.
+    Fit,
+}
+
+/// How one rule came out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleOutcome {
+    /// The condition was true.
+    Matched,
+    /// The condition was false.
+    NotMatched,
+    /// The condition failed at run time (counted as false), with the error.
+    Error(String),
+}
+
+impl RuleOutcome {
+    /// True for [`RuleOutcome::Matched`].
+    pub fn matched(&self) -> bool {
+        matches!(self, RuleOutcome::Matched)
+    }
+}
+
+/// A condition that compiled, type-checked and yields a bool.
+#[derive(Debug)]
+pub struct CompiledCondition {
+    program: Program,
+    references: FeatureSet,
+}
+
+/// The CEL environment of every rule: the standard library, without the
+/// optional-value syntax.
+pub(crate) fn rule_env() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(Env::stdlib().with_optional_support(false)))
+        .clone()
+}
+
+/// Compiles and checks one condition; on failure, the reason and a
+/// description with the position in the expression.
+pub fn compile_condition(
+    source: &str,
+    kind: RuleKind,
+) -> Result<CompiledCondition, (ViolationReason, String)> {
+    let program = rule_env().compile(source).map_err(|error| {
+        (
+            ViolationReason::SyntaxError,
+            format!("does not parse: {error}"),
+        )
+    })?;
+    let resolve_feature = |name: &str| match Feature::from_name(name) {
+        Some(Feature::LeadScore) if kind == RuleKind::Fit => {
+            Err("'lead_score' is not available to fit rules, which compute it".to_owned())
+        }
+        Some(feature) => Ok(feature.cel_type()),
+        None => Err(format!("unknown feature '{name}'")),
+    };
+    check_condition(program.expression(), &resolve_feature).map_err(|error| {
+        let reason = match error.kind {
+            TypeErrorKind::UnknownReference => ViolationReason::UnknownFeature,
+            TypeErrorKind::WrongType => ViolationReason::WrongType,
+        };
+        let position = program
+            .source_info()
+            .offset_for(error.expr_id)
+            .map(|(start, _)| line_and_column(source, start as usize))
+            .map_or(String::new(), |(line, column)| {
+                format!("<input>:{line}:{column}: ")
+            });
+        (reason, format!("{position}{}", error.message))
+    })?;
+    let mut references = FeatureSet::default();
+    for name in program.references().variables() {
+        if let Some(feature) = Feature::from_name(name) {
+            references.insert(feature);
+        }
+    }
+    Ok(CompiledCondition {
+        program,
+        references,
+    })
+}
+
+/// The 1-based line and column of a character offset.
+fn line_and_column(source: &str, offset: usize) -> (usize, usize) {
+    let mut line = 1;
+    let mut column = 1;
+    for character in source.chars().take(offset) {
+        if character == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    (line, column)
+}
+
+impl CompiledCondition {
+    /// The features the condition references.
+    pub fn references(&self) -> FeatureSet {
+        self.references
+    }
+
+    /// The parsed expression, for time analysis.
+    pub(crate) fn expression(&self) -> &cel::IdedExpr {
+        self.program.expression()
+    }
+
+    /// Evaluates the condition with the variables bound in `context`.
+    pub fn evaluate(&self, context: &Context<'_, '_>) -> RuleOutcome {
+        match self.program.execute(context) {
+            Ok(Value::Bool(true)) => RuleOutcome::Matched,
+            Ok(Value::Bool(false)) => RuleOutcome::NotMatched,
+            Ok(other) => RuleOutcome::Error(format!(
+                "the condition yielded {:?}, not a bool",
+                other.type_of()
+            )),
+            Err(error) => RuleOutcome::Error(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_bad_conditions() {
+        let reason = |source: &str, kind| compile_condition(source, kind).unwrap_err().0;
+        assert_eq!(
+            reason("count['purchase']['all'] >=", RuleKind::Stage),
+            ViolationReason::SyntaxError
+        );
+        assert_eq!(
+            reason("purchases > 1", RuleKind::Stage),
+            ViolationReason::UnknownFeature
+        );
+        assert_eq!(
+            reason("lead_score > 1.0", RuleKind::Fit),
+            ViolationReason::UnknownFeature
+        );
+        assert_eq!(
+            reason("days_since_last_touch", RuleKind::Health),
+            ViolationReason::WrongType
+        );
+        assert_eq!(
+            reason("company > 1", RuleKind::Fit),
+            ViolationReason::WrongType
+        );
+
+        let (_, description) = compile_condition("nps > 1 && bogus", RuleKind::Stage).unwrap_err();
+        assert_eq!(description, "<input>:1:12: unknown feature 'bogus'");
+    }
+
+    #[test]
+    fn records_referenced_features() {
+        let compiled = compile_condition(
+            "count.exists(t, count[t]['7d'] > 0) && nps >= 9",
+            RuleKind::Stage,
+        )
+        .unwrap();
+        let features: Vec<_> = compiled.references().iter().collect();
+        assert_eq!(features, vec![Feature::Count, Feature::Nps]);
+    }
+
+    #[test]
+    fn compiled_rules_are_shareable_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<CompiledCondition>();
+        assert_send_sync::<Env>();
+    }
+}
