@@ -69,6 +69,7 @@ fi
 # --- servers ------------------------------------------------------------------------------------
 SCRATCH=$(mktemp -d)
 cleanup() {
+  if [ -z "${PG_DIR:-}" ] && [ -n "${CLM_TEST_REQUIRE_SERVERS:-}" ]; then drop_test_databases; fi
   if [ -n "${PG_DIR:-}" ]; then
     if is_root; then runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR" -m fast stop >/dev/null 2>&1 || true
     else "$PG_BIN/pg_ctl" -D "$PG_DIR" -m fast stop >/dev/null 2>&1 || true; fi
@@ -123,6 +124,18 @@ else
 fi
 # From here on a missing server is a failure, never a skip.
 export CLM_TEST_REQUIRE_SERVERS=1
+
+# Every test gets a fresh database named <prefix>_<16 hex digits>; drop the
+# ones earlier runs left, and this run's when it ends, so that a long-lived
+# test server does not fill up.
+drop_test_databases() {
+  psql "$CLM_TEST_DATABASE_URL" -qtAc \
+    "SELECT datname FROM pg_database WHERE datname ~ '^(identity|touchpoints|eventlog|e2e|e2e_tp)_[0-9a-f]{16}$'" 2>/dev/null |
+    while read -r database; do
+      [ -n "$database" ] && psql "$CLM_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1 || true
+    done
+}
+drop_test_databases
 
 # --- contracts ----------------------------------------------------------------------------------
 step "buf lint"

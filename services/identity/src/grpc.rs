@@ -890,6 +890,6 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
                     .map(|events| pb::StreamCustomerEventsResponse { events })
                     .map_err(Status::from)
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(clm_eventlog::read_ahead(stream, 2))))
     }
 }

@@ -797,6 +797,7 @@ impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
                 .collect::<Result<Vec<_>, Status>>()?;
             Ok(pb::StreamTouchpointLogResponse { entries })
         });
-        Ok(Response::new(Box::pin(stream)))
+        // Read and convert the next batches while tonic encodes and sends.
+        Ok(Response::new(Box::pin(clm_eventlog::read_ahead(stream, 2))))
     }
 }

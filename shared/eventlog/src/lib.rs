@@ -364,6 +364,36 @@ impl EventLog {
     }
 }
 
+/// Reads ahead of the consumer: a task pulls up to `depth` items of
+/// `stream` while the previous ones are still being encoded and sent, so a
+/// consumer that is behind gets database reads and network sends
+/// overlapped instead of one after the other. The task stops as soon as the
+/// returned stream is dropped, even while it waits for the next item.
+pub fn read_ahead<S>(stream: S, depth: usize) -> impl Stream<Item = S::Item> + Send + 'static
+where
+    S: Stream + Send + 'static,
+    S::Item: Send + 'static,
+{
+    use futures_util::StreamExt as _;
+    let (sender, receiver) = tokio::sync::mpsc::channel(depth.max(1));
+    tokio::spawn(async move {
+        let mut stream = Box::pin(stream);
+        loop {
+            // A live tail may wait long for its next entry: stop as soon as
+            // the consumer has gone, not at the next entry.
+            let item = tokio::select! {
+                () = sender.closed() => return,
+                item = stream.next() => item,
+            };
+            let Some(item) = item else { return };
+            if sender.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
 /// How a tail behaves once it has caught up.
 #[derive(Debug, Clone, Copy)]
 pub struct TailOptions {

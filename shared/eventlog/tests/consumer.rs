@@ -145,3 +145,32 @@ async fn failures_anywhere_neither_lose_nor_double_count() {
         "failures were retried"
     );
 }
+
+#[tokio::test]
+async fn read_ahead_stops_when_the_reader_goes_even_while_waiting() {
+    let polled = Arc::new(AtomicUsize::new(0));
+    let counter = polled.clone();
+    // A live source: one item, then it waits forever.
+    let source = futures_util::stream::once(async { 1_u32 }).chain(futures_util::stream::poll_fn(
+        move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::task::Poll::<Option<u32>>::Pending
+        },
+    ));
+    let ahead = clm_eventlog::read_ahead(source, 2);
+    let mut ahead = Box::pin(ahead);
+    assert_eq!(ahead.next().await, Some(1));
+    drop(ahead);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after_drop = polled.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        polled.load(Ordering::SeqCst),
+        after_drop,
+        "the reading task is gone"
+    );
+    assert!(
+        Arc::strong_count(&polled) == 1,
+        "the source was dropped with its task"
+    );
+}
