@@ -259,14 +259,25 @@ impl EventLog {
                      ORDER BY txid, seq LIMIT $3",
                     self.table
                 );
+                // An ordered index scan that stops after `limit` entries;
+                // with lagging statistics the planner may otherwise scan and
+                // sort everything after the cursor.
+                let mut tx = pool.begin().await?;
+                sqlx::query("SET LOCAL enable_bitmapscan = off")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("SET LOCAL enable_seqscan = off")
+                    .execute(&mut *tx)
+                    .await?;
                 let rows = sqlx::query(&sql)
                     .bind(after.transaction.to_string())
                     .bind(after.sequence)
                     .bind(i64::from(limit))
                     .bind(shard.count as i32)
                     .bind(shard.index as i32)
-                    .fetch_all(pool)
+                    .fetch_all(&mut *tx)
                     .await?;
+                tx.commit().await?;
                 rows.iter()
                     .map(|row| {
                         Ok(Entry {

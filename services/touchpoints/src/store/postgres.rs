@@ -360,6 +360,19 @@ impl TouchpointStore for PostgresTouchpointStore {
         shard: ShardFilter,
         limit: u32,
     ) -> Result<Vec<(Cursor, LogEntry)>, StoreError> {
+        // An ordered index scan that stops after `limit` entries is what this
+        // read needs; with statistics that lag a fast-growing table the
+        // planner may instead scan every entry after the cursor and sort
+        // them (seen: 325 ms instead of 21 ms per 10,000 entries).
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        sqlx::query("SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
         // One horizon for both tables, so their entries interleave correctly.
         let rows = sqlx::query(
             "WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS h) \
@@ -385,9 +398,10 @@ impl TouchpointStore for PostgresTouchpointStore {
         .bind(i64::from(limit))
         .bind(shard.count as i32)
         .bind(shard.index as i32)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
         rows.iter()
             .map(|row| {
                 let cursor = Cursor {
