@@ -379,19 +379,19 @@ impl TouchpointStore for PostgresTouchpointStore {
              SELECT * FROM ( \
                (SELECT txid::text::bigint AS tx, seq, id, event_id, customer_id, channel, type, occurred_at, recorded_at, \
                   campaign, utm_source, utm_medium, NULL::jsonb AS properties, revenue_currency, revenue_micros, \
-                  cost_currency, cost_micros, NULL::uuid AS change_id, NULL::bytea AS payload \
+                  cost_currency, cost_micros, NULL::uuid AS change_id, NULL::bytea AS payload, txid AS ordering \
                 FROM touchpoints \
                 WHERE (txid, seq) > ($1::text::xid8, $2) AND txid < (SELECT h FROM horizon) \
                   AND ($4 = 1 OR shard % $4 = $5) \
                 ORDER BY txid, seq LIMIT $3) \
                UNION ALL \
                (SELECT txid::text::bigint, seq, NULL, NULL, customer_id, NULL, NULL, NULL, recorded_at, NULL, NULL, NULL, \
-                  NULL, NULL, NULL, NULL, NULL, event_id, payload \
+                  NULL, NULL, NULL, NULL, NULL, event_id, payload, txid AS ordering \
                 FROM touchpoint_changes \
                 WHERE (txid, seq) > ($1::text::xid8, $2) AND txid < (SELECT h FROM horizon) \
                   AND ($4 = 1 OR shard % $4 = $5) \
                 ORDER BY txid, seq LIMIT $3) \
-             ) AS log ORDER BY tx, seq LIMIT $3",
+             ) AS log ORDER BY ordering, seq LIMIT $3",
         )
         .bind(after.transaction.to_string())
         .bind(after.sequence)
