@@ -1,44 +1,15 @@
 //! The touchpoint types and channels the feature map is keyed by.
 //!
-//! The type list mirrors `Touchpoint.type` in `clm.touchpoint.v1` (and
-//! `clm_touchpoints::vocabulary`); it is repeated here so that the engine does
-//! not depend on the touchpoints service crate.
+//! The type list is the contract's (`clm_proto::vocabulary`), shared with the
+//! touchpoints service.
 
 use clm_proto::touchpoint::Channel;
 
 /// The documented touchpoint types, in contract order.
-pub const KNOWN_TYPES: &[&str] = &[
-    "page_view",
-    "ad_click",
-    "social_engagement",
-    "content_view",
-    "content_download",
-    "form_submit",
-    "newsletter_signup",
-    "email_open",
-    "email_click",
-    "demo_request",
-    "pricing_view",
-    "proposal_sent",
-    "contract_signed",
-    "purchase",
-    "renewal",
-    "cancellation",
-    "refund",
-    "onboarding_completed",
-    "product_usage",
-    "support_ticket_opened",
-    "support_ticket_resolved",
-    "referral",
-    "review",
-    "case_study",
-    "nps_response",
-    "csat_response",
-    "ces_response",
-];
+pub const KNOWN_TYPES: &[&str] = clm_proto::vocabulary::TOUCHPOINT_TYPES;
 
 /// The prefix of custom touchpoint types, e.g. `custom.webinar`.
-pub const CUSTOM_PREFIX: &str = "custom.";
+pub const CUSTOM_PREFIX: &str = clm_proto::vocabulary::CUSTOM_TYPE_PREFIX;
 
 /// The types that count as purchases for `days_since_last_purchase`.
 pub const PURCHASE_TYPES: &[&str] = &["purchase", "contract_signed", "renewal"];

@@ -1,38 +1,10 @@
 //! The documented touchpoint types and the ISO 4217 currency codes.
 
-/// The touchpoint types the contract documents (see `Touchpoint.type`).
-pub const KNOWN_TYPES: &[&str] = &[
-    "page_view",
-    "ad_click",
-    "social_engagement",
-    "content_view",
-    "content_download",
-    "form_submit",
-    "newsletter_signup",
-    "email_open",
-    "email_click",
-    "demo_request",
-    "pricing_view",
-    "proposal_sent",
-    "contract_signed",
-    "purchase",
-    "renewal",
-    "cancellation",
-    "refund",
-    "onboarding_completed",
-    "product_usage",
-    "support_ticket_opened",
-    "support_ticket_resolved",
-    "referral",
-    "review",
-    "case_study",
-    "nps_response",
-    "csat_response",
-    "ces_response",
-];
+/// The documented touchpoint types, in contract order.
+pub const KNOWN_TYPES: &[&str] = clm_proto::vocabulary::TOUCHPOINT_TYPES;
 
-/// The prefix of custom types.
-pub const CUSTOM_PREFIX: &str = "custom.";
+/// The prefix of custom touchpoint types, e.g. `custom.webinar`.
+pub const CUSTOM_PREFIX: &str = clm_proto::vocabulary::CUSTOM_TYPE_PREFIX;
 
 /// Why a type is not acceptable, if it is not.
 pub fn type_problem(kind: &str) -> Option<&'static str> {

@@ -8,6 +8,44 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/clm_descriptor.bin"));
 
+/// Values the contracts document in prose rather than as enums.
+pub mod vocabulary {
+    /// The documented touchpoint types (`clm.touchpoint.v1.Touchpoint.type`),
+    /// in contract order. Other types must be custom: [`CUSTOM_TYPE_PREFIX`].
+    pub const TOUCHPOINT_TYPES: &[&str] = &[
+        "page_view",
+        "ad_click",
+        "social_engagement",
+        "content_view",
+        "content_download",
+        "form_submit",
+        "newsletter_signup",
+        "email_open",
+        "email_click",
+        "demo_request",
+        "pricing_view",
+        "proposal_sent",
+        "contract_signed",
+        "purchase",
+        "renewal",
+        "cancellation",
+        "refund",
+        "onboarding_completed",
+        "product_usage",
+        "support_ticket_opened",
+        "support_ticket_resolved",
+        "referral",
+        "review",
+        "case_study",
+        "nps_response",
+        "csat_response",
+        "ces_response",
+    ];
+
+    /// The prefix of custom touchpoint types, e.g. `custom.webinar`.
+    pub const CUSTOM_TYPE_PREFIX: &str = "custom.";
+}
+
 /// The `clm.*` protobuf packages.
 pub mod clm {
     /// Messages shared by every service.
