@@ -12,6 +12,7 @@
 //! the same background load on a shared machine. With `--server` it
 //! measures an already running server instead.
 
+mod evaluate;
 mod ingest;
 mod load;
 mod report;
@@ -67,6 +68,9 @@ enum Benchmark {
     /// Creates a fresh database on the PostgreSQL server, starts `clm serve
     /// identity touchpoints` on it, measures, and drops the database.
     Ingest(ingest::IngestBenchArgs),
+    /// The CPU time of one lifecycle evaluation of a typical customer with
+    /// the default scoring model, excluding I/O.
+    Evaluate(evaluate::EvaluateBenchArgs),
 }
 
 /// Arguments of `clm bench get-customer`.
@@ -142,6 +146,7 @@ impl GetCustomerBenchArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.benchmark {
         Benchmark::Ingest(args) => ingest::run(args).await,
+        Benchmark::Evaluate(args) => evaluate::run(&args),
         Benchmark::GetCustomer(args) => {
             let report = match &args.server {
                 Some(address) => bench_running_server(&args, address).await?,
