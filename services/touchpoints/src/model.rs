@@ -14,6 +14,16 @@ pub struct Money {
     pub micros: i64,
 }
 
+impl Money {
+    /// Money from its two nullable columns: present only when both are.
+    pub fn from_columns(currency: Option<String>, micros: Option<i64>) -> Option<Self> {
+        Some(Self {
+            currency: currency?,
+            micros: micros?,
+        })
+    }
+}
+
 /// A validated touchpoint whose customer is resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Touchpoint {

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use chrono::Utc;
 use clm_eventlog::{EventLog, NewEntry};
+use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
 use clm_platform::db::{Pools, SqlitePools};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite};
@@ -28,8 +29,6 @@ impl SqliteCustomerStore {
         Self { pools, log }
     }
 }
-
-use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
 
 fn customer_from_row(row: &SqliteRow) -> Result<Customer, sqlx::Error> {
     let state: String = row.try_get("state")?;

@@ -47,13 +47,6 @@ impl PostgresTouchpointStore {
     }
 }
 
-fn money(currency: Option<String>, micros: Option<i64>) -> Option<Money> {
-    match (currency, micros) {
-        (Some(currency), Some(micros)) => Some(Money { currency, micros }),
-        _ => None,
-    }
-}
-
 fn touchpoint_from_row(row: &PgRow, with_properties: bool) -> Result<Touchpoint, sqlx::Error> {
     let properties = if with_properties {
         row.try_get::<Option<sqlx::types::Json<BTreeMap<String, String>>>, _>("properties")?
@@ -73,11 +66,11 @@ fn touchpoint_from_row(row: &PgRow, with_properties: bool) -> Result<Touchpoint,
         utm_source: row.try_get("utm_source")?,
         utm_medium: row.try_get("utm_medium")?,
         properties,
-        revenue: money(
+        revenue: Money::from_columns(
             row.try_get("revenue_currency")?,
             row.try_get("revenue_micros")?,
         ),
-        cost: money(row.try_get("cost_currency")?, row.try_get("cost_micros")?),
+        cost: Money::from_columns(row.try_get("cost_currency")?, row.try_get("cost_micros")?),
     })
 }
 
@@ -96,8 +89,8 @@ fn log_touchpoint_from_row(row: &PgRow) -> Result<Touchpoint, sqlx::Error> {
         utm_source: row.try_get(10)?,
         utm_medium: row.try_get(11)?,
         properties: None,
-        revenue: money(row.try_get(13)?, row.try_get(14)?),
-        cost: money(row.try_get(15)?, row.try_get(16)?),
+        revenue: Money::from_columns(row.try_get(13)?, row.try_get(14)?),
+        cost: Money::from_columns(row.try_get(15)?, row.try_get(16)?),
     })
 }
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::consumer::cursors;
 use clm_eventlog::{Cursor, ShardFilter, shard_of};
+use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
 use clm_platform::db::{Pools, SqlitePools};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite};
@@ -37,15 +38,6 @@ impl SqliteTouchpointStore {
     }
 }
 
-use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
-
-fn money(currency: Option<String>, micros: Option<i64>) -> Option<Money> {
-    match (currency, micros) {
-        (Some(currency), Some(micros)) => Some(Money { currency, micros }),
-        _ => None,
-    }
-}
-
 fn touchpoint_from_row(row: &SqliteRow, with_properties: bool) -> Result<Touchpoint, sqlx::Error> {
     let properties = if with_properties {
         row.try_get::<Option<String>, _>("properties")?
@@ -66,11 +58,11 @@ fn touchpoint_from_row(row: &SqliteRow, with_properties: bool) -> Result<Touchpo
         utm_source: row.try_get("utm_source")?,
         utm_medium: row.try_get("utm_medium")?,
         properties,
-        revenue: money(
+        revenue: Money::from_columns(
             row.try_get("revenue_currency")?,
             row.try_get("revenue_micros")?,
         ),
-        cost: money(row.try_get("cost_currency")?, row.try_get("cost_micros")?),
+        cost: Money::from_columns(row.try_get("cost_currency")?, row.try_get("cost_micros")?),
     })
 }
 
