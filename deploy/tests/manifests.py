@@ -99,18 +99,29 @@ def render_chart(
             raise RenderError(result.stderr.strip())
         return split_documents(result.stdout)
 
-    import helm_python
-
-    try:
-        with helm_python.Chart.load(CHART_DIR) as chart:
-            rendered = chart.render(values, name=release, namespace=namespace, is_install=True)
-    except helm_python.HelmError as error:
-        raise RenderError(str(error)) from error
+    rendered = _render_with_sdk(values, release, namespace)
     documents: list[dict[str, Any]] = []
     for path in sorted(rendered):
         if path.endswith((".yaml", ".yml")):
             documents.extend(split_documents(rendered[path]))
     return documents
+
+
+def _render_with_sdk(values: dict[str, Any] | None, release: str, namespace: str) -> dict[str, str]:
+    """Every template of the chart, rendered by helm-python-sdk as for an install: path -> text."""
+    import helm_python
+
+    try:
+        with helm_python.Chart.load(CHART_DIR) as chart:
+            return chart.render(values, name=release, namespace=namespace, is_install=True)
+    except helm_python.HelmError as error:
+        raise RenderError(str(error)) from error
+
+
+def render_notes(values: dict[str, Any] | None = None) -> str:
+    """NOTES.txt as `helm install` prints it. Always helm-python-sdk: `helm template` leaves the notes out."""
+    rendered = _render_with_sdk(values, RELEASE, NAMESPACE)
+    return next(text for path, text in rendered.items() if path.endswith("/NOTES.txt"))
 
 
 def lint_chart(values: dict[str, Any] | None = None) -> list[str]:
@@ -150,6 +161,28 @@ def prod_values() -> dict[str, Any]:
 def all_services_values() -> dict[str, Any]:
     """Every service on, as the chart will be once all of them exist."""
     return {"services": {name: {"enabled": True} for name in SERVICE_CALLS}, "redis": {"url": "redis://redis:6379/"}}
+
+
+def readme_sh_commands(path: Path = CHART_DIR / "README.md") -> list[str]:
+    """The lines of a README's ```sh blocks, with backslash-continued lines joined."""
+    text = path.read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+
+
+_PORT_FORWARD = re.compile(r"\bport-forward svc/([a-z0-9-]+) (\d+):grpc\b")
+
+
+def port_forwards(lines: Iterable[str]) -> dict[int, str]:
+    """Local port -> Service name, from `kubectl port-forward svc/<name> <local>:grpc` lines."""
+    forwards: dict[int, str] = {}
+    for line in lines:
+        match = _PORT_FORWARD.search(line)
+        if match:
+            port = int(match.group(2))
+            assert forwards.get(port, match.group(1)) == match.group(1), f"two Services are forwarded to {port}"
+            forwards[port] = match.group(1)
+    return forwards
 
 
 @functools.lru_cache(maxsize=None)

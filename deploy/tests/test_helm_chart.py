@@ -220,17 +220,6 @@ def test_every_value_is_documented_in_the_readme() -> None:
     assert sorted(set(missing)) == [], "values without a row in deploy/helm/clm/README.md"
 
 
-def _readme_commands(path, program: str) -> list[list[str]]:
-    """Shell commands of the README's ```sh blocks that start with `program`, continuation lines joined."""
-    text = path.read_text(encoding="utf-8")
-    commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            if command.startswith(program + " "):
-                commands.append(shlex.split(command))
-    return commands
-
-
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
@@ -242,7 +231,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
 def test_readme_helm_commands_render(verb: str) -> None:
     import helm_python
 
-    commands = [c for c in _readme_commands(manifests.CHART_DIR / "README.md", "helm") if c[1] == verb]
+    commands = [shlex.split(c) for c in manifests.readme_sh_commands() if c.startswith(f"helm {verb} ")]
     assert commands, f"the chart README shows no `helm {verb}`"
     for command in commands:
         assert command[2:4] == ["clm", "deploy/helm/clm"], command
@@ -257,3 +246,19 @@ def test_readme_helm_commands_render(verb: str) -> None:
                 assert next(arguments) == manifests.NAMESPACE
         assert manifests.lint_chart(values) == [], command
         assert render_chart(values), command
+
+
+@pytest.mark.parametrize("values_name", ["defaults", "all services"])
+def test_notes_forward_each_service_to_the_port_the_readme_uses(values_name: str) -> None:
+    """NOTES.txt forwards every enabled service to its own local port, the one the README forwards it to."""
+    values = {"defaults": None, "all services": manifests.all_services_values()}[values_name]
+    enabled = {
+        name for name, service in _deep_merge(manifests.chart_default_values(), values or {})["services"].items()
+        if service["enabled"]
+    }
+    notes = manifests.port_forwards(manifests.render_notes(values).splitlines())
+    assert sorted(notes.values()) == sorted(f"clm-{name}" for name in enabled)
+    readme = manifests.port_forwards(manifests.readme_sh_commands())
+    assert readme, "the chart README forwards no Service"
+    for port, service in readme.items():
+        assert notes.get(port) == service, f"the README forwards {service} to {port}, NOTES.txt {notes}"

@@ -298,26 +298,8 @@ def grpcurl_call(port: int, method: str, body: dict[str, Any]) -> dict[str, Any]
     return json.loads(result.stdout)
 
 
-def _readme_sh_lines() -> list[str]:
-    text = (manifests.CHART_DIR / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.splitlines()]
-
-
 def readme_grpcurl_commands() -> list[str]:
-    return [line for line in _readme_sh_lines() if line.startswith("grpcurl ")]
-
-
-def readme_port_forwards() -> dict[int, str]:
-    """Local port -> Service name, from the README's `kubectl port-forward svc/<name> <local>:grpc` lines."""
-    forwards: dict[int, str] = {}
-    for line in _readme_sh_lines():
-        match = re.search(r"\bport-forward svc/([a-z0-9-]+) (\d+):grpc\b", line)
-        if match:
-            port = int(match.group(2))
-            assert forwards.get(port, match.group(1)) == match.group(1), f"the README forwards two Services to {port}"
-            forwards[port] = match.group(1)
-    return forwards
+    return [line for line in manifests.readme_sh_commands() if line.startswith("grpcurl ")]
 
 
 # --- Services without cluster DNS ----------------------------------------------------------------
@@ -571,7 +553,7 @@ def test_readme_grpcurl_commands_work(pods: dict[str, LocalPod]) -> None:
     grpcurl = _require_grpcurl()
     commands = readme_grpcurl_commands()
     assert commands, "the chart README shows no grpcurl command"
-    forwards = readme_port_forwards()
+    forwards = manifests.port_forwards(manifests.readme_sh_commands())
     by_service_name = {pod.deployment["metadata"]["name"]: pod for pod in pods.values()}
     packages = {
         name: service["healthService"].rsplit(".", 1)[0] + "."
