@@ -199,6 +199,10 @@ def render_overlay(overlay: str) -> list[dict[str, Any]]:
     return split_documents(_kustomize(str(K8S_DIR / "overlays" / overlay)))
 
 
+def render_base() -> list[dict[str, Any]]:
+    return split_documents(_kustomize(str(K8S_DIR / "base")))
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderSet:
     """One rendering of the manifests that the policy tests check."""

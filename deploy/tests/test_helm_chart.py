@@ -22,10 +22,10 @@ def test_helm_lint_strict_passes(values_name: str) -> None:
 
 
 # The services the binary serves today; the chart turns exactly these on by default.
-DEFAULT_SERVICES = ["identity", "touchpoints"]
+DEFAULT_SERVICES = ["identity", "touchpoints", "scoring"]
 
 
-def test_default_values_render_identity_and_touchpoints() -> None:
+def test_default_values_render_the_served_services() -> None:
     documents = render_chart()
     components = {doc["metadata"]["labels"]["app.kubernetes.io/component"] for doc in documents}
     assert components == {c for name in DEFAULT_SERVICES for c in (name, f"{name}-migrate")}
@@ -39,41 +39,57 @@ def test_default_values_render_identity_and_touchpoints() -> None:
         ), name
 
 
-def test_default_touchpoints_calls_identity_and_nothing_else() -> None:
-    documents = render_chart({"redis": {"url": "redis://redis:6379/"}})
-    deployment = by_name(documents, "Deployment", "clm-touchpoints")
-    container = pod_spec(deployment)["containers"][0]
-    assert container["args"] == ["serve", "touchpoints"]
-    for probe in ("startupProbe", "readinessProbe"):
-        assert container[probe]["grpc"] == {"port": 50051, "service": "clm.touchpoint.v1.TouchpointService"}
-    env = {entry["name"]: entry for entry in container["env"]}
-    assert env["CLM_IDENTITY_URL"] == {"name": "CLM_IDENTITY_URL", "value": "http://clm-identity:50051"}
-    assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "clm-touchpoints", "key": "database-url"}
-    # touchpoints uses neither Redis nor identity's hash key.
-    assert "CLM_REDIS_URL" not in env and "CLM_IDENTITY_HASH_KEY" not in env
-    assert set(manifests.secret_data(by_name(documents, "Secret", "clm-touchpoints"))) == {"database-url"}
-    assert "CLM_REDIS_URL" in {e["name"] for e in pod_spec(by_name(documents, "Deployment", "clm-identity"))["containers"][0]["env"]}
-    job = by_name(documents, "Job", "clm-touchpoints-migrate")
-    assert pod_spec(job)["containers"][0]["args"] == ["migrate", "touchpoints"]
-
-    touchpoints_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    identity_labels = by_name(documents, "Deployment", "clm-identity")["spec"]["template"]["metadata"]["labels"]
-    identity_policy = by_name(documents, "NetworkPolicy", "clm-identity")["spec"]
-    admitted = [
+def _pod_peer_services(documents: list[dict], rules: list[dict], side: str) -> list[str]:
+    """The services whose rendered Deployments' pods the in-namespace pod peers of these rules select."""
+    selectors = [
         peer["podSelector"]["matchLabels"]
-        for rule in identity_policy["ingress"] for peer in rule["from"] if "namespaceSelector" not in peer
+        for rule in rules for peer in rule.get(side, []) if "podSelector" in peer and "namespaceSelector" not in peer
     ]
-    assert admitted and all(manifests.labels_match(labels, touchpoints_labels) for labels in admitted)
-    policy = by_name(documents, "NetworkPolicy", "clm-touchpoints")["spec"]
-    assert policy["ingress"] == [], "nothing calls touchpoints by default"
-    to_pods = [
-        (peer["podSelector"]["matchLabels"], rule["ports"])
-        for rule in policy["egress"] for peer in rule.get("to", []) if "namespaceSelector" not in peer
-    ]
-    assert len(to_pods) == 1 and manifests.labels_match(to_pods[0][0], identity_labels)
-    assert to_pods[0][1] == [{"protocol": "TCP", "port": 50051}]
+    return sorted(
+        deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        for deployment in of_kind(documents, "Deployment")
+        if any(manifests.labels_match(s, deployment["spec"]["template"]["metadata"]["labels"]) for s in selectors)
+    )
+
+
+@pytest.mark.parametrize(
+    ("service", "health_service"),
+    [("touchpoints", "clm.touchpoint.v1.TouchpointService"), ("scoring", "clm.scoring.v1.LifecycleService")],
+)
+def test_default_service_calls_its_callees_and_nothing_else(service: str, health_service: str) -> None:
+    """Redis configured, yet the service gets neither it nor identity's hash key; only its callers and callees are wired."""
+    documents = render_chart({"redis": {"url": "redis://redis:6379/"}})
+    callees = sorted(manifests.SERVICE_CALLS[service])
+    callers = sorted(c for c in DEFAULT_SERVICES if service in manifests.SERVICE_CALLS[c])
+    deployment = by_name(documents, "Deployment", f"clm-{service}")
+    container = pod_spec(deployment)["containers"][0]
+    assert container["args"] == ["serve", service]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": health_service}
+    env = {entry["name"]: entry for entry in container["env"]}
+    for callee in callees:
+        name = f"CLM_{callee.upper()}_URL"
+        assert env[name] == {"name": name, "value": f"http://clm-{callee}:50051"}
+    assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": f"clm-{service}", "key": "database-url"}
+    assert "CLM_REDIS_URL" not in env and "CLM_IDENTITY_HASH_KEY" not in env
+    assert set(manifests.secret_data(by_name(documents, "Secret", f"clm-{service}"))) == {"database-url"}
+    assert "CLM_REDIS_URL" in {e["name"] for e in pod_spec(by_name(documents, "Deployment", "clm-identity"))["containers"][0]["env"]}
+    job = by_name(documents, "Job", f"clm-{service}-migrate")
+    assert pod_spec(job)["containers"][0]["args"] == ["migrate", service]
+
+    for callee in callees:
+        callee_ingress = by_name(documents, "NetworkPolicy", f"clm-{callee}")["spec"]["ingress"]
+        assert service in _pod_peer_services(documents, callee_ingress, "from"), f"{callee} must admit {service}"
+    policy = by_name(documents, "NetworkPolicy", f"clm-{service}")["spec"]
+    assert _pod_peer_services(documents, policy["ingress"], "from") == callers
+    if not callers:
+        assert policy["ingress"] == [], f"nothing calls {service} by default"
+    assert _pod_peer_services(documents, policy["egress"], "to") == callees
+    for rule in policy["egress"]:
+        if any("podSelector" in peer and "namespaceSelector" not in peer for peer in rule.get("to", [])):
+            assert rule["ports"] == [{"protocol": "TCP", "port": 50051}]
     egress_ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
-    assert egress_ports == {53, 5432, 50051}, "no route to Redis for touchpoints"
+    assert egress_ports == {53, 5432, 50051}, f"no route to Redis for {service}"
 
 
 def test_default_deployment_runs_one_service_with_grpc_probes() -> None:
@@ -112,15 +128,17 @@ def test_prod_values_take_every_secret_from_existing_secrets() -> None:
     namespaces = [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers if "namespaceSelector" in peer]
     assert namespaces == ["web-shop", "support-desk"]
     callers = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in peers if "namespaceSelector" not in peer]
-    assert callers == ["touchpoints"]
-    touchpoints = by_name(documents, "Deployment", "clm-touchpoints")
-    assert "replicas" not in touchpoints["spec"]
-    env = {entry["name"]: entry for entry in pod_spec(touchpoints)["containers"][0]["env"]}
-    assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "clm-touchpoints-database", "key": "url"}
-    assert env["CLM_IDENTITY_URL"]["value"] == "http://clm-identity:50051"
-    assert env["OTEL_SERVICE_NAME"]["value"] == "clm-touchpoints"
-    assert "CLM_REDIS_URL" not in env
-    assert by_name(documents, "HorizontalPodAutoscaler", "clm-touchpoints") is not None
+    assert callers == ["scoring", "touchpoints"]
+    for service in ("touchpoints", "scoring"):
+        deployment = by_name(documents, "Deployment", f"clm-{service}")
+        assert "replicas" not in deployment["spec"], service
+        env = {entry["name"]: entry for entry in pod_spec(deployment)["containers"][0]["env"]}
+        assert env["CLM_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": f"clm-{service}-database", "key": "url"}
+        for callee in manifests.SERVICE_CALLS[service]:
+            assert env[f"CLM_{callee.upper()}_URL"]["value"] == f"http://clm-{callee}:50051"
+        assert env["OTEL_SERVICE_NAME"]["value"] == f"clm-{service}"
+        assert "CLM_REDIS_URL" not in env, service
+        assert by_name(documents, "HorizontalPodAutoscaler", f"clm-{service}") is not None
 
 
 def test_all_services_wire_callers_and_callees() -> None:
@@ -148,15 +166,24 @@ def test_all_services_wire_callers_and_callees() -> None:
         assert ingress_components == callers, name
 
 
-def test_disabled_services_render_nothing() -> None:
-    values = {"services": {"identity": {"enabled": True}, "touchpoints": {"enabled": False}}}
+@pytest.mark.parametrize("enabled", [["identity"], ["identity", "touchpoints"]])
+def test_disabled_services_render_nothing(enabled: list[str]) -> None:
+    values = {"services": {name: {"enabled": name in enabled} for name in manifests.SERVICE_CALLS}}
     names = {doc["metadata"]["name"] for doc in render_chart(values)}
-    assert not [name for name in names if any(other in name for other in ("touchpoints", "scoring", "feedback", "metrics"))]
+    disabled = [name for name in manifests.SERVICE_CALLS if name not in enabled]
+    assert not [name for name in names if any(other in name for other in disabled)]
 
 
-def test_calling_a_disabled_service_is_refused() -> None:
-    values = {"services": {"identity": {"enabled": False}, "touchpoints": {"enabled": True}}}
-    with pytest.raises(RenderError, match=r"services\.touchpoints calls identity, but services\.identity\.enabled is false"):
+@pytest.mark.parametrize(
+    ("disabled", "message"),
+    [
+        (["touchpoints"], r"services\.scoring calls touchpoints, but services\.touchpoints\.enabled is false"),
+        (["identity", "scoring"], r"services\.touchpoints calls identity, but services\.identity\.enabled is false"),
+    ],
+)
+def test_calling_a_disabled_service_is_refused(disabled: list[str], message: str) -> None:
+    values = {"services": {name: {"enabled": False} for name in disabled}}
+    with pytest.raises(RenderError, match=message):
         render_chart(values)
 
 

@@ -50,11 +50,22 @@ def test_dev_is_one_small_replica_without_autoscaler() -> None:
     assert of_kind(documents, "HorizontalPodAutoscaler") == []
     assert all(doc["metadata"].get("namespace", "clm-dev") == "clm-dev" for doc in documents if doc["kind"] != "Namespace")
     assert {"database-url", "CLM_IDENTITY_HASH_KEY"} <= _secret_keys(documents, "clm-identity")
-    assert _secret_keys(documents, "clm-touchpoints") == {"database-url"}
+    for service in SERVICES:
+        if service != "identity":
+            assert _secret_keys(documents, f"clm-{service}") == {"database-url"}, service
+
+
+def _clm_callers(policy: dict) -> list[str]:
+    """The clm services a NetworkPolicy admits (in-namespace pod peers), sorted."""
+    return sorted(
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for rule in policy["spec"]["ingress"] for peer in rule["from"] if "namespaceSelector" not in peer
+    )
 
 
 def test_prod_has_autoscaler_budget_and_policies() -> None:
     documents = render_overlay("prod")
+    base = manifests.render_base()
     for service in SERVICES:
         name = f"clm-{service}"
         deployment = by_name(documents, "Deployment", name)
@@ -70,15 +81,13 @@ def test_prod_has_autoscaler_budget_and_policies() -> None:
         egress_ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
         assert {53, 5432, 4317} <= egress_ports, name
         assert (6379 in egress_ports) == (service == "identity"), "only identity uses Redis"
+        callers = sorted(c for c in SERVICES if service in manifests.SERVICE_CALLS[c])
+        assert _clm_callers(policy) == _clm_callers(by_name(base, "NetworkPolicy", name)) == callers, (
+            f"{name}: the prod patch must keep the callers the base admits"
+        )
         env = {e["name"] for e in pod_spec(deployment)["containers"][0]["env"]}
         assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"} <= env
     assert of_kind(documents, "Secret") == [], "production Secrets are created outside the repository"
-    callers = [
-        peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-        for rule in by_name(documents, "NetworkPolicy", "clm-identity")["spec"]["ingress"]
-        for peer in rule["from"] if "namespaceSelector" not in peer
-    ]
-    assert callers == ["touchpoints"], "the prod patch must keep the callers the base admits"
 
 
 @pytest.mark.parametrize("overlay", manifests.OVERLAYS)

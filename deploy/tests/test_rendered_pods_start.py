@@ -21,7 +21,9 @@ Deployment then becomes a local process of the real `clm` binary:
    grpcurl commands of the chart README work against the service its
    port-forward line names;
 5. calls that cross services work between the processes: a touchpoint
-   recorded with an e-mail on touchpoints is resolved through identity;
+   recorded with an e-mail on touchpoints is resolved through identity, and
+   scoring follows touchpoints' log and pushes the customer's new lifecycle
+   stage to identity;
 6. SIGTERM stops every process with exit code 0 within the time the pod has
    after its preStop sleep (terminationGracePeriodSeconds minus the sleep).
 
@@ -46,7 +48,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -77,19 +79,38 @@ BASE_IMAGE_ENV = {
     "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
 }
 
-# One RPC per service that shows it works: (gRPC service, method, request as
-# proto JSON). A service turned on in values-local.yaml needs an entry here.
-SMOKE_CALLS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "identity": ("clm.identity.v1.CustomerService", "ListCustomers", {"page_size": 10}),
+
+@dataclasses.dataclass(frozen=True)
+class SmokeCall:
+    """One RPC that shows a service works: request as proto JSON, and what the answer must hold."""
+
+    service: str  # the gRPC service
+    method: str
+    request: dict[str, Any]
+    # Checks the response (proto JSON, field names as in the .proto); None: any answer will do.
+    check: Callable[[dict[str, Any]], None] | None = None
+
+
+def _lists_the_built_in_model(response: dict[str, Any]) -> None:
+    versions = [model.get("version") for model in response.get("models", [])]
+    assert "builtin-1" in versions, f"ListModels should list the built-in default model builtin-1, lists {versions}"
+
+
+# A service turned on in values-local.yaml needs an entry here.
+SMOKE_CALLS: dict[str, SmokeCall] = {
+    "identity": SmokeCall("clm.identity.v1.CustomerService", "ListCustomers", {"page_size": 10}),
     # Any valid UUID works on an empty database: no touchpoints, an empty count
     # (and no call to identity).
-    "touchpoints": ("clm.touchpoint.v1.TouchpointService", "CountTouchpoints", {"customer_id": str(uuid.uuid4())}),
+    "touchpoints": SmokeCall("clm.touchpoint.v1.TouchpointService", "CountTouchpoints", {"customer_id": str(uuid.uuid4())}),
+    # A fresh database already holds the default model, active from the first start.
+    "scoring": SmokeCall("clm.scoring.v1.LifecycleService", "ListModels", {"page_size": 10}, _lists_the_built_in_model),
 }
 
-# Services whose arrival brings a call that crosses two services, and the
-# test below that makes it.
+# The services that call others, and the test below that makes such a call
+# cross the processes.
 CROSS_SERVICE_CHECKS: dict[str, str] = {
     "touchpoints": "test_touchpoint_recorded_with_an_email_resolves_through_identity",
+    "scoring": "test_purchase_on_touchpoints_is_scored_and_pushed_to_identity",
 }
 
 
@@ -290,12 +311,30 @@ def _require_grpcurl() -> str:
     return grpcurl
 
 
+def _grpcurl_run(port: int, method: str, body: dict[str, Any]) -> tuple[list[str], subprocess.CompletedProcess]:
+    argv = [_require_grpcurl(), "-plaintext", "-d", json.dumps(body), f"127.0.0.1:{port}", method]
+    return argv, subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
 def grpcurl_call(port: int, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """One unary call through grpcurl and reflection; the response as grpcurl prints it (lowerCamelCase JSON)."""
-    argv = [_require_grpcurl(), "-plaintext", "-d", json.dumps(body), f"127.0.0.1:{port}", method]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    argv, result = _grpcurl_run(port, method, body)
     assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout)
+
+
+def grpcurl_eventually(
+    port: int, method: str, body: dict[str, Any], accept: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60
+) -> dict[str, Any]:
+    """Repeats a call (errors such as NOT_FOUND included) until `accept` takes the response: for work done in the background."""
+    deadline = time.monotonic() + timeout
+    while True:
+        argv, result = _grpcurl_run(port, method, body)
+        if result.returncode == 0 and accept(response := json.loads(result.stdout)):
+            return response
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s; last answer of {shlex.join(argv)}:\n{result.stdout}{result.stderr}")
+        time.sleep(0.5)
 
 
 def readme_grpcurl_commands() -> list[str]:
@@ -525,8 +564,9 @@ def test_every_enabled_service_has_a_smoke_call() -> None:
     assert ENABLED, "values-local.yaml enables no service"
     missing = [service for service in ENABLED if service not in SMOKE_CALLS]
     assert missing == [], f"add a SMOKE_CALLS entry for {missing}"
-    if "touchpoints" in ENABLED:
-        assert "touchpoints" in CROSS_SERVICE_CHECKS, "touchpoints is served: add the call that crosses two services"
+    for service in ENABLED:
+        if manifests.SERVICE_CALLS[service]:
+            assert service in CROSS_SERVICE_CHECKS, f"{service} calls other services: add a call that crosses them"
     for service, check in CROSS_SERVICE_CHECKS.items():
         assert service in ENABLED, f"values-local.yaml must enable {service}, or {check} never runs"
         assert callable(globals().get(check)), f"CROSS_SERVICE_CHECKS names {check}, which is no test here"
@@ -541,11 +581,13 @@ def test_rendered_probes_pass(pods: dict[str, LocalPod], service: str) -> None:
 
 @pytest.mark.parametrize("service", ENABLED)
 def test_service_answers_through_reflection(pods: dict[str, LocalPod], service: str) -> None:
-    grpc_service, method, body = SMOKE_CALLS[service]
-    services, response = call_through_reflection(pods[service].port, grpc_service, method, body)
-    assert grpc_service in services, f"reflection lists {services}"
+    call = SMOKE_CALLS[service]
+    services, response = call_through_reflection(pods[service].port, call.service, call.method, call.request)
+    assert call.service in services, f"reflection lists {services}"
     assert "grpc.health.v1.Health" in services, "grpcurl needs the health service in reflection"
     assert isinstance(response, dict)
+    if call.check:
+        call.check(response)
 
 
 def test_readme_grpcurl_commands_work(pods: dict[str, LocalPod]) -> None:
@@ -574,7 +616,7 @@ def test_readme_grpcurl_commands_work(pods: dict[str, LocalPod]) -> None:
         result = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
         if argv[-1] == "list":
-            assert SMOKE_CALLS[pod.service][0] in result.stdout.split()
+            assert SMOKE_CALLS[pod.service].service in result.stdout.split()
         answered.add(pod.service)
     assert answered == set(pods), f"the chart README shows no grpcurl command for {sorted(set(pods) - answered)}"
 
@@ -634,6 +676,39 @@ def test_touchpoint_recorded_with_an_email_resolves_through_identity(pods: dict[
     assert [t["eventId"] for t in timeline.get("touchpoints", [])] == [event_id]
     again = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", request)
     assert again.get("duplicate") is True and again["touchpoint"]["customerId"] == customer_id
+
+
+def test_purchase_on_touchpoints_is_scored_and_pushed_to_identity(pods: dict[str, LocalPod]) -> None:
+    """scoring follows the touchpoints process's log and pushes the new lifecycle to the identity process."""
+    if "scoring" not in pods:
+        pytest.skip("values-local.yaml leaves scoring off")
+    identity, touchpoints, scoring = pods["identity"], pods["touchpoints"], pods["scoring"]
+    # scoring serves neither touchpoints nor identity: its only ways there are these URLs.
+    assert scoring.env["CLM_TOUCHPOINTS_URL"] == f"http://127.0.0.1:{touchpoints.port}"
+    assert scoring.env["CLM_IDENTITY_URL"] == f"http://127.0.0.1:{identity.port}"
+    run = uuid.uuid4().hex[:12]
+    recorded = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", {"touchpoint": {
+        "event_id": f"deploy-scoring-{run}",
+        "customer": {"identity_keys": {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": f"deploy-scoring-{run}@example.com"}]}},
+        "channel": "CHANNEL_WEB",
+        "type": "purchase",
+    }})
+    customer_id = recorded["touchpoint"]["customerId"]
+
+    # The built-in model's "converted" rule: one purchase makes a customer CONVERSION.
+    converted = lambda snapshot: (snapshot or {}).get("stage") == "LIFECYCLE_STAGE_CONVERSION"  # noqa: E731
+    lifecycle = grpcurl_eventually(
+        scoring.port, "clm.scoring.v1.LifecycleService/GetLifecycle", {"customer_id": customer_id},
+        lambda response: converted(response.get("lifecycle", {}).get("lifecycle")),
+        f"scoring scores the purchase of {customer_id} recorded on touchpoints",
+    )["lifecycle"]
+    assert lifecycle["customerId"] == customer_id
+    assert lifecycle["lifecycle"]["modelVersion"] == "builtin-1"
+    grpcurl_eventually(
+        identity.port, "clm.identity.v1.CustomerService/GetCustomer", {"customer_id": customer_id},
+        lambda response: converted(response["customer"].get("lifecycle")),
+        f"identity holds the lifecycle scoring computed for {customer_id}",
+    )
 
 
 @pytest.mark.parametrize("service", ENABLED)
