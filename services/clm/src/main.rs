@@ -52,6 +52,8 @@ enum ServiceName {
     Identity,
     /// Interactions, timelines and the touchpoint log (clm.touchpoint.v1.TouchpointService).
     Touchpoints,
+    /// Lifecycle stages, scores, models and transitions (clm.scoring.v1.LifecycleService).
+    Scoring,
 }
 
 impl ServiceName {
@@ -114,6 +116,10 @@ async fn migrate(services: Vec<ServiceName>) -> anyhow::Result<()> {
                 let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
                 clm_touchpoints::migrate(&config).await?;
             }
+            ServiceName::Scoring => {
+                let config = clm_scoring::ScoringConfig::from_env(&platform, &env)?;
+                clm_scoring::migrate(&config).await?;
+            }
         }
         tracing::info!(service = ?service, "migrations applied");
     }
@@ -146,6 +152,25 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
     };
     // Bind before starting services: a service that calls a sibling in this
     // process needs the address actually bound (the configured port may be 0).
+    let scoring = match services.contains(&ServiceName::Scoring) {
+        true => {
+            let config = clm_scoring::ScoringConfig::from_env(&platform, &env)?;
+            if config.identity_url.is_none() && identity.is_none() {
+                anyhow::bail!(
+                    "invalid CLM_IDENTITY_URL: required when this process does not serve identity \
+                     (e.g. http://clm-identity:50051)"
+                );
+            }
+            if config.touchpoints_url.is_none() && touchpoints.is_none() {
+                anyhow::bail!(
+                    "invalid CLM_TOUCHPOINTS_URL: required when this process does not serve touchpoints \
+                     (e.g. http://clm-touchpoints:50051)"
+                );
+            }
+            Some(config)
+        }
+        false => None,
+    };
     let listener = server::bind(platform.listen_addr).await?;
     let address = listener.local_addr()?;
     let mut mounted = Mounted::new();
@@ -163,6 +188,20 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
             &platform,
             config,
             &identity_url,
+            shutdown.clone(),
+        )
+        .await?
+        .mount(&mut mounted);
+    }
+    if let Some(config) = &scoring {
+        let own = format!("http://{}", loopback_of(address));
+        let identity_url = config.identity_url.clone().unwrap_or_else(|| own.clone());
+        let touchpoints_url = config.touchpoints_url.clone().unwrap_or(own);
+        clm_scoring::ScoringService::start(
+            &platform,
+            config,
+            &identity_url,
+            &touchpoints_url,
             shutdown.clone(),
         )
         .await?

@@ -63,6 +63,25 @@ impl<'a> TouchpointFacts<'a> {
     }
 }
 
+impl<'a> TouchpointFacts<'a> {
+    /// The facts of a "touchpoint recorded" entry of the touchpoint log;
+    /// `None` without an occur time (the log always has one).
+    pub fn from_recorded(recorded: &'a clm_proto::touchpoint::TouchpointRecorded) -> Option<Self> {
+        let occur_time = recorded.occur_time.as_ref()?;
+        let occurred_at =
+            DateTime::from_timestamp(occur_time.seconds, occur_time.nanos.max(0) as u32)?;
+        Some(Self {
+            touchpoint_type: &recorded.r#type,
+            channel: recorded.channel(),
+            occurred_at,
+            revenue: recorded.revenue.as_ref().map(|money| Money {
+                currency_code: &money.currency_code,
+                amount_micros: money.amount_micros,
+            }),
+        })
+    }
+}
+
 /// The latest answer to one kind of survey.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SurveyAnswer {

@@ -5,11 +5,16 @@
 //! states, with the reason, an explanation and the next time the result
 //! would change by time alone.
 //!
-//! It is a library without I/O: no database, no gRPC server, no clock. The
-//! scoring service stores [`CustomerFeatures`] and [`LifecycleState`] per
-//! customer, keeps one [`CompiledModel`] per model version, and calls
-//! [`CompiledModel::evaluate`] after every change and when the
-//! [`Evaluation::next_evaluation_at`] it indexed has passed.
+//! The engine (features, models, scores, evaluation) has no I/O: no
+//! database, no gRPC, no clock. The service around it ([`service`]) stores
+//! [`CustomerFeatures`] and the latest [`LifecycleSnapshot`] per customer
+//! ([`store`]), keeps one [`CompiledModel`] per model version, and calls
+//! [`CompiledModel::evaluate`] ([`scorer`]) after every touchpoint, profile
+//! change or merge it reads from the logs ([`consumers`]), when the
+//! [`Evaluation::next_evaluation_at`] it indexed has passed (the sweep), on
+//! Evaluate and during rescores ([`rescore`]); it pushes snapshots to
+//! identity ([`push`]) and serves `clm.scoring.v1.LifecycleService`
+//! ([`grpc`]).
 //!
 //! ```
 //! use chrono::Utc;
@@ -26,18 +31,26 @@
 
 pub mod activity;
 pub mod bench;
+pub mod clock;
 mod compiled_model;
+pub mod consumers;
 mod default_model;
 mod evaluate;
 mod evaluation_proto;
 pub mod feature_map;
 mod features;
+pub mod grpc;
 mod lifecycle;
 mod model;
 mod model_proto;
 mod next_due;
+pub mod push;
+pub mod rescore;
 pub mod rules;
+pub mod scorer;
 pub mod scores;
+pub mod service;
+pub mod store;
 pub mod type_check;
 mod validation;
 pub mod vocabulary;
@@ -61,4 +74,5 @@ pub use model_proto::{
 };
 pub use rules::RuleOutcome;
 pub use scores::{ComponentContribution, ScoreExplanation, ScoreKind, Scores, TypeContribution};
+pub use service::{SERVICE_NAME, ScoringConfig, ScoringService, migrate};
 pub use validation::{ModelViolation, ViolationReason};

@@ -8,12 +8,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::Utc;
 use clm_eventlog::ShardFilter;
-use clm_eventlog::consumer::{ConsumeError, LogSource, Positioned, Projection};
+use clm_eventlog::consumer::{ConsumeError, Projection};
 use clm_proto::identity as identity_pb;
-use clm_proto::identity::customer_service_client::CustomerServiceClient;
-use futures_util::StreamExt as _;
-use futures_util::stream::BoxStream;
-use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::model::{CustomerChange, Merge};
@@ -22,71 +18,6 @@ use crate::store::TouchpointStore;
 
 /// The name this consumer saves its cursor under.
 pub const CONSUMER_NAME: &str = "identity.customer_events";
-
-/// The identity customer event log, read over gRPC.
-pub struct IdentityEventSource {
-    client: CustomerServiceClient<Channel>,
-}
-
-impl IdentityEventSource {
-    /// A source on a channel to the identity service.
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            client: CustomerServiceClient::new(channel),
-        }
-    }
-}
-
-#[async_trait]
-impl LogSource for IdentityEventSource {
-    type Entry = identity_pb::CustomerEvent;
-
-    async fn open(
-        &self,
-        after: &str,
-        shard: ShardFilter,
-    ) -> Result<BoxStream<'static, Result<Vec<Positioned<Self::Entry>>, ConsumeError>>, ConsumeError>
-    {
-        let request = identity_pb::StreamCustomerEventsRequest {
-            after_cursor: after.to_owned(),
-            shard: Some(clm_proto::common::LogShard {
-                index: shard.index,
-                count: shard.count,
-            }),
-            stop_at_end: false,
-        };
-        let stream = self
-            .client
-            .clone()
-            .stream_customer_events(request)
-            .await
-            .map_err(|status| {
-                ConsumeError::new(format!(
-                    "cannot open the customer event log: {}",
-                    status.message()
-                ))
-            })?
-            .into_inner();
-        Ok(stream
-            .map(|batch| {
-                batch
-                    .map(|batch| {
-                        batch
-                            .events
-                            .into_iter()
-                            .map(|event| Positioned {
-                                cursor: event.cursor.clone(),
-                                entry: event,
-                            })
-                            .collect()
-                    })
-                    .map_err(|status| {
-                        ConsumeError::new(format!("customer event log: {}", status.message()))
-                    })
-            })
-            .boxed())
-    }
-}
 
 /// Applies merges and erasures to the touchpoint store.
 pub struct TouchpointCustomerProjection {

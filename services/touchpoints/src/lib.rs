@@ -22,7 +22,9 @@ use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 use tonic::transport::Endpoint;
 
 use crate::grpc::TouchpointGrpc;
-use crate::identity_events::{IdentityEventSource, TouchpointCustomerProjection};
+use clm_eventlog::sources::IdentityEventSource;
+
+use crate::identity_events::TouchpointCustomerProjection;
 use crate::ingest::TouchpointIngest;
 use crate::resolver::IdentityResolver;
 

@@ -1,0 +1,244 @@
+//! The logs the scoring service follows: the touchpoint log (features and
+//! evaluations, one consumer per shard) and the identity customer event log
+//! (profiles, merges, erasures). Each saves its cursor in the transaction
+//! that writes what it derived, and the save is checked against the cursor
+//! it read, so a crash, a retry or a second replica never counts an entry
+//! twice.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clm_eventlog::ShardFilter;
+use clm_eventlog::consumer::{ConsumeError, Projection};
+use clm_proto::identity as identity_pb;
+use clm_proto::identity::customer_service_client::CustomerServiceClient;
+use clm_proto::touchpoint as touchpoint_pb;
+use futures_util::StreamExt as _;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::scorer::{ProfileChange, Scorer, profile_of};
+use crate::store::CursorMove;
+
+/// The name the touchpoint log consumer saves its cursors under.
+pub const TOUCHPOINTS_CONSUMER: &str = "touchpoints.log";
+/// The name the customer event log consumer saves its cursor under.
+pub const CUSTOMERS_CONSUMER: &str = "identity.customer_events";
+
+/// The cursors this process read or wrote last, per shard: the expected
+/// value of the next save.
+#[derive(Default)]
+struct KnownCursors(Mutex<HashMap<(u32, u32), String>>);
+
+impl KnownCursors {
+    fn get(&self, shard: ShardFilter) -> String {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(shard.index, shard.count))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn set(&self, shard: ShardFilter, cursor: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((shard.index, shard.count), cursor.to_owned());
+    }
+
+    async fn load(
+        &self,
+        scorer: &Scorer,
+        consumer: &str,
+        shard: ShardFilter,
+    ) -> Result<String, ConsumeError> {
+        let cursor = scorer
+            .store()
+            .saved_cursor(consumer, shard)
+            .await
+            .map_err(ConsumeError::new)?;
+        self.set(shard, &cursor);
+        Ok(cursor)
+    }
+
+    fn next_move(&self, consumer: &'static str, shard: ShardFilter, cursor: &str) -> CursorMove {
+        CursorMove {
+            consumer,
+            shard,
+            expected: self.get(shard),
+            new: cursor.to_owned(),
+        }
+    }
+}
+
+/// Folds touchpoints into features and evaluates.
+pub struct TouchpointProjection {
+    scorer: Arc<Scorer>,
+    cursors: KnownCursors,
+}
+
+impl TouchpointProjection {
+    /// A projection through `scorer`.
+    pub fn new(scorer: Arc<Scorer>) -> Self {
+        Self {
+            scorer,
+            cursors: KnownCursors::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Projection for TouchpointProjection {
+    type Entry = touchpoint_pb::TouchpointLogEntry;
+
+    async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
+        self.cursors
+            .load(&self.scorer, TOUCHPOINTS_CONSUMER, shard)
+            .await
+    }
+
+    async fn apply(
+        &self,
+        batch: Vec<Self::Entry>,
+        cursor: &str,
+        shard: ShardFilter,
+    ) -> Result<(), ConsumeError> {
+        let change = self.cursors.next_move(TOUCHPOINTS_CONSUMER, shard, cursor);
+        self.scorer
+            .apply_touchpoints(&batch, change)
+            .await
+            .map_err(ConsumeError::new)?;
+        self.cursors.set(shard, cursor);
+        Ok(())
+    }
+}
+
+/// Applies profile changes, merges and erasures. Profiles are read from
+/// identity (the log carries no personal data).
+pub struct CustomerEventProjection {
+    scorer: Arc<Scorer>,
+    identity: CustomerServiceClient<Channel>,
+    timeout: Duration,
+    cursors: KnownCursors,
+}
+
+impl CustomerEventProjection {
+    /// A projection through `scorer`, reading profiles over `identity`.
+    pub fn new(scorer: Arc<Scorer>, identity: Channel, timeout: Duration) -> Self {
+        Self {
+            scorer,
+            identity: CustomerServiceClient::new(identity),
+            timeout,
+            cursors: KnownCursors::default(),
+        }
+    }
+
+    /// The current profile of each customer (absent: merged, erased or
+    /// unknown; their own events say what happened).
+    async fn profiles(
+        &self,
+        ids: HashSet<Uuid>,
+    ) -> Result<HashMap<Uuid, identity_pb::Customer>, ConsumeError> {
+        let fetches = ids.into_iter().map(|id| {
+            let mut client = self.identity.clone();
+            let timeout = self.timeout;
+            async move {
+                let mut request = tonic::Request::new(identity_pb::GetCustomerRequest {
+                    customer_id: id.to_string(),
+                });
+                request.set_timeout(timeout);
+                match client.get_customer(request).await {
+                    Ok(response) => Ok(response.into_inner().customer.map(|c| (id, c))),
+                    Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+                    Err(status) => Err(ConsumeError::new(format!(
+                        "cannot read a customer profile from identity: {}",
+                        status.message()
+                    ))),
+                }
+            }
+        });
+        let mut profiles = HashMap::new();
+        let mut results = futures_util::stream::iter(fetches).buffer_unordered(16);
+        while let Some(result) = results.next().await {
+            if let Some((id, customer)) = result?
+                && customer.state == identity_pb::CustomerState::Active as i32
+            {
+                profiles.insert(id, customer);
+            }
+        }
+        Ok(profiles)
+    }
+}
+
+/// What a customer event asks of scoring, before profiles are read: the
+/// customer whose profile to read, or a change.
+enum Wanted {
+    Profile(Uuid),
+    Change(ProfileChange),
+}
+
+fn wanted(event: &identity_pb::CustomerEvent) -> Option<Wanted> {
+    use identity_pb::customer_event::Change;
+    let id = Uuid::try_parse(&event.customer_id).ok()?;
+    match event.change.as_ref()? {
+        // An anonymous customer has no profile facts to read.
+        Change::Created(created) if created.anonymous => None,
+        Change::Created(_) | Change::Updated(_) => Some(Wanted::Profile(id)),
+        // A merge is logged for both customers; act on the survivor's copy.
+        Change::Merged(merged) if merged.survivor_id == event.customer_id => {
+            Some(Wanted::Change(ProfileChange::Merged {
+                merged: Uuid::try_parse(&merged.merged_id).ok()?,
+                survivor: id,
+            }))
+        }
+        Change::Erased(_) => Some(Wanted::Change(ProfileChange::Erased(id))),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Projection for CustomerEventProjection {
+    type Entry = identity_pb::CustomerEvent;
+
+    async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
+        self.cursors
+            .load(&self.scorer, CUSTOMERS_CONSUMER, shard)
+            .await
+    }
+
+    async fn apply(
+        &self,
+        batch: Vec<Self::Entry>,
+        cursor: &str,
+        shard: ShardFilter,
+    ) -> Result<(), ConsumeError> {
+        let wanted: Vec<Wanted> = batch.iter().filter_map(wanted).collect();
+        let to_read: HashSet<Uuid> = wanted
+            .iter()
+            .filter_map(|w| match w {
+                Wanted::Profile(id) => Some(*id),
+                Wanted::Change(_) => None,
+            })
+            .collect();
+        let profiles = self.profiles(to_read).await?;
+        let changes: Vec<ProfileChange> = wanted
+            .into_iter()
+            .filter_map(|w| match w {
+                Wanted::Profile(id) => profiles
+                    .get(&id)
+                    .map(|customer| ProfileChange::Profile(id, profile_of(customer))),
+                Wanted::Change(change) => Some(change),
+            })
+            .collect();
+        let change = self.cursors.next_move(CUSTOMERS_CONSUMER, shard, cursor);
+        self.scorer
+            .apply_customer_changes(&changes, change)
+            .await
+            .map_err(ConsumeError::new)?;
+        self.cursors.set(shard, cursor);
+        Ok(())
+    }
+}

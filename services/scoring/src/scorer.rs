@@ -1,0 +1,662 @@
+//! The scoring service's core: folds log entries into customers' features,
+//! evaluates them with the active model, and writes the new lifecycle with
+//! its transitions (and the consumer cursor or rescore progress) in one
+//! transaction. Every evaluation time is `max(event time, the customer's
+//! previous evaluation)`, so a customer's history never runs backwards and
+//! replaying the same log gives the same result.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use clm_proto::identity as identity_pb;
+use clm_proto::scoring as proto;
+use clm_proto::touchpoint as touchpoint_pb;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::compiled_model::CompiledModel;
+use crate::features::{ProfileFacts, TouchpointFacts};
+use crate::model_proto::timestamp_to_proto;
+use crate::store::{
+    ChangeSet, CursorMove, CustomerRecord, CustomerWrite, ScoringStore, StoreError,
+};
+
+/// How often a process re-reads which model is active (another replica may
+/// have activated one).
+const ACTIVE_MODEL_TTL: Duration = Duration::from_secs(1);
+/// How many times a unit of work is retried after losing a race.
+const CONFLICT_RETRIES: usize = 8;
+
+/// Why a scoring operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoringError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored model no longer compiles (it did when it was stored).
+    #[error("model {0} does not compile")]
+    BadModel(String),
+    /// No model is active (the database was not initialised).
+    #[error("no model is active")]
+    NoActiveModel,
+}
+
+/// The profile facts identity holds for a customer.
+#[derive(Debug, Clone)]
+pub enum ProfileChange {
+    /// The customer's profile now says this.
+    Profile(Uuid, ProfileFacts),
+    /// The customer was erased: forget the profile.
+    Erased(Uuid),
+    /// `merged` was merged into `survivor`.
+    Merged {
+        /// The customer merged away.
+        merged: Uuid,
+        /// The survivor.
+        survivor: Uuid,
+    },
+}
+
+/// The profile facts of an identity customer.
+pub fn profile_of(customer: &identity_pb::Customer) -> ProfileFacts {
+    ProfileFacts {
+        identified: !customer.emails.is_empty()
+            || !customer.phones.is_empty()
+            || !customer.external_ids.is_empty(),
+        company: customer.company.clone(),
+        industry: customer.industry.clone(),
+        job_title: customer.job_title.clone(),
+        attributes: customer
+            .attributes
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
+    }
+}
+
+/// The outcome of evaluating one customer.
+#[derive(Debug, Clone)]
+pub struct Evaluated {
+    /// The customer's record after the evaluation.
+    pub record: CustomerRecord,
+    /// The transition it recorded.
+    pub transition: Option<proto::Transition>,
+}
+
+struct ActiveModel {
+    model: Arc<CompiledModel>,
+    read_at: Instant,
+}
+
+/// Evaluates customers and writes the results.
+pub struct Scorer {
+    store: Arc<dyn ScoringStore>,
+    clock: Clock,
+    active: Mutex<Option<ActiveModel>>,
+    compiled: Mutex<HashMap<String, Arc<CompiledModel>>>,
+    /// Woken after every write that changed a snapshot (for the pusher).
+    changed: Arc<Notify>,
+}
+
+impl Scorer {
+    /// A scorer over `store`.
+    pub fn new(store: Arc<dyn ScoringStore>, clock: Clock) -> Self {
+        Self {
+            store,
+            clock,
+            active: Mutex::new(None),
+            compiled: Mutex::new(HashMap::new()),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ScoringStore> {
+        &self.store
+    }
+
+    /// The service's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Notified after each write that changed a customer's snapshot.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// A stored model, compiled (cached by version: models are immutable).
+    pub async fn compiled(
+        &self,
+        version: &str,
+    ) -> Result<Option<Arc<CompiledModel>>, ScoringError> {
+        if let Some(model) = self.cached(version) {
+            return Ok(Some(model));
+        }
+        let Some(model) = self.store.model(version).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.compile(model)?))
+    }
+
+    fn cached(&self, version: &str) -> Option<Arc<CompiledModel>> {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(version)
+            .cloned()
+    }
+
+    fn compile(&self, model: crate::Model) -> Result<Arc<CompiledModel>, ScoringError> {
+        let version = model.version.clone();
+        if let Some(model) = self.cached(&version) {
+            return Ok(model);
+        }
+        let compiled = Arc::new(
+            CompiledModel::compile(model).map_err(|_| ScoringError::BadModel(version.clone()))?,
+        );
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(version, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// The active model (re-read from the store at most every second).
+    pub async fn active_model(&self) -> Result<Arc<CompiledModel>, ScoringError> {
+        {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(active) = active.as_ref()
+                && active.read_at.elapsed() < ACTIVE_MODEL_TTL
+            {
+                return Ok(active.model.clone());
+            }
+        }
+        let model = self
+            .store
+            .active_model()
+            .await?
+            .ok_or(ScoringError::NoActiveModel)?;
+        let model = self.compile(model)?;
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(ActiveModel {
+            model: model.clone(),
+            read_at: Instant::now(),
+        });
+        Ok(model)
+    }
+
+    /// Forgets the cached active model (after an activation here).
+    pub fn active_model_changed(&self) {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Loads customers and the survivors they were merged into.
+    async fn load_with_survivors(
+        &self,
+        ids: impl IntoIterator<Item = Uuid>,
+    ) -> Result<HashMap<Uuid, CustomerRecord>, StoreError> {
+        let mut wanted: Vec<Uuid> = ids
+            .into_iter()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut loaded = HashMap::new();
+        // A survivor can itself have been merged later: follow a few hops.
+        for _ in 0..4 {
+            if wanted.is_empty() {
+                break;
+            }
+            let found = self.store.load_customers(&wanted).await?;
+            wanted = found
+                .values()
+                .filter_map(|record| record.merged_into)
+                .filter(|id| !loaded.contains_key(id) && !found.contains_key(id))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            loaded.extend(found);
+        }
+        Ok(loaded)
+    }
+
+    /// Applies a batch of touchpoint log entries and moves the cursor, in
+    /// one transaction.
+    pub async fn apply_touchpoints(
+        &self,
+        entries: &[touchpoint_pb::TouchpointLogEntry],
+        cursor: CursorMove,
+    ) -> Result<(), ScoringError> {
+        let ids: Vec<Uuid> = entries
+            .iter()
+            .filter_map(|entry| Uuid::try_parse(&entry.customer_id).ok())
+            .collect();
+        self.with_retries(|| async {
+            let model = self.active_model().await?;
+            let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
+            for entry in entries {
+                let Some(touchpoint_pb::touchpoint_log_entry::Change::Recorded(recorded)) =
+                    &entry.change
+                else {
+                    // Re-keys follow merges, which the customer event log
+                    // already applied; stripped properties are not features.
+                    continue;
+                };
+                let (Ok(customer_id), Some(facts)) = (
+                    Uuid::try_parse(&entry.customer_id),
+                    TouchpointFacts::from_recorded(recorded),
+                ) else {
+                    tracing::warn!(entry = %entry.entry_id, "skipping a touchpoint log entry without customer or time");
+                    continue;
+                };
+                let record = work.target(customer_id);
+                record.features.apply(&facts);
+                work.evaluate(
+                    customer_id,
+                    &model,
+                    facts.occurred_at,
+                    proto::TransitionCause::Touchpoint,
+                    &recorded.touchpoint_id,
+                    true,
+                );
+            }
+            let mut changes = work.into_changes();
+            changes.cursor = Some(cursor.clone());
+            self.commit(&changes).await
+        })
+        .await
+    }
+
+    /// Applies profile changes, merges and erasures from the customer event
+    /// log and moves the cursor, in one transaction.
+    pub async fn apply_customer_changes(
+        &self,
+        changes: &[ProfileChange],
+        cursor: CursorMove,
+    ) -> Result<(), ScoringError> {
+        let ids = changes.iter().flat_map(|change| match change {
+            ProfileChange::Profile(id, _) | ProfileChange::Erased(id) => vec![*id],
+            ProfileChange::Merged { merged, survivor } => vec![*merged, *survivor],
+        });
+        let ids: Vec<Uuid> = ids.collect();
+        self.with_retries(|| async {
+            let model = self.active_model().await?;
+            let now = self.now();
+            let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
+            for change in changes {
+                match change {
+                    ProfileChange::Profile(id, profile) => {
+                        let record = work.target(*id);
+                        if record.features.profile() == profile {
+                            continue;
+                        }
+                        record.features.set_profile(profile.clone());
+                        let target = record.customer_id;
+                        // The profile feeds fit rules: evaluate customers
+                        // already scored; others wait for a touchpoint.
+                        if work.get(target).snapshot.is_some() {
+                            work.evaluate(
+                                target,
+                                &model,
+                                now,
+                                proto::TransitionCause::Profile,
+                                "",
+                                true,
+                            );
+                        } else {
+                            work.touch(target, true);
+                        }
+                    }
+                    ProfileChange::Erased(id) => {
+                        let record = work.target(*id);
+                        record.features.set_profile(ProfileFacts::default());
+                        let target = record.customer_id;
+                        work.touch(target, true);
+                    }
+                    ProfileChange::Merged { merged, survivor } => {
+                        work.merge(*merged, *survivor, &model, now);
+                    }
+                }
+            }
+            self.commit(&{
+                let mut set = work.into_changes();
+                set.cursor = Some(cursor.clone());
+                set
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Evaluates customers now with the active model (the sweep, Evaluate).
+    /// With `only_due`, customers no longer due are skipped. Returns each
+    /// evaluated customer's record and transition, keyed by the id asked
+    /// for.
+    pub async fn evaluate_now(
+        &self,
+        ids: &[Uuid],
+        cause: proto::TransitionCause,
+        only_due: bool,
+    ) -> Result<HashMap<Uuid, Evaluated>, ScoringError> {
+        self.with_retries(|| async {
+            let model = self.active_model().await?;
+            let now = self.now();
+            let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
+            let mut targets = Vec::new();
+            for id in ids {
+                if !work.records.contains_key(id) {
+                    continue;
+                }
+                let target = work.target(*id).customer_id;
+                let record = work.get(target);
+                if record.snapshot.is_none() && record.features.touchpoint_count() == 0 {
+                    continue;
+                }
+                if only_due && record.next_due_at.is_none_or(|due| due > now) {
+                    continue;
+                }
+                if !work.dirty.contains(&target) {
+                    work.evaluate(target, &model, now, cause, "", false);
+                }
+                targets.push((*id, target));
+            }
+            let transitions: HashMap<Uuid, proto::Transition> = work
+                .transitions
+                .iter()
+                .filter_map(|t| Some((Uuid::try_parse(&t.customer_id).ok()?, t.clone())))
+                .collect();
+            let result = targets
+                .into_iter()
+                .map(|(asked, target)| {
+                    let record = work.get(target).clone();
+                    let evaluated = Evaluated {
+                        transition: transitions.get(&target).cloned(),
+                        record: CustomerRecord {
+                            version: record.version + 1,
+                            ..record
+                        },
+                    };
+                    (asked, evaluated)
+                })
+                .collect();
+            self.commit(&work.into_changes()).await?;
+            Ok(result)
+        })
+        .await
+    }
+
+    /// Evaluates one page of a rescore with `model` and writes it with the
+    /// progress. Returns how many customers changed position. A customer
+    /// changed meanwhile (a touchpoint arrived) is read again.
+    pub async fn rescore_page(
+        &self,
+        model: &CompiledModel,
+        page: Vec<CustomerRecord>,
+        progress: impl Fn(i64) -> crate::store::RescoreProgress,
+    ) -> Result<i64, ScoringError> {
+        let ids: Vec<Uuid> = page.iter().map(|record| record.customer_id).collect();
+        let mut records: HashMap<Uuid, CustomerRecord> =
+            page.into_iter().map(|r| (r.customer_id, r)).collect();
+        let mut tries = 0;
+        loop {
+            let now = self.now();
+            let mut work = Work::new(records);
+            let present: Vec<Uuid> = ids
+                .iter()
+                .copied()
+                .filter(|id| {
+                    work.records
+                        .get(id)
+                        .is_some_and(|r| r.merged_into.is_none())
+                })
+                .collect();
+            let changed = evaluate_parallel(model, &mut work, &present, now) as i64;
+            let mut changes = work.into_changes();
+            changes.rescore = Some(progress(changed));
+            match self.commit(&changes).await {
+                Err(ScoringError::Store(StoreError::Conflict(_))) if tries < CONFLICT_RETRIES => {
+                    tries += 1;
+                    records = self.store.load_customers(&ids).await?;
+                }
+                Err(err) => return Err(err),
+                Ok(()) => return Ok(changed),
+            }
+        }
+    }
+
+    async fn commit(&self, changes: &ChangeSet) -> Result<(), ScoringError> {
+        self.store.commit(changes).await?;
+        if !changes.customers.is_empty() {
+            self.changed.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn with_retries<T, F, Fut>(&self, attempt: F) -> Result<T, ScoringError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ScoringError>>,
+    {
+        let mut tries = 0;
+        loop {
+            match attempt().await {
+                Err(ScoringError::Store(StoreError::Conflict(reason)))
+                    if tries < CONFLICT_RETRIES =>
+                {
+                    tries += 1;
+                    tracing::debug!(%reason, tries, "retrying after a write conflict");
+                    tokio::time::sleep(Duration::from_millis(5 * tries as u64)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Evaluates `ids` of `work` with `model` at `now` on every core; returns
+/// how many changed position.
+fn evaluate_parallel(
+    model: &CompiledModel,
+    work: &mut Work,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+) -> usize {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let mut records: Vec<CustomerRecord> = ids
+        .iter()
+        .filter_map(|id| work.records.remove(id))
+        .collect();
+    let chunk = records.len().div_ceil(threads).max(1);
+    let results: Vec<Vec<Option<proto::Transition>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = records
+            .chunks_mut(chunk)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter_mut()
+                        .map(|record| {
+                            evaluate_record(model, record, now, proto::TransitionCause::Rescore, "")
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap_or_default())
+            .collect()
+    });
+    let mut changed = 0;
+    for (record, transition) in records.into_iter().zip(results.into_iter().flatten()) {
+        if let Some(transition) = transition {
+            changed += 1;
+            work.transitions.push(transition);
+        }
+        work.touch(record.customer_id, false);
+        work.records.insert(record.customer_id, record);
+    }
+    changed
+}
+
+/// Evaluates one customer at `at` (or their previous evaluation, if later)
+/// and updates the record; returns the transition, if any.
+pub fn evaluate_record(
+    model: &CompiledModel,
+    record: &mut CustomerRecord,
+    at: DateTime<Utc>,
+    cause: proto::TransitionCause,
+    touchpoint_id: &str,
+) -> Option<proto::Transition> {
+    let previous = record.snapshot.as_ref();
+    let state = previous.map(|s| s.state).unwrap_or_default();
+    let at = previous.map_or(at, |s| s.evaluated_at.max(at));
+    let evaluation = model.evaluate(&record.features, &state, at);
+    let transition = evaluation.transition.as_ref().map(|transition| {
+        let mut message = transition.to_proto(&evaluation.snapshot);
+        message.id = Uuid::now_v7().to_string();
+        message.customer_id = record.customer_id.to_string();
+        message.cause = cause as i32;
+        message.touchpoint_id = touchpoint_id.to_owned();
+        message.record_time = Some(timestamp_to_proto(Utc::now()));
+        message
+    });
+    record.snapshot = Some(evaluation.snapshot);
+    record.next_due_at = evaluation.next_evaluation_at;
+    if let Some(transition) = &transition {
+        record.last_transition = Some(transition.clone());
+    }
+    transition
+}
+
+/// The customers one unit of work reads and changes.
+struct Work {
+    records: HashMap<Uuid, CustomerRecord>,
+    /// Customers to write, and whether their features changed.
+    dirty: HashSet<Uuid>,
+    features_changed: HashSet<Uuid>,
+    order: Vec<Uuid>,
+    transitions: Vec<proto::Transition>,
+}
+
+impl Work {
+    fn new(records: HashMap<Uuid, CustomerRecord>) -> Self {
+        Self {
+            records,
+            dirty: HashSet::new(),
+            features_changed: HashSet::new(),
+            order: Vec::new(),
+            transitions: Vec::new(),
+        }
+    }
+
+    /// The customer that stands for `id`: the survivor of a merged
+    /// customer, created when new.
+    fn target(&mut self, id: Uuid) -> &mut CustomerRecord {
+        let mut id = id;
+        for _ in 0..8 {
+            match self.records.get(&id).and_then(|r| r.merged_into) {
+                Some(survivor) => id = survivor,
+                None => break,
+            }
+        }
+        self.records
+            .entry(id)
+            .or_insert_with(|| CustomerRecord::new(id))
+    }
+
+    fn get(&self, id: Uuid) -> &CustomerRecord {
+        &self.records[&id]
+    }
+
+    fn touch(&mut self, id: Uuid, features_changed: bool) {
+        if self.dirty.insert(id) {
+            self.order.push(id);
+        }
+        if features_changed {
+            self.features_changed.insert(id);
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        id: Uuid,
+        model: &CompiledModel,
+        at: DateTime<Utc>,
+        cause: proto::TransitionCause,
+        touchpoint_id: &str,
+        features_changed: bool,
+    ) {
+        self.touch(id, features_changed);
+        let record = self.records.get_mut(&id).expect("a target is loaded");
+        if let Some(transition) = evaluate_record(model, record, at, cause, touchpoint_id) {
+            self.transitions.push(transition);
+        }
+    }
+
+    /// Folds `merged` into `survivor` and evaluates the survivor.
+    fn merge(&mut self, merged: Uuid, survivor: Uuid, model: &CompiledModel, now: DateTime<Utc>) {
+        let survivor = self.target(survivor).customer_id;
+        if survivor == merged {
+            return;
+        }
+        let Some(mut gone) = self.records.remove(&merged) else {
+            // Never seen: remember where its entries go from now on.
+            let mut record = CustomerRecord::new(merged);
+            record.merged_into = Some(survivor);
+            self.records.insert(merged, record);
+            self.touch(merged, false);
+            return;
+        };
+        if gone.merged_into.is_some() {
+            self.records.insert(merged, gone);
+            return;
+        }
+        let taken = std::mem::take(&mut gone.features);
+        let had_history = gone.snapshot.is_some() || taken.touchpoint_count() > 0;
+        gone.merged_into = Some(survivor);
+        gone.next_due_at = None;
+        self.records.insert(merged, gone);
+        self.touch(merged, true);
+        let record = self
+            .records
+            .get_mut(&survivor)
+            .expect("the survivor is loaded");
+        record.features.merge(&taken);
+        if had_history || record.snapshot.is_some() {
+            self.evaluate(
+                survivor,
+                model,
+                now,
+                proto::TransitionCause::Merge,
+                "",
+                true,
+            );
+        } else {
+            self.touch(survivor, true);
+        }
+    }
+
+    fn into_changes(mut self) -> ChangeSet {
+        let customers = self
+            .order
+            .iter()
+            .filter_map(|id| {
+                let record = self.records.remove(id)?;
+                Some(CustomerWrite {
+                    features_changed: self.features_changed.contains(id),
+                    record,
+                })
+            })
+            .collect();
+        ChangeSet {
+            customers,
+            transitions: self.transitions,
+            cursor: None,
+            rescore: None,
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! Where the scoring service keeps its state: models, per-customer features
+//! and lifecycle, transitions and their log, rescore operations and consumer
+//! cursors. A store trait with PostgreSQL and SQLite implementations that
+//! hold no business rules, and the embedded migrations.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use clm_eventlog::{EventLog, ShardFilter};
+use clm_platform::db::{DbErrorKind, EmbeddedMigration, Pools, ServiceMigrations};
+use clm_proto::scoring as proto;
+use prost::Message as _;
+use uuid::Uuid;
+
+use crate::evaluate::LifecycleSnapshot;
+use crate::features::CustomerFeatures;
+use crate::model::Model;
+
+/// Why a store call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A customer changed since it was read (or a transaction lost a race);
+    /// read again and retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Another consumer moved the cursor since it was read: resume from the
+    /// saved cursor.
+    #[error("the consumer cursor moved: {0}")]
+    CursorMoved(String),
+    /// The rescore being written is no longer running (cancelled).
+    #[error("the rescore is no longer running")]
+    RescoreStopped,
+    /// A stored value cannot be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// Anything else.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Maps a database error.
+    pub fn from_db(err: sqlx::Error) -> Self {
+        match clm_platform::db::classify(&err) {
+            DbErrorKind::Unavailable => Self::Unavailable(err.to_string()),
+            DbErrorKind::Retryable | DbErrorKind::UniqueViolation(_) => {
+                Self::Conflict(err.to_string())
+            }
+            _ => Self::Internal(err.to_string()),
+        }
+    }
+}
+
+/// Everything the service keeps about one customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerRecord {
+    /// The customer.
+    pub customer_id: Uuid,
+    /// The survivor this customer was merged into.
+    pub merged_into: Option<Uuid>,
+    /// The features folded from their touchpoints and profile.
+    pub features: CustomerFeatures,
+    /// The latest evaluation; `None` until the first.
+    pub snapshot: Option<LifecycleSnapshot>,
+    /// The latest transition.
+    pub last_transition: Option<proto::Transition>,
+    /// When the sweep evaluates them next.
+    pub next_due_at: Option<DateTime<Utc>>,
+    /// The stored version; 0 for a customer not stored yet.
+    pub version: i64,
+}
+
+impl CustomerRecord {
+    /// A customer the service has not seen before.
+    pub fn new(customer_id: Uuid) -> Self {
+        Self {
+            customer_id,
+            merged_into: None,
+            features: CustomerFeatures::new(),
+            snapshot: None,
+            last_transition: None,
+            next_due_at: None,
+            version: 0,
+        }
+    }
+}
+
+/// A customer to write: `record.version` is the version read (0: insert).
+#[derive(Debug, Clone)]
+pub struct CustomerWrite {
+    /// The new content.
+    pub record: CustomerRecord,
+    /// Whether the features changed (a rescore only changes the lifecycle).
+    pub features_changed: bool,
+}
+
+/// A consumer's cursor moving from `expected` to `new`.
+#[derive(Debug, Clone)]
+pub struct CursorMove {
+    /// The consumer's name.
+    pub consumer: &'static str,
+    /// Its shard.
+    pub shard: ShardFilter,
+    /// The cursor it read from (empty: none saved).
+    pub expected: String,
+    /// The cursor after the batch.
+    pub new: String,
+}
+
+/// A rescore's progress after one page.
+#[derive(Debug, Clone)]
+pub struct RescoreProgress {
+    /// The operation.
+    pub id: Uuid,
+    /// Customers evaluated in this page.
+    pub done: i64,
+    /// Customers whose position changed in this page.
+    pub changed: i64,
+    /// The current rate, customers per second.
+    pub rate_per_second: f64,
+    /// The last customer of the page.
+    pub resume_after: Uuid,
+}
+
+/// What one unit of work writes, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeSet {
+    /// Customers, each checked against the version read.
+    pub customers: Vec<CustomerWrite>,
+    /// Transitions to record and append to the transition log.
+    pub transitions: Vec<proto::Transition>,
+    /// The consumer cursor to move, checked against the one read.
+    pub cursor: Option<CursorMove>,
+    /// The rescore progress to record, checked to be still running.
+    pub rescore: Option<RescoreProgress>,
+}
+
+impl ChangeSet {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.customers.is_empty()
+            && self.transitions.is_empty()
+            && self.cursor.is_none()
+            && self.rescore.is_none()
+    }
+}
+
+/// A stored rescore operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RescoreRow {
+    /// The operation's id.
+    pub id: Uuid,
+    /// The model it evaluates with.
+    pub model_version: String,
+    /// A clm.scoring.v1.RescoreState number.
+    pub state: i32,
+    /// A clm.scoring.v1.RescoreTrigger number.
+    pub trigger: i32,
+    /// Customers evaluated so far.
+    pub done_count: i64,
+    /// Customers to evaluate.
+    pub total_count: i64,
+    /// Customers whose position changed.
+    pub changed_count: i64,
+    /// The latest rate, customers per second.
+    pub rate_per_second: f64,
+    /// When it was requested.
+    pub create_time: DateTime<Utc>,
+    /// When it began.
+    pub start_time: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub end_time: Option<DateTime<Utc>>,
+    /// Why it failed.
+    pub error: String,
+    /// The last customer evaluated.
+    pub resume_after: Option<Uuid>,
+}
+
+/// The outcome of activating a model.
+#[derive(Debug, Clone)]
+pub enum Activation {
+    /// The model is now active; the rescore it started.
+    Activated(Model, RescoreRow),
+    /// The model was active already.
+    AlreadyActive(Model),
+    /// No such model.
+    NotFound,
+    /// Another model is active than the one expected.
+    NotExpected(String),
+}
+
+/// The outcome of storing a model.
+#[derive(Debug, Clone)]
+pub enum ModelInsert {
+    /// Stored now.
+    Created(Model),
+    /// A model with this version exists (returned).
+    Exists(Model),
+}
+
+/// A position in ListTransitions order.
+pub type TransitionPosition = (DateTime<Utc>, Uuid);
+
+/// Which transitions to list.
+#[derive(Debug, Clone)]
+pub struct TransitionQuery {
+    /// Only this customer's.
+    pub customer_id: Option<Uuid>,
+    /// At or after.
+    pub start: Option<DateTime<Utc>>,
+    /// Before.
+    pub end: Option<DateTime<Utc>>,
+    /// After this position.
+    pub after: Option<TransitionPosition>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// The scoring service's storage.
+#[async_trait]
+pub trait ScoringStore: Send + Sync + 'static {
+    /// The customers stored under these ids (absent ones are left out).
+    async fn load_customers(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, CustomerRecord>, StoreError>;
+    /// Writes a change set atomically. Fails with `Conflict` when a customer
+    /// changed since it was read, `CursorMoved` when the cursor did,
+    /// `RescoreStopped` when the rescore is no longer running; then nothing
+    /// is written.
+    async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError>;
+    /// Up to `limit` customers (not merged) whose next evaluation is due at
+    /// `now`, earliest first.
+    async fn due_customers(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>, StoreError>;
+    /// Up to `limit` evaluated, unmerged customers after `after`, by id.
+    async fn customers_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<CustomerRecord>, StoreError>;
+    /// How many evaluated, unmerged customers there are.
+    async fn count_scored(&self) -> Result<i64, StoreError>;
+    /// Up to `limit` customers whose latest snapshot identity has not
+    /// received: (id, version, snapshot).
+    async fn unpushed(&self, limit: u32)
+    -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
+    /// Records that identity received these versions.
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError>;
+
+    /// Stores a model unless its version exists.
+    async fn insert_model(&self, model: &Model) -> Result<ModelInsert, StoreError>;
+    /// A stored model, with its state.
+    async fn model(&self, version: &str) -> Result<Option<Model>, StoreError>;
+    /// The active model.
+    async fn active_model(&self) -> Result<Option<Model>, StoreError>;
+    /// Up to `limit` models after `after`, newest first.
+    async fn list_models(
+        &self,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> Result<Vec<Model>, StoreError>;
+    /// Makes a model active, cancels running rescores and stores `rescore`
+    /// (pending), atomically.
+    async fn activate(
+        &self,
+        version: &str,
+        expected_active: Option<&str>,
+        rescore: RescoreRow,
+        now: DateTime<Utc>,
+    ) -> Result<Activation, StoreError>;
+    /// Stores the built-in model and activates it when no model is active.
+    async fn install_default(&self, model: &Model, now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Stores `rescore` unless one is pending or running (returned, false).
+    async fn start_rescore(&self, rescore: RescoreRow) -> Result<(RescoreRow, bool), StoreError>;
+    /// A rescore by id, or the most recent one.
+    async fn rescore(&self, id: Option<Uuid>) -> Result<Option<RescoreRow>, StoreError>;
+    /// The oldest pending or running rescore.
+    async fn rescore_to_run(&self) -> Result<Option<RescoreRow>, StoreError>;
+    /// Sets a rescore's state (and start or end time, error).
+    async fn set_rescore_state(
+        &self,
+        id: Uuid,
+        state: i32,
+        at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Transitions in ListTransitions order.
+    async fn list_transitions(
+        &self,
+        query: &TransitionQuery,
+    ) -> Result<Vec<proto::Transition>, StoreError>;
+    /// The transition log.
+    fn transition_log(&self) -> &EventLog;
+    /// The cursor a consumer saved (empty when none).
+    async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError>;
+}
+
+/// The migrations of the scoring database.
+pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
+    schema: "scoring",
+    postgres: &[EmbeddedMigration {
+        version: 1,
+        description: "models, customers, features, transitions and their log, rescores, cursors",
+        sql: include_str!("../migrations/postgres/0001_scoring.sql"),
+    }],
+    sqlite: &[EmbeddedMigration {
+        version: 1,
+        description: "models, customers, features, transitions and their log, rescores, cursors",
+        sql: include_str!("../migrations/sqlite/0001_scoring.sql"),
+    }],
+};
+
+/// The name of the transition log table.
+pub const TRANSITION_LOG_TABLE: &str = "transition_log";
+
+/// Opens the store for an open database.
+pub fn open(pools: Pools) -> Arc<dyn ScoringStore> {
+    match pools {
+        Pools::Postgres(pool) => Arc::new(postgres::PostgresScoringStore::new(pool)),
+        Pools::Sqlite(pools) => Arc::new(sqlite::SqliteScoringStore::new(pools)),
+    }
+}
+
+// Encodings shared by both stores.
+
+pub(crate) fn encode_features(features: &CustomerFeatures) -> Vec<u8> {
+    serde_json::to_vec(features).unwrap_or_default()
+}
+
+pub(crate) fn decode_features(raw: Option<&[u8]>) -> Result<CustomerFeatures, StoreError> {
+    match raw {
+        None => Ok(CustomerFeatures::new()),
+        Some(raw) => serde_json::from_slice(raw)
+            .map_err(|err| StoreError::Corrupt(format!("customer features: {err}"))),
+    }
+}
+
+pub(crate) fn encode_snapshot(snapshot: Option<&LifecycleSnapshot>) -> Option<Vec<u8>> {
+    snapshot.map(|snapshot| serde_json::to_vec(snapshot).unwrap_or_default())
+}
+
+pub(crate) fn decode_snapshot(raw: Option<&[u8]>) -> Result<Option<LifecycleSnapshot>, StoreError> {
+    raw.map(|raw| {
+        serde_json::from_slice(raw)
+            .map_err(|err| StoreError::Corrupt(format!("lifecycle snapshot: {err}")))
+    })
+    .transpose()
+}
+
+pub(crate) fn decode_transition(raw: &[u8]) -> Result<proto::Transition, StoreError> {
+    proto::Transition::decode(raw).map_err(|err| StoreError::Corrupt(format!("transition: {err}")))
+}
+
+pub(crate) fn encode_model(model: &Model) -> Vec<u8> {
+    let mut message = model.to_proto();
+    message.state = 0;
+    message.built_in = false;
+    message.create_time = None;
+    message.activate_time = None;
+    message.encode_to_vec()
+}
+
+/// A stored model with its output-only fields.
+pub(crate) fn decode_model(
+    body: &[u8],
+    built_in: bool,
+    create_time: DateTime<Utc>,
+    activate_time: Option<DateTime<Utc>>,
+    active: bool,
+) -> Result<Model, StoreError> {
+    let message =
+        proto::Model::decode(body).map_err(|err| StoreError::Corrupt(format!("model: {err}")))?;
+    let (mut model, violations) = Model::from_proto(&message);
+    if let Some(violation) = violations.first() {
+        return Err(StoreError::Corrupt(format!(
+            "stored model {}: {}",
+            message.version, violation.description
+        )));
+    }
+    model.built_in = built_in;
+    model.create_time = Some(create_time);
+    model.activate_time = activate_time;
+    model.state = if active {
+        crate::model::ModelState::Active
+    } else {
+        crate::model::ModelState::Inactive
+    };
+    Ok(model)
+}
+
+/// The transition log entry of a transition.
+pub(crate) fn transition_entry(transition: &proto::Transition) -> (Uuid, Option<Uuid>, Vec<u8>) {
+    let event_id = Uuid::now_v7();
+    let entry = proto::TransitionLogEntry {
+        cursor: String::new(),
+        entry_id: event_id.to_string(),
+        customer_id: transition.customer_id.clone(),
+        commit_time: transition.record_time,
+        change: Some(proto::transition_log_entry::Change::Transition(
+            transition.clone(),
+        )),
+    };
+    (
+        event_id,
+        Uuid::try_parse(&transition.customer_id).ok(),
+        entry.encode_to_vec(),
+    )
+}
+
+/// The kind of transition log entries.
+pub(crate) const TRANSITION_KIND: &str = "lifecycle.transition";

@@ -1,0 +1,734 @@
+//! The scoring store on PostgreSQL (schema `scoring`).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use clm_eventlog::consumer::cursors;
+use clm_eventlog::{EventLog, NewEntry, ShardFilter};
+use clm_platform::db::Pools;
+use clm_proto::scoring as proto;
+use prost::Message as _;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{
+    Activation, ChangeSet, CursorMove, CustomerRecord, ModelInsert, RescoreRow, ScoringStore,
+    StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery, decode_features,
+    decode_model, decode_snapshot, decode_transition, encode_features, encode_model,
+    encode_snapshot, transition_entry,
+};
+use crate::evaluate::LifecycleSnapshot;
+use crate::model::Model;
+
+/// The merged_into column as read.
+type MergedInto = Uuid;
+/// The advisory lock that serialises model activations and rescore starts.
+const MODELS_LOCK: i64 = 0x636c_6d73;
+
+const PENDING: i16 = proto::RescoreState::Pending as i16;
+const RUNNING: i16 = proto::RescoreState::Running as i16;
+const CANCELLED: i16 = proto::RescoreState::Cancelled as i16;
+
+/// The scoring state in PostgreSQL.
+pub struct PostgresScoringStore {
+    pool: PgPool,
+    log: EventLog,
+}
+
+impl PostgresScoringStore {
+    /// A store over an open pool whose `search_path` is the scoring schema.
+    pub fn new(pool: PgPool) -> Self {
+        let log = EventLog::new(Pools::Postgres(pool.clone()), TRANSITION_LOG_TABLE);
+        Self { pool, log }
+    }
+}
+
+const CUSTOMER_COLUMNS: &str = "c.customer_id, c.merged_into, c.snapshot, c.last_transition, \
+     c.next_due_at, c.version, f.features";
+
+fn customer_from_row(row: &PgRow) -> Result<CustomerRecord, StoreError> {
+    let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+    let features: Option<Vec<u8>> = row.try_get("features").map_err(get)?;
+    let snapshot: Option<Vec<u8>> = row.try_get("snapshot").map_err(get)?;
+    let last_transition: Option<Vec<u8>> = row.try_get("last_transition").map_err(get)?;
+    Ok(CustomerRecord {
+        customer_id: row.try_get("customer_id").map_err(get)?,
+        merged_into: row.try_get("merged_into").map_err(get)?,
+        features: decode_features(features.as_deref())?,
+        snapshot: decode_snapshot(snapshot.as_deref())?,
+        last_transition: last_transition
+            .as_deref()
+            .map(decode_transition)
+            .transpose()?,
+        next_due_at: row.try_get("next_due_at").map_err(get)?,
+        version: row.try_get("version").map_err(get)?,
+    })
+}
+
+fn rescore_from_row(row: &PgRow) -> Result<RescoreRow, sqlx::Error> {
+    Ok(RescoreRow {
+        id: row.try_get("id")?,
+        model_version: row.try_get("model_version")?,
+        state: i32::from(row.try_get::<i16, _>("state")?),
+        trigger: i32::from(row.try_get::<i16, _>("trigger_kind")?),
+        done_count: row.try_get("done_count")?,
+        total_count: row.try_get("total_count")?,
+        changed_count: row.try_get("changed_count")?,
+        rate_per_second: row.try_get("rate_per_second")?,
+        create_time: row.try_get("create_time")?,
+        start_time: row.try_get("start_time")?,
+        end_time: row.try_get("end_time")?,
+        error: row.try_get("error")?,
+        resume_after: row.try_get("resume_after")?,
+    })
+}
+
+fn model_from_row(row: &PgRow) -> Result<Model, StoreError> {
+    let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+    let body: Vec<u8> = row.try_get("body").map_err(get)?;
+    decode_model(
+        &body,
+        row.try_get("built_in").map_err(get)?,
+        row.try_get("create_time").map_err(get)?,
+        row.try_get("activate_time").map_err(get)?,
+        row.try_get("active").map_err(get)?,
+    )
+}
+
+const MODEL_COLUMNS: &str = "m.version, m.body, m.built_in, m.create_time, m.activate_time, \
+     EXISTS (SELECT 1 FROM active_model a WHERE a.version = m.version) AS active";
+
+const RESCORE_COLUMNS: &str = "id, model_version, state, trigger_kind, done_count, total_count, \
+     changed_count, rate_per_second, create_time, start_time, end_time, error, resume_after";
+
+async fn move_cursor(tx: &mut PgConnection, cursor: &CursorMove) -> Result<(), StoreError> {
+    let moved = if cursor.expected.is_empty() {
+        sqlx::query(
+            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) \
+             VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
+        )
+        .bind(cursor.consumer)
+        .bind(cursor.shard.index as i32)
+        .bind(cursor.shard.count as i32)
+        .bind(&cursor.new)
+        .execute(&mut *tx)
+        .await
+    } else {
+        sqlx::query(
+            "UPDATE log_cursors SET cursor = $4, updated_at = now() \
+             WHERE consumer = $1 AND shard_index = $2 AND shard_count = $3 AND cursor = $5",
+        )
+        .bind(cursor.consumer)
+        .bind(cursor.shard.index as i32)
+        .bind(cursor.shard.count as i32)
+        .bind(&cursor.new)
+        .bind(&cursor.expected)
+        .execute(&mut *tx)
+        .await
+    }
+    .map_err(StoreError::from_db)?;
+    if moved.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::CursorMoved(cursor.consumer.to_owned()))
+    }
+}
+
+async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), StoreError> {
+    let (inserts, updates): (Vec<_>, Vec<_>) = changes
+        .customers
+        .iter()
+        .partition(|write| write.record.version == 0);
+    if !inserts.is_empty() {
+        let mut query = QueryBuilder::<Postgres>::new(
+            "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version) ",
+        );
+        query.push_values(&inserts, |mut row, write| {
+            let record = &write.record;
+            row.push_bind(record.customer_id)
+                .push_bind(record.merged_into)
+                .push_bind(encode_snapshot(record.snapshot.as_ref()))
+                .push_bind(record.last_transition.as_ref().map(|t| t.encode_to_vec()))
+                .push_bind(record.next_due_at)
+                .push_bind(1_i64);
+        });
+        query.push(" ON CONFLICT (customer_id) DO NOTHING");
+        let inserted = query
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        if inserted.rows_affected() != inserts.len() as u64 {
+            return Err(StoreError::Conflict(
+                "a customer was stored concurrently".into(),
+            ));
+        }
+    }
+    if !updates.is_empty() {
+        let ids: Vec<Uuid> = updates.iter().map(|w| w.record.customer_id).collect();
+        let merged: Vec<Option<Uuid>> = updates.iter().map(|w| w.record.merged_into).collect();
+        let snapshots: Vec<Option<Vec<u8>>> = updates
+            .iter()
+            .map(|w| encode_snapshot(w.record.snapshot.as_ref()))
+            .collect();
+        let transitions: Vec<Option<Vec<u8>>> = updates
+            .iter()
+            .map(|w| w.record.last_transition.as_ref().map(|t| t.encode_to_vec()))
+            .collect();
+        let due: Vec<Option<DateTime<Utc>>> =
+            updates.iter().map(|w| w.record.next_due_at).collect();
+        let versions: Vec<i64> = updates.iter().map(|w| w.record.version).collect();
+        let updated = sqlx::query(
+            "UPDATE customers AS c SET merged_into = u.merged_into, snapshot = u.snapshot, \
+               last_transition = u.last_transition, next_due_at = u.next_due_at, version = c.version + 1 \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::timestamptz[], $6::bigint[]) \
+               AS u(customer_id, merged_into, snapshot, last_transition, next_due_at, version) \
+             WHERE c.customer_id = u.customer_id AND c.version = u.version",
+        )
+        .bind(&ids)
+        .bind(&merged)
+        .bind(&snapshots)
+        .bind(&transitions)
+        .bind(&due)
+        .bind(&versions)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if updated.rows_affected() != updates.len() as u64 {
+            return Err(StoreError::Conflict(
+                "a customer changed concurrently".into(),
+            ));
+        }
+    }
+    let features: Vec<_> = changes
+        .customers
+        .iter()
+        .filter(|write| write.features_changed)
+        .collect();
+    if !features.is_empty() {
+        let ids: Vec<Uuid> = features.iter().map(|w| w.record.customer_id).collect();
+        let bodies: Vec<Vec<u8>> = features
+            .iter()
+            .map(|w| encode_features(&w.record.features))
+            .collect();
+        sqlx::query(
+            "INSERT INTO customer_features (customer_id, features) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bytea[]) \
+             ON CONFLICT (customer_id) DO UPDATE SET features = EXCLUDED.features",
+        )
+        .bind(&ids)
+        .bind(&bodies)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+    }
+    Ok(())
+}
+
+async fn write_transitions(
+    tx: &mut PgConnection,
+    log: &EventLog,
+    transitions: &[proto::Transition],
+) -> Result<(), StoreError> {
+    if transitions.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(transitions.len());
+    let mut customers = Vec::with_capacity(transitions.len());
+    let mut times = Vec::with_capacity(transitions.len());
+    let mut bodies = Vec::with_capacity(transitions.len());
+    for transition in transitions {
+        ids.push(
+            Uuid::try_parse(&transition.id)
+                .map_err(|err| StoreError::Internal(format!("transition id: {err}")))?,
+        );
+        customers.push(
+            Uuid::try_parse(&transition.customer_id)
+                .map_err(|err| StoreError::Internal(format!("transition customer: {err}")))?,
+        );
+        times.push(
+            transition
+                .transition_time
+                .as_ref()
+                .and_then(crate::timestamp_from_proto)
+                .unwrap_or_default(),
+        );
+        bodies.push(transition.encode_to_vec());
+    }
+    sqlx::query(
+        "INSERT INTO transitions (id, customer_id, transition_time, body) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bytea[])",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&times)
+    .bind(&bodies)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from_db)?;
+    let now = Utc::now();
+    for transition in transitions {
+        let (event_id, customer_id, payload) = transition_entry(transition);
+        log.append_postgres(
+            tx,
+            &NewEntry {
+                event_id,
+                customer_id,
+                kind: TRANSITION_KIND,
+                payload: &payload,
+                recorded_at: now,
+            },
+        )
+        .await
+        .map_err(StoreError::from_db)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ScoringStore for PostgresScoringStore {
+    async fn load_customers(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, CustomerRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers c \
+             LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
+             WHERE c.customer_id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.iter()
+            .map(|row| customer_from_row(row).map(|record| (record.customer_id, record)))
+            .collect()
+    }
+
+    async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        if let Some(cursor) = &changes.cursor {
+            move_cursor(&mut tx, cursor).await?;
+        }
+        if let Some(progress) = &changes.rescore {
+            let updated = sqlx::query(
+                "UPDATE rescores SET done_count = done_count + $2, changed_count = changed_count + $3, \
+                   rate_per_second = $4, resume_after = $5 WHERE id = $1 AND state = $6",
+            )
+            .bind(progress.id)
+            .bind(progress.done)
+            .bind(progress.changed)
+            .bind(progress.rate_per_second)
+            .bind(progress.resume_after)
+            .bind(RUNNING)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            if updated.rows_affected() != 1 {
+                return Err(StoreError::RescoreStopped);
+            }
+        }
+        write_customers(&mut tx, changes).await?;
+        write_transitions(&mut tx, &self.log, &changes.transitions).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !changes.transitions.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(())
+    }
+
+    async fn due_customers(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT customer_id FROM customers WHERE next_due_at IS NOT NULL AND next_due_at <= $1 \
+             ORDER BY next_due_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)
+    }
+
+    async fn customers_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<CustomerRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers c \
+             LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
+             WHERE ($1::uuid IS NULL OR c.customer_id > $1) AND c.merged_into IS NULL \
+               AND c.snapshot IS NOT NULL \
+             ORDER BY c.customer_id LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn count_scored(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM customers WHERE merged_into IS NULL AND snapshot IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::from_db)
+    }
+
+    async fn unpushed(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT customer_id, version, snapshot, merged_into FROM customers \
+             WHERE pushed_version < version LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: Uuid = row.try_get("customer_id").map_err(StoreError::from_db)?;
+            let version: i64 = row.try_get("version").map_err(StoreError::from_db)?;
+            let snapshot: Option<Vec<u8>> = row.try_get("snapshot").map_err(StoreError::from_db)?;
+            let merged = row
+                .try_get::<Option<MergedInto>, _>("merged_into")
+                .map_err(StoreError::from_db)?
+                .is_some();
+            match decode_snapshot(snapshot.as_deref())? {
+                Some(snapshot) if !merged => out.push((id, version, snapshot)),
+                // Nothing to push (identity ignores merged customers).
+                _ => self.mark_pushed(&[(id, version)]).await?,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
+        if pushed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = pushed.iter().map(|p| p.0).collect();
+        let versions: Vec<i64> = pushed.iter().map(|p| p.1).collect();
+        sqlx::query(
+            "UPDATE customers AS c SET pushed_version = u.version \
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS u(customer_id, version) \
+             WHERE c.customer_id = u.customer_id AND c.pushed_version < u.version",
+        )
+        .bind(&ids)
+        .bind(&versions)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        Ok(())
+    }
+
+    async fn insert_model(&self, model: &Model) -> Result<ModelInsert, StoreError> {
+        let now = model.create_time.unwrap_or_else(Utc::now);
+        let inserted = sqlx::query(
+            "INSERT INTO models (version, body, built_in, create_time) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(&model.version)
+        .bind(encode_model(model))
+        .bind(model.built_in)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        let stored = self
+            .model(&model.version)
+            .await?
+            .ok_or_else(|| StoreError::Internal("a stored model vanished".into()))?;
+        Ok(if inserted.rows_affected() == 1 {
+            ModelInsert::Created(stored)
+        } else {
+            ModelInsert::Exists(stored)
+        })
+    }
+
+    async fn model(&self, version: &str) -> Result<Option<Model>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {MODEL_COLUMNS} FROM models m WHERE m.version = $1"
+        ))
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref().map(model_from_row).transpose()
+    }
+
+    async fn active_model(&self) -> Result<Option<Model>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {MODEL_COLUMNS} FROM models m JOIN active_model a ON a.version = m.version"
+        ))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref().map(model_from_row).transpose()
+    }
+
+    async fn list_models(
+        &self,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> Result<Vec<Model>, StoreError> {
+        let (time, version) = after.unzip();
+        let rows = sqlx::query(&format!(
+            "SELECT {MODEL_COLUMNS} FROM models m \
+             WHERE $1::timestamptz IS NULL OR (m.create_time, m.version) < ($1, $2) \
+             ORDER BY m.create_time DESC, m.version DESC LIMIT $3"
+        ))
+        .bind(time)
+        .bind(version)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.iter().map(model_from_row).collect()
+    }
+
+    async fn activate(
+        &self,
+        version: &str,
+        expected_active: Option<&str>,
+        rescore: RescoreRow,
+        now: DateTime<Utc>,
+    ) -> Result<Activation, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        // One activation at a time.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MODELS_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT version FROM models WHERE version = $1")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?;
+        if exists.is_none() {
+            return Ok(Activation::NotFound);
+        }
+        let active: Option<String> =
+            sqlx::query_scalar("SELECT version FROM active_model WHERE id = 1")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?;
+        if let Some(expected) = expected_active
+            && active.as_deref() != Some(expected)
+        {
+            return Ok(Activation::NotExpected(active.unwrap_or_default()));
+        }
+        if active.as_deref() == Some(version) {
+            drop(tx);
+            let model = self
+                .model(version)
+                .await?
+                .ok_or_else(|| StoreError::Internal("the active model vanished".into()))?;
+            return Ok(Activation::AlreadyActive(model));
+        }
+        sqlx::query(
+            "INSERT INTO active_model (id, version) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version",
+        )
+        .bind(version)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        sqlx::query("UPDATE models SET activate_time = $2 WHERE version = $1")
+            .bind(version)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query("UPDATE rescores SET state = $1, end_time = $2 WHERE state IN ($3, $4)")
+            .bind(CANCELLED)
+            .bind(now)
+            .bind(PENDING)
+            .bind(RUNNING)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        insert_rescore(&mut tx, &rescore).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        let model = self
+            .model(version)
+            .await?
+            .ok_or_else(|| StoreError::Internal("the activated model vanished".into()))?;
+        Ok(Activation::Activated(model, rescore))
+    }
+
+    async fn install_default(&self, model: &Model, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MODELS_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query(
+            "INSERT INTO models (version, body, built_in, create_time, activate_time) \
+             VALUES ($1, $2, TRUE, $3, $3) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(&model.version)
+        .bind(encode_model(model))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        sqlx::query(
+            "INSERT INTO active_model (id, version) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&model.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)
+    }
+
+    async fn start_rescore(&self, rescore: RescoreRow) -> Result<(RescoreRow, bool), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MODELS_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        let existing = sqlx::query(&format!(
+            "SELECT {RESCORE_COLUMNS} FROM rescores WHERE state IN ($1, $2) ORDER BY create_time LIMIT 1"
+        ))
+        .bind(PENDING)
+        .bind(RUNNING)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if let Some(row) = existing {
+            return Ok((rescore_from_row(&row).map_err(StoreError::from_db)?, false));
+        }
+        insert_rescore(&mut tx, &rescore).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok((rescore, true))
+    }
+
+    async fn rescore(&self, id: Option<Uuid>) -> Result<Option<RescoreRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {RESCORE_COLUMNS} FROM rescores WHERE $1::uuid IS NULL OR id = $1 \
+             ORDER BY create_time DESC LIMIT 1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref()
+            .map(rescore_from_row)
+            .transpose()
+            .map_err(StoreError::from_db)
+    }
+
+    async fn rescore_to_run(&self) -> Result<Option<RescoreRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {RESCORE_COLUMNS} FROM rescores WHERE state IN ($1, $2) ORDER BY create_time LIMIT 1"
+        ))
+        .bind(PENDING)
+        .bind(RUNNING)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref()
+            .map(rescore_from_row)
+            .transpose()
+            .map_err(StoreError::from_db)
+    }
+
+    async fn set_rescore_state(
+        &self,
+        id: Uuid,
+        state: i32,
+        at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let running = state == i32::from(RUNNING);
+        sqlx::query(
+            "UPDATE rescores SET state = $2, error = $4, \
+               start_time = CASE WHEN $5 THEN COALESCE(start_time, $3) ELSE start_time END, \
+               end_time = CASE WHEN $5 THEN NULL ELSE $3 END, \
+               rate_per_second = CASE WHEN $5 THEN rate_per_second ELSE 0 END \
+             WHERE id = $1 AND state IN ($6, $7)",
+        )
+        .bind(id)
+        .bind(state as i16)
+        .bind(at)
+        .bind(error)
+        .bind(running)
+        .bind(PENDING)
+        .bind(RUNNING)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        Ok(())
+    }
+
+    async fn list_transitions(
+        &self,
+        query: &TransitionQuery,
+    ) -> Result<Vec<proto::Transition>, StoreError> {
+        let (after_time, after_id) = query.after.unzip();
+        let bodies: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT body FROM transitions \
+             WHERE ($1::uuid IS NULL OR customer_id = $1) \
+               AND ($2::timestamptz IS NULL OR transition_time >= $2) \
+               AND ($3::timestamptz IS NULL OR transition_time < $3) \
+               AND ($4::timestamptz IS NULL OR (transition_time, id) > ($4, $5)) \
+             ORDER BY transition_time, id LIMIT $6",
+        )
+        .bind(query.customer_id)
+        .bind(query.start)
+        .bind(query.end)
+        .bind(after_time)
+        .bind(after_id)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        bodies.iter().map(|body| decode_transition(body)).collect()
+    }
+
+    fn transition_log(&self) -> &EventLog {
+        &self.log
+    }
+
+    async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError> {
+        cursors::load(&Pools::Postgres(self.pool.clone()), consumer, shard)
+            .await
+            .map_err(|err| StoreError::Unavailable(err.0))
+    }
+}
+
+async fn insert_rescore(tx: &mut PgConnection, rescore: &RescoreRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO rescores (id, model_version, state, trigger_kind, total_count, create_time) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(rescore.id)
+    .bind(&rescore.model_version)
+    .bind(rescore.state as i16)
+    .bind(rescore.trigger as i16)
+    .bind(rescore.total_count)
+    .bind(rescore.create_time)
+    .execute(tx)
+    .await
+    .map_err(StoreError::from_db)?;
+    Ok(())
+}

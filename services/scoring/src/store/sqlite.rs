@@ -1,0 +1,706 @@
+//! The scoring store on SQLite (the embedded default). Ids are UUID
+//! strings; times are microseconds since the Unix epoch. The single writer
+//! connection serialises every write transaction.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use clm_eventlog::consumer::cursors;
+use clm_eventlog::{EventLog, NewEntry, ShardFilter};
+use clm_platform::db::sqlite_columns::{time as time_column, uuid as uuid_column};
+use clm_platform::db::{Pools, SqlitePools};
+use clm_proto::scoring as proto;
+use prost::Message as _;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+use uuid::Uuid;
+
+use super::{
+    Activation, ChangeSet, CursorMove, CustomerRecord, ModelInsert, RescoreRow, ScoringStore,
+    StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery, decode_features,
+    decode_model, decode_snapshot, decode_transition, encode_features, encode_model,
+    encode_snapshot, transition_entry,
+};
+use crate::evaluate::LifecycleSnapshot;
+use crate::model::Model;
+
+/// The merged_into column as read.
+type MergedInto = String;
+
+const PENDING: i32 = proto::RescoreState::Pending as i32;
+const RUNNING: i32 = proto::RescoreState::Running as i32;
+const CANCELLED: i32 = proto::RescoreState::Cancelled as i32;
+
+/// The scoring state in a SQLite file.
+pub struct SqliteScoringStore {
+    pools: SqlitePools,
+    log: EventLog,
+}
+
+impl SqliteScoringStore {
+    /// A store over open pools.
+    pub fn new(pools: SqlitePools) -> Self {
+        let log = EventLog::new(Pools::Sqlite(pools.clone()), TRANSITION_LOG_TABLE);
+        Self { pools, log }
+    }
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn optional_time(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let raw: Option<i64> = row.try_get(column)?;
+    Ok(raw.and_then(DateTime::from_timestamp_micros))
+}
+
+fn optional_uuid(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    let raw: Option<String> = row.try_get(column)?;
+    raw.map(|raw| Uuid::try_parse(&raw).map_err(clm_platform::db::sqlite_columns::decode_err))
+        .transpose()
+}
+
+const CUSTOMER_COLUMNS: &str = "c.customer_id, c.merged_into, c.snapshot, c.last_transition, \
+     c.next_due_at, c.version, f.features";
+
+fn customer_from_row(row: &SqliteRow) -> Result<CustomerRecord, StoreError> {
+    let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+    let features: Option<Vec<u8>> = row.try_get("features").map_err(get)?;
+    let snapshot: Option<Vec<u8>> = row.try_get("snapshot").map_err(get)?;
+    let last_transition: Option<Vec<u8>> = row.try_get("last_transition").map_err(get)?;
+    Ok(CustomerRecord {
+        customer_id: uuid_column(row, "customer_id").map_err(get)?,
+        merged_into: optional_uuid(row, "merged_into").map_err(get)?,
+        features: decode_features(features.as_deref())?,
+        snapshot: decode_snapshot(snapshot.as_deref())?,
+        last_transition: last_transition
+            .as_deref()
+            .map(decode_transition)
+            .transpose()?,
+        next_due_at: optional_time(row, "next_due_at").map_err(get)?,
+        version: row.try_get("version").map_err(get)?,
+    })
+}
+
+fn rescore_from_row(row: &SqliteRow) -> Result<RescoreRow, sqlx::Error> {
+    Ok(RescoreRow {
+        id: uuid_column(row, "id")?,
+        model_version: row.try_get("model_version")?,
+        state: row.try_get("state")?,
+        trigger: row.try_get("trigger_kind")?,
+        done_count: row.try_get("done_count")?,
+        total_count: row.try_get("total_count")?,
+        changed_count: row.try_get("changed_count")?,
+        rate_per_second: row.try_get("rate_per_second")?,
+        create_time: time_column(row, "create_time")?,
+        start_time: optional_time(row, "start_time")?,
+        end_time: optional_time(row, "end_time")?,
+        error: row.try_get("error")?,
+        resume_after: optional_uuid(row, "resume_after")?,
+    })
+}
+
+fn model_from_row(row: &SqliteRow) -> Result<Model, StoreError> {
+    let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+    let body: Vec<u8> = row.try_get("body").map_err(get)?;
+    decode_model(
+        &body,
+        row.try_get::<bool, _>("built_in").map_err(get)?,
+        time_column(row, "create_time").map_err(get)?,
+        optional_time(row, "activate_time").map_err(get)?,
+        row.try_get::<bool, _>("active").map_err(get)?,
+    )
+}
+
+const MODEL_COLUMNS: &str = "m.version, m.body, m.built_in, m.create_time, m.activate_time, \
+     EXISTS (SELECT 1 FROM active_model a WHERE a.version = m.version) AS active";
+
+const RESCORE_COLUMNS: &str = "id, model_version, state, trigger_kind, done_count, total_count, \
+     changed_count, rate_per_second, create_time, start_time, end_time, error, resume_after";
+
+async fn move_cursor(tx: &mut SqliteConnection, cursor: &CursorMove) -> Result<(), StoreError> {
+    let now = micros(Utc::now());
+    let moved = if cursor.expected.is_empty() {
+        sqlx::query(
+            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )
+        .bind(cursor.consumer)
+        .bind(cursor.shard.index)
+        .bind(cursor.shard.count)
+        .bind(&cursor.new)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+    } else {
+        sqlx::query(
+            "UPDATE log_cursors SET cursor = ?4, updated_at = ?5 \
+             WHERE consumer = ?1 AND shard_index = ?2 AND shard_count = ?3 AND cursor = ?6",
+        )
+        .bind(cursor.consumer)
+        .bind(cursor.shard.index)
+        .bind(cursor.shard.count)
+        .bind(&cursor.new)
+        .bind(now)
+        .bind(&cursor.expected)
+        .execute(&mut *tx)
+        .await
+    }
+    .map_err(StoreError::from_db)?;
+    if moved.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::CursorMoved(cursor.consumer.to_owned()))
+    }
+}
+
+async fn write_customers(tx: &mut SqliteConnection, changes: &ChangeSet) -> Result<(), StoreError> {
+    for write in &changes.customers {
+        let record = &write.record;
+        let snapshot = encode_snapshot(record.snapshot.as_ref());
+        let transition = record.last_transition.as_ref().map(|t| t.encode_to_vec());
+        let written = if record.version == 0 {
+            sqlx::query(
+                "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1) ON CONFLICT (customer_id) DO NOTHING",
+            )
+        } else {
+            sqlx::query(
+                "UPDATE customers SET merged_into = ?2, snapshot = ?3, last_transition = ?4, \
+                   next_due_at = ?5, version = version + 1 WHERE customer_id = ?1 AND version = ?6",
+            )
+        }
+        .bind(record.customer_id.to_string())
+        .bind(record.merged_into.map(|id| id.to_string()))
+        .bind(snapshot)
+        .bind(transition)
+        .bind(record.next_due_at.map(micros))
+        .bind(record.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if written.rows_affected() != 1 {
+            return Err(StoreError::Conflict(
+                "a customer changed concurrently".into(),
+            ));
+        }
+        if write.features_changed {
+            sqlx::query(
+                "INSERT INTO customer_features (customer_id, features) VALUES (?1, ?2) \
+                 ON CONFLICT (customer_id) DO UPDATE SET features = excluded.features",
+            )
+            .bind(record.customer_id.to_string())
+            .bind(encode_features(&record.features))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        }
+    }
+    Ok(())
+}
+
+async fn write_transitions(
+    tx: &mut SqliteConnection,
+    log: &EventLog,
+    transitions: &[proto::Transition],
+) -> Result<(), StoreError> {
+    let now = Utc::now();
+    for transition in transitions {
+        let time = transition
+            .transition_time
+            .as_ref()
+            .and_then(crate::timestamp_from_proto)
+            .unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO transitions (id, customer_id, transition_time, body) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&transition.id)
+        .bind(&transition.customer_id)
+        .bind(micros(time))
+        .bind(transition.encode_to_vec())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        let (event_id, customer_id, payload) = transition_entry(transition);
+        log.append_sqlite(
+            tx,
+            &NewEntry {
+                event_id,
+                customer_id,
+                kind: TRANSITION_KIND,
+                payload: &payload,
+                recorded_at: now,
+            },
+        )
+        .await
+        .map_err(StoreError::from_db)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ScoringStore for SqliteScoringStore {
+    async fn load_customers(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, CustomerRecord>, StoreError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT {CUSTOMER_COLUMNS} FROM customers c \
+                 LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
+                 WHERE c.customer_id IN ({placeholders})"
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            // Read on the writer: a consumer's read-modify-write must see
+            // the latest commit.
+            let rows = query
+                .fetch_all(&self.pools.writer)
+                .await
+                .map_err(StoreError::from_db)?;
+            for row in &rows {
+                let record = customer_from_row(row)?;
+                out.insert(record.customer_id, record);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        if let Some(cursor) = &changes.cursor {
+            move_cursor(&mut tx, cursor).await?;
+        }
+        if let Some(progress) = &changes.rescore {
+            let updated = sqlx::query(
+                "UPDATE rescores SET done_count = done_count + ?2, changed_count = changed_count + ?3, \
+                   rate_per_second = ?4, resume_after = ?5 WHERE id = ?1 AND state = ?6",
+            )
+            .bind(progress.id.to_string())
+            .bind(progress.done)
+            .bind(progress.changed)
+            .bind(progress.rate_per_second)
+            .bind(progress.resume_after.to_string())
+            .bind(RUNNING)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            if updated.rows_affected() != 1 {
+                return Err(StoreError::RescoreStopped);
+            }
+        }
+        write_customers(&mut tx, changes).await?;
+        write_transitions(&mut tx, &self.log, &changes.transitions).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !changes.transitions.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(())
+    }
+
+    async fn due_customers(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT customer_id FROM customers WHERE next_due_at IS NOT NULL AND next_due_at <= ?1 \
+             ORDER BY next_due_at LIMIT ?2",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        ids.iter()
+            .map(|id| Uuid::try_parse(id).map_err(|err| StoreError::Corrupt(err.to_string())))
+            .collect()
+    }
+
+    async fn customers_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<CustomerRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers c \
+             LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
+             WHERE (?1 IS NULL OR c.customer_id > ?1) AND c.merged_into IS NULL \
+               AND c.snapshot IS NOT NULL \
+             ORDER BY c.customer_id LIMIT ?2"
+        ))
+        .bind(after.map(|id| id.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.iter().map(customer_from_row).collect()
+    }
+
+    async fn count_scored(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM customers WHERE merged_into IS NULL AND snapshot IS NOT NULL",
+        )
+        .fetch_one(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)
+    }
+
+    async fn unpushed(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT customer_id, version, snapshot, merged_into FROM customers \
+             WHERE pushed_version < version LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id = uuid_column(row, "customer_id").map_err(StoreError::from_db)?;
+            let version: i64 = row.try_get("version").map_err(StoreError::from_db)?;
+            let snapshot: Option<Vec<u8>> = row.try_get("snapshot").map_err(StoreError::from_db)?;
+            let merged = row
+                .try_get::<Option<MergedInto>, _>("merged_into")
+                .map_err(StoreError::from_db)?
+                .is_some();
+            match decode_snapshot(snapshot.as_deref())? {
+                Some(snapshot) if !merged => out.push((id, version, snapshot)),
+                // Nothing to push (identity ignores merged customers).
+                _ => self.mark_pushed(&[(id, version)]).await?,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
+        if pushed.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        for (id, version) in pushed {
+            sqlx::query(
+                "UPDATE customers SET pushed_version = ?2 WHERE customer_id = ?1 AND pushed_version < ?2",
+            )
+            .bind(id.to_string())
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        }
+        tx.commit().await.map_err(StoreError::from_db)
+    }
+
+    async fn insert_model(&self, model: &Model) -> Result<ModelInsert, StoreError> {
+        let now = model.create_time.unwrap_or_else(Utc::now);
+        let inserted = sqlx::query(
+            "INSERT INTO models (version, body, built_in, create_time) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(&model.version)
+        .bind(encode_model(model))
+        .bind(model.built_in)
+        .bind(micros(now))
+        .execute(&self.pools.writer)
+        .await
+        .map_err(StoreError::from_db)?;
+        let stored = self
+            .model(&model.version)
+            .await?
+            .ok_or_else(|| StoreError::Internal("a stored model vanished".into()))?;
+        Ok(if inserted.rows_affected() == 1 {
+            ModelInsert::Created(stored)
+        } else {
+            ModelInsert::Exists(stored)
+        })
+    }
+
+    async fn model(&self, version: &str) -> Result<Option<Model>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {MODEL_COLUMNS} FROM models m WHERE m.version = ?1"
+        ))
+        .bind(version)
+        .fetch_optional(&self.pools.writer)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref().map(model_from_row).transpose()
+    }
+
+    async fn active_model(&self) -> Result<Option<Model>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {MODEL_COLUMNS} FROM models m JOIN active_model a ON a.version = m.version"
+        ))
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref().map(model_from_row).transpose()
+    }
+
+    async fn list_models(
+        &self,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> Result<Vec<Model>, StoreError> {
+        let (time, version) = after.unzip();
+        let rows = sqlx::query(&format!(
+            "SELECT {MODEL_COLUMNS} FROM models m \
+             WHERE ?1 IS NULL OR m.create_time < ?1 OR (m.create_time = ?1 AND m.version < ?2) \
+             ORDER BY m.create_time DESC, m.version DESC LIMIT ?3"
+        ))
+        .bind(time.map(micros))
+        .bind(version)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.iter().map(model_from_row).collect()
+    }
+
+    async fn activate(
+        &self,
+        version: &str,
+        expected_active: Option<&str>,
+        rescore: RescoreRow,
+        now: DateTime<Utc>,
+    ) -> Result<Activation, StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT version FROM models WHERE version = ?1")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?;
+        if exists.is_none() {
+            return Ok(Activation::NotFound);
+        }
+        let active: Option<String> =
+            sqlx::query_scalar("SELECT version FROM active_model WHERE id = 1")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?;
+        if let Some(expected) = expected_active
+            && active.as_deref() != Some(expected)
+        {
+            return Ok(Activation::NotExpected(active.unwrap_or_default()));
+        }
+        if active.as_deref() == Some(version) {
+            drop(tx);
+            let model = self
+                .model(version)
+                .await?
+                .ok_or_else(|| StoreError::Internal("the active model vanished".into()))?;
+            return Ok(Activation::AlreadyActive(model));
+        }
+        sqlx::query(
+            "INSERT INTO active_model (id, version) VALUES (1, ?1) \
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        )
+        .bind(version)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        sqlx::query("UPDATE models SET activate_time = ?2 WHERE version = ?1")
+            .bind(version)
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query("UPDATE rescores SET state = ?1, end_time = ?2 WHERE state IN (?3, ?4)")
+            .bind(CANCELLED)
+            .bind(micros(now))
+            .bind(PENDING)
+            .bind(RUNNING)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        insert_rescore(&mut tx, &rescore).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        let model = self
+            .model(version)
+            .await?
+            .ok_or_else(|| StoreError::Internal("the activated model vanished".into()))?;
+        Ok(Activation::Activated(model, rescore))
+    }
+
+    async fn install_default(&self, model: &Model, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query(
+            "INSERT INTO models (version, body, built_in, create_time, activate_time) \
+             VALUES (?1, ?2, 1, ?3, ?3) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(&model.version)
+        .bind(encode_model(model))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        sqlx::query(
+            "INSERT INTO active_model (id, version) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&model.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)
+    }
+
+    async fn start_rescore(&self, rescore: RescoreRow) -> Result<(RescoreRow, bool), StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let existing = sqlx::query(&format!(
+            "SELECT {RESCORE_COLUMNS} FROM rescores WHERE state IN (?1, ?2) ORDER BY create_time LIMIT 1"
+        ))
+        .bind(PENDING)
+        .bind(RUNNING)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if let Some(row) = existing {
+            return Ok((rescore_from_row(&row).map_err(StoreError::from_db)?, false));
+        }
+        insert_rescore(&mut tx, &rescore).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok((rescore, true))
+    }
+
+    async fn rescore(&self, id: Option<Uuid>) -> Result<Option<RescoreRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {RESCORE_COLUMNS} FROM rescores WHERE ?1 IS NULL OR id = ?1 \
+             ORDER BY create_time DESC LIMIT 1"
+        ))
+        .bind(id.map(|id| id.to_string()))
+        .fetch_optional(&self.pools.writer)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref()
+            .map(rescore_from_row)
+            .transpose()
+            .map_err(StoreError::from_db)
+    }
+
+    async fn rescore_to_run(&self) -> Result<Option<RescoreRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {RESCORE_COLUMNS} FROM rescores WHERE state IN (?1, ?2) ORDER BY create_time LIMIT 1"
+        ))
+        .bind(PENDING)
+        .bind(RUNNING)
+        .fetch_optional(&self.pools.writer)
+        .await
+        .map_err(StoreError::from_db)?;
+        row.as_ref()
+            .map(rescore_from_row)
+            .transpose()
+            .map_err(StoreError::from_db)
+    }
+
+    async fn set_rescore_state(
+        &self,
+        id: Uuid,
+        state: i32,
+        at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let running = state == RUNNING;
+        sqlx::query(
+            "UPDATE rescores SET state = ?2, error = ?4, \
+               start_time = CASE WHEN ?5 THEN COALESCE(start_time, ?3) ELSE start_time END, \
+               end_time = CASE WHEN ?5 THEN NULL ELSE ?3 END, \
+               rate_per_second = CASE WHEN ?5 THEN rate_per_second ELSE 0 END \
+             WHERE id = ?1 AND state IN (?6, ?7)",
+        )
+        .bind(id.to_string())
+        .bind(state)
+        .bind(micros(at))
+        .bind(error)
+        .bind(running)
+        .bind(PENDING)
+        .bind(RUNNING)
+        .execute(&self.pools.writer)
+        .await
+        .map_err(StoreError::from_db)?;
+        Ok(())
+    }
+
+    async fn list_transitions(
+        &self,
+        query: &TransitionQuery,
+    ) -> Result<Vec<proto::Transition>, StoreError> {
+        let (after_time, after_id) = query.after.unzip();
+        let bodies: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT body FROM transitions \
+             WHERE (?1 IS NULL OR customer_id = ?1) \
+               AND (?2 IS NULL OR transition_time >= ?2) \
+               AND (?3 IS NULL OR transition_time < ?3) \
+               AND (?4 IS NULL OR transition_time > ?4 OR (transition_time = ?4 AND id > ?5)) \
+             ORDER BY transition_time, id LIMIT ?6",
+        )
+        .bind(query.customer_id.map(|id| id.to_string()))
+        .bind(query.start.map(micros))
+        .bind(query.end.map(micros))
+        .bind(after_time.map(micros))
+        .bind(after_id.map(|id| id.to_string()))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        bodies.iter().map(|body| decode_transition(body)).collect()
+    }
+
+    fn transition_log(&self) -> &EventLog {
+        &self.log
+    }
+
+    async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError> {
+        cursors::load(&Pools::Sqlite(self.pools.clone()), consumer, shard)
+            .await
+            .map_err(|err| StoreError::Unavailable(err.0))
+    }
+}
+
+async fn insert_rescore(tx: &mut SqliteConnection, rescore: &RescoreRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO rescores (id, model_version, state, trigger_kind, total_count, create_time) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(rescore.id.to_string())
+    .bind(&rescore.model_version)
+    .bind(rescore.state)
+    .bind(rescore.trigger)
+    .bind(rescore.total_count)
+    .bind(micros(rescore.create_time))
+    .execute(tx)
+    .await
+    .map_err(StoreError::from_db)?;
+    Ok(())
+}

@@ -1,0 +1,571 @@
+//! One conformance suite for the scoring store, run against SQLite and
+//! PostgreSQL alike.
+
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration as TimeDelta, SubsecRound as _, Utc};
+use clm_eventlog::{Cursor, ShardFilter};
+use clm_platform::Secret;
+use clm_platform::db;
+use clm_proto::scoring as pb;
+use clm_scoring::store::{
+    self, Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, ModelInsert,
+    RescoreProgress, RescoreRow, ScoringStore, StoreError, TransitionQuery,
+};
+use clm_scoring::timestamp_to_proto;
+use clm_scoring::{
+    CustomerFeatures, LifecycleSnapshot, LifecycleStage, LifecycleState, Scores, TouchpointFacts,
+    default_model,
+};
+use uuid::Uuid;
+
+struct Backend {
+    store: Arc<dyn ScoringStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let url = Secret::new(format!("sqlite://{}/scoring.db", dir.path().display()));
+    let pools = db::connect(&url, "scoring", 4).await.unwrap();
+    store::MIGRATIONS.run(&pools).await.unwrap();
+    Backend {
+        store: store::open(pools),
+        _dir: Some(dir),
+    }
+}
+
+async fn postgres() -> Option<Backend> {
+    let url = clm_platform::testing::fresh_postgres_database("scoring").await?;
+    let pools = db::connect(&url, "scoring", 8).await.unwrap();
+    store::MIGRATIONS.run(&pools).await.unwrap();
+    Some(Backend {
+        store: store::open(pools),
+        _dir: None,
+    })
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn record(id: Uuid, stage: LifecycleStage, due: Option<DateTime<Utc>>) -> CustomerRecord {
+    let at = now();
+    let mut features = CustomerFeatures::new();
+    features.apply(&TouchpointFacts {
+        touchpoint_type: "page_view",
+        channel: clm_proto::touchpoint::Channel::Web,
+        occurred_at: at,
+        revenue: None,
+    });
+    CustomerRecord {
+        features,
+        snapshot: Some(LifecycleSnapshot {
+            state: LifecycleState {
+                stage: Some(stage),
+                stage_entered_at: Some(at),
+                ..LifecycleState::default()
+            },
+            scores: Scores {
+                engagement: 1.0,
+                lead: 2.0,
+                health: 3.0,
+            },
+            model_version: "builtin-1".to_owned(),
+            evaluated_at: at,
+        }),
+        next_due_at: due,
+        ..CustomerRecord::new(id)
+    }
+}
+
+fn write(record: CustomerRecord) -> CustomerWrite {
+    CustomerWrite {
+        record,
+        features_changed: true,
+    }
+}
+
+fn transition(customer: Uuid, at: DateTime<Utc>) -> pb::Transition {
+    pb::Transition {
+        id: Uuid::now_v7().to_string(),
+        customer_id: customer.to_string(),
+        to_stage: pb_stage(LifecycleStage::Reach),
+        transition_time: Some(timestamp_to_proto(at)),
+        model_version: "builtin-1".to_owned(),
+        record_time: Some(timestamp_to_proto(at)),
+        ..pb::Transition::default()
+    }
+}
+
+fn pb_stage(stage: LifecycleStage) -> i32 {
+    stage.to_proto() as i32
+}
+
+fn rescore_row(model: &str, total: i64) -> RescoreRow {
+    RescoreRow {
+        id: Uuid::now_v7(),
+        model_version: model.to_owned(),
+        state: pb::RescoreState::Pending as i32,
+        trigger: pb::RescoreTrigger::Manual as i32,
+        done_count: 0,
+        total_count: total,
+        changed_count: 0,
+        rate_per_second: 0.0,
+        create_time: now(),
+        start_time: None,
+        end_time: None,
+        error: String::new(),
+        resume_after: None,
+    }
+}
+
+async fn customers_are_written_with_a_version_check(backend: Backend) {
+    let store = backend.store;
+    let id = Uuid::now_v7();
+    let first = record(id, LifecycleStage::Reach, None);
+    store
+        .commit(&ChangeSet {
+            customers: vec![write(first.clone())],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let loaded = store.load_customers(&[id, Uuid::now_v7()]).await.unwrap();
+    assert_eq!(loaded.len(), 1, "an unknown id is left out");
+    let stored = loaded[&id].clone();
+    assert_eq!(stored.version, 1);
+    assert_eq!(stored.features, first.features);
+    assert_eq!(stored.snapshot, first.snapshot);
+
+    // Inserting it again, or updating from a stale version, conflicts and
+    // writes nothing, not even the transition beside it.
+    let again = store
+        .commit(&ChangeSet {
+            customers: vec![write(first.clone())],
+            transitions: vec![transition(id, now())],
+            ..ChangeSet::default()
+        })
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let mut next = record(id, LifecycleStage::Conversion, None);
+    next.version = 1;
+    store
+        .commit(&ChangeSet {
+            customers: vec![write(next.clone())],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let stale = store
+        .commit(&ChangeSet {
+            customers: vec![write(next.clone())],
+            ..ChangeSet::default()
+        })
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    let stored = store.load_customers(&[id]).await.unwrap()[&id].clone();
+    assert_eq!(stored.version, 2);
+    assert_eq!(
+        stored.snapshot.unwrap().state.stage,
+        Some(LifecycleStage::Conversion)
+    );
+    let listed = store
+        .list_transitions(&TransitionQuery {
+            customer_id: Some(id),
+            start: None,
+            end: None,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert!(
+        listed.is_empty(),
+        "the conflicting commit left a transition"
+    );
+}
+
+async fn the_cursor_moves_only_from_the_value_read(backend: Backend) {
+    let store = backend.store;
+    let shard = ShardFilter { index: 1, count: 4 };
+    let step = |expected: &str, new: &str| ChangeSet {
+        cursor: Some(CursorMove {
+            consumer: "test.log",
+            shard,
+            expected: expected.to_owned(),
+            new: new.to_owned(),
+        }),
+        ..ChangeSet::default()
+    };
+    assert_eq!(store.saved_cursor("test.log", shard).await.unwrap(), "");
+    store.commit(&step("", "0-1")).await.unwrap();
+    assert_eq!(store.saved_cursor("test.log", shard).await.unwrap(), "0-1");
+    // A second consumer that read nothing, or an old value, loses.
+    let lost = store.commit(&step("", "0-2")).await;
+    assert!(matches!(lost, Err(StoreError::CursorMoved(_))), "{lost:?}");
+    let id = Uuid::now_v7();
+    let mut with_customer = step("0-0", "0-9");
+    with_customer
+        .customers
+        .push(write(record(id, LifecycleStage::Reach, None)));
+    let lost = store.commit(&with_customer).await;
+    assert!(matches!(lost, Err(StoreError::CursorMoved(_))), "{lost:?}");
+    assert!(
+        store.load_customers(&[id]).await.unwrap().is_empty(),
+        "state was written although the cursor had moved"
+    );
+    store.commit(&step("0-1", "0-5")).await.unwrap();
+    assert_eq!(store.saved_cursor("test.log", shard).await.unwrap(), "0-5");
+    // Other shards keep their own cursor.
+    assert_eq!(
+        store
+            .saved_cursor("test.log", ShardFilter::ALL)
+            .await
+            .unwrap(),
+        ""
+    );
+}
+
+async fn transitions_are_listed_and_logged(backend: Backend) {
+    let store = backend.store;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let base = now() - TimeDelta::days(10);
+    let transitions: Vec<pb::Transition> = (0..6)
+        .map(|i| transition(if i % 2 == 0 { a } else { b }, base + TimeDelta::days(i)))
+        .collect();
+    store
+        .commit(&ChangeSet {
+            transitions: transitions.clone(),
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let query = |customer: Option<Uuid>, start, end, after, limit| TransitionQuery {
+        customer_id: customer,
+        start,
+        end,
+        after,
+        limit,
+    };
+    let of_a = store
+        .list_transitions(&query(Some(a), None, None, None, 10))
+        .await
+        .unwrap();
+    assert_eq!(of_a.len(), 3);
+    assert!(of_a.iter().all(|t| t.customer_id == a.to_string()));
+    let window = store
+        .list_transitions(&query(
+            None,
+            Some(base + TimeDelta::days(1)),
+            Some(base + TimeDelta::days(4)),
+            None,
+            10,
+        ))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = window.iter().map(|t| t.id.as_str()).collect();
+    let expected: Vec<&str> = transitions[1..4].iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(
+        ids, expected,
+        "oldest first, start inclusive, end exclusive"
+    );
+    // Paging by (time, id).
+    let first = store
+        .list_transitions(&query(None, None, None, None, 4))
+        .await
+        .unwrap();
+    let last = first.last().unwrap();
+    let position = (
+        clm_scoring::timestamp_from_proto(last.transition_time.as_ref().unwrap()).unwrap(),
+        Uuid::try_parse(&last.id).unwrap(),
+    );
+    let rest = store
+        .list_transitions(&query(None, None, None, Some(position), 4))
+        .await
+        .unwrap();
+    assert_eq!(first.len() + rest.len(), 6);
+    assert_eq!(rest[0].id, transitions[4].id);
+    // The log holds every transition, in commit order.
+    let log = store
+        .transition_log()
+        .read_after(Cursor::START, ShardFilter::ALL, 100)
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 6);
+    for (entry, transition) in log.iter().zip(&transitions) {
+        let decoded =
+            <pb::TransitionLogEntry as prost::Message>::decode(entry.payload.as_slice()).unwrap();
+        match decoded.change {
+            Some(pb::transition_log_entry::Change::Transition(logged)) => {
+                assert_eq!(&logged, transition)
+            }
+            None => panic!("an empty log entry"),
+        }
+        assert_eq!(
+            entry.customer_id.map(|id| id.to_string()),
+            Some(transition.customer_id.clone())
+        );
+    }
+}
+
+async fn models_are_stored_activated_and_listed(backend: Backend) {
+    let store = backend.store;
+    let builtin = default_model();
+    store.install_default(&builtin, now()).await.unwrap();
+    store.install_default(&builtin, now()).await.unwrap();
+    let active = store.active_model().await.unwrap().unwrap();
+    assert_eq!(active.version, builtin.version);
+    assert!(active.built_in);
+    assert!(active.same_content(&builtin));
+
+    let mut second = builtin.clone();
+    second.version = "second".to_owned();
+    second.built_in = false;
+    second.lead.mql_threshold = 30.0;
+    second.create_time = Some(now() + TimeDelta::seconds(1));
+    assert!(matches!(
+        store.insert_model(&second).await.unwrap(),
+        ModelInsert::Created(_)
+    ));
+    match store.insert_model(&second).await.unwrap() {
+        ModelInsert::Exists(stored) => assert!(stored.same_content(&second)),
+        other => panic!("{other:?}"),
+    }
+    let listed = store.list_models(None, 10).await.unwrap();
+    let versions: Vec<&str> = listed.iter().map(|m| m.version.as_str()).collect();
+    assert_eq!(
+        versions,
+        ["second", builtin.version.as_str()],
+        "newest first"
+    );
+    let first_page = store.list_models(None, 1).await.unwrap();
+    let after = (
+        first_page[0].create_time.unwrap(),
+        first_page[0].version.clone(),
+    );
+    let next = store.list_models(Some(after), 1).await.unwrap();
+    assert_eq!(next[0].version, builtin.version);
+
+    // A pending rescore is cancelled by an activation, which starts its own.
+    let (pending, started) = store
+        .start_rescore(rescore_row(&builtin.version, 0))
+        .await
+        .unwrap();
+    assert!(started);
+    assert!(matches!(
+        store
+            .activate("missing", None, rescore_row("missing", 0), now())
+            .await
+            .unwrap(),
+        Activation::NotFound
+    ));
+    assert!(matches!(
+        store.activate("second", Some("other"), rescore_row("second", 0), now()).await.unwrap(),
+        Activation::NotExpected(active) if active == builtin.version
+    ));
+    let rescore = rescore_row("second", 0);
+    match store
+        .activate("second", Some(&builtin.version), rescore.clone(), now())
+        .await
+        .unwrap()
+    {
+        Activation::Activated(model, started) => {
+            assert_eq!(model.version, "second");
+            assert_eq!(model.state, clm_scoring::ModelState::Active);
+            assert_eq!(started.id, rescore.id);
+        }
+        other => panic!("{other:?}"),
+    }
+    let cancelled = store.rescore(Some(pending.id)).await.unwrap().unwrap();
+    assert_eq!(cancelled.state, pb::RescoreState::Cancelled as i32);
+    assert!(cancelled.end_time.is_some());
+    assert!(matches!(
+        store
+            .activate("second", None, rescore_row("second", 0), now())
+            .await
+            .unwrap(),
+        Activation::AlreadyActive(_)
+    ));
+    assert_eq!(
+        store.active_model().await.unwrap().unwrap().version,
+        "second"
+    );
+    let old = store.model(&builtin.version).await.unwrap().unwrap();
+    assert_eq!(old.state, clm_scoring::ModelState::Inactive);
+    // Installing the default again does not take the active place back.
+    store.install_default(&builtin, now()).await.unwrap();
+    assert_eq!(
+        store.active_model().await.unwrap().unwrap().version,
+        "second"
+    );
+}
+
+async fn rescores_record_progress_until_stopped(backend: Backend) {
+    let store = backend.store;
+    let (first, started) = store.start_rescore(rescore_row("m", 10)).await.unwrap();
+    assert!(started);
+    let (same, started) = store.start_rescore(rescore_row("m", 10)).await.unwrap();
+    assert!(!started, "a pending rescore is returned, not doubled");
+    assert_eq!(same.id, first.id);
+    assert_eq!(store.rescore_to_run().await.unwrap().unwrap().id, first.id);
+    store
+        .set_rescore_state(first.id, pb::RescoreState::Running as i32, now(), "")
+        .await
+        .unwrap();
+    let last = Uuid::now_v7();
+    store
+        .commit(&ChangeSet {
+            rescore: Some(RescoreProgress {
+                id: first.id,
+                done: 4,
+                changed: 1,
+                rate_per_second: 2.5,
+                resume_after: last,
+            }),
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let running = store.rescore(None).await.unwrap().unwrap();
+    assert_eq!(running.state, pb::RescoreState::Running as i32);
+    assert_eq!((running.done_count, running.changed_count), (4, 1));
+    assert_eq!(running.resume_after, Some(last));
+    assert!(running.start_time.is_some());
+    store
+        .set_rescore_state(first.id, pb::RescoreState::Cancelled as i32, now(), "")
+        .await
+        .unwrap();
+    let stopped = store
+        .commit(&ChangeSet {
+            rescore: Some(RescoreProgress {
+                id: first.id,
+                done: 1,
+                changed: 0,
+                rate_per_second: 1.0,
+                resume_after: last,
+            }),
+            ..ChangeSet::default()
+        })
+        .await;
+    assert!(
+        matches!(stopped, Err(StoreError::RescoreStopped)),
+        "{stopped:?}"
+    );
+    assert!(store.rescore_to_run().await.unwrap().is_none());
+    let ended = store.rescore(Some(first.id)).await.unwrap().unwrap();
+    assert_eq!(ended.done_count, 4);
+    assert_eq!(ended.rate_per_second, 0.0);
+}
+
+async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
+    let store = backend.store;
+    let at = now();
+    let early = Uuid::now_v7();
+    let late = Uuid::now_v7();
+    let future = Uuid::now_v7();
+    let merged = Uuid::now_v7();
+    let mut gone = record(merged, LifecycleStage::Reach, None);
+    gone.merged_into = Some(early);
+    let unscored = CustomerRecord::new(Uuid::now_v7());
+    store
+        .commit(&ChangeSet {
+            customers: vec![
+                write(record(
+                    late,
+                    LifecycleStage::Reach,
+                    Some(at - TimeDelta::hours(1)),
+                )),
+                write(record(
+                    early,
+                    LifecycleStage::Reach,
+                    Some(at - TimeDelta::days(1)),
+                )),
+                write(record(
+                    future,
+                    LifecycleStage::Reach,
+                    Some(at + TimeDelta::days(1)),
+                )),
+                write(gone),
+                write(unscored),
+            ],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.due_customers(at, 10).await.unwrap(), [early, late]);
+    assert_eq!(store.due_customers(at, 1).await.unwrap(), [early]);
+    assert_eq!(store.count_scored().await.unwrap(), 3);
+    let mut scored: Vec<Uuid> = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.customers_after(after, 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.customer_id);
+        scored.extend(page.iter().map(|r| r.customer_id));
+    }
+    let mut expected = vec![early, late, future];
+    expected.sort();
+    assert_eq!(
+        scored, expected,
+        "by id, without merged or unscored customers"
+    );
+
+    let pending = store.unpushed(100).await.unwrap();
+    let mut pushed: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
+    pushed.sort();
+    assert_eq!(pushed, expected, "only snapshots are pushed");
+    store
+        .mark_pushed(&pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(store.unpushed(100).await.unwrap().is_empty());
+    // A newer write needs a new push; marking an older version does not
+    // hide it.
+    let mut again = store.load_customers(&[late]).await.unwrap()[&late].clone();
+    again.next_due_at = None;
+    store
+        .commit(&ChangeSet {
+            customers: vec![write(again)],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    store.mark_pushed(&[(late, 1)]).await.unwrap();
+    let pending = store.unpushed(100).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].0, pending[0].1), (late, 2));
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(backend) = super::postgres().await else { return };
+                    super::$name(backend).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    customers_are_written_with_a_version_check,
+    the_cursor_moves_only_from_the_value_read,
+    transitions_are_listed_and_logged,
+    models_are_stored_activated_and_listed,
+    rescores_record_progress_until_stopped,
+    due_scored_and_unpushed_customers_are_found,
+);
