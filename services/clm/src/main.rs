@@ -6,6 +6,7 @@
 //! embedded database migrations; `clm bench` measures a server under load.
 
 mod bench;
+mod rescore;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,9 @@ enum Command {
     },
     /// Measure a server under load and print requests/s and latencies.
     Bench(bench::BenchArgs),
+    /// Rescore every customer with the active model on a running scoring
+    /// service and show the progress until it ends.
+    Rescore(rescore::RescoreArgs),
     /// Print the version.
     Version,
 }
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
             Command::Serve { services } => serve(selected(services)).await,
             Command::Migrate { services } => migrate(selected(services)).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Rescore(args) => rescore::run(args).await,
         }
     });
     match result {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Duration as TimeDelta, SubsecRound as _, Utc};
-use clm_eventlog::{Cursor, ShardFilter};
+use clm_eventlog::{Cursor, ShardFilter, shard_of};
 use clm_platform::Secret;
 use clm_platform::db;
 use clm_touchpoints::model::{
@@ -352,6 +352,28 @@ async fn merges_rekey_and_erasures_strip(backend: Backend) {
         .filter(|(_, e)| matches!(e, LogEntry::Change { .. }))
         .count();
     assert_eq!(changes, 2, "one re-key and one strip entry");
+    // The re-keyed purchase keeps its shard: a consumer of the survivor's
+    // shard that had not reached it yet does not read it as the survivor's.
+    let merged_shard = shard_of(Some(merged)) as u32 % 4;
+    let survivor_shard = shard_of(Some(survivor)) as u32 % 4;
+    for (index, expected) in [
+        (merged_shard, true),
+        (survivor_shard, merged_shard == survivor_shard),
+    ] {
+        let entries = backend
+            .store
+            .read_log(
+                Cursor::START,
+                ShardFilter::new("shard", index, 4).unwrap(),
+                100,
+            )
+            .await
+            .unwrap();
+        let has_purchase = entries.iter().any(|(_, e)| {
+            matches!(e, LogEntry::Recorded(t) if t.event_id == "m-1" && t.customer_id == survivor)
+        });
+        assert_eq!(has_purchase, expected, "shard {index}");
+    }
     assert!(log.windows(2).all(|w| w[0].0 < w[1].0));
     assert!(
         log.iter().all(|(_, e)| match e {

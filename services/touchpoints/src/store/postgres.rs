@@ -470,10 +470,11 @@ impl TouchpointStore for PostgresTouchpointStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::from_db)?;
-                    sqlx::query("UPDATE touchpoints SET customer_id = $2, shard = $3 WHERE customer_id = $1")
+                    // The shard stays: a re-keyed touchpoint keeps its place in the
+                    // log, so a consumer of the survivor's shard never reads it again.
+                    sqlx::query("UPDATE touchpoints SET customer_id = $2 WHERE customer_id = $1")
                         .bind(merge.merged_id)
                         .bind(merge.survivor_id)
-                        .bind(shard_of(Some(merge.survivor_id)))
                         .execute(&mut *tx)
                         .await
                         .map_err(StoreError::from_db)?

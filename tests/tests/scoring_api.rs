@@ -1,0 +1,1244 @@
+//! The scoring API end to end against the real binary: a customer's whole
+//! journey (with a controllable clock for the silence), a walk-in buyer,
+//! invalid models, activation with a rescore, a merge, replaying the
+//! touchpoint log into an empty store, and a consumer killed mid-batch.
+
+#![allow(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Duration as TimeDelta, Utc};
+use clm_proto::common::{
+    CustomerReference, IdentityKey, IdentityKeys, IdentityKind, LifecycleStage, Money,
+    customer_reference,
+};
+use clm_proto::identity as identity_pb;
+use clm_proto::identity::customer_service_client::CustomerServiceClient;
+use clm_proto::scoring as pb;
+use clm_proto::scoring::lifecycle_service_client::LifecycleServiceClient;
+use clm_proto::touchpoint as tp;
+use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
+use clm_tests::{ClmServer, details};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The clients of one process serving everything.
+struct Clients {
+    identity: CustomerServiceClient<Channel>,
+    touchpoints: TouchpointServiceClient<Channel>,
+    scoring: LifecycleServiceClient<Channel>,
+}
+
+impl Clients {
+    async fn of(server: &ClmServer) -> Self {
+        let channel = server.channel().await;
+        Self {
+            identity: CustomerServiceClient::new(channel.clone()),
+            touchpoints: TouchpointServiceClient::new(channel.clone()),
+            scoring: LifecycleServiceClient::new(channel),
+        }
+    }
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn key(kind: IdentityKind, value: &str) -> Option<CustomerReference> {
+    Some(CustomerReference {
+        reference: Some(customer_reference::Reference::IdentityKeys(IdentityKeys {
+            keys: vec![IdentityKey {
+                kind: kind as i32,
+                value: value.to_owned(),
+                source: String::new(),
+            }],
+        })),
+    })
+}
+
+fn anonymous(cookie: &str) -> Option<CustomerReference> {
+    key(IdentityKind::AnonymousId, cookie)
+}
+
+fn touchpoint(
+    event_id: &str,
+    customer: Option<CustomerReference>,
+    kind: &str,
+    at: DateTime<Utc>,
+) -> tp::Touchpoint {
+    let revenue = matches!(kind, "purchase" | "renewal").then(|| Money {
+        currency_code: "EUR".to_owned(),
+        amount_micros: 49_000_000,
+    });
+    tp::Touchpoint {
+        event_id: event_id.to_owned(),
+        customer,
+        channel: tp::Channel::Web as i32,
+        r#type: kind.to_owned(),
+        occur_time: Some(timestamp(at)),
+        revenue,
+        ..Default::default()
+    }
+}
+
+/// Records touchpoints; returns the customer id of the last.
+async fn record(clients: &mut Clients, touchpoints: Vec<tp::Touchpoint>) -> String {
+    let response = clients
+        .touchpoints
+        .record_touchpoints(tp::RecordTouchpointsRequest { touchpoints })
+        .await
+        .expect("record touchpoints")
+        .into_inner();
+    assert_eq!(
+        response.rejected_count, 0,
+        "rejected: {:?}",
+        response.results
+    );
+    response
+        .results
+        .last()
+        .map(|r| r.customer_id.clone())
+        .unwrap_or_default()
+}
+
+/// Polls `probe` until it returns `Some`, for up to 30 seconds.
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn lifecycle(clients: &mut Clients, customer: &str) -> Option<pb::CustomerLifecycle> {
+    clients
+        .scoring
+        .get_lifecycle(pb::GetLifecycleRequest {
+            customer_id: customer.to_owned(),
+        })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().lifecycle)
+}
+
+/// Waits until the customer is in `stage`/`status`/`health` on scoring and
+/// on identity's profile; returns the lifecycle.
+async fn wait_for(
+    clients: &mut Clients,
+    customer: &str,
+    stage: LifecycleStage,
+    status: clm_proto::common::AcquisitionStatus,
+    health: clm_proto::common::Health,
+) -> pb::CustomerLifecycle {
+    let what = format!("{customer} in {stage:?}/{status:?}/{health:?}");
+    let found = eventually(&what, || {
+        let mut scoring = clients.scoring.clone();
+        let customer = customer.to_owned();
+        async move {
+            let lifecycle = scoring
+                .get_lifecycle(pb::GetLifecycleRequest {
+                    customer_id: customer,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .lifecycle?;
+            let snapshot = lifecycle.lifecycle.as_ref()?;
+            (snapshot.stage == stage as i32
+                && snapshot.acquisition_status == status as i32
+                && snapshot.health == health as i32)
+                .then_some(lifecycle)
+        }
+    })
+    .await;
+    // The snapshot reaches identity's profile too.
+    let expected = found.lifecycle.clone().expect("a snapshot");
+    eventually(&format!("identity's profile of {what}"), || {
+        let mut identity = clients.identity.clone();
+        let customer = customer.to_owned();
+        let expected = expected.clone();
+        async move {
+            let profile = identity
+                .get_customer(identity_pb::GetCustomerRequest {
+                    customer_id: customer,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .customer?
+                .lifecycle?;
+            (profile.stage == expected.stage
+                && profile.acquisition_status == expected.acquisition_status
+                && profile.health == expected.health)
+                .then_some(())
+        }
+    })
+    .await;
+    found
+}
+
+fn last_transition(lifecycle: &pb::CustomerLifecycle) -> &pb::Transition {
+    lifecycle.last_transition.as_ref().expect("a transition")
+}
+
+struct ClockFile(PathBuf);
+
+impl ClockFile {
+    fn set(&self, at: DateTime<Utc>) {
+        std::fs::write(&self.0, at.to_rfc3339()).expect("write the clock file");
+    }
+}
+
+use clm_proto::common::AcquisitionStatus as Status;
+use clm_proto::common::Health;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_journey_from_reach_to_won_back() {
+    let clock_dir = tempfile::tempdir().unwrap();
+    let clock = ClockFile(clock_dir.path().join("now"));
+    let start = Utc::now() - TimeDelta::days(700);
+    clock.set(start);
+    let server = ClmServer::start(
+        &["serve"],
+        &[
+            ("CLM_SCORING_CLOCK_FILE", clock.0.display().to_string()),
+            ("CLM_SCORING_SWEEP_POLL_MS", "100".to_owned()),
+        ],
+    )
+    .await
+    .expect("start clm");
+    let mut clients = Clients::of(&server).await;
+    let day = |n: i64| start + TimeDelta::days(n);
+    let visitor = || anonymous("journey-cookie");
+
+    // Anonymous page views: REACH.
+    let customer = record(
+        &mut clients,
+        (0..3)
+            .map(|i| {
+                touchpoint(
+                    &format!("j-view-{i}"),
+                    visitor(),
+                    "page_view",
+                    day(0) + TimeDelta::minutes(i),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let reached = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Reach,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&reached).stage_rule, "reach");
+    assert_eq!(
+        last_transition(&reached).from_stage,
+        0,
+        "the first transition has no from stage"
+    );
+
+    // A form: LEAD.
+    record(
+        &mut clients,
+        vec![touchpoint("j-form", visitor(), "form_submit", day(1))],
+    )
+    .await;
+    let lead = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Acquisition,
+        Status::Lead,
+        Health::Active,
+    )
+    .await;
+    let moved = last_transition(&lead);
+    assert_eq!(moved.stage_rule, "lead");
+    assert_eq!(moved.from_stage, LifecycleStage::Reach as i32);
+    assert!(moved.reason.contains("'lead'"), "{}", moved.reason);
+    assert_eq!(moved.cause, pb::TransitionCause::Touchpoint as i32);
+    assert!(!moved.touchpoint_id.is_empty());
+
+    // Enough engagement: MQL.
+    record(
+        &mut clients,
+        (0..3)
+            .map(|i| {
+                touchpoint(
+                    &format!("j-download-{i}"),
+                    visitor(),
+                    "content_download",
+                    day(2) + TimeDelta::hours(i),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let mql = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Acquisition,
+        Status::Mql,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&mql).stage_rule, "marketing_qualified");
+    assert!(mql.lifecycle.as_ref().unwrap().lead_score >= 40.0);
+
+    // A demo request: SQL.
+    record(
+        &mut clients,
+        vec![touchpoint("j-demo", visitor(), "demo_request", day(3))],
+    )
+    .await;
+    let sql = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Acquisition,
+        Status::Sql,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&sql).stage_rule, "sales_qualified");
+
+    // A purchase: CONVERSION.
+    record(
+        &mut clients,
+        vec![touchpoint("j-buy-1", visitor(), "purchase", day(4))],
+    )
+    .await;
+    let converted = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Conversion,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&converted).stage_rule, "converted");
+    assert_eq!(
+        last_transition(&converted).from_acquisition_status,
+        Status::Sql as i32
+    );
+
+    // A renewal: RETENTION.
+    record(
+        &mut clients,
+        vec![touchpoint("j-renewal", visitor(), "renewal", day(40))],
+    )
+    .await;
+    let retained = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Retention,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&retained).stage_rule, "retained");
+
+    // More purchases and tenure: LOYALTY.
+    record(
+        &mut clients,
+        vec![touchpoint("j-buy-2", visitor(), "purchase", day(200))],
+    )
+    .await;
+    let loyal = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Loyalty,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&loyal).stage_rule, "loyal");
+
+    // A referral: ADVOCACY.
+    record(
+        &mut clients,
+        vec![touchpoint("j-referral", visitor(), "referral", day(210))],
+    )
+    .await;
+    let advocate = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Advocacy,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&advocate).stage_rule, "advocate");
+    let due = advocate
+        .next_evaluation_time
+        .expect("a silent customer is due later");
+    assert!(due.seconds > timestamp(day(210)).seconds);
+
+    // 61 days of silence: AT_RISK, by the sweep.
+    clock.set(day(210) + TimeDelta::days(61) + TimeDelta::hours(1));
+    let at_risk = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Advocacy,
+        Status::Unspecified,
+        Health::AtRisk,
+    )
+    .await;
+    let moved = last_transition(&at_risk);
+    assert_eq!(moved.health_rule, "inactive");
+    assert_eq!(moved.stage_rule, "", "the stage did not move");
+    assert_eq!(moved.cause, pb::TransitionCause::Sweep as i32);
+    assert!(
+        moved.reason.contains("days_since_last_touch > 60"),
+        "{}",
+        moved.reason
+    );
+
+    // 121 days: CHURNED.
+    clock.set(day(210) + TimeDelta::days(121) + TimeDelta::hours(1));
+    let churned = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Advocacy,
+        Status::Unspecified,
+        Health::Churned,
+    )
+    .await;
+    assert_eq!(last_transition(&churned).health_rule, "lapsed");
+    assert_eq!(last_transition(&churned).from_health, Health::AtRisk as i32);
+
+    // A purchase wins them back.
+    clock.set(day(333) + TimeDelta::hours(1));
+    record(
+        &mut clients,
+        vec![touchpoint("j-buy-3", visitor(), "purchase", day(333))],
+    )
+    .await;
+    let won_back = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Advocacy,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&won_back).health_rule, "won_back");
+    assert_eq!(
+        last_transition(&won_back).from_health,
+        Health::Churned as i32
+    );
+
+    // The whole history, oldest first, every move with its reason.
+    let history = clients
+        .scoring
+        .list_transitions(pb::ListTransitionsRequest {
+            customer_id: customer.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list transitions")
+        .into_inner()
+        .transitions;
+    let stages: Vec<i32> = history.iter().map(|t| t.to_stage).collect();
+    let healths: Vec<i32> = history.iter().map(|t| t.to_health).collect();
+    assert_eq!(history.len(), 11, "{history:#?}");
+    assert_eq!(stages[0], LifecycleStage::Reach as i32);
+    assert_eq!(stages[10], LifecycleStage::Advocacy as i32);
+    assert_eq!(
+        &healths[8..],
+        [
+            Health::AtRisk as i32,
+            Health::Churned as i32,
+            Health::Active as i32
+        ]
+    );
+    assert!(
+        history
+            .iter()
+            .all(|t| !t.reason.is_empty() && t.model_version == "builtin-1")
+    );
+    assert!(
+        history.windows(2).all(|w| w[0].transition_time.unwrap().seconds <= w[1].transition_time.unwrap().seconds),
+        "transitions are in time order"
+    );
+
+    // The explanation names the rules and the top touchpoints.
+    let explanation = clients
+        .scoring
+        .explain_lifecycle(pb::ExplainLifecycleRequest {
+            customer_id: customer.clone(),
+            top_touchpoints: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("explain")
+        .into_inner();
+    let applied: Vec<&str> = explanation
+        .stage_rules
+        .iter()
+        .filter(|r| r.applied)
+        .map(|r| r.rule_name.as_str())
+        .collect();
+    assert_eq!(applied, ["advocate"]);
+    assert!(
+        explanation
+            .stage_rules
+            .iter()
+            .any(|r| r.outcome == pb::RuleOutcome::NotMatched as i32)
+    );
+    let engagement = explanation
+        .scores
+        .iter()
+        .find(|s| s.score == pb::ScoreKind::Engagement as i32)
+        .expect("the engagement score");
+    assert_eq!(engagement.top_touchpoints.len(), 3);
+    assert_eq!(
+        engagement.top_touchpoints[0].r#type, "purchase",
+        "the latest purchase weighs most"
+    );
+    assert!(!engagement.by_type.is_empty());
+    assert!(matches!(
+        explanation
+            .features
+            .get("count.purchase.all")
+            .and_then(|v| v.kind.clone()),
+        Some(pb::feature_value::Kind::IntValue(3))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_walk_in_purchase_lands_in_conversion() {
+    let server = ClmServer::start(&["serve"], &[]).await.expect("start clm");
+    let mut clients = Clients::of(&server).await;
+    let customer = record(
+        &mut clients,
+        vec![touchpoint(
+            "walk-in",
+            key(IdentityKind::Email, "walkin@example.com"),
+            "purchase",
+            Utc::now(),
+        )],
+    )
+    .await;
+    let converted = wait_for(
+        &mut clients,
+        &customer,
+        LifecycleStage::Conversion,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    let first = last_transition(&converted);
+    assert_eq!(first.from_stage, 0);
+    assert_eq!(first.stage_rule, "converted");
+
+    // Evaluate now changes nothing and records no transition.
+    let evaluated = clients
+        .scoring
+        .evaluate(pb::EvaluateRequest {
+            customer_id: customer.clone(),
+        })
+        .await
+        .expect("evaluate")
+        .into_inner();
+    assert!(evaluated.transition.is_none());
+    assert_eq!(
+        evaluated.lifecycle.unwrap().lifecycle.unwrap().stage,
+        LifecycleStage::Conversion as i32
+    );
+    // Unknown and malformed customers.
+    let unknown = clients
+        .scoring
+        .get_lifecycle(pb::GetLifecycleRequest {
+            customer_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let bad = clients
+        .scoring
+        .evaluate(pb::EvaluateRequest {
+            customer_id: "nope".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(details(&bad).0[0].0, "customer_id");
+}
+
+fn model_with_stage_rules(version: &str, rules: &[(&str, &str)]) -> pb::Model {
+    pb::Model {
+        version: version.to_owned(),
+        description: "test model".to_owned(),
+        engagement: Some(pb::EngagementScoreConfig {
+            weights: Some(pb::DecayedWeights {
+                weights: [("page_view".to_owned(), 1.0)].into(),
+                half_life: Some(prost_types::Duration {
+                    seconds: 30 * 86_400,
+                    nanos: 0,
+                }),
+            }),
+        }),
+        lead: Some(pb::LeadScoreConfig {
+            behaviour: Some(pb::DecayedWeights {
+                weights: [("page_view".to_owned(), 5.0)].into(),
+                half_life: None,
+            }),
+            fit_rules: Vec::new(),
+            mql_threshold: 40.0,
+            sql_threshold: 70.0,
+        }),
+        health: Some(pb::HealthScoreConfig {
+            recency_weight: 1.0,
+            ..Default::default()
+        }),
+        stage_rules: rules
+            .iter()
+            .map(|(name, condition)| pb::StageRule {
+                name: (*name).to_owned(),
+                condition: (*condition).to_owned(),
+                stage: if *name == "everyone_leads" {
+                    LifecycleStage::Acquisition as i32
+                } else {
+                    LifecycleStage::Reach as i32
+                },
+                acquisition_status: if *name == "everyone_leads" {
+                    Status::Lead as i32
+                } else {
+                    0
+                },
+                ..Default::default()
+            })
+            .collect(),
+        health_rules: vec![pb::HealthRule {
+            name: "always_active".to_owned(),
+            condition: "true".to_owned(),
+            health: Health::Active as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_models_are_rejected_with_the_rule_named() {
+    let server = ClmServer::start(&["serve", "scoring", "identity", "touchpoints"], &[])
+        .await
+        .expect("start clm");
+    let mut clients = Clients::of(&server).await;
+    let bad = model_with_stage_rules(
+        "bad-1",
+        &[
+            ("broken_syntax", "count['purchase']['all'] >="),
+            ("unknown_feature", "favourite_colour == 'blue'"),
+            ("not_a_bool", "days_since_last_touch + 1"),
+            ("fine", "true"),
+        ],
+    );
+    let rejected = clients
+        .scoring
+        .create_model(pb::CreateModelRequest {
+            model: Some(bad.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(rejected.code(), Code::InvalidArgument);
+    let (fields, _) = details(&rejected);
+    let named: BTreeMap<&str, &str> = fields
+        .iter()
+        .map(|(f, d)| (f.as_str(), d.as_str()))
+        .collect();
+    assert!(
+        named["model.stage_rules[0].condition"].contains("broken_syntax"),
+        "{named:?}"
+    );
+    assert!(
+        named["model.stage_rules[1].condition"].contains("unknown_feature"),
+        "{named:?}"
+    );
+    assert!(
+        named["model.stage_rules[2].condition"].contains("not_a_bool"),
+        "{named:?}"
+    );
+    assert_eq!(named.len(), 3, "{named:?}");
+
+    let validated = clients
+        .scoring
+        .validate_model(pb::ValidateModelRequest {
+            source: Some(pb::validate_model_request::Source::Model(bad)),
+        })
+        .await
+        .expect("validate")
+        .into_inner();
+    assert!(!validated.valid);
+    let reasons: Vec<(&str, i32)> = validated
+        .violations
+        .iter()
+        .map(|v| (v.rule_name.as_str(), v.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "broken_syntax",
+                pb::ModelViolationReason::SyntaxError as i32
+            ),
+            (
+                "unknown_feature",
+                pb::ModelViolationReason::UnknownFeature as i32
+            ),
+            ("not_a_bool", pb::ModelViolationReason::WrongType as i32),
+        ]
+    );
+    // Nothing was stored.
+    let models = clients
+        .scoring
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    assert!(models[0].built_in);
+    let missing = clients
+        .scoring
+        .get_model(pb::GetModelRequest {
+            version: "bad-1".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    // A model without a version is named too.
+    let unnamed = clients
+        .scoring
+        .create_model(pb::CreateModelRequest {
+            model: Some(model_with_stage_rules("", &[("fine", "true")])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(details(&unnamed).0[0].0, "model.version");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn activating_a_model_rescores_everyone() {
+    let server = ClmServer::start(&["serve"], &[]).await.expect("start clm");
+    let mut clients = Clients::of(&server).await;
+    let mut customers = Vec::new();
+    for i in 0..30 {
+        customers.push(
+            record(
+                &mut clients,
+                vec![touchpoint(
+                    &format!("r-{i}"),
+                    anonymous(&format!("rescore-{i}")),
+                    "page_view",
+                    Utc::now(),
+                )],
+            )
+            .await,
+        );
+    }
+    for customer in &customers {
+        wait_for(
+            &mut clients,
+            customer,
+            LifecycleStage::Reach,
+            Status::Unspecified,
+            Health::Active,
+        )
+        .await;
+    }
+    let model = model_with_stage_rules(
+        "leads-2",
+        &[("everyone_leads", "count['page_view']['all'] >= 1")],
+    );
+    let created = clients
+        .scoring
+        .create_model(pb::CreateModelRequest {
+            model: Some(model.clone()),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .model
+        .unwrap();
+    assert_eq!(created.state, pb::ModelState::Inactive as i32);
+    // The same content again is a safe retry; other content is refused.
+    clients
+        .scoring
+        .create_model(pb::CreateModelRequest {
+            model: Some(model.clone()),
+        })
+        .await
+        .expect("a retry");
+    let mut changed = model.clone();
+    changed.description = "something else".to_owned();
+    let exists = clients
+        .scoring
+        .create_model(pb::CreateModelRequest {
+            model: Some(changed),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(exists.code(), Code::AlreadyExists);
+    // A stale expectation changes nothing.
+    let stale = clients
+        .scoring
+        .activate_model(pb::ActivateModelRequest {
+            version: "leads-2".to_owned(),
+            expected_active_version: "leads-1".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+
+    let activated = clients
+        .scoring
+        .activate_model(pb::ActivateModelRequest {
+            version: "leads-2".to_owned(),
+            expected_active_version: "builtin-1".to_owned(),
+        })
+        .await
+        .expect("activate")
+        .into_inner();
+    let rescore = activated.rescore.expect("a rescore started");
+    assert_eq!(rescore.trigger, pb::RescoreTrigger::Activation as i32);
+    assert_eq!(rescore.total_count, 30);
+    let finished = eventually("the rescore to finish", || {
+        let mut scoring = clients.scoring.clone();
+        let id = rescore.id.clone();
+        async move {
+            let rescore = scoring
+                .get_rescore(pb::GetRescoreRequest { rescore_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .rescore?;
+            (rescore.state == pb::RescoreState::Succeeded as i32).then_some(rescore)
+        }
+    })
+    .await;
+    assert_eq!(finished.done_count, 30);
+    assert_eq!(finished.changed_count, 30);
+    assert!(finished.end_time.is_some());
+    for customer in &customers {
+        let lead = wait_for(
+            &mut clients,
+            customer,
+            LifecycleStage::Acquisition,
+            Status::Lead,
+            Health::Active,
+        )
+        .await;
+        let moved = last_transition(&lead);
+        assert_eq!(moved.cause, pb::TransitionCause::Rescore as i32);
+        assert_eq!(moved.model_version, "leads-2");
+        assert_eq!(moved.stage_rule, "everyone_leads");
+    }
+    // Activating it again starts nothing.
+    let again = clients
+        .scoring
+        .activate_model(pb::ActivateModelRequest {
+            version: "leads-2".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("activate again")
+        .into_inner();
+    assert!(again.rescore.is_none());
+    // New touchpoints use the new model at once.
+    let newcomer = record(
+        &mut clients,
+        vec![touchpoint(
+            "r-new",
+            anonymous("rescore-new"),
+            "page_view",
+            Utc::now(),
+        )],
+    )
+    .await;
+    let lead = wait_for(
+        &mut clients,
+        &newcomer,
+        LifecycleStage::Acquisition,
+        Status::Lead,
+        Health::Active,
+    )
+    .await;
+    assert_eq!(last_transition(&lead).model_version, "leads-2");
+
+    // `clm rescore` starts a manual rescore and follows it to the end.
+    let output = tokio::process::Command::new(clm_tests::clm_binary())
+        .args(["rescore", "--address", &server.endpoint()])
+        .output()
+        .await
+        .expect("run clm rescore");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    assert!(stdout.contains("31/31"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_combines_two_customers_in_different_stages() {
+    let server = ClmServer::start(&["serve"], &[]).await.expect("start clm");
+    let mut clients = Clients::of(&server).await;
+    let now = Utc::now();
+    let lead = record(
+        &mut clients,
+        vec![touchpoint(
+            "m-1",
+            key(IdentityKind::Email, "merge-lead@example.com"),
+            "form_submit",
+            now,
+        )],
+    )
+    .await;
+    wait_for(
+        &mut clients,
+        &lead,
+        LifecycleStage::Acquisition,
+        Status::Lead,
+        Health::Active,
+    )
+    .await;
+    let buyer = record(
+        &mut clients,
+        vec![
+            touchpoint("m-2", anonymous("merge-cookie"), "page_view", now),
+            touchpoint(
+                "m-3",
+                anonymous("merge-cookie"),
+                "purchase",
+                now + TimeDelta::seconds(1),
+            ),
+        ],
+    )
+    .await;
+    wait_for(
+        &mut clients,
+        &buyer,
+        LifecycleStage::Conversion,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+
+    clients
+        .identity
+        .merge_customers(identity_pb::MergeCustomersRequest {
+            survivor_id: lead.clone(),
+            merged_id: buyer.clone(),
+            reason: "same person".to_owned(),
+            requested_by: "test".to_owned(),
+        })
+        .await
+        .expect("merge");
+    let merged = wait_for(
+        &mut clients,
+        &lead,
+        LifecycleStage::Conversion,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+    let moved = last_transition(&merged);
+    assert_eq!(moved.cause, pb::TransitionCause::Merge as i32);
+    assert_eq!(moved.from_stage, LifecycleStage::Acquisition as i32);
+    // The merged customer's id answers with the survivor.
+    let through_merged = lifecycle(&mut clients, &buyer)
+        .await
+        .expect("the survivor's lifecycle");
+    assert_eq!(through_merged.customer_id, lead);
+    // Features add up: one page view, one form, one purchase.
+    let explanation = clients
+        .scoring
+        .explain_lifecycle(pb::ExplainLifecycleRequest {
+            customer_id: lead.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("explain")
+        .into_inner();
+    for (feature, count) in [
+        ("count.page_view.all", 1),
+        ("count.form_submit.all", 1),
+        ("count.purchase.all", 1),
+    ] {
+        assert!(
+            matches!(explanation.features.get(feature).and_then(|v| v.kind.clone()), Some(pb::feature_value::Kind::IntValue(n)) if n == count),
+            "{feature}: {:?}",
+            explanation.features.get(feature)
+        );
+    }
+    // A later touchpoint of the merged customer's cookie counts once, for
+    // the survivor.
+    record(
+        &mut clients,
+        vec![touchpoint(
+            "m-4",
+            anonymous("merge-cookie"),
+            "renewal",
+            now + TimeDelta::seconds(2),
+        )],
+    )
+    .await;
+    wait_for(
+        &mut clients,
+        &lead,
+        LifecycleStage::Retention,
+        Status::Unspecified,
+        Health::Active,
+    )
+    .await;
+}
+
+/// Customer lifecycles and transitions as comparable values (without the
+/// ids and record times that differ between runs).
+async fn states_of(
+    scoring: &mut LifecycleServiceClient<Channel>,
+    customers: &[String],
+) -> Vec<(pb::CustomerLifecycle, Vec<pb::Transition>)> {
+    let mut states = Vec::new();
+    for customer in customers {
+        let mut lifecycle = scoring
+            .get_lifecycle(pb::GetLifecycleRequest {
+                customer_id: customer.clone(),
+            })
+            .await
+            .expect("get lifecycle")
+            .into_inner()
+            .lifecycle
+            .unwrap();
+        let normalise = |t: &mut pb::Transition| {
+            t.id.clear();
+            t.record_time = None;
+            t.touchpoint_id.clear();
+        };
+        if let Some(t) = lifecycle.last_transition.as_mut() {
+            normalise(t);
+        }
+        let mut transitions = scoring
+            .list_transitions(pb::ListTransitionsRequest {
+                customer_id: customer.clone(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("list transitions")
+            .into_inner()
+            .transitions;
+        transitions.iter_mut().for_each(normalise);
+        states.push((lifecycle, transitions));
+    }
+    states
+}
+
+/// The scoring service alone, following `upstream`'s identity and
+/// touchpoints, on its own PostgreSQL database.
+async fn scoring_alone(upstream: &ClmServer, database: &clm_platform::Secret) -> ClmServer {
+    ClmServer::start(
+        &["serve", "scoring"],
+        &[
+            ("CLM_SCORING_DATABASE_URL", database.expose().to_owned()),
+            ("CLM_IDENTITY_URL", upstream.endpoint()),
+            ("CLM_TOUCHPOINTS_URL", upstream.endpoint()),
+        ],
+    )
+    .await
+    .expect("start clm serve scoring")
+}
+
+/// A mixed history for `count` anonymous customers over the last days.
+fn history(count: usize, per_customer: usize) -> Vec<tp::Touchpoint> {
+    const KINDS: &[&str] = &[
+        "page_view",
+        "ad_click",
+        "form_submit",
+        "content_download",
+        "email_click",
+        "pricing_view",
+        "demo_request",
+        "purchase",
+        "product_usage",
+        "support_ticket_opened",
+        "renewal",
+        "referral",
+    ];
+    let start = Utc::now() - TimeDelta::days(20);
+    let mut touchpoints = Vec::new();
+    for round in 0..per_customer {
+        for customer in 0..count {
+            let kind = KINDS[(customer * 7 + round * 3) % KINDS.len()];
+            let at = start + TimeDelta::hours((round * 9 + customer) as i64);
+            touchpoints.push(touchpoint(
+                &format!("h-{customer}-{round}"),
+                anonymous(&format!("history-{customer}")),
+                if round == 0 { "page_view" } else { kind },
+                at,
+            ));
+        }
+    }
+    touchpoints
+}
+
+async fn caught_up(
+    scoring: &mut LifecycleServiceClient<Channel>,
+    customers: &[String],
+    touchpoints: i64,
+) {
+    eventually("scoring to read every touchpoint", || {
+        let mut scoring = scoring.clone();
+        let customers = customers.to_vec();
+        async move {
+            let mut total = 0;
+            for customer in &customers {
+                let explanation = scoring
+                    .explain_lifecycle(pb::ExplainLifecycleRequest {
+                        customer_id: customer.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                total += explanation
+                    .features
+                    .iter()
+                    .filter(|(name, _)| name.starts_with("count.") && name.ends_with(".all"))
+                    .map(|(_, value)| match value.kind {
+                        Some(pb::feature_value::Kind::IntValue(n)) => n,
+                        _ => 0,
+                    })
+                    .sum::<i64>();
+            }
+            assert!(
+                total <= touchpoints,
+                "counted {total} of {touchpoints} touchpoints: some twice"
+            );
+            (total == touchpoints).then_some(())
+        }
+    })
+    .await;
+}
+
+async fn record_history(
+    clients: &mut Clients,
+    customers: usize,
+    per_customer: usize,
+) -> Vec<String> {
+    for chunk in history(customers, per_customer).chunks(500) {
+        record(clients, chunk.to_vec()).await;
+    }
+    let mut ids = Vec::new();
+    for customer in 0..customers {
+        let resolved = clients
+            .identity
+            .resolve_customer(identity_pb::ResolveCustomerRequest {
+                keys: vec![IdentityKey {
+                    kind: IdentityKind::AnonymousId as i32,
+                    value: format!("history-{customer}"),
+                    source: String::new(),
+                }],
+                ..Default::default()
+            })
+            .await
+            .expect("resolve")
+            .into_inner();
+        ids.push(resolved.customer.unwrap().id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaying_the_touchpoint_log_gives_the_same_states() {
+    let Some(first_db) = clm_platform::testing::fresh_postgres_database("scoring_replay").await
+    else {
+        return;
+    };
+    let second_db = clm_platform::testing::fresh_postgres_database("scoring_replay")
+        .await
+        .expect("a second database");
+    let upstream = ClmServer::start(
+        &["serve"],
+        &[("CLM_DATABASE_URL", first_db.expose().to_owned())],
+    )
+    .await
+    .expect("start clm");
+    let mut clients = Clients::of(&upstream).await;
+    let customers = record_history(&mut clients, 25, 12).await;
+    caught_up(&mut clients.scoring, &customers, 25 * 12).await;
+    let live = states_of(&mut clients.scoring, &customers).await;
+    assert!(
+        live.iter().any(|(_, transitions)| transitions.len() > 2),
+        "the history moves customers"
+    );
+
+    let replay = scoring_alone(&upstream, &second_db).await;
+    let mut replayed = LifecycleServiceClient::new(replay.channel().await);
+    caught_up(&mut replayed, &customers, 25 * 12).await;
+    let again = states_of(&mut replayed, &customers).await;
+    assert_eq!(live, again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_killed_mid_batch_counts_nothing_twice() {
+    let Some(upstream_db) = clm_platform::testing::fresh_postgres_database("scoring_crash").await
+    else {
+        return;
+    };
+    let scoring_db = clm_platform::testing::fresh_postgres_database("scoring_crash")
+        .await
+        .expect("a second database");
+    let upstream = ClmServer::start(
+        &["serve", "identity", "touchpoints"],
+        &[("CLM_DATABASE_URL", upstream_db.expose().to_owned())],
+    )
+    .await
+    .expect("start clm");
+    let mut clients = Clients {
+        identity: CustomerServiceClient::new(upstream.channel().await),
+        touchpoints: TouchpointServiceClient::new(upstream.channel().await),
+        scoring: LifecycleServiceClient::new(upstream.channel().await),
+    };
+    let customers = record_history(&mut clients, 40, 50).await;
+    // Kill the consumer with SIGKILL while it works through the log, again
+    // and again, then let it finish.
+    for delay_ms in [150_u64, 400, 900, 250] {
+        let mut scoring = scoring_alone(&upstream, &scoring_db).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        scoring.signal("KILL");
+        scoring
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("killed");
+    }
+    let scoring = scoring_alone(&upstream, &scoring_db).await;
+    let mut client = LifecycleServiceClient::new(scoring.channel().await);
+    caught_up(&mut client, &customers, 40 * 50).await;
+    // Every customer's first transition is recorded once.
+    for (_, transitions) in states_of(&mut client, &customers).await {
+        assert_eq!(transitions.iter().filter(|t| t.from_stage == 0).count(), 1);
+    }
+}
