@@ -130,7 +130,7 @@ export CLM_TEST_REQUIRE_SERVERS=1
 # test server does not fill up.
 drop_test_databases() {
   psql "$CLM_TEST_DATABASE_URL" -qtAc \
-    "SELECT datname FROM pg_database WHERE datname ~ '^(identity|touchpoints|eventlog|e2e|e2e_tp)_[0-9a-f]{16}$'" 2>/dev/null |
+    "SELECT datname FROM pg_database WHERE datname ~ '^(identity|touchpoints|eventlog|e2e|e2e_tp|scoring|scoring_replay|scoring_crash)_[0-9a-f]{16}$'" 2>/dev/null |
     while read -r database; do
       [ -n "$database" ] && psql "$CLM_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1 || true
     done

@@ -129,6 +129,18 @@ async fn every_readme_grpcurl_example_answers_as_documented() {
         "TouchpointService/ListTouchpoints",
         "TouchpointService/CountTouchpoints",
         "TouchpointService/StreamTouchpointLog",
+        "LifecycleService/GetLifecycle",
+        "LifecycleService/ExplainLifecycle",
+        "LifecycleService/ListTransitions",
+        "LifecycleService/StreamTransitions",
+        "LifecycleService/Evaluate",
+        "LifecycleService/CreateModel",
+        "LifecycleService/ValidateModel",
+        "LifecycleService/ActivateModel",
+        "LifecycleService/GetModel",
+        "LifecycleService/ListModels",
+        "LifecycleService/StartRescore",
+        "LifecycleService/GetRescore",
     ] {
         assert!(
             examples

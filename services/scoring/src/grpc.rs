@@ -155,17 +155,10 @@ fn model_violations(violations: &[ModelViolation]) -> Status {
     StatusBuilder::invalid_argument(&fields)
 }
 
-/// The model in a request, checked: its violations when invalid.
+/// The model in a request, checked: every violation, in field order, when
+/// invalid.
 fn checked_model(message: &pb::Model) -> Result<Model, Vec<ModelViolation>> {
-    let (model, mut violations) = Model::from_proto(message);
-    if violations.is_empty() {
-        violations = CompiledModel::validate(&model);
-    }
-    if violations.is_empty() {
-        Ok(model)
-    } else {
-        Err(violations)
-    }
+    CompiledModel::from_proto(message).map(|compiled| compiled.model().clone())
 }
 
 fn top_touchpoints(
