@@ -690,6 +690,105 @@ async fn a_batch_of_references_fails_only_its_bad_references(server: ClmServer) 
     );
 }
 
+fn snapshot(
+    stage: clm_proto::common::LifecycleStage,
+    seconds: i64,
+) -> clm_proto::common::LifecycleSnapshot {
+    clm_proto::common::LifecycleSnapshot {
+        stage: stage as i32,
+        health: clm_proto::common::Health::Active as i32,
+        engagement_score: 10.0,
+        model_version: "m-1".to_owned(),
+        evaluated_at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+        ..Default::default()
+    }
+}
+
+async fn lifecycles_are_stored_in_batches(server: ClmServer) {
+    use clm_proto::common::LifecycleStage;
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    let ada = create(
+        &mut client,
+        Customer {
+            emails: vec!["batch-ada@example.com".into()],
+            ..Customer::default()
+        },
+    )
+    .await;
+    let bob = create(
+        &mut client,
+        Customer {
+            emails: vec!["batch-bob@example.com".into()],
+            ..Customer::default()
+        },
+    )
+    .await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let item = |id: &str, stage, seconds| pb::SetLifecycleRequest {
+        customer_id: id.to_owned(),
+        lifecycle: Some(snapshot(stage, seconds)),
+    };
+    let results = client
+        .set_lifecycles(pb::SetLifecyclesRequest {
+            items: vec![
+                item(&ada.id, LifecycleStage::Reach, 1_800_000_000),
+                item(&bob.id, LifecycleStage::Conversion, 1_800_000_000),
+                item(&unknown, LifecycleStage::Reach, 1_800_000_000),
+                // Named twice: the newer snapshot wins.
+                item(&ada.id, LifecycleStage::Retention, 1_800_000_100),
+            ],
+        })
+        .await
+        .expect("set lifecycles")
+        .into_inner()
+        .results;
+    let outcome: Vec<(bool, bool)> = results.iter().map(|r| (r.applied, r.version > 0)).collect();
+    assert_eq!(
+        outcome,
+        [(true, true), (true, true), (false, false), (true, true)]
+    );
+    let stage_of = |customer: Option<Customer>| customer.and_then(|c| c.lifecycle).map(|l| l.stage);
+    let stored = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: ada.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer;
+    assert_eq!(stage_of(stored), Some(LifecycleStage::Retention as i32));
+    // An older snapshot is not applied.
+    let older = client
+        .set_lifecycles(pb::SetLifecyclesRequest {
+            items: vec![item(&bob.id, LifecycleStage::Reach, 1_700_000_000)],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(!older[0].applied);
+    // A bad item is named, and nothing of the call is stored.
+    let mut bad = item(&ada.id, LifecycleStage::Loyalty, 1_800_000_200);
+    bad.lifecycle.as_mut().unwrap().lead_score = 101.0;
+    let refused = client
+        .set_lifecycles(pb::SetLifecyclesRequest {
+            items: vec![item(&bob.id, LifecycleStage::Loyalty, 1_800_000_200), bad],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(details(&refused).0[0].0, "items[1].lifecycle.lead_score");
+    let bob_now = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: bob.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer;
+    assert_eq!(stage_of(bob_now), Some(LifecycleStage::Conversion as i32));
+}
+
 macro_rules! on_both_modes {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -717,4 +816,5 @@ on_both_modes!(
     bad_input_is_refused_and_stores_nothing,
     pages_walk_every_customer_once,
     a_batch_of_references_fails_only_its_bad_references,
+    lifecycles_are_stored_in_batches,
 );

@@ -122,6 +122,7 @@ async fn every_readme_grpcurl_example_answers_as_documented() {
         "CustomerService/MergeCustomers",
         "CustomerService/EraseCustomer",
         "CustomerService/SetLifecycle",
+        "CustomerService/SetLifecycles",
         "CustomerService/StreamCustomerEvents",
         "TouchpointService/RecordTouchpoint",
         "TouchpointService/RecordTouchpoints",

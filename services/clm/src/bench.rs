@@ -12,10 +12,13 @@
 //! the same background load on a shared machine. With `--server` it
 //! measures an already running server instead.
 
+mod database;
 mod evaluate;
 mod ingest;
+mod lifecycle;
 mod load;
 mod report;
+mod rescore;
 mod server_process;
 
 use std::sync::Arc;
@@ -71,6 +74,17 @@ enum Benchmark {
     /// The CPU time of one lifecycle evaluation of a typical customer with
     /// the default scoring model, excluding I/O.
     Evaluate(evaluate::EvaluateBenchArgs),
+    /// Rescoring every customer after a model is activated: generates
+    /// customers with a typical history (default 1,000,000 with 20
+    /// touchpoints each) into a scoring store (SQLite, or PostgreSQL with
+    /// --admin-database-url), activates a second model and times the
+    /// rescore worker until every customer is evaluated.
+    Rescore(rescore::RescoreBenchArgs),
+    /// Touchpoint to stage on GetCustomer while touchpoints stream in:
+    /// starts identity, touchpoints and scoring on a fresh PostgreSQL
+    /// database, ingests at --rate events/s and times purchases of fresh
+    /// customers until their profile shows CONVERSION (p50/p90/p99).
+    Lifecycle(lifecycle::LifecycleBenchArgs),
 }
 
 /// Arguments of `clm bench get-customer`.
@@ -147,6 +161,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.benchmark {
         Benchmark::Ingest(args) => ingest::run(args).await,
         Benchmark::Evaluate(args) => evaluate::run(&args),
+        Benchmark::Rescore(args) => rescore::run(args).await,
+        Benchmark::Lifecycle(args) => lifecycle::run(args).await,
         Benchmark::GetCustomer(args) => {
             let report = match &args.server {
                 Some(address) => bench_running_server(&args, address).await?,

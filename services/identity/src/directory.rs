@@ -5,7 +5,7 @@
 //! retries. After every commit the new versions are written through to the
 //! hot-profile cache.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,6 +199,58 @@ pub struct CustomerDirectory {
 /// a record reads back exactly as it was written.
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
+}
+
+/// What storing a lifecycle snapshot on a customer comes to.
+enum Planned {
+    /// Nothing to write: (applied, version).
+    Keep((bool, i64)),
+    /// The customer's next version, added to the change set.
+    Write(Box<Customer>),
+}
+
+/// Plans storing `lifecycle` on `current`: an older snapshot than the
+/// stored one, or a merged or erased customer, is ignored; a change of
+/// stage, status or health is logged.
+fn plan_lifecycle(
+    current: &Customer,
+    lifecycle: &Lifecycle,
+    now: DateTime<Utc>,
+    changes: &mut ChangeSet,
+) -> Planned {
+    if current.state != CustomerState::Active {
+        return Planned::Keep((false, current.version));
+    }
+    if let Some(stored) = &current.lifecycle {
+        if stored.evaluated_at > lifecycle.evaluated_at {
+            return Planned::Keep((false, current.version));
+        }
+        if stored == lifecycle {
+            return Planned::Keep((true, current.version));
+        }
+    }
+    let mut next = current.next_version(now);
+    next.lifecycle = Some(lifecycle.clone());
+    let moved = current.lifecycle.as_ref().is_none_or(|stored| {
+        (stored.stage, stored.acquisition_status, stored.health)
+            != (
+                lifecycle.stage,
+                lifecycle.acquisition_status,
+                lifecycle.health,
+            )
+    });
+    if moved {
+        changes.events.push(event(
+            &next,
+            "customer.lifecycle_changed",
+            pb::customer_event::Change::LifecycleChanged(pb::LifecycleChanged {
+                lifecycle: Some(lifecycle_to_proto(lifecycle)),
+            }),
+            now,
+        ));
+    }
+    changes.updates.push((next.clone(), current.version));
+    Planned::Write(Box::new(next))
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -1042,40 +1094,11 @@ impl CustomerDirectory {
         loop {
             attempt += 1;
             let current = self.load(id).await?;
-            if current.state != CustomerState::Active {
-                return Ok((false, current.version));
-            }
-            if let Some(stored) = &current.lifecycle {
-                if stored.evaluated_at > lifecycle.evaluated_at {
-                    return Ok((false, current.version));
-                }
-                if *stored == lifecycle {
-                    return Ok((true, current.version));
-                }
-            }
-            let now = now();
-            let mut next = current.next_version(now);
-            next.lifecycle = Some(lifecycle.clone());
             let mut changes = ChangeSet::default();
-            let moved = current.lifecycle.as_ref().is_none_or(|stored| {
-                (stored.stage, stored.acquisition_status, stored.health)
-                    != (
-                        lifecycle.stage,
-                        lifecycle.acquisition_status,
-                        lifecycle.health,
-                    )
-            });
-            if moved {
-                changes.events.push(event(
-                    &next,
-                    "customer.lifecycle_changed",
-                    pb::customer_event::Change::LifecycleChanged(pb::LifecycleChanged {
-                        lifecycle: Some(lifecycle_to_proto(&lifecycle)),
-                    }),
-                    now,
-                ));
-            }
-            changes.updates.push((next.clone(), current.version));
+            let next = match plan_lifecycle(&current, &lifecycle, now(), &mut changes) {
+                Planned::Keep(outcome) => return Ok(outcome),
+                Planned::Write(next) => next,
+            };
             match self.store.commit(&changes).await {
                 Ok(()) => {
                     self.cache_committed(&[&next]).await;
@@ -1090,6 +1113,72 @@ impl CustomerDirectory {
                 Err(err) => return Err(err.into()),
             }
         }
+    }
+
+    /// Stores several snapshots in one transaction, each as
+    /// [`set_lifecycle`](Self::set_lifecycle) would (for a customer named
+    /// twice, the newest). Returns (applied, version) per item, in order;
+    /// (false, 0) for an unknown customer.
+    pub async fn set_lifecycles(
+        &self,
+        items: &[(Uuid, Lifecycle)],
+    ) -> Result<Vec<(bool, i64)>, IdentityError> {
+        let mut newest: HashMap<Uuid, &Lifecycle> = HashMap::new();
+        for (id, lifecycle) in items {
+            let kept = newest.entry(*id).or_insert(lifecycle);
+            if lifecycle.evaluated_at > kept.evaluated_at {
+                *kept = lifecycle;
+            }
+        }
+        let ids: Vec<Uuid> = newest.keys().copied().collect();
+        let mut attempt = 0;
+        let outcomes = loop {
+            attempt += 1;
+            let current: HashMap<Uuid, Customer> = self
+                .store
+                .get_many(&ids)
+                .await?
+                .into_iter()
+                .map(|customer| (customer.id, customer))
+                .collect();
+            let now = now();
+            let mut changes = ChangeSet::default();
+            let mut outcomes: HashMap<Uuid, (bool, i64)> = HashMap::new();
+            let mut written = Vec::new();
+            for id in &ids {
+                let Some(customer) = current.get(id) else {
+                    outcomes.insert(*id, (false, 0));
+                    continue;
+                };
+                match plan_lifecycle(customer, newest[id], now, &mut changes) {
+                    Planned::Keep(outcome) => {
+                        outcomes.insert(*id, outcome);
+                    }
+                    Planned::Write(next) => {
+                        outcomes.insert(*id, (true, next.version));
+                        written.push(*next);
+                    }
+                }
+            }
+            if written.is_empty() {
+                break outcomes;
+            }
+            match self.store.commit(&changes).await {
+                Ok(()) => {
+                    self.cache_committed(&written.iter().collect::<Vec<_>>())
+                        .await;
+                    break outcomes;
+                }
+                Err(StoreError::VersionConflict { .. }) if attempt < MAX_ATTEMPTS => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(StoreError::VersionConflict { customer_id }) => {
+                    return Err(IdentityError::Contended(customer_id));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        };
+        Ok(items.iter().map(|(id, _)| outcomes[id]).collect())
     }
 
     /// The customer event log after `after`, in batches, live unless

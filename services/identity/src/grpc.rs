@@ -429,26 +429,28 @@ fn text_violation(violations: &mut Violations, field: &str, value: &str, max: us
     violations.check(validate::text(field, value, false, max));
 }
 
+/// The snapshot at `field` (e.g. `lifecycle`, `items[2].lifecycle`).
 fn lifecycle(
     violations: &mut Violations,
+    field: &str,
     raw: Option<&common_pb::LifecycleSnapshot>,
 ) -> Option<Lifecycle> {
     let Some(raw) = raw else {
-        violations.add("lifecycle", "is required");
+        violations.add(field, "is required");
         return None;
     };
     let stage = violations.check(validate::enum_value::<common_pb::LifecycleStage>(
-        "lifecycle.stage",
+        &format!("{field}.stage"),
         raw.stage,
         true,
     ));
     let status = violations.check(validate::enum_value::<common_pb::AcquisitionStatus>(
-        "lifecycle.acquisition_status",
+        &format!("{field}.acquisition_status"),
         raw.acquisition_status,
         true,
     ));
     let health = violations.check(validate::enum_value::<common_pb::Health>(
-        "lifecycle.health",
+        &format!("{field}.health"),
         raw.health,
         true,
     ));
@@ -458,19 +460,19 @@ fn lifecycle(
         ("health_score", raw.health_score),
     ] {
         if !(0.0..=100.0).contains(&score) {
-            violations.add(format!("lifecycle.{name}"), "must be between 0 and 100");
+            violations.add(format!("{field}.{name}"), "must be between 0 and 100");
         }
     }
     text_violation(
         violations,
-        "lifecycle.model_version",
+        &format!("{field}.model_version"),
         &raw.model_version,
         64,
     );
     let time = |violations: &mut Violations, name: &str, ts: &Option<prost_types::Timestamp>| {
         ts.as_ref().and_then(|ts| {
             violations.check(clm_platform::time::from_timestamp(
-                &format!("lifecycle.{name}"),
+                &format!("{field}.{name}"),
                 ts,
             ))
         })
@@ -479,11 +481,11 @@ fn lifecycle(
     let health_entered_at = time(violations, "health_entered_at", &raw.health_entered_at);
     let evaluated_at = match &raw.evaluated_at {
         None => {
-            violations.add("lifecycle.evaluated_at", "is required");
+            violations.add(format!("{field}.evaluated_at"), "is required");
             None
         }
         Some(ts) => violations.check(clm_platform::time::from_timestamp(
-            "lifecycle.evaluated_at",
+            &format!("{field}.evaluated_at"),
             ts,
         )),
     };
@@ -856,13 +858,64 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
         let request = request.into_inner();
         let mut violations = Violations::new();
         let id = id_field(&mut violations, "customer_id", &request.customer_id);
-        let lifecycle = lifecycle(&mut violations, request.lifecycle.as_ref());
+        let lifecycle = lifecycle(&mut violations, "lifecycle", request.lifecycle.as_ref());
         let (id, lifecycle) = done(violations, || (id, lifecycle))?;
         let (applied, version) = self
             .directory
             .set_lifecycle(id.expect("validated"), lifecycle.expect("validated"))
             .await?;
         Ok(Response::new(pb::SetLifecycleResponse { applied, version }))
+    }
+
+    async fn set_lifecycles(
+        &self,
+        request: Request<pb::SetLifecyclesRequest>,
+    ) -> Result<Response<pb::SetLifecyclesResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        if request.items.is_empty() {
+            violations.add("items", "at least one item is required");
+        }
+        if request.items.len() > self.limits.max_batch_size as usize {
+            violations.add(
+                "items",
+                format!("at most {} items per call", self.limits.max_batch_size),
+            );
+        }
+        let items: Vec<Option<(Uuid, Lifecycle)>> = request
+            .items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let id = id_field(
+                    &mut violations,
+                    &format!("items[{index}].customer_id"),
+                    &item.customer_id,
+                );
+                let lifecycle = lifecycle(
+                    &mut violations,
+                    &format!("items[{index}].lifecycle"),
+                    item.lifecycle.as_ref(),
+                );
+                Some((id?, lifecycle?))
+            })
+            .collect();
+        let items: Vec<(Uuid, Lifecycle)> = done(violations, || items)?
+            .into_iter()
+            .map(|item| item.expect("validated"))
+            .collect();
+        let results = self.directory.set_lifecycles(&items).await?;
+        Ok(Response::new(pb::SetLifecyclesResponse {
+            results: items
+                .iter()
+                .zip(results)
+                .map(|((id, _), (applied, version))| pb::SetLifecycleResult {
+                    customer_id: id.to_string(),
+                    applied,
+                    version,
+                })
+                .collect(),
+        }))
     }
 
     type StreamCustomerEventsStream = EventStream;

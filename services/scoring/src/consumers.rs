@@ -24,6 +24,10 @@ use crate::store::CursorMove;
 
 /// The name the touchpoint log consumer saves its cursors under.
 pub const TOUCHPOINTS_CONSUMER: &str = "touchpoints.log";
+/// Touchpoints folded in per transaction: short transactions keep the log
+/// tails of a shared PostgreSQL cluster moving (see [`Projection::max_batch`]).
+const TOUCHPOINTS_PER_TRANSACTION: usize = 1000;
+
 /// The name the customer event log consumer saves its cursor under.
 pub const CUSTOMERS_CONSUMER: &str = "identity.customer_events";
 
@@ -98,6 +102,10 @@ impl Projection for TouchpointProjection {
         self.cursors
             .load(&self.scorer, TOUCHPOINTS_CONSUMER, shard)
             .await
+    }
+
+    fn max_batch(&self) -> usize {
+        TOUCHPOINTS_PER_TRANSACTION
     }
 
     async fn apply(

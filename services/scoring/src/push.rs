@@ -4,7 +4,10 @@
 //! Which snapshots identity has not received is stored (`pushed_version`
 //! below `version`), so nothing is lost when identity is down or this
 //! process stops: the pusher works through that set after every write and
-//! on a timer, and only the latest snapshot of a customer is sent.
+//! on a timer, and only the latest snapshot of a customer is sent. A
+//! customer whose stage, acquisition status or health changed goes before
+//! those whose scores alone changed, so under a flood of touchpoints the
+//! profile's stage stays current while its scores may trail.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,9 @@ use crate::evaluate::LifecycleSnapshot;
 use crate::store::ScoringStore;
 
 /// How many snapshots are read per round.
-const ROUND: u32 = 512;
+const ROUND: u32 = 2048;
+/// Snapshots per SetLifecycles call.
+const BATCH: usize = 256;
 /// How often unpushed snapshots are looked for without a wake-up.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
 
@@ -31,13 +36,6 @@ pub struct Pusher {
     client: CustomerServiceClient<Channel>,
     timeout: Duration,
     concurrency: usize,
-}
-
-enum Outcome {
-    /// Identity has it (or will never want it: merged or unknown customer).
-    Done(Uuid, i64),
-    /// Retry later.
-    Failed(String),
 }
 
 impl Pusher {
@@ -86,26 +84,37 @@ impl Pusher {
     }
 
     /// Pushes one round; returns how many snapshots identity received.
+    /// Customers whose stage, acquisition status or health changed go
+    /// first; those whose scores alone changed when none is left.
     async fn round(&self) -> Result<usize, String> {
-        let pending = self
+        let mut pending = self
             .store
-            .unpushed(ROUND)
+            .unpushed(ROUND, true)
             .await
             .map_err(|err| err.to_string())?;
         if pending.is_empty() {
+            pending = self
+                .store
+                .unpushed(ROUND, false)
+                .await
+                .map_err(|err| err.to_string())?;
+        }
+        if pending.is_empty() {
             return Ok(0);
         }
-        let outcomes: Vec<Outcome> = futures_util::stream::iter(pending)
-            .map(|(id, version, snapshot)| self.push(id, version, snapshot))
+        let batches: Vec<Vec<(Uuid, i64, LifecycleSnapshot)>> =
+            pending.chunks(BATCH).map(<[_]>::to_vec).collect();
+        let outcomes: Vec<Result<Vec<(Uuid, i64)>, String>> = futures_util::stream::iter(batches)
+            .map(|batch| self.push(batch))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
-        let mut done = Vec::with_capacity(outcomes.len());
+        let mut done = Vec::new();
         let mut failure = None;
         for outcome in outcomes {
             match outcome {
-                Outcome::Done(id, version) => done.push((id, version)),
-                Outcome::Failed(reason) => failure = Some(reason),
+                Ok(pushed) => done.extend(pushed),
+                Err(reason) => failure = Some(reason),
             }
         }
         self.store
@@ -122,25 +131,28 @@ impl Pusher {
         }
     }
 
-    async fn push(&self, id: Uuid, version: i64, snapshot: LifecycleSnapshot) -> Outcome {
-        let mut request = tonic::Request::new(identity_pb::SetLifecycleRequest {
-            customer_id: id.to_string(),
-            lifecycle: Some(snapshot.to_proto()),
+    /// Sends one batch; identity has every snapshot of it afterwards (or
+    /// ignores it: merged, erased or unknown customers, older snapshots).
+    async fn push(
+        &self,
+        batch: Vec<(Uuid, i64, LifecycleSnapshot)>,
+    ) -> Result<Vec<(Uuid, i64)>, String> {
+        let mut request = tonic::Request::new(identity_pb::SetLifecyclesRequest {
+            items: batch
+                .iter()
+                .map(|(id, _, snapshot)| identity_pb::SetLifecycleRequest {
+                    customer_id: id.to_string(),
+                    lifecycle: Some(snapshot.to_proto()),
+                })
+                .collect(),
         });
         request.set_timeout(self.timeout);
-        match self.client.clone().set_lifecycle(request).await {
-            Ok(_) => Outcome::Done(id, version),
-            // A customer identity does not know or merged away: nothing to
-            // show, nothing to retry.
-            Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
-                ) =>
-            {
-                Outcome::Done(id, version)
-            }
-            Err(status) => Outcome::Failed(format!("{}: {}", status.code(), status.message())),
+        match self.client.clone().set_lifecycles(request).await {
+            Ok(_) => Ok(batch
+                .into_iter()
+                .map(|(id, version, _)| (id, version))
+                .collect()),
+            Err(status) => Err(format!("{}: {}", status.code(), status.message())),
         }
     }
 }

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clm_platform::server::Shutdown;
 use clm_proto::scoring as proto;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
+use crate::compiled_model::CompiledModel;
 use crate::model_proto::timestamp_to_proto;
-use crate::scorer::{Scorer, ScoringError};
-use crate::store::{RescoreProgress, RescoreRow, StoreError};
+use crate::scorer::{EvaluatedPage, Scorer, ScoringError, evaluate_page};
+use crate::store::{CustomerRecord, RescoreProgress, RescoreRow, ScoringStore, StoreError};
 
 /// Customers per page (one transaction each).
 pub const PAGE: u32 = 2000;
@@ -115,6 +116,9 @@ pub async fn run_worker(scorer: Arc<Scorer>, wake: Arc<Notify>, shutdown: Shutdo
                         )
                         .await;
                 }
+                if shutdown.is_triggered() {
+                    return;
+                }
                 continue;
             }
             Ok(None) => {}
@@ -128,8 +132,62 @@ pub async fn run_worker(scorer: Arc<Scorer>, wake: Arc<Notify>, shutdown: Shutdo
     }
 }
 
+/// Reads pages of customers after `after` into `pages` until the end.
+fn spawn_reader(
+    store: Arc<dyn ScoringStore>,
+    mut after: Option<Uuid>,
+    pages: mpsc::Sender<Result<Vec<CustomerRecord>, StoreError>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let page = store.customers_after(after, PAGE).await;
+            let last = match &page {
+                Ok(page) => page.last().map(|record| record.customer_id),
+                Err(_) => None,
+            };
+            let full = page.as_ref().is_ok_and(|page| page.len() as u32 == PAGE);
+            if pages.send(page).await.is_err() || !full {
+                return;
+            }
+            after = last;
+        }
+    })
+}
+
+/// Evaluates the pages read, on blocking threads, into `evaluated`.
+fn spawn_evaluator(
+    scorer: Arc<Scorer>,
+    model: Arc<CompiledModel>,
+    mut pages: mpsc::Receiver<Result<Vec<CustomerRecord>, StoreError>>,
+    evaluated: mpsc::Sender<Result<(EvaluatedPage, Uuid), ScoringError>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(page) = pages.recv().await {
+            let result = match page {
+                Err(err) => Err(ScoringError::Store(err)),
+                Ok(page) => {
+                    let Some(last) = page.last().map(|record| record.customer_id) else {
+                        return;
+                    };
+                    let (model, now) = (model.clone(), scorer.now());
+                    tokio::task::spawn_blocking(move || evaluate_page(&model, page, now))
+                        .await
+                        .map(|page| (page, last))
+                        .map_err(|err| ScoringError::Store(StoreError::Internal(err.to_string())))
+                }
+            };
+            if evaluated.send(result).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Runs one rescore: pages are read, evaluated and written in a pipeline,
+/// so the database reads, the evaluation on every core and the writes
+/// overlap.
 async fn run_one(
-    scorer: &Scorer,
+    scorer: &Arc<Scorer>,
     rescore: &RescoreRow,
     shutdown: &Shutdown,
 ) -> Result<(), ScoringError> {
@@ -137,7 +195,7 @@ async fn run_one(
         .compiled(&rescore.model_version)
         .await?
         .ok_or_else(|| ScoringError::BadModel(rescore.model_version.clone()))?;
-    let store = scorer.store();
+    let store = scorer.store().clone();
     store
         .set_rescore_state(
             rescore.id,
@@ -147,62 +205,56 @@ async fn run_one(
         )
         .await?;
     tracing::info!(rescore = %rescore.id, model = %rescore.model_version, total = rescore.total_count, "rescore running");
-    let mut after = rescore.resume_after;
     let mut done = rescore.done_count;
     let mut rate = Rate::default();
     rate.add(Instant::now(), done);
-    // Read the next page while the current one is evaluated and written.
-    let mut next = Some(tokio::spawn({
-        let store = store.clone();
-        async move { store.customers_after(after, PAGE).await }
-    }));
-    while let Some(reading) = next.take() {
-        if shutdown.is_triggered() {
-            // Resumed from `resume_after` on the next start.
-            return Ok(());
-        }
-        let page = reading
-            .await
-            .map_err(|err| StoreError::Internal(err.to_string()))??;
-        let Some(last) = page.last().map(|record| record.customer_id) else {
-            break;
-        };
-        if page.len() as u32 == PAGE {
-            let store = store.clone();
-            next = Some(tokio::spawn(async move {
-                store.customers_after(Some(last), PAGE).await
-            }));
-        }
-        let count = page.len() as i64;
-        done += count;
-        let per_second = rate.add(Instant::now(), done);
-        let written = scorer
-            .rescore_page(&model, page, |changed| RescoreProgress {
-                id: rescore.id,
-                done: count,
-                changed,
-                rate_per_second: per_second,
-                resume_after: last,
-            })
-            .await;
-        match written {
-            Ok(_) => after = Some(last),
-            Err(ScoringError::Store(StoreError::RescoreStopped)) => {
-                tracing::info!(rescore = %rescore.id, "rescore cancelled by a newer activation");
-                return Ok(());
+    let (page_sender, pages) = mpsc::channel(2);
+    let (evaluated_sender, mut evaluated) = mpsc::channel(1);
+    let reader = spawn_reader(store.clone(), rescore.resume_after, page_sender);
+    let evaluator = spawn_evaluator(scorer.clone(), model.clone(), pages, evaluated_sender);
+    let outcome = async {
+        while let Some(page) = evaluated.recv().await {
+            if shutdown.is_triggered() {
+                // Resumed from `resume_after` on the next start.
+                return Ok(false);
             }
-            Err(err) => return Err(err),
+            let (page, last) = page?;
+            let count = page.ids.len() as i64;
+            done += count;
+            let per_second = rate.add(Instant::now(), done);
+            let written = scorer
+                .write_rescore_page(&model, page, |changed| RescoreProgress {
+                    id: rescore.id,
+                    done: count,
+                    changed,
+                    rate_per_second: per_second,
+                    resume_after: last,
+                })
+                .await;
+            match written {
+                Ok(_) => {}
+                Err(ScoringError::Store(StoreError::RescoreStopped)) => {
+                    tracing::info!(rescore = %rescore.id, "rescore cancelled by a newer activation");
+                    return Ok(false);
+                }
+                Err(err) => return Err(err),
+            }
         }
+        Ok(true)
     }
-    let _ = after;
-    store
-        .set_rescore_state(
-            rescore.id,
-            proto::RescoreState::Succeeded as i32,
-            Utc::now(),
-            "",
-        )
-        .await?;
-    tracing::info!(rescore = %rescore.id, done, "rescore succeeded");
+    .await;
+    reader.abort();
+    evaluator.abort();
+    if outcome? {
+        store
+            .set_rescore_state(
+                rescore.id,
+                proto::RescoreState::Succeeded as i32,
+                Utc::now(),
+                "",
+            )
+            .await?;
+        tracing::info!(rescore = %rescore.id, done, "rescore succeeded");
+    }
     Ok(())
 }

@@ -387,41 +387,31 @@ impl Scorer {
         .await
     }
 
-    /// Evaluates one page of a rescore with `model` and writes it with the
-    /// progress. Returns how many customers changed position. A customer
-    /// changed meanwhile (a touchpoint arrived) is read again.
-    pub async fn rescore_page(
+    /// Writes a rescore page with the progress it makes. A page whose
+    /// customers changed meanwhile (a touchpoint arrived) is read and
+    /// evaluated again. Returns how many customers changed position.
+    pub async fn write_rescore_page(
         &self,
-        model: &CompiledModel,
-        page: Vec<CustomerRecord>,
+        model: &Arc<CompiledModel>,
+        mut page: EvaluatedPage,
         progress: impl Fn(i64) -> crate::store::RescoreProgress,
     ) -> Result<i64, ScoringError> {
-        let ids: Vec<Uuid> = page.iter().map(|record| record.customer_id).collect();
-        let mut records: HashMap<Uuid, CustomerRecord> =
-            page.into_iter().map(|r| (r.customer_id, r)).collect();
         let mut tries = 0;
         loop {
-            let now = self.now();
-            let mut work = Work::new(records);
-            let present: Vec<Uuid> = ids
-                .iter()
-                .copied()
-                .filter(|id| {
-                    work.records
-                        .get(id)
-                        .is_some_and(|r| r.merged_into.is_none())
-                })
-                .collect();
-            let changed = evaluate_parallel(model, &mut work, &present, now) as i64;
-            let mut changes = work.into_changes();
-            changes.rescore = Some(progress(changed));
-            match self.commit(&changes).await {
+            page.changes.rescore = Some(progress(page.changed));
+            match self.commit(&page.changes).await {
                 Err(ScoringError::Store(StoreError::Conflict(_))) if tries < CONFLICT_RETRIES => {
                     tries += 1;
-                    records = self.store.load_customers(&ids).await?;
+                    let mut found = self.store.load_customers(&page.ids).await?;
+                    let records: Vec<CustomerRecord> =
+                        page.ids.iter().filter_map(|id| found.remove(id)).collect();
+                    let (model, now) = (model.clone(), self.now());
+                    page = tokio::task::spawn_blocking(move || evaluate_page(&model, records, now))
+                        .await
+                        .map_err(|err| StoreError::Internal(err.to_string()))?;
                 }
                 Err(err) => return Err(err),
-                Ok(()) => return Ok(changed),
+                Ok(()) => return Ok(page.changed),
             }
         }
     }
@@ -455,23 +445,31 @@ impl Scorer {
     }
 }
 
-/// Evaluates `ids` of `work` with `model` at `now` on every core; returns
-/// how many changed position.
-fn evaluate_parallel(
+/// A page of a rescore, evaluated and ready to write.
+#[derive(Debug)]
+pub struct EvaluatedPage {
+    /// The customers of the page.
+    pub ids: Vec<Uuid>,
+    /// What to write (without the progress).
+    pub changes: ChangeSet,
+    /// How many changed position.
+    pub changed: i64,
+}
+
+/// Evaluates the customers of a page (merged ones are skipped) with `model`
+/// at `now`, on every core. CPU only: call it on a blocking thread.
+pub fn evaluate_page(
     model: &CompiledModel,
-    work: &mut Work,
-    ids: &[Uuid],
+    mut records: Vec<CustomerRecord>,
     now: DateTime<Utc>,
-) -> usize {
+) -> EvaluatedPage {
+    let ids = records.iter().map(|record| record.customer_id).collect();
+    records.retain(|record| record.merged_into.is_none());
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let mut records: Vec<CustomerRecord> = ids
-        .iter()
-        .filter_map(|id| work.records.remove(id))
-        .collect();
     let chunk = records.len().div_ceil(threads).max(1);
-    let results: Vec<Vec<Option<proto::Transition>>> = std::thread::scope(|scope| {
+    let outcomes: Vec<Option<proto::Transition>> = std::thread::scope(|scope| {
         let handles: Vec<_> = records
             .chunks_mut(chunk)
             .map(|chunk| {
@@ -487,19 +485,33 @@ fn evaluate_parallel(
             .collect();
         handles
             .into_iter()
-            .map(|handle| handle.join().unwrap_or_default())
+            .flat_map(|handle| handle.join().unwrap_or_default())
             .collect()
     });
-    let mut changed = 0;
-    for (record, transition) in records.into_iter().zip(results.into_iter().flatten()) {
-        if let Some(transition) = transition {
-            changed += 1;
-            work.transitions.push(transition);
-        }
-        work.touch(record.customer_id, false);
-        work.records.insert(record.customer_id, record);
+    let mut transitions = Vec::new();
+    let customers = records
+        .into_iter()
+        .zip(outcomes)
+        .map(|(record, transition)| {
+            let position_changed = transition.is_some();
+            transitions.extend(transition);
+            CustomerWrite {
+                record,
+                features_changed: false,
+                position_changed,
+            }
+        })
+        .collect();
+    EvaluatedPage {
+        ids,
+        changed: transitions.len() as i64,
+        changes: ChangeSet {
+            customers,
+            transitions,
+            cursor: None,
+            rescore: None,
+        },
     }
-    changed
 }
 
 /// Evaluates one customer at `at` (or their previous evaluation, if later)
@@ -538,6 +550,7 @@ struct Work {
     /// Customers to write, and whether their features changed.
     dirty: HashSet<Uuid>,
     features_changed: HashSet<Uuid>,
+    position_changed: HashSet<Uuid>,
     order: Vec<Uuid>,
     transitions: Vec<proto::Transition>,
 }
@@ -548,6 +561,7 @@ impl Work {
             records,
             dirty: HashSet::new(),
             features_changed: HashSet::new(),
+            position_changed: HashSet::new(),
             order: Vec::new(),
             transitions: Vec::new(),
         }
@@ -593,6 +607,7 @@ impl Work {
         self.touch(id, features_changed);
         let record = self.records.get_mut(&id).expect("a target is loaded");
         if let Some(transition) = evaluate_record(model, record, at, cause, touchpoint_id) {
+            self.position_changed.insert(id);
             self.transitions.push(transition);
         }
     }
@@ -648,6 +663,7 @@ impl Work {
                 let record = self.records.remove(id)?;
                 Some(CustomerWrite {
                     features_changed: self.features_changed.contains(id),
+                    position_changed: self.position_changed.contains(id),
                     record,
                 })
             })

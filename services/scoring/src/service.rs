@@ -42,12 +42,12 @@ pub struct ScoringConfig {
     /// process when it serves touchpoints too).
     pub touchpoints_url: Option<String>,
     /// Shards of the touchpoint log consumed in parallel
-    /// (`CLM_SCORING_LOG_SHARDS`, default 4).
+    /// (`CLM_SCORING_LOG_SHARDS`, default 8).
     pub log_shards: u32,
     /// How often the sweep looks for due customers
     /// (`CLM_SCORING_SWEEP_POLL_MS`, default 1000).
     pub sweep_poll: Duration,
-    /// Concurrent SetLifecycle calls (`CLM_SCORING_PUSH_CONCURRENCY`, default 16).
+    /// Concurrent SetLifecycles calls (`CLM_SCORING_PUSH_CONCURRENCY`, default 4).
     pub push_concurrency: usize,
     /// Deadline of each call to identity or touchpoints (`CLM_IDENTITY_TIMEOUT_MS`, default 5000).
     pub call_timeout: Duration,
@@ -73,14 +73,14 @@ impl ScoringConfig {
             database_url: platform.database_url_for(env, SERVICE_NAME)?,
             identity_url: url_setting(env, "CLM_IDENTITY_URL")?,
             touchpoints_url: url_setting(env, "CLM_TOUCHPOINTS_URL")?,
-            log_shards: env.bounded_or("CLM_SCORING_LOG_SHARDS", 4, 1, 256)? as u32,
+            log_shards: env.bounded_or("CLM_SCORING_LOG_SHARDS", 8, 1, 256)? as u32,
             sweep_poll: Duration::from_millis(env.bounded_or(
                 "CLM_SCORING_SWEEP_POLL_MS",
                 1000,
                 10,
                 3_600_000,
             )?),
-            push_concurrency: env.bounded_or("CLM_SCORING_PUSH_CONCURRENCY", 16, 1, 1024)? as usize,
+            push_concurrency: env.bounded_or("CLM_SCORING_PUSH_CONCURRENCY", 4, 1, 256)? as usize,
             call_timeout: Duration::from_millis(env.bounded_or(
                 "CLM_IDENTITY_TIMEOUT_MS",
                 5000,

@@ -100,6 +100,9 @@ pub struct CustomerWrite {
     pub record: CustomerRecord,
     /// Whether the features changed (a rescore only changes the lifecycle).
     pub features_changed: bool,
+    /// Whether stage, acquisition status or health changed: identity gets
+    /// such a snapshot before those whose scores alone changed.
+    pub position_changed: bool,
 }
 
 /// A consumer's cursor moving from `expected` to `new`.
@@ -249,9 +252,13 @@ pub trait ScoringStore: Send + Sync + 'static {
     /// How many evaluated, unmerged customers there are.
     async fn count_scored(&self) -> Result<i64, StoreError>;
     /// Up to `limit` customers whose latest snapshot identity has not
-    /// received: (id, version, snapshot).
-    async fn unpushed(&self, limit: u32)
-    -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
+    /// received: (id, version, snapshot). With `position_only`, only those
+    /// whose stage, acquisition status or health changed since.
+    async fn unpushed(
+        &self,
+        limit: u32,
+        position_only: bool,
+    ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
     /// Records that identity received these versions.
     async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError>;
 

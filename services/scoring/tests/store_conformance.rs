@@ -85,6 +85,7 @@ fn write(record: CustomerRecord) -> CustomerWrite {
     CustomerWrite {
         record,
         features_changed: true,
+        position_changed: true,
     }
 }
 
@@ -513,7 +514,13 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         "by id, without merged or unscored customers"
     );
 
-    let pending = store.unpushed(100).await.unwrap();
+    let pending = store.unpushed(100, true).await.unwrap();
+    assert_eq!(
+        pending.len(),
+        3,
+        "every customer's first snapshot is a new position"
+    );
+    let pending = store.unpushed(100, false).await.unwrap();
     let mut pushed: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
     pushed.sort();
     assert_eq!(pushed, expected, "only snapshots are pushed");
@@ -521,20 +528,24 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         .mark_pushed(&pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>())
         .await
         .unwrap();
-    assert!(store.unpushed(100).await.unwrap().is_empty());
+    assert!(store.unpushed(100, false).await.unwrap().is_empty());
     // A newer write needs a new push; marking an older version does not
-    // hide it.
+    // hide it. A change of scores alone is not a change of position.
     let mut again = store.load_customers(&[late]).await.unwrap()[&late].clone();
     again.next_due_at = None;
     store
         .commit(&ChangeSet {
-            customers: vec![write(again)],
+            customers: vec![CustomerWrite {
+                position_changed: false,
+                ..write(again)
+            }],
             ..ChangeSet::default()
         })
         .await
         .unwrap();
     store.mark_pushed(&[(late, 1)]).await.unwrap();
-    let pending = store.unpushed(100).await.unwrap();
+    assert!(store.unpushed(100, true).await.unwrap().is_empty());
+    let pending = store.unpushed(100, false).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!((pending[0].0, pending[0].1), (late, 2));
 }

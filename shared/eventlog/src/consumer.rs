@@ -59,6 +59,14 @@ pub trait Projection: Send + Sync + 'static {
     /// The cursor saved with the state (empty: nothing consumed yet).
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError>;
 
+    /// The most entries applied in one transaction: a batch read from the
+    /// source is split into pieces of at most this many. On PostgreSQL a
+    /// long transaction holds back every log tail of the cluster, so a
+    /// consumer that writes much per entry keeps its transactions short.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
     /// Applies a batch and saves `cursor` (the last entry's) atomically.
     async fn apply(
         &self,
@@ -143,13 +151,15 @@ where
             }
             return Err(ConsumeError::new("the log stream ended"));
         };
-        let batch = batch?;
-        let Some(last) = batch.last().map(|p| p.cursor.clone()) else {
-            continue;
-        };
-        projection
-            .apply(batch.into_iter().map(|p| p.entry).collect(), &last, shard)
-            .await?;
+        let mut batch = batch?;
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(projection.max_batch().max(1)));
+            let last = batch.last().map(|p| p.cursor.clone()).unwrap_or_default();
+            projection
+                .apply(batch.into_iter().map(|p| p.entry).collect(), &last, shard)
+                .await?;
+            batch = rest;
+        }
         // A batch went through: the next failure starts with a short wait.
         *wait = backoff.initial;
     }

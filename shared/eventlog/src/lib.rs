@@ -215,6 +215,42 @@ impl EventLog {
         Ok(())
     }
 
+    /// Appends entries inside the caller's PostgreSQL transaction, in one
+    /// statement, in order.
+    pub async fn append_many_postgres(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        entries: &[NewEntry<'_>],
+    ) -> Result<(), sqlx::Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = entries.iter().map(|e| e.event_id).collect();
+        let customers: Vec<Option<Uuid>> = entries.iter().map(|e| e.customer_id).collect();
+        let shards: Vec<i32> = entries.iter().map(|e| shard_of(e.customer_id)).collect();
+        let kinds: Vec<&str> = entries.iter().map(|e| e.kind).collect();
+        let payloads: Vec<&[u8]> = entries.iter().map(|e| e.payload).collect();
+        let times: Vec<DateTime<Utc>> = entries.iter().map(|e| e.recorded_at).collect();
+        // WITH ORDINALITY keeps the given order in the sequence.
+        sqlx::query(&format!(
+            "INSERT INTO {} (txid, event_id, customer_id, shard, kind, payload, recorded_at) \
+             SELECT pg_current_xact_id(), e.event_id, e.customer_id, e.shard, e.kind, e.payload, e.recorded_at \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::bytea[], $6::timestamptz[]) \
+               WITH ORDINALITY AS e(event_id, customer_id, shard, kind, payload, recorded_at, n) \
+             ORDER BY e.n",
+            self.table
+        ))
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&shards)
+        .bind(&kinds)
+        .bind(&payloads)
+        .bind(&times)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
     /// Appends an entry inside the caller's SQLite transaction.
     pub async fn append_sqlite(
         &self,

@@ -92,16 +92,23 @@ pub async fn connect(
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
+                // Statement journals and sorts in memory, pages read through
+                // a memory map rather than a read call each.
+                .pragma("temp_store", "memory")
+                .pragma("mmap_size", "1073741824")
                 .log_statements(tracing::log::LevelFilter::Trace);
+            // The one writer keeps up to 64 MiB of pages, so a large
+            // transaction does not spill to the WAL before it commits; each
+            // reader up to 16 MiB.
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(30))
-                .connect_with(options.clone())
+                .connect_with(options.clone().pragma("cache_size", "-65536"))
                 .await?;
             let reader = SqlitePoolOptions::new()
                 .max_connections(max_connections.clamp(1, 8))
                 .acquire_timeout(Duration::from_secs(5))
-                .connect_with(options.read_only(true))
+                .connect_with(options.read_only(true).pragma("cache_size", "-16384"))
                 .await?;
             Ok(Pools::Sqlite(SqlitePools { writer, reader }))
         }

@@ -17,6 +17,7 @@ use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
 use tonic::transport::Channel;
 
+use super::database::TemporaryDatabase;
 use super::load::{self, Workload};
 use super::server_process::{ServerProcess, ServerSpec};
 
@@ -317,25 +318,11 @@ async fn catch_up(channel: &Channel) -> anyhow::Result<(Duration, u64)> {
 pub async fn run(args: IngestBenchArgs) -> anyhow::Result<()> {
     let events = args.events as usize;
     let run_id = format!("bench-{}", uuid::Uuid::now_v7().simple());
-    let database = format!("clm_bench_ingest_{}", &run_id[run_id.len() - 12..]);
-    let mut admin = PgConnection::connect(&args.admin_database_url)
-        .await
-        .context("cannot reach PostgreSQL (--admin-database-url)")?;
-    sqlx::query(&format!("CREATE DATABASE \"{database}\""))
-        .execute(&mut admin)
-        .await?;
-    let database_url = match args.admin_database_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{database}"),
-        None => anyhow::bail!("--admin-database-url must name a database"),
-    };
-    let outcome = measure_all(&args, events, &run_id, &database_url).await;
-    let dropped = sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-    ))
-    .execute(&mut admin)
-    .await;
+    let database = TemporaryDatabase::create(&args.admin_database_url, "ingest").await?;
+    let outcome = measure_all(&args, events, &run_id, &database.url).await;
+    let dropped = database.drop().await;
     let report = outcome?;
-    dropped.context("cannot drop the benchmark database")?;
+    dropped?;
     println!("{report}");
     Ok(())
 }

@@ -69,7 +69,12 @@ impl ServerProcess {
             // Port 0: the server picks a free port and prints it, so two
             // servers never race for one.
             .env("CLM_LISTEN_ADDR", "127.0.0.1:0")
-            .env("CLM_LOG", "warn")
+            // CLM_BENCH_SERVER_LOG sets the servers' log filter (default
+            // warn), e.g. to see what a server does under load.
+            .env(
+                "CLM_LOG",
+                std::env::var("CLM_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .env("CLM_LOG_FORMAT", "text")
             .env("CLM_DATA_DIR", &spec.data_dir)
             .env("CLM_DATABASE_URL", &spec.database_url)

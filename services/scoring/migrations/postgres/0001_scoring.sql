@@ -18,7 +18,9 @@ CREATE TABLE active_model (
 -- One row per customer the service has seen. `snapshot` is the JSON of the
 -- latest evaluation (NULL until the first), `last_transition` the
 -- clm.scoring.v1.Transition message. `version` grows with every write;
--- `pushed_version` is the version whose snapshot identity has received.
+-- `position_version` is the version at which stage, acquisition status or
+-- health last changed; `pushed_version` is the version whose snapshot
+-- identity has received.
 CREATE TABLE customers (
     customer_id      UUID PRIMARY KEY,
     merged_into      UUID,
@@ -26,12 +28,15 @@ CREATE TABLE customers (
     last_transition  BYTEA,
     next_due_at      TIMESTAMPTZ,
     version          BIGINT NOT NULL,
+    position_version BIGINT NOT NULL DEFAULT 0,
     pushed_version   BIGINT NOT NULL DEFAULT 0
 );
 -- The sweep reads the customers whose next evaluation is due.
 CREATE INDEX customers_due ON customers (next_due_at) WHERE next_due_at IS NOT NULL;
--- The pusher reads the customers whose snapshot identity has not received.
+-- The pusher reads the customers whose snapshot identity has not received,
+-- those whose position changed first.
 CREATE INDEX customers_unpushed ON customers (customer_id) WHERE pushed_version < version;
+CREATE INDEX customers_unpushed_position ON customers (customer_id) WHERE pushed_version < position_version;
 
 -- The features folded from each customer's touchpoints (JSON), apart from
 -- the narrow lifecycle rows so that a rescore rewrites only those.

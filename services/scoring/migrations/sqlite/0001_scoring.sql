@@ -21,10 +21,12 @@ CREATE TABLE customers (
     last_transition  BLOB,
     next_due_at      INTEGER,
     version          INTEGER NOT NULL,
+    position_version INTEGER NOT NULL DEFAULT 0,
     pushed_version   INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX customers_due ON customers (next_due_at) WHERE next_due_at IS NOT NULL;
 CREATE INDEX customers_unpushed ON customers (customer_id) WHERE pushed_version < version;
+CREATE INDEX customers_unpushed_position ON customers (customer_id) WHERE pushed_version < position_version;
 
 CREATE TABLE customer_features (
     customer_id  TEXT PRIMARY KEY,

@@ -14,10 +14,10 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{
-    Activation, ChangeSet, CursorMove, CustomerRecord, ModelInsert, RescoreRow, ScoringStore,
-    StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery, decode_features,
-    decode_model, decode_snapshot, decode_transition, encode_features, encode_model,
-    encode_snapshot, transition_entry,
+    Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, ModelInsert, RescoreRow,
+    ScoringStore, StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery,
+    decode_features, decode_model, decode_snapshot, decode_transition, encode_features,
+    encode_model, encode_snapshot, transition_entry,
 };
 use crate::evaluate::LifecycleSnapshot;
 use crate::model::Model;
@@ -137,13 +137,17 @@ async fn move_cursor(tx: &mut PgConnection, cursor: &CursorMove) -> Result<(), S
 }
 
 async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), StoreError> {
-    let (inserts, updates): (Vec<_>, Vec<_>) = changes
-        .customers
+    // In id order, so concurrent writers (and the pusher) lock rows in the
+    // same order and never deadlock.
+    let mut sorted: Vec<&CustomerWrite> = changes.customers.iter().collect();
+    sorted.sort_by_key(|write| write.record.customer_id);
+    let (inserts, updates): (Vec<_>, Vec<_>) = sorted
         .iter()
+        .copied()
         .partition(|write| write.record.version == 0);
     if !inserts.is_empty() {
         let mut query = QueryBuilder::<Postgres>::new(
-            "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version) ",
+            "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version, position_version) ",
         );
         query.push_values(&inserts, |mut row, write| {
             let record = &write.record;
@@ -152,7 +156,8 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
                 .push_bind(encode_snapshot(record.snapshot.as_ref()))
                 .push_bind(record.last_transition.as_ref().map(|t| t.encode_to_vec()))
                 .push_bind(record.next_due_at)
-                .push_bind(1_i64);
+                .push_bind(1_i64)
+                .push_bind(i64::from(write.position_changed));
         });
         query.push(" ON CONFLICT (customer_id) DO NOTHING");
         let inserted = query
@@ -168,6 +173,17 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
     }
     if !updates.is_empty() {
         let ids: Vec<Uuid> = updates.iter().map(|w| w.record.customer_id).collect();
+        // Lock the rows in id order first: writers that share customers
+        // (shard consumers, the customer event consumer, the sweep, a
+        // rescore) then wait for each other instead of deadlocking.
+        sqlx::query(
+            "SELECT customer_id FROM customers WHERE customer_id = ANY($1) \
+             ORDER BY customer_id FOR UPDATE",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
         let merged: Vec<Option<Uuid>> = updates.iter().map(|w| w.record.merged_into).collect();
         let snapshots: Vec<Option<Vec<u8>>> = updates
             .iter()
@@ -180,11 +196,13 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
         let due: Vec<Option<DateTime<Utc>>> =
             updates.iter().map(|w| w.record.next_due_at).collect();
         let versions: Vec<i64> = updates.iter().map(|w| w.record.version).collect();
+        let moved: Vec<bool> = updates.iter().map(|w| w.position_changed).collect();
         let updated = sqlx::query(
             "UPDATE customers AS c SET merged_into = u.merged_into, snapshot = u.snapshot, \
-               last_transition = u.last_transition, next_due_at = u.next_due_at, version = c.version + 1 \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::timestamptz[], $6::bigint[]) \
-               AS u(customer_id, merged_into, snapshot, last_transition, next_due_at, version) \
+               last_transition = u.last_transition, next_due_at = u.next_due_at, version = c.version + 1, \
+               position_version = CASE WHEN u.moved THEN c.version + 1 ELSE c.position_version END \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::timestamptz[], $6::bigint[], $7::bool[]) \
+               AS u(customer_id, merged_into, snapshot, last_transition, next_due_at, version, moved) \
              WHERE c.customer_id = u.customer_id AND c.version = u.version",
         )
         .bind(&ids)
@@ -193,6 +211,7 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
         .bind(&transitions)
         .bind(&due)
         .bind(&versions)
+        .bind(&moved)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
@@ -202,8 +221,7 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
             ));
         }
     }
-    let features: Vec<_> = changes
-        .customers
+    let features: Vec<_> = sorted
         .iter()
         .filter(|write| write.features_changed)
         .collect();
@@ -269,21 +287,20 @@ async fn write_transitions(
     .await
     .map_err(StoreError::from_db)?;
     let now = Utc::now();
-    for transition in transitions {
-        let (event_id, customer_id, payload) = transition_entry(transition);
-        log.append_postgres(
-            tx,
-            &NewEntry {
-                event_id,
-                customer_id,
-                kind: TRANSITION_KIND,
-                payload: &payload,
-                recorded_at: now,
-            },
-        )
+    let entries: Vec<_> = transitions.iter().map(transition_entry).collect();
+    let entries: Vec<NewEntry<'_>> = entries
+        .iter()
+        .map(|(event_id, customer_id, payload)| NewEntry {
+            event_id: *event_id,
+            customer_id: *customer_id,
+            kind: TRANSITION_KIND,
+            payload,
+            recorded_at: now,
+        })
+        .collect();
+    log.append_many_postgres(tx, &entries)
         .await
         .map_err(StoreError::from_db)?;
-    }
     Ok(())
 }
 
@@ -315,6 +332,16 @@ impl ScoringStore for PostgresScoringStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        if changes.cursor.is_some() || changes.rescore.is_some() {
+            // Derived state need not wait for its WAL flush: if the database
+            // crashes before the flush, the state is lost together with the
+            // cursor (or rescore progress) saved beside it, and is derived
+            // again from the log.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?;
+        }
         if let Some(cursor) = &changes.cursor {
             move_cursor(&mut tx, cursor).await?;
         }
@@ -362,14 +389,16 @@ impl ScoringStore for PostgresScoringStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<CustomerRecord>, StoreError> {
+        // A range scan of the primary key from `after` (the nil id sorts
+        // before every other).
         let rows = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers c \
              LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
-             WHERE ($1::uuid IS NULL OR c.customer_id > $1) AND c.merged_into IS NULL \
+             WHERE c.customer_id > $1 AND c.merged_into IS NULL \
                AND c.snapshot IS NOT NULL \
              ORDER BY c.customer_id LIMIT $2"
         ))
-        .bind(after)
+        .bind(after.unwrap_or(Uuid::nil()))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
@@ -389,11 +418,15 @@ impl ScoringStore for PostgresScoringStore {
     async fn unpushed(
         &self,
         limit: u32,
+        position_only: bool,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(if position_only {
             "SELECT customer_id, version, snapshot, merged_into FROM customers \
-             WHERE pushed_version < version LIMIT $1",
-        )
+             WHERE pushed_version < position_version LIMIT $1"
+        } else {
+            "SELECT customer_id, version, snapshot, merged_into FROM customers \
+             WHERE pushed_version < version LIMIT $1"
+        })
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
@@ -422,10 +455,14 @@ impl ScoringStore for PostgresScoringStore {
         }
         let ids: Vec<Uuid> = pushed.iter().map(|p| p.0).collect();
         let versions: Vec<i64> = pushed.iter().map(|p| p.1).collect();
+        // Rows a writer holds are skipped, not waited for: they are pushed
+        // again next round (identity ignores a snapshot it has).
         sqlx::query(
-            "UPDATE customers AS c SET pushed_version = u.version \
-             FROM UNNEST($1::uuid[], $2::bigint[]) AS u(customer_id, version) \
-             WHERE c.customer_id = u.customer_id AND c.pushed_version < u.version",
+            "WITH pushed AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) AS u(customer_id, version)), \
+             free AS (SELECT c.customer_id FROM customers c JOIN pushed p ON p.customer_id = c.customer_id \
+                      WHERE c.pushed_version < p.version ORDER BY c.customer_id FOR UPDATE OF c SKIP LOCKED) \
+             UPDATE customers AS c SET pushed_version = p.version FROM pushed p, free f \
+             WHERE c.customer_id = p.customer_id AND f.customer_id = c.customer_id",
         )
         .bind(&ids)
         .bind(&versions)
@@ -684,24 +721,31 @@ impl ScoringStore for PostgresScoringStore {
         &self,
         query: &TransitionQuery,
     ) -> Result<Vec<proto::Transition>, StoreError> {
-        let (after_time, after_id) = query.after.unzip();
-        let bodies: Vec<Vec<u8>> = sqlx::query_scalar(
-            "SELECT body FROM transitions \
-             WHERE ($1::uuid IS NULL OR customer_id = $1) \
-               AND ($2::timestamptz IS NULL OR transition_time >= $2) \
-               AND ($3::timestamptz IS NULL OR transition_time < $3) \
-               AND ($4::timestamptz IS NULL OR (transition_time, id) > ($4, $5)) \
-             ORDER BY transition_time, id LIMIT $6",
-        )
-        .bind(query.customer_id)
-        .bind(query.start)
-        .bind(query.end)
-        .bind(after_time)
-        .bind(after_id)
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::from_db)?;
+        // Only the conditions given, so the planner sees an index range.
+        let mut sql = QueryBuilder::<Postgres>::new("SELECT body FROM transitions WHERE TRUE");
+        if let Some(customer) = query.customer_id {
+            sql.push(" AND customer_id = ").push_bind(customer);
+        }
+        if let Some(start) = query.start {
+            sql.push(" AND transition_time >= ").push_bind(start);
+        }
+        if let Some(end) = query.end {
+            sql.push(" AND transition_time < ").push_bind(end);
+        }
+        if let Some((time, id)) = query.after {
+            sql.push(" AND (transition_time, id) > (")
+                .push_bind(time)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        sql.push(" ORDER BY transition_time, id LIMIT ")
+            .push_bind(i64::from(query.limit));
+        let bodies: Vec<Vec<u8>> = sql
+            .build_query_scalar()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_db)?;
         bodies.iter().map(|body| decode_transition(body)).collect()
     }
 

@@ -13,7 +13,7 @@ use clm_platform::db::{Pools, SqlitePools};
 use clm_proto::scoring as proto;
 use prost::Message as _;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
@@ -155,47 +155,64 @@ async fn move_cursor(tx: &mut SqliteConnection, cursor: &CursorMove) -> Result<(
     }
 }
 
+/// Rows per multi-row statement (SQLite allows 32,766 parameters).
+const ROWS_PER_STATEMENT: usize = 1_000;
+
 async fn write_customers(tx: &mut SqliteConnection, changes: &ChangeSet) -> Result<(), StoreError> {
-    for write in &changes.customers {
-        let record = &write.record;
-        let snapshot = encode_snapshot(record.snapshot.as_ref());
-        let transition = record.last_transition.as_ref().map(|t| t.encode_to_vec());
-        let written = if record.version == 0 {
-            sqlx::query(
-                "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1) ON CONFLICT (customer_id) DO NOTHING",
-            )
-        } else {
-            sqlx::query(
-                "UPDATE customers SET merged_into = ?2, snapshot = ?3, last_transition = ?4, \
-                   next_due_at = ?5, version = version + 1 WHERE customer_id = ?1 AND version = ?6",
-            )
-        }
-        .bind(record.customer_id.to_string())
-        .bind(record.merged_into.map(|id| id.to_string()))
-        .bind(snapshot)
-        .bind(transition)
-        .bind(record.next_due_at.map(micros))
-        .bind(record.version)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from_db)?;
-        if written.rows_affected() != 1 {
+    // One upsert per chunk: a new customer (version 0) is inserted; a known
+    // one is updated only from the version read. Anything else leaves the
+    // row alone, so fewer rows change than were sent: a conflict.
+    for chunk in changes.customers.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version, position_version) ",
+        );
+        query.push_values(chunk, |mut row, write| {
+            let record = &write.record;
+            row.push_bind(record.customer_id.to_string())
+                .push_bind(record.merged_into.map(|id| id.to_string()))
+                .push_bind(encode_snapshot(record.snapshot.as_ref()))
+                .push_bind(record.last_transition.as_ref().map(|t| t.encode_to_vec()))
+                .push_bind(record.next_due_at.map(micros))
+                .push_bind(record.version + 1)
+                .push_bind(if write.position_changed {
+                    record.version + 1
+                } else {
+                    0
+                });
+        });
+        query.push(
+            " ON CONFLICT (customer_id) DO UPDATE SET merged_into = excluded.merged_into, \
+               snapshot = excluded.snapshot, last_transition = excluded.last_transition, \
+               next_due_at = excluded.next_due_at, version = excluded.version, \
+               position_version = max(customers.position_version, excluded.position_version) \
+             WHERE customers.version = excluded.version - 1",
+        );
+        let written = query
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        if written.rows_affected() != chunk.len() as u64 {
             return Err(StoreError::Conflict(
                 "a customer changed concurrently".into(),
             ));
         }
-        if write.features_changed {
-            sqlx::query(
-                "INSERT INTO customer_features (customer_id, features) VALUES (?1, ?2) \
-                 ON CONFLICT (customer_id) DO UPDATE SET features = excluded.features",
-            )
-            .bind(record.customer_id.to_string())
-            .bind(encode_features(&record.features))
+        let features: Vec<_> = chunk.iter().filter(|w| w.features_changed).collect();
+        if features.is_empty() {
+            continue;
+        }
+        let mut query =
+            QueryBuilder::<Sqlite>::new("INSERT INTO customer_features (customer_id, features) ");
+        query.push_values(features, |mut row, write| {
+            row.push_bind(write.record.customer_id.to_string())
+                .push_bind(encode_features(&write.record.features));
+        });
+        query.push(" ON CONFLICT (customer_id) DO UPDATE SET features = excluded.features");
+        query
+            .build()
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
-        }
     }
     Ok(())
 }
@@ -331,14 +348,16 @@ impl ScoringStore for SqliteScoringStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<CustomerRecord>, StoreError> {
+        // A range scan of the primary key from `after` (the nil id sorts
+        // before every other).
         let rows = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers c \
              LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
-             WHERE (?1 IS NULL OR c.customer_id > ?1) AND c.merged_into IS NULL \
+             WHERE c.customer_id > ?1 AND c.merged_into IS NULL \
                AND c.snapshot IS NOT NULL \
              ORDER BY c.customer_id LIMIT ?2"
         ))
-        .bind(after.map(|id| id.to_string()))
+        .bind(after.unwrap_or(Uuid::nil()).to_string())
         .bind(i64::from(limit))
         .fetch_all(&self.pools.reader)
         .await
@@ -358,11 +377,15 @@ impl ScoringStore for SqliteScoringStore {
     async fn unpushed(
         &self,
         limit: u32,
+        position_only: bool,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(if position_only {
             "SELECT customer_id, version, snapshot, merged_into FROM customers \
-             WHERE pushed_version < version LIMIT ?1",
-        )
+             WHERE pushed_version < position_version LIMIT ?1"
+        } else {
+            "SELECT customer_id, version, snapshot, merged_into FROM customers \
+             WHERE pushed_version < version LIMIT ?1"
+        })
         .bind(i64::from(limit))
         .fetch_all(&self.pools.reader)
         .await
@@ -656,24 +679,33 @@ impl ScoringStore for SqliteScoringStore {
         &self,
         query: &TransitionQuery,
     ) -> Result<Vec<proto::Transition>, StoreError> {
-        let (after_time, after_id) = query.after.unzip();
-        let bodies: Vec<Vec<u8>> = sqlx::query_scalar(
-            "SELECT body FROM transitions \
-             WHERE (?1 IS NULL OR customer_id = ?1) \
-               AND (?2 IS NULL OR transition_time >= ?2) \
-               AND (?3 IS NULL OR transition_time < ?3) \
-               AND (?4 IS NULL OR transition_time > ?4 OR (transition_time = ?4 AND id > ?5)) \
-             ORDER BY transition_time, id LIMIT ?6",
-        )
-        .bind(query.customer_id.map(|id| id.to_string()))
-        .bind(query.start.map(micros))
-        .bind(query.end.map(micros))
-        .bind(after_time.map(micros))
-        .bind(after_id.map(|id| id.to_string()))
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.pools.reader)
-        .await
-        .map_err(StoreError::from_db)?;
+        // Only the conditions given, so the planner sees an index range.
+        let mut sql = QueryBuilder::<Sqlite>::new("SELECT body FROM transitions WHERE 1");
+        if let Some(customer) = query.customer_id {
+            sql.push(" AND customer_id = ")
+                .push_bind(customer.to_string());
+        }
+        if let Some(start) = query.start {
+            sql.push(" AND transition_time >= ")
+                .push_bind(micros(start));
+        }
+        if let Some(end) = query.end {
+            sql.push(" AND transition_time < ").push_bind(micros(end));
+        }
+        if let Some((time, id)) = query.after {
+            sql.push(" AND (transition_time, id) > (")
+                .push_bind(micros(time))
+                .push(", ")
+                .push_bind(id.to_string())
+                .push(")");
+        }
+        sql.push(" ORDER BY transition_time, id LIMIT ")
+            .push_bind(i64::from(query.limit));
+        let bodies: Vec<Vec<u8>> = sql
+            .build_query_scalar()
+            .fetch_all(&self.pools.reader)
+            .await
+            .map_err(StoreError::from_db)?;
         bodies.iter().map(|body| decode_transition(body)).collect()
     }
 
