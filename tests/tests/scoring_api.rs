@@ -257,136 +257,108 @@ async fn a_customer_journey_from_reach_to_won_back() {
         "the first transition has no from stage"
     );
 
-    // A form: LEAD.
-    record(
-        &mut clients,
-        vec![touchpoint("j-form", visitor(), "form_submit", day(1))],
-    )
-    .await;
-    let lead = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Acquisition,
-        Status::Lead,
-        Health::Active,
-    )
-    .await;
-    let moved = last_transition(&lead);
-    assert_eq!(moved.stage_rule, "lead");
-    assert_eq!(moved.from_stage, LifecycleStage::Reach as i32);
-    assert!(moved.reason.contains("'lead'"), "{}", moved.reason);
-    assert_eq!(moved.cause, pb::TransitionCause::Touchpoint as i32);
-    assert!(!moved.touchpoint_id.is_empty());
-
-    // Enough engagement: MQL.
-    record(
-        &mut clients,
-        (0..3)
-            .map(|i| {
-                touchpoint(
-                    &format!("j-download-{i}"),
-                    visitor(),
-                    "content_download",
-                    day(2) + TimeDelta::hours(i),
-                )
-            })
-            .collect(),
-    )
-    .await;
-    let mql = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Acquisition,
-        Status::Mql,
-        Health::Active,
-    )
-    .await;
-    assert_eq!(last_transition(&mql).stage_rule, "marketing_qualified");
-    assert!(mql.lifecycle.as_ref().unwrap().lead_score >= 40.0);
-
-    // A demo request: SQL.
-    record(
-        &mut clients,
-        vec![touchpoint("j-demo", visitor(), "demo_request", day(3))],
-    )
-    .await;
-    let sql = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Acquisition,
-        Status::Sql,
-        Health::Active,
-    )
-    .await;
-    assert_eq!(last_transition(&sql).stage_rule, "sales_qualified");
-
-    // A purchase: CONVERSION.
-    record(
-        &mut clients,
-        vec![touchpoint("j-buy-1", visitor(), "purchase", day(4))],
-    )
-    .await;
-    let converted = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Conversion,
-        Status::Unspecified,
-        Health::Active,
-    )
-    .await;
-    assert_eq!(last_transition(&converted).stage_rule, "converted");
-    assert_eq!(
-        last_transition(&converted).from_acquisition_status,
-        Status::Sql as i32
-    );
-
-    // A renewal: RETENTION.
-    record(
-        &mut clients,
-        vec![touchpoint("j-renewal", visitor(), "renewal", day(40))],
-    )
-    .await;
-    let retained = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Retention,
-        Status::Unspecified,
-        Health::Active,
-    )
-    .await;
-    assert_eq!(last_transition(&retained).stage_rule, "retained");
-
-    // More purchases and tenure: LOYALTY.
-    record(
-        &mut clients,
-        vec![touchpoint("j-buy-2", visitor(), "purchase", day(200))],
-    )
-    .await;
-    let loyal = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Loyalty,
-        Status::Unspecified,
-        Health::Active,
-    )
-    .await;
-    assert_eq!(last_transition(&loyal).stage_rule, "loyal");
-
-    // A referral: ADVOCACY.
-    record(
-        &mut clients,
-        vec![touchpoint("j-referral", visitor(), "referral", day(210))],
-    )
-    .await;
-    let advocate = wait_for(
-        &mut clients,
-        &customer,
-        LifecycleStage::Advocacy,
-        Status::Unspecified,
-        Health::Active,
-    )
-    .await;
-    assert_eq!(last_transition(&advocate).stage_rule, "advocate");
+    // Each step: touchpoints (type, how many, on which day), then the stage
+    // and status expected and the rule that must have moved the customer.
+    let steps: [(&str, i64, i64, LifecycleStage, Status, &str); 7] = [
+        // A form: LEAD.
+        (
+            "form_submit",
+            1,
+            1,
+            LifecycleStage::Acquisition,
+            Status::Lead,
+            "lead",
+        ),
+        // Enough engagement: MQL.
+        (
+            "content_download",
+            3,
+            2,
+            LifecycleStage::Acquisition,
+            Status::Mql,
+            "marketing_qualified",
+        ),
+        // A demo request: SQL.
+        (
+            "demo_request",
+            1,
+            3,
+            LifecycleStage::Acquisition,
+            Status::Sql,
+            "sales_qualified",
+        ),
+        // A purchase: CONVERSION.
+        (
+            "purchase",
+            1,
+            4,
+            LifecycleStage::Conversion,
+            Status::Unspecified,
+            "converted",
+        ),
+        // A renewal: RETENTION.
+        (
+            "renewal",
+            1,
+            40,
+            LifecycleStage::Retention,
+            Status::Unspecified,
+            "retained",
+        ),
+        // More purchases and tenure: LOYALTY.
+        (
+            "purchase",
+            1,
+            200,
+            LifecycleStage::Loyalty,
+            Status::Unspecified,
+            "loyal",
+        ),
+        // A referral: ADVOCACY.
+        (
+            "referral",
+            1,
+            210,
+            LifecycleStage::Advocacy,
+            Status::Unspecified,
+            "advocate",
+        ),
+    ];
+    let mut previous = (LifecycleStage::Reach as i32, Status::Unspecified as i32);
+    let mut advocate = None;
+    for (kind, count, on_day, stage, status, rule) in steps {
+        record(
+            &mut clients,
+            (0..count)
+                .map(|i| {
+                    touchpoint(
+                        &format!("j-{kind}-{on_day}-{i}"),
+                        visitor(),
+                        kind,
+                        day(on_day) + TimeDelta::hours(i),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+        let now = wait_for(&mut clients, &customer, stage, status, Health::Active).await;
+        let moved = last_transition(&now);
+        assert_eq!(moved.stage_rule, rule);
+        assert_eq!((moved.from_stage, moved.from_acquisition_status), previous);
+        assert!(
+            moved.reason.contains(&format!("'{rule}'")),
+            "{}",
+            moved.reason
+        );
+        assert_eq!(moved.cause, pb::TransitionCause::Touchpoint as i32);
+        assert!(!moved.touchpoint_id.is_empty());
+        if status == Status::Mql {
+            assert!(now.lifecycle.as_ref().unwrap().lead_score >= 40.0);
+        }
+        previous = (stage as i32, status as i32);
+        advocate = Some(now);
+    }
+    let advocate = advocate.expect("the journey ran");
     let due = advocate
         .next_evaluation_time
         .expect("a silent customer is due later");

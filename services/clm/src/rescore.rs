@@ -123,7 +123,7 @@ fn progress_line(rescore: &pb::Rescore, width: usize) -> String {
     } else {
         rescore.done_count as f64 / total as f64
     };
-    let filled = ((fraction * width as f64).round() as usize).min(width);
+    let filled = ((fraction * width as f64).floor() as usize).min(width);
     let eta = match (&rescore.estimated_end_time, rescore.rate_per_second > 0.0) {
         (Some(end), true) => {
             let seconds = (end.seconds - chrono::Utc::now().timestamp()).max(0);

@@ -48,37 +48,43 @@ impl<'a> TouchpointFacts<'a> {
     /// The facts of a stored touchpoint from the touchpoint log; `None`
     /// without an occur time (stored touchpoints always have one).
     pub fn from_proto(touchpoint: &'a clm_proto::touchpoint::Touchpoint) -> Option<Self> {
-        let occur_time = touchpoint.occur_time.as_ref()?;
+        Self::from_parts(
+            &touchpoint.r#type,
+            touchpoint.channel(),
+            touchpoint.occur_time.as_ref(),
+            touchpoint.revenue.as_ref(),
+        )
+    }
+
+    fn from_parts(
+        touchpoint_type: &'a str,
+        channel: Channel,
+        occur_time: Option<&prost_types::Timestamp>,
+        revenue: Option<&'a clm_proto::common::Money>,
+    ) -> Option<Self> {
+        let occur_time = occur_time?;
         let occurred_at =
             DateTime::from_timestamp(occur_time.seconds, occur_time.nanos.max(0) as u32)?;
         Some(Self {
-            touchpoint_type: &touchpoint.r#type,
-            channel: touchpoint.channel(),
+            touchpoint_type,
+            channel,
             occurred_at,
-            revenue: touchpoint.revenue.as_ref().map(|money| Money {
+            revenue: revenue.map(|money| Money {
                 currency_code: &money.currency_code,
                 amount_micros: money.amount_micros,
             }),
         })
     }
-}
 
-impl<'a> TouchpointFacts<'a> {
     /// The facts of a "touchpoint recorded" entry of the touchpoint log;
     /// `None` without an occur time (the log always has one).
     pub fn from_recorded(recorded: &'a clm_proto::touchpoint::TouchpointRecorded) -> Option<Self> {
-        let occur_time = recorded.occur_time.as_ref()?;
-        let occurred_at =
-            DateTime::from_timestamp(occur_time.seconds, occur_time.nanos.max(0) as u32)?;
-        Some(Self {
-            touchpoint_type: &recorded.r#type,
-            channel: recorded.channel(),
-            occurred_at,
-            revenue: recorded.revenue.as_ref().map(|money| Money {
-                currency_code: &money.currency_code,
-                amount_micros: money.amount_micros,
-            }),
-        })
+        Self::from_parts(
+            &recorded.r#type,
+            recorded.channel(),
+            recorded.occur_time.as_ref(),
+            recorded.revenue.as_ref(),
+        )
     }
 }
 
