@@ -206,6 +206,7 @@ async fn run_one(
         .await?;
     tracing::info!(rescore = %rescore.id, model = %rescore.model_version, total = rescore.total_count, "rescore running");
     let mut done = rescore.done_count;
+    let mut resumed_from = rescore.resume_after;
     let mut rate = Rate::default();
     rate.add(Instant::now(), done);
     let (page_sender, pages) = mpsc::channel(2);
@@ -229,12 +230,13 @@ async fn run_one(
                     changed,
                     rate_per_second: per_second,
                     resume_after: last,
+                    resumed_from,
                 })
                 .await;
             match written {
-                Ok(_) => {}
+                Ok(_) => resumed_from = Some(last),
                 Err(ScoringError::Store(StoreError::RescoreStopped)) => {
-                    tracing::info!(rescore = %rescore.id, "rescore cancelled by a newer activation");
+                    tracing::info!(rescore = %rescore.id, "rescore cancelled, or run by another replica");
                     return Ok(false);
                 }
                 Err(err) => return Err(err),

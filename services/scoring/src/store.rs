@@ -35,8 +35,9 @@ pub enum StoreError {
     /// saved cursor.
     #[error("the consumer cursor moved: {0}")]
     CursorMoved(String),
-    /// The rescore being written is no longer running (cancelled).
-    #[error("the rescore is no longer running")]
+    /// The rescore being written is no longer running (cancelled), or
+    /// another worker advanced it.
+    #[error("the rescore is no longer running here")]
     RescoreStopped,
     /// A stored value cannot be decoded.
     #[error("corrupt stored value: {0}")]
@@ -131,6 +132,10 @@ pub struct RescoreProgress {
     pub rate_per_second: f64,
     /// The last customer of the page.
     pub resume_after: Uuid,
+    /// Where the page began (the previous page's last customer): the write
+    /// fails unless the stored progress is there, so two workers never
+    /// count one rescore twice.
+    pub resumed_from: Option<Uuid>,
 }
 
 /// What one unit of work writes, atomically.

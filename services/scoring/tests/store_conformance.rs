@@ -425,11 +425,31 @@ async fn rescores_record_progress_until_stopped(backend: Backend) {
                 changed: 1,
                 rate_per_second: 2.5,
                 resume_after: last,
+                resumed_from: None,
             }),
             ..ChangeSet::default()
         })
         .await
         .unwrap();
+    // A second worker that read the rescore before that page cannot count
+    // it again.
+    let twice = store
+        .commit(&ChangeSet {
+            rescore: Some(RescoreProgress {
+                id: first.id,
+                done: 4,
+                changed: 1,
+                rate_per_second: 2.5,
+                resume_after: last,
+                resumed_from: None,
+            }),
+            ..ChangeSet::default()
+        })
+        .await;
+    assert!(
+        matches!(twice, Err(StoreError::RescoreStopped)),
+        "{twice:?}"
+    );
     let running = store.rescore(None).await.unwrap().unwrap();
     assert_eq!(running.state, pb::RescoreState::Running as i32);
     assert_eq!((running.done_count, running.changed_count), (4, 1));
@@ -447,6 +467,7 @@ async fn rescores_record_progress_until_stopped(backend: Backend) {
                 changed: 0,
                 rate_per_second: 1.0,
                 resume_after: last,
+                resumed_from: Some(last),
             }),
             ..ChangeSet::default()
         })

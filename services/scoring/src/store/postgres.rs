@@ -348,7 +348,8 @@ impl ScoringStore for PostgresScoringStore {
         if let Some(progress) = &changes.rescore {
             let updated = sqlx::query(
                 "UPDATE rescores SET done_count = done_count + $2, changed_count = changed_count + $3, \
-                   rate_per_second = $4, resume_after = $5 WHERE id = $1 AND state = $6",
+                   rate_per_second = $4, resume_after = $5 \
+                 WHERE id = $1 AND state = $6 AND resume_after IS NOT DISTINCT FROM $7",
             )
             .bind(progress.id)
             .bind(progress.done)
@@ -356,6 +357,7 @@ impl ScoringStore for PostgresScoringStore {
             .bind(progress.rate_per_second)
             .bind(progress.resume_after)
             .bind(RUNNING)
+            .bind(progress.resumed_from)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;

@@ -304,7 +304,8 @@ impl ScoringStore for SqliteScoringStore {
         if let Some(progress) = &changes.rescore {
             let updated = sqlx::query(
                 "UPDATE rescores SET done_count = done_count + ?2, changed_count = changed_count + ?3, \
-                   rate_per_second = ?4, resume_after = ?5 WHERE id = ?1 AND state = ?6",
+                   rate_per_second = ?4, resume_after = ?5 \
+                 WHERE id = ?1 AND state = ?6 AND resume_after IS ?7",
             )
             .bind(progress.id.to_string())
             .bind(progress.done)
@@ -312,6 +313,7 @@ impl ScoringStore for SqliteScoringStore {
             .bind(progress.rate_per_second)
             .bind(progress.resume_after.to_string())
             .bind(RUNNING)
+            .bind(progress.resumed_from.map(|id| id.to_string()))
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
