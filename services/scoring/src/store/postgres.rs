@@ -434,6 +434,9 @@ impl ScoringStore for PostgresScoringStore {
         .await
         .map_err(StoreError::from_db)?;
         let mut out = Vec::with_capacity(rows.len());
+        // Nothing to push for these (identity ignores merged customers):
+        // recorded as received, in one write.
+        let mut nothing = Vec::new();
         for row in &rows {
             let id: Uuid = row.try_get("customer_id").map_err(StoreError::from_db)?;
             let version: i64 = row.try_get("version").map_err(StoreError::from_db)?;
@@ -444,10 +447,10 @@ impl ScoringStore for PostgresScoringStore {
                 .is_some();
             match decode_snapshot(snapshot.as_deref())? {
                 Some(snapshot) if !merged => out.push((id, version, snapshot)),
-                // Nothing to push (identity ignores merged customers).
-                _ => self.mark_pushed(&[(id, version)]).await?,
+                _ => nothing.push((id, version)),
             }
         }
+        self.mark_pushed(&nothing).await?;
         Ok(out)
     }
 
@@ -548,11 +551,7 @@ impl ScoringStore for PostgresScoringStore {
     ) -> Result<Activation, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
         // One activation at a time.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MODELS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
+        lock_models(&mut tx).await?;
         let exists: Option<String> =
             sqlx::query_scalar("SELECT version FROM models WHERE version = $1")
                 .bind(version)
@@ -613,11 +612,7 @@ impl ScoringStore for PostgresScoringStore {
 
     async fn install_default(&self, model: &Model, now: DateTime<Utc>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MODELS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
+        lock_models(&mut tx).await?;
         sqlx::query(
             "INSERT INTO models (version, body, built_in, create_time, activate_time) \
              VALUES ($1, $2, TRUE, $3, $3) ON CONFLICT (version) DO NOTHING",
@@ -640,11 +635,7 @@ impl ScoringStore for PostgresScoringStore {
 
     async fn start_rescore(&self, rescore: RescoreRow) -> Result<(RescoreRow, bool), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MODELS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
+        lock_models(&mut tx).await?;
         let existing = sqlx::query(&format!(
             "SELECT {RESCORE_COLUMNS} FROM rescores WHERE state IN ($1, $2) ORDER BY create_time LIMIT 1"
         ))
@@ -760,6 +751,16 @@ impl ScoringStore for PostgresScoringStore {
             .await
             .map_err(|err| StoreError::Unavailable(err.0))
     }
+}
+
+/// Serialises model activations and rescore starts for the transaction.
+async fn lock_models(tx: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MODELS_LOCK)
+        .execute(tx)
+        .await
+        .map_err(StoreError::from_db)?;
+    Ok(())
 }
 
 async fn insert_rescore(tx: &mut PgConnection, rescore: &RescoreRow) -> Result<(), StoreError> {

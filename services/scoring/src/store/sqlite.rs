@@ -393,6 +393,9 @@ impl ScoringStore for SqliteScoringStore {
         .await
         .map_err(StoreError::from_db)?;
         let mut out = Vec::with_capacity(rows.len());
+        // Nothing to push for these (identity ignores merged customers):
+        // recorded as received, in one write.
+        let mut nothing = Vec::new();
         for row in &rows {
             let id = uuid_column(row, "customer_id").map_err(StoreError::from_db)?;
             let version: i64 = row.try_get("version").map_err(StoreError::from_db)?;
@@ -403,10 +406,10 @@ impl ScoringStore for SqliteScoringStore {
                 .is_some();
             match decode_snapshot(snapshot.as_deref())? {
                 Some(snapshot) if !merged => out.push((id, version, snapshot)),
-                // Nothing to push (identity ignores merged customers).
-                _ => self.mark_pushed(&[(id, version)]).await?,
+                _ => nothing.push((id, version)),
             }
         }
+        self.mark_pushed(&nothing).await?;
         Ok(out)
     }
 
