@@ -1,6 +1,12 @@
 //! Database connections picked by the DSN scheme (`postgres://…` or
 //! `sqlite://…`), migrations embedded in the binary, and the one mapping from
 //! database errors to what they mean for a service.
+//!
+//! Batch lookups on PostgreSQL (`WHERE id = ANY($1)` with a list of ids) are
+//! run as unnamed statements (`.persistent(false)`), so they are planned
+//! for each call. A cached generic plan is made once per connection, often
+//! while the table is still small, and keeps a sequential scan (comparing
+//! every row with every id) long after the table has grown.
 
 use std::borrow::Cow;
 use std::str::FromStr;

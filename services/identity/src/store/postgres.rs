@@ -95,6 +95,8 @@ impl CustomerStore for PostgresCustomerStore {
         let rows = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ANY($1)"
         ))
+        // Planned for each call (see `clm_platform::db` on batch lookups).
+        .persistent(false)
         .bind(ids)
         .fetch_all(&self.pool)
         .await
@@ -143,6 +145,7 @@ impl CustomerStore for PostgresCustomerStore {
     #[tracing::instrument(skip_all)]
     async fn suppressed(&self, hashes: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, StoreError> {
         sqlx::query_scalar("SELECT key_hash FROM suppressed_keys WHERE key_hash = ANY($1)")
+            .persistent(false)
             .bind(hashes)
             .fetch_all(&self.pool)
             .await

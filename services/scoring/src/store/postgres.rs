@@ -180,6 +180,7 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
             "SELECT customer_id FROM customers WHERE customer_id = ANY($1) \
              ORDER BY customer_id FOR UPDATE",
         )
+        .persistent(false)
         .bind(&ids)
         .execute(&mut *tx)
         .await
@@ -318,6 +319,8 @@ impl ScoringStore for PostgresScoringStore {
              LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
              WHERE c.customer_id = ANY($1)"
         ))
+        // Planned for each call (see `clm_platform::db` on batch lookups).
+        .persistent(false)
         .bind(ids)
         .fetch_all(&self.pool)
         .await

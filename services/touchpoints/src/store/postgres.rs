@@ -227,6 +227,7 @@ impl TouchpointStore for PostgresTouchpointStore {
             sqlx::query_as::<_, (String, Uuid, Uuid)>(
                 "SELECT event_id, id, customer_id FROM touchpoints WHERE event_id = ANY($1)",
             )
+            .persistent(false)
             .bind(&duplicates)
             .fetch_all(&mut *tx)
             .await
