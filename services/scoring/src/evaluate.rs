@@ -47,6 +47,7 @@ pub struct LifecycleSnapshot {
     /// The version of the model that computed it.
     pub model_version: String,
     /// The evaluation time.
+    #[serde(with = "crate::stored_time")]
     pub evaluated_at: DateTime<Utc>,
 }
 

@@ -94,6 +94,7 @@ pub struct SurveyAnswer {
     /// The score given: NPS 0..10, CSAT 1..5, CES 1..7.
     pub score: i64,
     /// When it was given.
+    #[serde(with = "crate::stored_time")]
     pub answered_at: DateTime<Utc>,
 }
 
@@ -119,12 +120,17 @@ pub struct CustomerFeatures {
     by_type: BTreeMap<String, ActivityHistory>,
     /// Touchpoints per channel name.
     by_channel: BTreeMap<String, ActivityHistory>,
+    #[serde(with = "crate::stored_time::option")]
     first_touch_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::stored_time::option")]
     last_touch_at: Option<DateTime<Utc>>,
     /// The first purchase or contract_signed.
+    #[serde(with = "crate::stored_time::option")]
     converted_at: Option<DateTime<Utc>>,
     /// The latest purchase, contract_signed or renewal.
+    #[serde(with = "crate::stored_time::option")]
     last_purchase_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::stored_time::option")]
     last_cancellation_at: Option<DateTime<Utc>>,
     /// Net revenue (revenue minus refunds) per currency, in micros.
     revenue_micros: BTreeMap<String, i64>,

@@ -51,6 +51,7 @@ pub mod scorer;
 pub mod scores;
 pub mod service;
 pub mod store;
+mod stored_time;
 pub mod type_check;
 mod validation;
 pub mod vocabulary;

@@ -159,8 +159,10 @@ pub struct LifecycleState {
     pub health: Option<Health>,
     /// When the current stage was entered. A change of acquisition status
     /// alone keeps it.
+    #[serde(with = "crate::stored_time::option")]
     pub stage_entered_at: Option<DateTime<Utc>>,
     /// When the current health was entered.
+    #[serde(with = "crate::stored_time::option")]
     pub health_entered_at: Option<DateTime<Utc>>,
 }
 

@@ -345,28 +345,52 @@ pub fn open(pools: Pools) -> Arc<dyn ScoringStore> {
 
 // Encodings shared by both stores.
 
+// Features and snapshots are stored in a compact binary form: a format
+// byte, then postcard (the serde data model with variable-length integers;
+// fields in declaration order, enums by variant index, times as seconds and
+// nanoseconds). A field or variant is only ever added at the end, and a new
+// layout gets a new format byte. Values stored as JSON by earlier versions
+// begin with `{` and are still read; they are rewritten in the binary form
+// the next time the customer is written.
+
+/// The format byte of postcard-encoded values.
+const POSTCARD_V1: u8 = 1;
+
+fn encode_binary<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these types to memory cannot fail.
+    postcard::to_extend(value, vec![POSTCARD_V1]).expect("a stored value serialises")
+}
+
+fn decode_stored<T: serde::de::DeserializeOwned>(raw: &[u8], what: &str) -> Result<T, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt(format!("{what}: {reason}"));
+    match raw.first() {
+        Some(&POSTCARD_V1) => {
+            postcard::from_bytes(&raw[1..]).map_err(|err| corrupt(err.to_string()))
+        }
+        Some(b'{') => serde_json::from_slice(raw).map_err(|err| corrupt(err.to_string())),
+        Some(other) => Err(corrupt(format!("unknown format {other}"))),
+        None => Err(corrupt("empty".to_owned())),
+    }
+}
+
 pub(crate) fn encode_features(features: &CustomerFeatures) -> Vec<u8> {
-    serde_json::to_vec(features).unwrap_or_default()
+    encode_binary(features)
 }
 
 pub(crate) fn decode_features(raw: Option<&[u8]>) -> Result<CustomerFeatures, StoreError> {
     match raw {
         None => Ok(CustomerFeatures::new()),
-        Some(raw) => serde_json::from_slice(raw)
-            .map_err(|err| StoreError::Corrupt(format!("customer features: {err}"))),
+        Some(raw) => decode_stored(raw, "customer features"),
     }
 }
 
 pub(crate) fn encode_snapshot(snapshot: Option<&LifecycleSnapshot>) -> Option<Vec<u8>> {
-    snapshot.map(|snapshot| serde_json::to_vec(snapshot).unwrap_or_default())
+    snapshot.map(encode_binary)
 }
 
 pub(crate) fn decode_snapshot(raw: Option<&[u8]>) -> Result<Option<LifecycleSnapshot>, StoreError> {
-    raw.map(|raw| {
-        serde_json::from_slice(raw)
-            .map_err(|err| StoreError::Corrupt(format!("lifecycle snapshot: {err}")))
-    })
-    .transpose()
+    raw.map(|raw| decode_stored(raw, "lifecycle snapshot"))
+        .transpose()
 }
 
 pub(crate) fn decode_transition(raw: &[u8]) -> Result<proto::Transition, StoreError> {
@@ -431,3 +455,62 @@ pub(crate) fn transition_entry(transition: &proto::Transition) -> (Uuid, Option<
 
 /// The kind of transition log entries.
 pub(crate) const TRANSITION_KIND: &str = "lifecycle.transition";
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone as _;
+
+    use super::*;
+    use crate::compiled_model::CompiledModel;
+    use crate::lifecycle::LifecycleState;
+
+    fn sample() -> (CustomerFeatures, LifecycleSnapshot) {
+        // A time with nanoseconds, which the binary form keeps exactly.
+        let now = Utc.timestamp_opt(1_790_000_000, 123_456_789).unwrap();
+        let mut features = crate::bench::typical_customer(7, 20, now);
+        features.record_nps(9, now);
+        let model = CompiledModel::compile(crate::default_model()).unwrap();
+        let snapshot = model
+            .evaluate(&features, &LifecycleState::default(), now)
+            .snapshot;
+        (features, snapshot)
+    }
+
+    #[test]
+    fn features_and_snapshots_round_trip_in_the_binary_form() {
+        let (features, snapshot) = sample();
+        let raw = encode_features(&features);
+        assert_eq!(raw[0], POSTCARD_V1);
+        assert_eq!(decode_features(Some(&raw)).unwrap(), features);
+        let raw = encode_snapshot(Some(&snapshot)).unwrap();
+        assert_eq!(decode_snapshot(Some(&raw)).unwrap(), Some(snapshot));
+        assert!(
+            raw.len() < serde_json::to_vec(&features).unwrap().len(),
+            "the binary form is the smaller"
+        );
+    }
+
+    #[test]
+    fn values_stored_as_json_are_still_read() {
+        let (features, snapshot) = sample();
+        let json = serde_json::to_vec(&features).unwrap();
+        assert_eq!(json[0], b'{');
+        assert_eq!(decode_features(Some(&json)).unwrap(), features);
+        let json = serde_json::to_vec(&snapshot).unwrap();
+        assert_eq!(decode_snapshot(Some(&json)).unwrap(), Some(snapshot));
+    }
+
+    #[test]
+    fn unknown_or_damaged_values_are_reported() {
+        let (features, _) = sample();
+        let mut raw = encode_features(&features);
+        raw.truncate(raw.len() / 2);
+        for bad in [raw, vec![9, 1, 2], Vec::new()] {
+            let err = decode_features(Some(&bad)).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Corrupt(reason) if reason.starts_with("customer features")),
+                "{err:?}"
+            );
+        }
+    }
+}
