@@ -198,13 +198,7 @@ async fn bench_started_servers(args: &GetCustomerBenchArgs) -> anyhow::Result<Re
         .split_once("://")
         .map_or("unknown", |(scheme, _)| scheme)
         .to_owned();
-    let in_process_spec = ServerSpec {
-        executable: std::env::current_exe().context("cannot find the clm binary to start")?,
-        data_dir: data_dir.path().to_path_buf(),
-        database_url,
-        redis_url: None,
-        services: &["identity"],
-    };
+    let in_process_spec = ServerSpec::this_binary(data_dir.path(), &database_url, &["identity"])?;
     let server_a = "A (in-process cache)".to_owned();
     let server_b = "B (Redis cache)".to_owned();
     let (setup, mut setup_json) =

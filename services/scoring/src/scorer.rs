@@ -456,6 +456,43 @@ pub struct EvaluatedPage {
     pub changed: i64,
 }
 
+/// Applies `f` to every item and its index, in order, the items split into
+/// one run per core (at most 8). CPU only: call it on a blocking thread. A
+/// panic in `f` is raised again here, so no result goes missing.
+pub fn map_on_every_core<T: Send, R: Send>(
+    items: &mut [T],
+    f: impl Fn(usize, &mut T) -> R + Sync,
+) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let per_thread = items.len().div_ceil(threads).max(1);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks_mut(per_thread)
+            .enumerate()
+            .map(|(part, chunk)| {
+                scope.spawn(move || {
+                    chunk
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, item)| f(part * per_thread + i, item))
+                        .collect::<Vec<R>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
 /// Evaluates the customers of a page (merged ones are skipped) with `model`
 /// at `now`, on every core. CPU only: call it on a blocking thread.
 pub fn evaluate_page(
@@ -465,28 +502,8 @@ pub fn evaluate_page(
 ) -> EvaluatedPage {
     let ids = records.iter().map(|record| record.customer_id).collect();
     records.retain(|record| record.merged_into.is_none());
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let chunk = records.len().div_ceil(threads).max(1);
-    let outcomes: Vec<Option<proto::Transition>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = records
-            .chunks_mut(chunk)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter_mut()
-                        .map(|record| {
-                            evaluate_record(model, record, now, proto::TransitionCause::Rescore, "")
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| handle.join().unwrap_or_default())
-            .collect()
+    let outcomes = map_on_every_core(&mut records, |_, record| {
+        evaluate_record(model, record, now, proto::TransitionCause::Rescore, "")
     });
     let mut transitions = Vec::new();
     let customers = records

@@ -417,35 +417,21 @@ async fn rescores_record_progress_until_stopped(backend: Backend) {
         .await
         .unwrap();
     let last = Uuid::now_v7();
-    store
-        .commit(&ChangeSet {
-            rescore: Some(RescoreProgress {
-                id: first.id,
-                done: 4,
-                changed: 1,
-                rate_per_second: 2.5,
-                resume_after: last,
-                resumed_from: None,
-            }),
-            ..ChangeSet::default()
-        })
-        .await
-        .unwrap();
+    let page = ChangeSet {
+        rescore: Some(RescoreProgress {
+            id: first.id,
+            done: 4,
+            changed: 1,
+            rate_per_second: 2.5,
+            resume_after: last,
+            resumed_from: None,
+        }),
+        ..ChangeSet::default()
+    };
+    store.commit(&page).await.unwrap();
     // A second worker that read the rescore before that page cannot count
     // it again.
-    let twice = store
-        .commit(&ChangeSet {
-            rescore: Some(RescoreProgress {
-                id: first.id,
-                done: 4,
-                changed: 1,
-                rate_per_second: 2.5,
-                resume_after: last,
-                resumed_from: None,
-            }),
-            ..ChangeSet::default()
-        })
-        .await;
+    let twice = store.commit(&page).await;
     assert!(
         matches!(twice, Err(StoreError::RescoreStopped)),
         "{twice:?}"

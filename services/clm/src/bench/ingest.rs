@@ -334,13 +334,8 @@ async fn measure_all(
     database_url: &str,
 ) -> anyhow::Result<String> {
     let data_dir = tempfile::tempdir()?;
-    let spec = ServerSpec {
-        executable: std::env::current_exe().context("cannot find the clm binary to start")?,
-        data_dir: data_dir.path().to_path_buf(),
-        database_url: database_url.to_owned(),
-        redis_url: None,
-        services: &["identity", "touchpoints"],
-    };
+    let spec =
+        ServerSpec::this_binary(data_dir.path(), database_url, &["identity", "touchpoints"])?;
     eprintln!("starting identity and touchpoints on a fresh PostgreSQL database");
     let mut server = ServerProcess::start("ingest", &spec).await?;
     let channels = load::connect_channels(

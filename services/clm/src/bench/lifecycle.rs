@@ -189,13 +189,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Result<String> {
     let run_id = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let data_dir = tempfile::tempdir()?;
-    let spec = ServerSpec {
-        executable: std::env::current_exe().context("cannot find the clm binary to start")?,
-        data_dir: data_dir.path().to_path_buf(),
-        database_url: database_url.to_owned(),
-        redis_url: None,
-        services: &["identity", "touchpoints", "scoring"],
-    };
+    let spec = ServerSpec::this_binary(
+        data_dir.path(),
+        database_url,
+        &["identity", "touchpoints", "scoring"],
+    )?;
     eprintln!("starting identity, touchpoints and scoring on a fresh PostgreSQL database");
     let mut server = ServerProcess::start("lifecycle", &spec).await?;
     let channels = load::connect_channels(&server.address().to_string(), 4).await?;

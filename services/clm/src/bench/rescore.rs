@@ -15,7 +15,7 @@ use clm_platform::db;
 use clm_platform::server::Shutdown;
 use clm_proto::scoring as pb;
 use clm_scoring::clock::Clock;
-use clm_scoring::scorer::{Scorer, evaluate_record};
+use clm_scoring::scorer::{Scorer, evaluate_record, map_on_every_core};
 use clm_scoring::store::{
     self, Activation, ChangeSet, CustomerRecord, CustomerWrite, ScoringStore,
 };
@@ -74,45 +74,15 @@ fn generate(
     touchpoints: usize,
 ) -> Vec<CustomerRecord> {
     let now = Utc::now();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = count.div_ceil(threads).max(1);
     let mut ids: Vec<uuid::Uuid> = (0..count).map(|_| uuid::Uuid::now_v7()).collect();
     ids.sort();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = ids
-            .chunks(per_thread)
-            .enumerate()
-            .map(|(part, ids)| {
-                scope.spawn(move || {
-                    ids.iter()
-                        .enumerate()
-                        .map(|(i, id)| {
-                            let index = (part * per_thread + i) as u64;
-                            let mut record = CustomerRecord {
-                                features: clm_scoring::bench::typical_customer(
-                                    seed + index,
-                                    touchpoints,
-                                    now,
-                                ),
-                                ..CustomerRecord::new(*id)
-                            };
-                            evaluate_record(
-                                model,
-                                &mut record,
-                                now,
-                                pb::TransitionCause::Touchpoint,
-                                "",
-                            );
-                            record
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| handle.join().unwrap_or_default())
-            .collect()
+    map_on_every_core(&mut ids, |index, id| {
+        let mut record = CustomerRecord {
+            features: clm_scoring::bench::typical_customer(seed + index as u64, touchpoints, now),
+            ..CustomerRecord::new(*id)
+        };
+        evaluate_record(model, &mut record, now, pb::TransitionCause::Touchpoint, "");
+        record
     })
 }
 

@@ -50,6 +50,25 @@ pub struct ServerSpec {
     pub services: &'static [&'static str],
 }
 
+impl ServerSpec {
+    /// This `clm` binary serving `services` on `database_url` with the
+    /// in-process cache, its data in `data_dir`.
+    pub fn this_binary(
+        data_dir: &std::path::Path,
+        database_url: &str,
+        services: &'static [&'static str],
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            executable: std::env::current_exe()
+                .map_err(|err| anyhow::anyhow!("cannot find the clm binary to start: {err}"))?,
+            data_dir: data_dir.to_path_buf(),
+            database_url: database_url.to_owned(),
+            redis_url: None,
+            services,
+        })
+    }
+}
+
 /// A running `clm serve identity` child process.
 pub struct ServerProcess {
     label: &'static str,
