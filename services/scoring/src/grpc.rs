@@ -84,6 +84,15 @@ impl LifecycleGrpc {
         }
         Err(not_found(id))
     }
+
+    /// The customer's newest transition.
+    async fn last_transition(&self, id: Uuid) -> Result<Option<pb::Transition>, Status> {
+        self.scorer
+            .store()
+            .last_transition(id)
+            .await
+            .map_err(store_status)
+    }
 }
 
 fn not_found(id: Uuid) -> Status {
@@ -198,8 +207,9 @@ impl LifecycleService for LifecycleGrpc {
     ) -> Result<Response<pb::GetLifecycleResponse>, Status> {
         let id = customer_id("customer_id", &request.get_ref().customer_id)?;
         let record = self.lifecycle_of(id).await?;
+        let last_transition = self.last_transition(record.customer_id).await?;
         Ok(Response::new(pb::GetLifecycleResponse {
-            lifecycle: Some(lifecycle_message(&record)),
+            lifecycle: Some(lifecycle_message(&record, last_transition)),
         }))
     }
 
@@ -380,8 +390,12 @@ impl LifecycleService for LifecycleGrpc {
             .await
             .map_err(scoring_status)?;
         let evaluated = evaluated.remove(&id).ok_or_else(|| not_found(id))?;
+        let last_transition = match &evaluated.transition {
+            Some(transition) => Some(transition.clone()),
+            None => self.last_transition(evaluated.record.customer_id).await?,
+        };
         Ok(Response::new(pb::EvaluateResponse {
-            lifecycle: Some(lifecycle_message(&evaluated.record)),
+            lifecycle: Some(lifecycle_message(&evaluated.record, last_transition)),
             transition: evaluated.transition,
         }))
     }
@@ -634,11 +648,14 @@ fn model_not_found(version: &str) -> Status {
 }
 
 /// The CustomerLifecycle message of an evaluated customer.
-pub fn lifecycle_message(record: &CustomerRecord) -> pb::CustomerLifecycle {
+pub fn lifecycle_message(
+    record: &CustomerRecord,
+    last_transition: Option<pb::Transition>,
+) -> pb::CustomerLifecycle {
     pb::CustomerLifecycle {
         customer_id: record.customer_id.to_string(),
         lifecycle: record.snapshot.as_ref().map(|s| s.to_proto()),
-        last_transition: record.last_transition.clone(),
+        last_transition,
         next_evaluation_time: record.next_due_at.map(timestamp_to_proto),
     }
 }

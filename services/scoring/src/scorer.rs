@@ -555,9 +555,6 @@ pub fn evaluate_record(
     });
     record.snapshot = Some(evaluation.snapshot);
     record.next_due_at = evaluation.next_evaluation_at;
-    if let Some(transition) = &transition {
-        record.last_transition = Some(transition.clone());
-    }
     transition
 }
 

@@ -71,8 +71,6 @@ pub struct CustomerRecord {
     pub features: CustomerFeatures,
     /// The latest evaluation; `None` until the first.
     pub snapshot: Option<LifecycleSnapshot>,
-    /// The latest transition.
-    pub last_transition: Option<proto::Transition>,
     /// When the sweep evaluates them next.
     pub next_due_at: Option<DateTime<Utc>>,
     /// The stored version; 0 for a customer not stored yet.
@@ -87,7 +85,6 @@ impl CustomerRecord {
             merged_into: None,
             features: CustomerFeatures::new(),
             snapshot: None,
-            last_transition: None,
             next_due_at: None,
             version: 0,
         }
@@ -306,6 +303,11 @@ pub trait ScoringStore: Send + Sync + 'static {
         error: &str,
     ) -> Result<(), StoreError>;
 
+    /// A customer's newest transition (by transition time, then id).
+    async fn last_transition(
+        &self,
+        customer_id: Uuid,
+    ) -> Result<Option<proto::Transition>, StoreError>;
     /// Transitions in ListTransitions order.
     async fn list_transitions(
         &self,
@@ -320,11 +322,18 @@ pub trait ScoringStore: Send + Sync + 'static {
 /// The migrations of the scoring database.
 pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
     schema: "scoring",
-    postgres: &[EmbeddedMigration {
-        version: 1,
-        description: "models, customers, features, transitions and their log, rescores, cursors",
-        sql: include_str!("../migrations/postgres/0001_scoring.sql"),
-    }],
+    postgres: &[
+        EmbeddedMigration {
+            version: 1,
+            description: "models, customers, features, transitions and their log, rescores, cursors",
+            sql: include_str!("../migrations/postgres/0001_scoring.sql"),
+        },
+        EmbeddedMigration {
+            version: 2,
+            description: "customers.last_transition no longer used",
+            sql: include_str!("../migrations/postgres/0002_last_transition_unused.sql"),
+        },
+    ],
     sqlite: &[EmbeddedMigration {
         version: 1,
         description: "models, customers, features, transitions and their log, rescores, cursors",

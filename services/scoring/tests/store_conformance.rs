@@ -289,13 +289,29 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
         .unwrap();
     assert_eq!(first.len() + rest.len(), 6);
     assert_eq!(rest[0].id, transitions[4].id);
+    // The newest transition: latest time, then the greater id; none for a
+    // customer without transitions.
+    assert_eq!(
+        store.last_transition(a).await.unwrap().as_ref(),
+        Some(&transitions[4])
+    );
+    let tie = transition(a, base + TimeDelta::days(4));
+    store
+        .commit(&ChangeSet {
+            transitions: vec![tie.clone()],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.last_transition(a).await.unwrap(), Some(tie));
+    assert_eq!(store.last_transition(Uuid::now_v7()).await.unwrap(), None);
     // The log holds every transition, in commit order.
     let log = store
         .transition_log()
         .read_after(Cursor::START, ShardFilter::ALL, 100)
         .await
         .unwrap();
-    assert_eq!(log.len(), 6);
+    assert_eq!(log.len(), 7);
     for (entry, transition) in log.iter().zip(&transitions) {
         let decoded =
             <pb::TransitionLogEntry as prost::Message>::decode(entry.payload.as_slice()).unwrap();

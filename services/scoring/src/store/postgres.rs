@@ -45,23 +45,18 @@ impl PostgresScoringStore {
     }
 }
 
-const CUSTOMER_COLUMNS: &str = "c.customer_id, c.merged_into, c.snapshot, c.last_transition, \
-     c.next_due_at, c.version, f.features";
+const CUSTOMER_COLUMNS: &str =
+    "c.customer_id, c.merged_into, c.snapshot, c.next_due_at, c.version, f.features";
 
 fn customer_from_row(row: &PgRow) -> Result<CustomerRecord, StoreError> {
     let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
     let features: Option<Vec<u8>> = row.try_get("features").map_err(get)?;
     let snapshot: Option<Vec<u8>> = row.try_get("snapshot").map_err(get)?;
-    let last_transition: Option<Vec<u8>> = row.try_get("last_transition").map_err(get)?;
     Ok(CustomerRecord {
         customer_id: row.try_get("customer_id").map_err(get)?,
         merged_into: row.try_get("merged_into").map_err(get)?,
         features: decode_features(features.as_deref())?,
         snapshot: decode_snapshot(snapshot.as_deref())?,
-        last_transition: last_transition
-            .as_deref()
-            .map(decode_transition)
-            .transpose()?,
         next_due_at: row.try_get("next_due_at").map_err(get)?,
         version: row.try_get("version").map_err(get)?,
     })
@@ -147,14 +142,13 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
         .partition(|write| write.record.version == 0);
     if !inserts.is_empty() {
         let mut query = QueryBuilder::<Postgres>::new(
-            "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version, position_version) ",
+            "INSERT INTO customers (customer_id, merged_into, snapshot, next_due_at, version, position_version) ",
         );
         query.push_values(&inserts, |mut row, write| {
             let record = &write.record;
             row.push_bind(record.customer_id)
                 .push_bind(record.merged_into)
                 .push_bind(encode_snapshot(record.snapshot.as_ref()))
-                .push_bind(record.last_transition.as_ref().map(|t| t.encode_to_vec()))
                 .push_bind(record.next_due_at)
                 .push_bind(1_i64)
                 .push_bind(i64::from(write.position_changed));
@@ -190,26 +184,24 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
             .iter()
             .map(|w| encode_snapshot(w.record.snapshot.as_ref()))
             .collect();
-        let transitions: Vec<Option<Vec<u8>>> = updates
-            .iter()
-            .map(|w| w.record.last_transition.as_ref().map(|t| t.encode_to_vec()))
-            .collect();
         let due: Vec<Option<DateTime<Utc>>> =
             updates.iter().map(|w| w.record.next_due_at).collect();
         let versions: Vec<i64> = updates.iter().map(|w| w.record.version).collect();
         let moved: Vec<bool> = updates.iter().map(|w| w.position_changed).collect();
+        // `last_transition` is no longer kept here (the newest row of
+        // `transitions` is read instead): cleared so rows written by
+        // earlier versions shrink as they are rewritten.
         let updated = sqlx::query(
             "UPDATE customers AS c SET merged_into = u.merged_into, snapshot = u.snapshot, \
-               last_transition = u.last_transition, next_due_at = u.next_due_at, version = c.version + 1, \
+               last_transition = NULL, next_due_at = u.next_due_at, version = c.version + 1, \
                position_version = CASE WHEN u.moved THEN c.version + 1 ELSE c.position_version END \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::timestamptz[], $6::bigint[], $7::bool[]) \
-               AS u(customer_id, merged_into, snapshot, last_transition, next_due_at, version, moved) \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::timestamptz[], $5::bigint[], $6::bool[]) \
+               AS u(customer_id, merged_into, snapshot, next_due_at, version, moved) \
              WHERE c.customer_id = u.customer_id AND c.version = u.version",
         )
         .bind(&ids)
         .bind(&merged)
         .bind(&snapshots)
-        .bind(&transitions)
         .bind(&due)
         .bind(&versions)
         .bind(&moved)
@@ -711,6 +703,21 @@ impl ScoringStore for PostgresScoringStore {
         .await
         .map_err(StoreError::from_db)?;
         Ok(())
+    }
+
+    async fn last_transition(
+        &self,
+        customer_id: Uuid,
+    ) -> Result<Option<proto::Transition>, StoreError> {
+        let body: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT body FROM transitions WHERE customer_id = $1 \
+             ORDER BY transition_time DESC, id DESC LIMIT 1",
+        )
+        .bind(customer_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        body.as_deref().map(decode_transition).transpose()
     }
 
     async fn list_transitions(

@@ -61,23 +61,18 @@ fn optional_uuid(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, sqlx::Er
         .transpose()
 }
 
-const CUSTOMER_COLUMNS: &str = "c.customer_id, c.merged_into, c.snapshot, c.last_transition, \
-     c.next_due_at, c.version, f.features";
+const CUSTOMER_COLUMNS: &str =
+    "c.customer_id, c.merged_into, c.snapshot, c.next_due_at, c.version, f.features";
 
 fn customer_from_row(row: &SqliteRow) -> Result<CustomerRecord, StoreError> {
     let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
     let features: Option<Vec<u8>> = row.try_get("features").map_err(get)?;
     let snapshot: Option<Vec<u8>> = row.try_get("snapshot").map_err(get)?;
-    let last_transition: Option<Vec<u8>> = row.try_get("last_transition").map_err(get)?;
     Ok(CustomerRecord {
         customer_id: uuid_column(row, "customer_id").map_err(get)?,
         merged_into: optional_uuid(row, "merged_into").map_err(get)?,
         features: decode_features(features.as_deref())?,
         snapshot: decode_snapshot(snapshot.as_deref())?,
-        last_transition: last_transition
-            .as_deref()
-            .map(decode_transition)
-            .transpose()?,
         next_due_at: optional_time(row, "next_due_at").map_err(get)?,
         version: row.try_get("version").map_err(get)?,
     })
@@ -164,14 +159,13 @@ async fn write_customers(tx: &mut SqliteConnection, changes: &ChangeSet) -> Resu
     // row alone, so fewer rows change than were sent: a conflict.
     for chunk in changes.customers.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO customers (customer_id, merged_into, snapshot, last_transition, next_due_at, version, position_version) ",
+            "INSERT INTO customers (customer_id, merged_into, snapshot, next_due_at, version, position_version) ",
         );
         query.push_values(chunk, |mut row, write| {
             let record = &write.record;
             row.push_bind(record.customer_id.to_string())
                 .push_bind(record.merged_into.map(|id| id.to_string()))
                 .push_bind(encode_snapshot(record.snapshot.as_ref()))
-                .push_bind(record.last_transition.as_ref().map(|t| t.encode_to_vec()))
                 .push_bind(record.next_due_at.map(micros))
                 .push_bind(record.version + 1)
                 .push_bind(if write.position_changed {
@@ -180,9 +174,12 @@ async fn write_customers(tx: &mut SqliteConnection, changes: &ChangeSet) -> Resu
                     0
                 });
         });
+        // `last_transition` is no longer kept here (the newest row of
+        // `transitions` is read instead): cleared so rows written by
+        // earlier versions shrink as they are rewritten.
         query.push(
             " ON CONFLICT (customer_id) DO UPDATE SET merged_into = excluded.merged_into, \
-               snapshot = excluded.snapshot, last_transition = excluded.last_transition, \
+               snapshot = excluded.snapshot, last_transition = NULL, \
                next_due_at = excluded.next_due_at, version = excluded.version, \
                position_version = max(customers.position_version, excluded.position_version) \
              WHERE customers.version = excluded.version - 1",
@@ -678,6 +675,21 @@ impl ScoringStore for SqliteScoringStore {
         .await
         .map_err(StoreError::from_db)?;
         Ok(())
+    }
+
+    async fn last_transition(
+        &self,
+        customer_id: Uuid,
+    ) -> Result<Option<proto::Transition>, StoreError> {
+        let body: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT body FROM transitions WHERE customer_id = ?1 \
+             ORDER BY transition_time DESC, id DESC LIMIT 1",
+        )
+        .bind(customer_id.to_string())
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        body.as_deref().map(decode_transition).transpose()
     }
 
     async fn list_transitions(
