@@ -132,8 +132,16 @@ async fn move_cursor(tx: &mut PgConnection, cursor: &CursorMove) -> Result<(), S
 }
 
 async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), StoreError> {
-    // In id order, so concurrent writers (and the pusher) lock rows in the
-    // same order and never deadlock.
+    // In id order: the update below then locks rows in that order as it
+    // goes (a nested loop over the sorted ids, or a merge join on the
+    // primary key), so writers sharing customers (shard consumers through a
+    // merge survivor, the customer event consumer, the sweep, a rescore)
+    // wait for each other rather than deadlock. Should a plan lock in
+    // another order, PostgreSQL breaks the cycle by failing one transaction
+    // (40P01), which is retried as a conflict. The pusher skips locked rows
+    // and never waits. No SELECT ... FOR UPDATE first: it wrote each row's
+    // lock to the heap and the WAL before the update wrote the row again,
+    // and took the locks earlier, so they were held longer.
     let mut sorted: Vec<&CustomerWrite> = changes.customers.iter().collect();
     sorted.sort_by_key(|write| write.record.customer_id);
     let (inserts, updates): (Vec<_>, Vec<_>) = sorted
@@ -167,18 +175,6 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
     }
     if !updates.is_empty() {
         let ids: Vec<Uuid> = updates.iter().map(|w| w.record.customer_id).collect();
-        // Lock the rows in id order first: writers that share customers
-        // (shard consumers, the customer event consumer, the sweep, a
-        // rescore) then wait for each other instead of deadlocking.
-        sqlx::query(
-            "SELECT customer_id FROM customers WHERE customer_id = ANY($1) \
-             ORDER BY customer_id FOR UPDATE",
-        )
-        .persistent(false)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from_db)?;
         let merged: Vec<Option<Uuid>> = updates.iter().map(|w| w.record.merged_into).collect();
         let snapshots: Vec<Option<Vec<u8>>> = updates
             .iter()
