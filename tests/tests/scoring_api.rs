@@ -522,6 +522,59 @@ async fn a_walk_in_purchase_lands_in_conversion() {
     assert_eq!(first.from_stage, 0);
     assert_eq!(first.stage_rule, "converted");
 
+    // A page view changes the scores alone: the profile gets them too, in
+    // the next round of score pushes.
+    record(
+        &mut clients,
+        vec![touchpoint(
+            "walk-in-browses",
+            key(IdentityKind::Email, "walkin@example.com"),
+            "page_view",
+            Utc::now(),
+        )],
+    )
+    .await;
+    let engagement = converted.lifecycle.as_ref().expect("a snapshot").engagement_score;
+    let rescored = eventually("the page view's scores on scoring", || {
+        let mut scoring = clients.scoring.clone();
+        let customer = customer.clone();
+        async move {
+            let now = scoring
+                .get_lifecycle(pb::GetLifecycleRequest {
+                    customer_id: customer,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .lifecycle?
+                .lifecycle?;
+            (now.engagement_score > engagement).then_some(now)
+        }
+    })
+    .await;
+    assert_eq!(rescored.stage, LifecycleStage::Conversion as i32);
+    eventually("the page view's scores on identity's profile", || {
+        let mut identity = clients.identity.clone();
+        let customer = customer.clone();
+        let expected = rescored.clone();
+        async move {
+            let profile = identity
+                .get_customer(identity_pb::GetCustomerRequest {
+                    customer_id: customer,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .customer?
+                .lifecycle?;
+            (profile.engagement_score == expected.engagement_score
+                && profile.lead_score == expected.lead_score
+                && profile.evaluated_at == expected.evaluated_at)
+                .then_some(())
+        }
+    })
+    .await;
+
     // Evaluate now changes nothing and records no transition.
     let evaluated = clients
         .scoring

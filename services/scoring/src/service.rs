@@ -49,6 +49,10 @@ pub struct ScoringConfig {
     pub sweep_poll: Duration,
     /// Concurrent SetLifecycles calls (`CLM_SCORING_PUSH_CONCURRENCY`, default 4).
     pub push_concurrency: usize,
+    /// How often snapshots whose scores alone changed are pushed to
+    /// identity, at most (`CLM_SCORING_SCORE_PUSH_INTERVAL_MS`, default
+    /// 2000). Stage, acquisition status and health changes go at once.
+    pub score_push_interval: Duration,
     /// Deadline of each call to identity or touchpoints (`CLM_IDENTITY_TIMEOUT_MS`, default 5000).
     pub call_timeout: Duration,
     /// Database connections (`CLM_SCORING_DB_CONNECTIONS`, default 16).
@@ -81,6 +85,12 @@ impl ScoringConfig {
                 3_600_000,
             )?),
             push_concurrency: env.bounded_or("CLM_SCORING_PUSH_CONCURRENCY", 4, 1, 256)? as usize,
+            score_push_interval: Duration::from_millis(env.bounded_or(
+                "CLM_SCORING_SCORE_PUSH_INTERVAL_MS",
+                2000,
+                0,
+                3_600_000,
+            )?),
             call_timeout: Duration::from_millis(env.bounded_or(
                 "CLM_IDENTITY_TIMEOUT_MS",
                 5000,
@@ -173,6 +183,7 @@ impl ScoringService {
                 identity,
                 config.call_timeout,
                 config.push_concurrency,
+                config.score_push_interval,
             )
             .run(scorer.changed(), shutdown.clone()),
         );

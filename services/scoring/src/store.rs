@@ -253,13 +253,15 @@ pub trait ScoringStore: Send + Sync + 'static {
     ) -> Result<Vec<CustomerRecord>, StoreError>;
     /// How many evaluated, unmerged customers there are.
     async fn count_scored(&self) -> Result<i64, StoreError>;
-    /// Up to `limit` customers whose latest snapshot identity has not
-    /// received: (id, version, snapshot). With `position_only`, only those
-    /// whose stage, acquisition status or health changed since.
+    /// Up to `limit` customers after `after`, in id order, whose latest
+    /// snapshot identity has not received: (id, version, snapshot). With
+    /// `position_only`, only those whose stage, acquisition status or
+    /// health changed since.
     async fn unpushed(
         &self,
         limit: u32,
         position_only: bool,
+        after: Option<Uuid>,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
     /// Records that identity received these versions.
     async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError>;

@@ -537,21 +537,36 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         "by id, without merged or unscored customers"
     );
 
-    let pending = store.unpushed(100, true).await.unwrap();
+    let pending = store.unpushed(100, true, None).await.unwrap();
     assert_eq!(
         pending.len(),
         3,
         "every customer's first snapshot is a new position"
     );
-    let pending = store.unpushed(100, false).await.unwrap();
-    let mut pushed: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
-    pushed.sort();
-    assert_eq!(pushed, expected, "only snapshots are pushed");
+    let pending = store.unpushed(100, false, None).await.unwrap();
+    let pushed: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
+    assert_eq!(pushed, expected, "only snapshots are pushed, in id order");
+    // A round goes on after where the previous one ended.
+    let after_first: Vec<Uuid> = store
+        .unpushed(1, false, Some(expected[0]))
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(after_first, [expected[1]]);
+    assert!(
+        store
+            .unpushed(100, true, Some(expected[2]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store
         .mark_pushed(&pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>())
         .await
         .unwrap();
-    assert!(store.unpushed(100, false).await.unwrap().is_empty());
+    assert!(store.unpushed(100, false, None).await.unwrap().is_empty());
     // A newer write needs a new push; marking an older version does not
     // hide it. A change of scores alone is not a change of position.
     let mut again = store.load_customers(&[late]).await.unwrap()[&late].clone();
@@ -567,8 +582,8 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         .await
         .unwrap();
     store.mark_pushed(&[(late, 1)]).await.unwrap();
-    assert!(store.unpushed(100, true).await.unwrap().is_empty());
-    let pending = store.unpushed(100, false).await.unwrap();
+    assert!(store.unpushed(100, true, None).await.unwrap().is_empty());
+    let pending = store.unpushed(100, false, None).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!((pending[0].0, pending[0].1), (late, 2));
 }

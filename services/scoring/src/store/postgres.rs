@@ -412,16 +412,26 @@ impl ScoringStore for PostgresScoringStore {
         &self,
         limit: u32,
         position_only: bool,
+        after: Option<Uuid>,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
-        let rows = sqlx::query(if position_only {
-            "SELECT customer_id, version, snapshot, merged_into FROM customers \
-             WHERE pushed_version < position_version LIMIT $1"
+        // A range of the partial index, in its order.
+        let mut query = QueryBuilder::<Postgres>::new(
+            "SELECT customer_id, version, snapshot, merged_into FROM customers WHERE ",
+        );
+        query.push(if position_only {
+            "pushed_version < position_version"
         } else {
-            "SELECT customer_id, version, snapshot, merged_into FROM customers \
-             WHERE pushed_version < version LIMIT $1"
-        })
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+            "pushed_version < version"
+        });
+        if let Some(after) = after {
+            query.push(" AND customer_id > ").push_bind(after);
+        }
+        query
+            .push(" ORDER BY customer_id LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from_db)?;
         let mut out = Vec::with_capacity(rows.len());

@@ -377,16 +377,27 @@ impl ScoringStore for SqliteScoringStore {
         &self,
         limit: u32,
         position_only: bool,
+        after: Option<Uuid>,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
-        let rows = sqlx::query(if position_only {
-            "SELECT customer_id, version, snapshot, merged_into FROM customers \
-             WHERE pushed_version < position_version LIMIT ?1"
+        // A range of the partial index, in its order (UUID strings sort as
+        // the UUIDs do).
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT customer_id, version, snapshot, merged_into FROM customers WHERE ",
+        );
+        query.push(if position_only {
+            "pushed_version < position_version"
         } else {
-            "SELECT customer_id, version, snapshot, merged_into FROM customers \
-             WHERE pushed_version < version LIMIT ?1"
-        })
-        .bind(i64::from(limit))
-        .fetch_all(&self.pools.reader)
+            "pushed_version < version"
+        });
+        if let Some(after) = after {
+            query.push(" AND customer_id > ").push_bind(after.to_string());
+        }
+        query
+            .push(" ORDER BY customer_id LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = query
+            .build()
+            .fetch_all(&self.pools.reader)
         .await
         .map_err(StoreError::from_db)?;
         let mut out = Vec::with_capacity(rows.len());
