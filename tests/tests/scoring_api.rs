@@ -534,7 +534,11 @@ async fn a_walk_in_purchase_lands_in_conversion() {
         )],
     )
     .await;
-    let engagement = converted.lifecycle.as_ref().expect("a snapshot").engagement_score;
+    let engagement = converted
+        .lifecycle
+        .as_ref()
+        .expect("a snapshot")
+        .engagement_score;
     let rescored = eventually("the page view's scores on scoring", || {
         let mut scoring = clients.scoring.clone();
         let customer = customer.clone();

@@ -1130,7 +1130,10 @@ impl CustomerDirectory {
                 *kept = lifecycle;
             }
         }
-        let ids: Vec<Uuid> = newest.keys().copied().collect();
+        // In id order, so two calls sharing customers lock their rows in
+        // the same order and wait for each other rather than deadlock.
+        let mut ids: Vec<Uuid> = newest.keys().copied().collect();
+        ids.sort_unstable();
         let mut attempt = 0;
         let outcomes = loop {
             attempt += 1;

@@ -3,20 +3,19 @@
 //!
 //! Which snapshots identity has not received is stored (`pushed_version`
 //! below `version`), so nothing is lost when identity is down or this
-//! process stops: the pusher works through that set after every write and
-//! on a timer, and only the latest snapshot of a customer is sent. A
-//! customer whose stage, acquisition status or health changed goes before
-//! those whose scores alone changed, so under a flood of touchpoints the
-//! profile's stage stays current while its scores may trail.
+//! process stops, and only the latest snapshot of a customer is sent.
 //!
-//! Snapshots whose scores alone changed are pushed in rounds at most every
-//! `score_interval`: a customer whose scores change many times in that
-//! while is written to identity once. Each kind of round goes through the
-//! customers in id order from where the previous round of its kind ended,
+//! Two loops share the work. Customers whose stage, acquisition status or
+//! health changed are pushed after every committed write; those whose
+//! scores alone changed in rounds at most every `score_interval`, so a
+//! customer whose scores change many times in that while is written to
+//! identity once, and a flood of touchpoints leaves the profile's stage
+//! current while its scores trail by about that interval. Each loop goes
+//! through the customers in id order from where its previous round ended,
 //! so under a steady stream of changes every customer gets its turn.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clm_platform::server::Shutdown;
 use clm_proto::identity as identity_pb;
@@ -33,8 +32,11 @@ use crate::store::ScoringStore;
 const ROUND: u32 = 2048;
 /// Snapshots per SetLifecycles call.
 const BATCH: usize = 256;
-/// How often unpushed snapshots are looked for without a wake-up.
+/// How often position changes are looked for without a wake-up.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// How often score changes are looked for at least, when the score
+/// interval is shorter.
+const SCORE_IDLE_CHECK: Duration = Duration::from_millis(100);
 
 /// The snapshot pusher.
 pub struct Pusher {
@@ -43,21 +45,16 @@ pub struct Pusher {
     timeout: Duration,
     concurrency: usize,
     score_interval: Duration,
-    /// When the last round of score changes pushed something.
-    scores_pushed_at: Option<Instant>,
-    /// Where the next round of position changes starts.
-    position_after: Option<Uuid>,
-    /// Where the next round of score changes starts.
-    score_after: Option<Uuid>,
 }
 
-/// What a round did.
-#[derive(Debug, PartialEq)]
-enum Round {
-    /// Pushed this many snapshots.
-    Pushed(usize),
-    /// Nothing to push now; score changes may be due after this long.
-    Idle(Option<Duration>),
+/// Which changes a push loop sends. A customer is in one set at a time,
+/// so the two loops never send identity the same customer at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Changes {
+    /// Stage, acquisition status or health changed.
+    Position,
+    /// The scores alone changed.
+    Scores,
 }
 
 impl Pusher {
@@ -77,59 +74,64 @@ impl Pusher {
             timeout,
             concurrency: concurrency.max(1),
             score_interval,
-            scores_pushed_at: None,
-            position_after: None,
-            score_after: None,
         }
     }
 
-    /// Runs until `shutdown`, woken by `changed`.
-    pub async fn run(mut self, changed: Arc<Notify>, shutdown: Shutdown) {
+    /// Runs until `shutdown`: position changes as soon as `changed` says a
+    /// write was committed, score changes in rounds every score interval.
+    /// The two loops run side by side, so a position change never waits
+    /// behind a round of score changes; identity keeps the newest snapshot
+    /// whichever arrives last.
+    pub async fn run(self, changed: Arc<Notify>, shutdown: Shutdown) {
+        tokio::join!(
+            self.push_loop(Changes::Position, Some(changed), shutdown.clone()),
+            self.push_loop(Changes::Scores, None, shutdown),
+        );
+    }
+
+    async fn push_loop(&self, changes: Changes, changed: Option<Arc<Notify>>, shutdown: Shutdown) {
+        let mut after = None;
         let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.round().await {
-                Ok(Round::Idle(scores_due)) => {
+        while !shutdown.is_triggered() {
+            // How long to wait, and whether a committed write ends the wait.
+            let (wait, on_write) = match self.round(changes, &mut after).await {
+                Ok(pushed) => {
                     backoff = Duration::from_millis(100);
-                    tokio::select! {
-                        () = shutdown.triggered() => return,
-                        () = changed.notified() => {}
-                        () = tokio::time::sleep(scores_due.unwrap_or(IDLE_CHECK).min(IDLE_CHECK)) => {}
+                    match changes {
+                        Changes::Position if pushed > 0 => continue,
+                        Changes::Position => (IDLE_CHECK, true),
+                        Changes::Scores if pushed > 0 => (self.score_interval, false),
+                        Changes::Scores => (self.score_interval.max(SCORE_IDLE_CHECK), false),
                     }
                 }
-                Ok(Round::Pushed(_)) => backoff = Duration::from_millis(100),
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot push lifecycle snapshots to identity");
-                    tokio::select! {
-                        () = shutdown.triggered() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
+                    let wait = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
+                    (wait, false)
                 }
-            }
-            if shutdown.is_triggered() {
-                return;
+            };
+            let written = async {
+                match &changed {
+                    Some(changed) if on_write => changed.notified().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.triggered() => return,
+                () = written => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Pushes one round. Customers whose stage, acquisition status or
-    /// health changed go first; those whose scores alone changed when none
-    /// is left and the score interval has passed.
-    async fn round(&mut self) -> Result<Round, String> {
-        let mut pending = self.next_pending(true).await?;
+    /// Pushes one round of `changes`, from after `after` (moved on to
+    /// where the next round starts); returns how many snapshots identity
+    /// received.
+    async fn round(&self, changes: Changes, after: &mut Option<Uuid>) -> Result<usize, String> {
+        let pending = self.next_pending(changes, after).await?;
         if pending.is_empty() {
-            if let Some(wait) =
-                scores_wait(self.scores_pushed_at, self.score_interval, Instant::now())
-            {
-                return Ok(Round::Idle(Some(wait)));
-            }
-            pending = self.next_pending(false).await?;
-            if !pending.is_empty() {
-                self.scores_pushed_at = Some(Instant::now());
-            }
-        }
-        if pending.is_empty() {
-            return Ok(Round::Idle(None));
+            return Ok(0);
         }
         let batches: Vec<Vec<(Uuid, i64, LifecycleSnapshot)>> =
             pending.chunks(BATCH).map(<[_]>::to_vec).collect();
@@ -154,42 +156,10 @@ impl Pusher {
             Some(reason) if done.is_empty() => Err(reason),
             Some(reason) => {
                 tracing::debug!(%reason, "some snapshots were not pushed; retrying");
-                Ok(Round::Pushed(done.len()))
+                Ok(done.len())
             }
-            None => Ok(Round::Pushed(done.len())),
+            None => Ok(done.len()),
         }
-    }
-
-    /// The next snapshots of a kind to push, after where the previous
-    /// round of that kind ended (from the first customer again at the
-    /// end).
-    async fn next_pending(
-        &mut self,
-        position_only: bool,
-    ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, String> {
-        let after = if position_only {
-            &mut self.position_after
-        } else {
-            &mut self.score_after
-        };
-        let mut pending = self
-            .store
-            .unpushed(ROUND, position_only, *after)
-            .await
-            .map_err(|err| err.to_string())?;
-        if pending.is_empty() && after.is_some() {
-            pending = self
-                .store
-                .unpushed(ROUND, position_only, None)
-                .await
-                .map_err(|err| err.to_string())?;
-        }
-        *after = if pending.len() == ROUND as usize {
-            pending.last().map(|(id, _, _)| *id)
-        } else {
-            None
-        };
-        Ok(pending)
     }
 
     /// Sends one batch; identity has every snapshot of it afterwards (or
@@ -216,37 +186,33 @@ impl Pusher {
             Err(status) => Err(format!("{}: {}", status.code(), status.message())),
         }
     }
-}
 
-/// How long score changes must still wait, when the last round of them
-/// pushed something at `last`; `None`: they may go now.
-fn scores_wait(last: Option<Instant>, interval: Duration, now: Instant) -> Option<Duration> {
-    let since = now.saturating_duration_since(last?);
-    interval.checked_sub(since).filter(|wait| !wait.is_zero())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn score_changes_wait_for_the_interval_after_a_round() {
-        let interval = Duration::from_secs(2);
-        let start = Instant::now();
-        assert_eq!(scores_wait(None, interval, start), None, "never pushed");
-        assert_eq!(
-            scores_wait(Some(start), interval, start + Duration::from_millis(500)),
-            Some(Duration::from_millis(1500))
-        );
-        assert_eq!(scores_wait(Some(start), interval, start + interval), None);
-        assert_eq!(
-            scores_wait(Some(start), interval, start + Duration::from_secs(9)),
+    /// The next snapshots of a kind to push, after where the previous
+    /// round of that kind ended (from the first customer again at the
+    /// end).
+    async fn next_pending(
+        &self,
+        changes: Changes,
+        after: &mut Option<Uuid>,
+    ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, String> {
+        let position = changes == Changes::Position;
+        let mut pending = self
+            .store
+            .unpushed(ROUND, position, *after)
+            .await
+            .map_err(|err| err.to_string())?;
+        if pending.is_empty() && after.is_some() {
+            pending = self
+                .store
+                .unpushed(ROUND, position, None)
+                .await
+                .map_err(|err| err.to_string())?;
+        }
+        *after = if pending.len() == ROUND as usize {
+            pending.last().map(|(id, _, _)| *id)
+        } else {
             None
-        );
-        assert_eq!(
-            scores_wait(Some(start), Duration::ZERO, start),
-            None,
-            "no interval"
-        );
+        };
+        Ok(pending)
     }
 }

@@ -255,12 +255,12 @@ pub trait ScoringStore: Send + Sync + 'static {
     async fn count_scored(&self) -> Result<i64, StoreError>;
     /// Up to `limit` customers after `after`, in id order, whose latest
     /// snapshot identity has not received: (id, version, snapshot). With
-    /// `position_only`, only those whose stage, acquisition status or
-    /// health changed since.
+    /// `position`, those whose stage, acquisition status or health changed
+    /// since; otherwise those whose scores alone changed.
     async fn unpushed(
         &self,
         limit: u32,
-        position_only: bool,
+        position: bool,
         after: Option<Uuid>,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
     /// Records that identity received these versions.

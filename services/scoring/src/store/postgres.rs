@@ -411,17 +411,17 @@ impl ScoringStore for PostgresScoringStore {
     async fn unpushed(
         &self,
         limit: u32,
-        position_only: bool,
+        position: bool,
         after: Option<Uuid>,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
         // A range of the partial index, in its order.
         let mut query = QueryBuilder::<Postgres>::new(
             "SELECT customer_id, version, snapshot, merged_into FROM customers WHERE ",
         );
-        query.push(if position_only {
+        query.push(if position {
             "pushed_version < position_version"
         } else {
-            "pushed_version < version"
+            "pushed_version < version AND pushed_version >= position_version"
         });
         if let Some(after) = after {
             query.push(" AND customer_id > ").push_bind(after);
@@ -432,8 +432,8 @@ impl ScoringStore for PostgresScoringStore {
         let rows = query
             .build()
             .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::from_db)?;
+            .await
+            .map_err(StoreError::from_db)?;
         let mut out = Vec::with_capacity(rows.len());
         // Nothing to push for these (identity ignores merged customers):
         // recorded as received, in one write.

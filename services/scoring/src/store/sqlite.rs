@@ -376,7 +376,7 @@ impl ScoringStore for SqliteScoringStore {
     async fn unpushed(
         &self,
         limit: u32,
-        position_only: bool,
+        position: bool,
         after: Option<Uuid>,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
         // A range of the partial index, in its order (UUID strings sort as
@@ -384,13 +384,15 @@ impl ScoringStore for SqliteScoringStore {
         let mut query = QueryBuilder::<Sqlite>::new(
             "SELECT customer_id, version, snapshot, merged_into FROM customers WHERE ",
         );
-        query.push(if position_only {
+        query.push(if position {
             "pushed_version < position_version"
         } else {
-            "pushed_version < version"
+            "pushed_version < version AND pushed_version >= position_version"
         });
         if let Some(after) = after {
-            query.push(" AND customer_id > ").push_bind(after.to_string());
+            query
+                .push(" AND customer_id > ")
+                .push_bind(after.to_string());
         }
         query
             .push(" ORDER BY customer_id LIMIT ")
@@ -398,8 +400,8 @@ impl ScoringStore for SqliteScoringStore {
         let rows = query
             .build()
             .fetch_all(&self.pools.reader)
-        .await
-        .map_err(StoreError::from_db)?;
+            .await
+            .map_err(StoreError::from_db)?;
         let mut out = Vec::with_capacity(rows.len());
         // Nothing to push for these (identity ignores merged customers):
         // recorded as received, in one write.
