@@ -137,6 +137,22 @@ async fn lifecycle(clients: &mut Clients, customer: &str) -> Option<pb::Customer
         .and_then(|r| r.into_inner().lifecycle)
 }
 
+/// The lifecycle snapshot on identity's profile of the customer.
+async fn profile_lifecycle(
+    mut identity: CustomerServiceClient<Channel>,
+    customer: String,
+) -> Option<clm_proto::common::LifecycleSnapshot> {
+    identity
+        .get_customer(identity_pb::GetCustomerRequest {
+            customer_id: customer,
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .customer?
+        .lifecycle
+}
+
 /// Waits until the customer is in `stage`/`status`/`health` on scoring and
 /// on identity's profile; returns the lifecycle.
 async fn wait_for(
@@ -170,19 +186,10 @@ async fn wait_for(
     // The snapshot reaches identity's profile too.
     let expected = found.lifecycle.clone().expect("a snapshot");
     eventually(&format!("identity's profile of {what}"), || {
-        let mut identity = clients.identity.clone();
-        let customer = customer.to_owned();
+        let profile = profile_lifecycle(clients.identity.clone(), customer.to_owned());
         let expected = expected.clone();
         async move {
-            let profile = identity
-                .get_customer(identity_pb::GetCustomerRequest {
-                    customer_id: customer,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .customer?
-                .lifecycle?;
+            let profile = profile.await?;
             (profile.stage == expected.stage
                 && profile.acquisition_status == expected.acquisition_status
                 && profile.health == expected.health)
@@ -558,19 +565,10 @@ async fn a_walk_in_purchase_lands_in_conversion() {
     .await;
     assert_eq!(rescored.stage, LifecycleStage::Conversion as i32);
     eventually("the page view's scores on identity's profile", || {
-        let mut identity = clients.identity.clone();
-        let customer = customer.clone();
+        let profile = profile_lifecycle(clients.identity.clone(), customer.clone());
         let expected = rescored.clone();
         async move {
-            let profile = identity
-                .get_customer(identity_pb::GetCustomerRequest {
-                    customer_id: customer,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .customer?
-                .lifecycle?;
+            let profile = profile.await?;
             (profile.engagement_score == expected.engagement_score
                 && profile.lead_score == expected.lead_score
                 && profile.evaluated_at == expected.evaluated_at)
