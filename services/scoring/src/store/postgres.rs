@@ -131,17 +131,26 @@ async fn move_cursor(tx: &mut PgConnection, cursor: &CursorMove) -> Result<(), S
     }
 }
 
+/// Plans the rest of the transaction with key lookups in the order of the
+/// ids given. Otherwise, on a small table or for a large batch, the planner
+/// picks a hash join over a sequential or bitmap scan, which visits (and
+/// locks) rows in their physical order: two writers sharing customers could
+/// then lock them in opposite orders and deadlock, each deadlock stalling
+/// both for `deadlock_timeout` (seen under the lifecycle benchmark). What
+/// the transaction does after the update only inserts or looks up by key.
+const ORDERED_LOOKUPS: &str = "SELECT set_config('enable_seqscan', 'off', true), \
+     set_config('enable_bitmapscan', 'off', true), set_config('enable_hashjoin', 'off', true), \
+     set_config('enable_mergejoin', 'off', true)";
+
 async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), StoreError> {
-    // In id order: the update below then locks rows in that order as it
-    // goes (a nested loop over the sorted ids, or a merge join on the
-    // primary key), so writers sharing customers (shard consumers through a
-    // merge survivor, the customer event consumer, the sweep, a rescore)
-    // wait for each other rather than deadlock. Should a plan lock in
-    // another order, PostgreSQL breaks the cycle by failing one transaction
-    // (40P01), which is retried as a conflict. The pusher skips locked rows
-    // and never waits. No SELECT ... FOR UPDATE first: it wrote each row's
-    // lock to the heap and the WAL before the update wrote the row again,
-    // and took the locks earlier, so they were held longer.
+    // In id order, and the update below runs as a nested loop over those
+    // ids with a primary key lookup each (see ORDERED_LOOKUPS), so it locks
+    // rows in id order as it goes: writers sharing customers (a touchpoint
+    // shard consumer and the customer event consumer, the sweep, a rescore)
+    // wait for each other rather than deadlock. The pusher skips locked
+    // rows and never waits. No SELECT ... FOR UPDATE first: it wrote each
+    // row's lock to the heap and the WAL before the update wrote the row
+    // again, and took the locks earlier, so they were held longer.
     let mut sorted: Vec<&CustomerWrite> = changes.customers.iter().collect();
     sorted.sort_by_key(|write| write.record.customer_id);
     let (inserts, updates): (Vec<_>, Vec<_>) = sorted
@@ -174,6 +183,10 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
         }
     }
     if !updates.is_empty() {
+        sqlx::query(ORDERED_LOOKUPS)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
         let ids: Vec<Uuid> = updates.iter().map(|w| w.record.customer_id).collect();
         let merged: Vec<Option<Uuid>> = updates.iter().map(|w| w.record.merged_into).collect();
         let snapshots: Vec<Option<Vec<u8>>> = updates
