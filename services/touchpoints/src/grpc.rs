@@ -440,7 +440,7 @@ fn rejection_status(violations: &[Violation]) -> Status {
         None => StatusBuilder::invalid_argument(
             &violations
                 .iter()
-                .map(|v| FieldViolation::new(&v.field, &v.description))
+                .map(|v| FieldViolation::with_reason(&v.field, &v.reason, &v.description))
                 .collect::<Vec<_>>(),
         ),
     }

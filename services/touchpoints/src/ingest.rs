@@ -212,12 +212,19 @@ impl TouchpointIngest {
             };
             let resolution = resolutions.next().expect("one resolution per candidate");
             match resolution {
-                Resolution::Refused { reason, message } => {
-                    outcomes.push(Some(Outcome::Rejected(vec![Violation::new(
-                        format!("{}.customer", candidate.field),
-                        &reason,
-                        message,
-                    )])));
+                Resolution::Refused { reason, problems } => {
+                    outcomes.push(Some(Outcome::Rejected(
+                        problems
+                            .into_iter()
+                            .map(|(path, description)| {
+                                Violation::new(
+                                    format!("{}.customer{path}", candidate.field),
+                                    &reason,
+                                    description,
+                                )
+                            })
+                            .collect(),
+                    )));
                 }
                 Resolution::Customer(customer_id) => {
                     if let Some(first) = first_by_event.get(&candidate.touchpoint.event_id) {

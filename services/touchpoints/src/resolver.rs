@@ -57,9 +57,30 @@ pub enum Resolution {
     Refused {
         /// The ErrorInfo reason (CUSTOMER_NOT_FOUND, CUSTOMER_ERASED, …).
         reason: String,
-        /// Identity's explanation.
-        message: String,
+        /// Identity's explanation, one per problem: the path of the bad field
+        /// within the reference (e.g. `.identity_keys.keys[0].value`, empty
+        /// for the reference as a whole) and why.
+        problems: Vec<(String, String)>,
     },
+}
+
+/// Splits identity's explanation of a refused reference into its problems,
+/// with paths relative to the reference. Identity names fields of its own
+/// request (`references[3].identity_keys.keys[0].value: …`, joined by `; `);
+/// a caller of touchpoints named them otherwise, so the request-specific
+/// prefix `references[<position>]` is taken off here.
+fn problems_of(position: usize, message: &str) -> Vec<(String, String)> {
+    let prefix = format!("references[{position}]");
+    message
+        .split("; ")
+        .map(|part| match part.strip_prefix(&prefix) {
+            Some(rest) => match rest.split_once(": ") {
+                Some((path, description)) => (path.to_owned(), description.to_owned()),
+                None => (String::new(), rest.trim_start_matches(": ").to_owned()),
+            },
+            None => (String::new(), part.to_owned()),
+        })
+        .collect()
 }
 
 /// The identity service could not be asked.
@@ -152,7 +173,7 @@ impl IdentityResolver {
                     "identity answered with the wrong number of results".into(),
                 ));
             }
-            for ((key, _), result) in chunk.iter().zip(response.results) {
+            for (position, ((key, _), result)) in chunk.iter().zip(response.results).enumerate() {
                 let resolution = if result.error_code == 0 {
                     match Uuid::try_parse(&result.customer_id) {
                         Ok(id) => {
@@ -167,8 +188,8 @@ impl IdentityResolver {
                     }
                 } else {
                     Resolution::Refused {
+                        problems: problems_of(position, &result.error_message),
                         reason: result.error_reason,
-                        message: result.error_message,
                     }
                 };
                 resolved.insert(key.clone(), resolution);
@@ -183,5 +204,35 @@ impl IdentityResolver {
                     .expect("every reference was resolved")
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::problems_of;
+
+    #[test]
+    fn identity_paths_become_relative_to_the_reference() {
+        assert_eq!(
+            problems_of(
+                3,
+                "references[3].identity_keys.keys[0].value: is not a valid e-mail address; \
+                 references[3].identity_keys.keys[1].kind: is required"
+            ),
+            [
+                (
+                    ".identity_keys.keys[0].value".to_owned(),
+                    "is not a valid e-mail address".to_owned()
+                ),
+                (
+                    ".identity_keys.keys[1].kind".to_owned(),
+                    "is required".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            problems_of(0, "customer 0190 was erased"),
+            [(String::new(), "customer 0190 was erased".to_owned())]
+        );
     }
 }

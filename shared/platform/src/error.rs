@@ -17,6 +17,9 @@ pub struct FieldViolation {
     pub field: String,
     /// Why it is bad, in lower case without trailing punctuation.
     pub description: String,
+    /// A machine-readable UPPER_SNAKE_CASE reason (`REQUIRED`, `TOO_LONG`, …),
+    /// empty when the check gives none.
+    pub reason: String,
 }
 
 impl FieldViolation {
@@ -25,7 +28,42 @@ impl FieldViolation {
         Self {
             field: field.into(),
             description: description.into(),
+            reason: String::new(),
         }
+    }
+
+    /// A violation of `field` with a machine-readable reason.
+    pub fn with_reason(
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The most field violations one status carries in its BadRequest detail.
+/// Every mainstream client reads statuses whose metadata stays within 8 KiB
+/// (grpc-core's default soft limit); beyond this many, the message says how
+/// many were left out. Batch RPCs report every item in their response body.
+pub const MAX_REPORTED_VIOLATIONS: usize = 10;
+/// The violations the status message itself spells out.
+const MAX_VIOLATIONS_IN_MESSAGE: usize = 3;
+/// The longest field path and description a status carries, in characters.
+const MAX_FIELD_CHARS: usize = 100;
+const MAX_DESCRIPTION_CHARS: usize = 160;
+
+/// `text` cut to at most `max` characters, with an ellipsis when cut.
+fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max.saturating_sub(1)) {
+        Some((end, _)) if text[end..].chars().nth(1).is_some() => {
+            format!("{}…", &text[..end]).into()
+        }
+        _ => text.into(),
     }
 }
 
@@ -80,19 +118,43 @@ impl Violations {
 pub struct StatusBuilder;
 
 impl StatusBuilder {
-    /// INVALID_ARGUMENT with a BadRequest detail naming every bad field. The
-    /// message names them too, for callers that do not decode details.
+    /// INVALID_ARGUMENT with a BadRequest detail naming the bad fields (the
+    /// first [`MAX_REPORTED_VIOLATIONS`], each clipped), so that the status
+    /// stays small enough for every client to read. The message names the
+    /// first few too, for callers that do not decode details, and says how
+    /// many there were in all.
     pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
-        let mut details = ErrorDetails::new();
-        for violation in violations {
-            details
-                .add_bad_request_violation(violation.field.clone(), violation.description.clone());
-        }
-        let summary = violations
+        let reported = &violations[..violations.len().min(MAX_REPORTED_VIOLATIONS)];
+        let violations_proto = reported
             .iter()
-            .map(|v| format!("{}: {}", v.field, v.description))
+            .map(|v| tonic_types::FieldViolation {
+                field: clipped(&v.field, MAX_FIELD_CHARS).into_owned(),
+                description: clipped(&v.description, MAX_DESCRIPTION_CHARS).into_owned(),
+                reason: clipped(&v.reason, 64).into_owned(),
+                localized_message: None,
+            })
+            .collect::<Vec<_>>();
+        let mut summary = reported
+            .iter()
+            .take(MAX_VIOLATIONS_IN_MESSAGE)
+            .map(|v| {
+                format!(
+                    "{}: {}",
+                    clipped(&v.field, MAX_FIELD_CHARS),
+                    clipped(&v.description, MAX_DESCRIPTION_CHARS)
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ");
+        let left_out = violations.len() - reported.len().min(MAX_VIOLATIONS_IN_MESSAGE);
+        if left_out > 0 {
+            summary.push_str(&format!(
+                "; and {left_out} more ({} in all, the first {} in the BadRequest detail)",
+                violations.len(),
+                reported.len()
+            ));
+        }
+        let details = ErrorDetails::with_bad_request(violations_proto);
         Status::with_error_details(
             Code::InvalidArgument,
             format!("invalid request: {summary}"),
@@ -154,6 +216,48 @@ mod tests {
             .collect();
         assert_eq!(fields, ["customer.emails[0]", "page_size"]);
         assert!(status.message().contains("customer.emails[0]"));
+    }
+
+    #[test]
+    fn many_violations_stay_readable_by_every_client() {
+        // 50 bad items with long descriptions and a reason each: once, this
+        // built a 28 KB status that grpc-python refused to read.
+        let long = "x".repeat(2000);
+        let violations: Vec<_> = (0..50)
+            .map(|i| {
+                FieldViolation::with_reason(
+                    format!("items[{i}].{long}"),
+                    "INVALID_FORMAT",
+                    format!("{long} is not valid"),
+                )
+            })
+            .collect();
+        let status = StatusBuilder::invalid_argument(&violations);
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).expect("headers");
+        let size: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        assert!(size < 8 * 1024, "status metadata is {size} bytes");
+        let details = status.get_error_details();
+        let bad = details.bad_request().expect("bad request detail");
+        assert_eq!(bad.field_violations.len(), MAX_REPORTED_VIOLATIONS);
+        assert_eq!(bad.field_violations[0].reason, "INVALID_FORMAT");
+        assert!(bad.field_violations[0].field.starts_with("items[0]."));
+        assert!(
+            status.message().contains("50 in all"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn clipping_keeps_short_texts_and_cuts_on_characters() {
+        assert_eq!(clipped("abc", 3), "abc");
+        assert_eq!(clipped("abcd", 3), "ab…");
+        assert_eq!(clipped("ééééé", 4), "ééé…");
+        assert_eq!(clipped("", 3), "");
     }
 
     #[test]
