@@ -68,10 +68,10 @@ pub fn compile_condition(
     source: &str,
     kind: RuleKind,
 ) -> Result<CompiledCondition, (ViolationReason, String)> {
-    let program = rule_env().compile(source).map_err(|error| {
+    let program = rule_env().compile(source).map_err(|errors| {
         (
             ViolationReason::SyntaxError,
-            format!("does not parse: {error}"),
+            format!("does not parse: {}", parse_error_message(source, &errors)),
         )
     })?;
     let resolve_feature = |name: &str| match Feature::from_name(name) {
@@ -105,6 +105,67 @@ pub fn compile_condition(
         program,
         references,
     })
+}
+
+/// The first parse error as a user reads it: `<input>:line:column: what`.
+/// The parser wraps some errors (a recursion limit, too many syntax errors)
+/// in its own error type, whose text is Rust debug output; those are
+/// unwrapped to the error inside.
+fn parse_error_message(source: &str, errors: &cel::ParseErrors) -> String {
+    let Some(first) = errors.errors.first() else {
+        return "the expression could not be parsed".to_owned();
+    };
+    let mut line_column = (first.pos.0 > 0).then_some((first.pos.0, first.pos.1));
+    let mut message = first.msg.clone();
+    if let Some(cause) = first.source.as_deref() {
+        let mut innermost: &(dyn std::error::Error + 'static) = cause;
+        while let Some(next) = innermost.source() {
+            innermost = next;
+        }
+        if let Some(inner) = innermost.downcast_ref::<cel::ParseError>() {
+            // Inner positions are character offsets of the offending tokens.
+            let (line, column) = line_and_column(source, inner.pos.0.max(0) as usize);
+            line_column = Some((line as isize, column as isize));
+            message = inner.msg.clone();
+        } else if std::ptr::addr_eq(innermost, cause) {
+            // No inner error: the parser gave up without saying where.
+            message = "the expression could not be parsed".to_owned();
+        } else {
+            message = innermost.to_string();
+        }
+    }
+    // The parser's error listener writes a wrapped error as its debug text,
+    // `OtherError(ParseError { …, msg: "Recursion limit of 96 exceeded", … })`:
+    // only the quoted message is for the user.
+    if message.contains("Error(") {
+        message = message
+            .split_once("msg: \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or_else(
+                || "the expression could not be parsed".to_owned(),
+                |(inner, _)| match inner.strip_prefix("Recursion limit of ") {
+                    Some(rest) => format!(
+                        "the expression is nested too deeply (at most {} levels)",
+                        rest.trim_end_matches(" exceeded")
+                    ),
+                    None => inner.to_owned(),
+                },
+            );
+    }
+    let message = lowercase_first(message.strip_prefix("Syntax error: ").unwrap_or(&message));
+    match line_column {
+        Some((line, column)) => format!("<input>:{line}:{column}: {message}"),
+        None => message,
+    }
+}
+
+/// `text` with its first letter in lower case, as every clm message.
+fn lowercase_first(text: &str) -> String {
+    let mut characters = text.chars();
+    match characters.next() {
+        Some(first) => first.to_lowercase().chain(characters).collect(),
+        None => String::new(),
+    }
 }
 
 /// The 1-based line and column of a character offset.
@@ -177,6 +238,42 @@ mod tests {
 
         let (_, description) = compile_condition("nps > 1 && bogus", RuleKind::Stage).unwrap_err();
         assert_eq!(description, "<input>:1:12: unknown feature 'bogus'");
+    }
+
+    #[test]
+    fn parse_errors_read_as_messages_with_a_position() {
+        let deep = format!("{}1{} > 0", "(".repeat(400), ")".repeat(400));
+        let garbage =
+            "a ] b ] c ] d ] e ] f ] g ] h ] i ] j ] k ] l ] m ] n ] o ] p ] q ]".repeat(8);
+        for source in [
+            "count['purchase']['all'] >=",
+            "nps >> 1",
+            "\n  lead_score > )",
+            deep.as_str(),
+            garbage.as_str(),
+        ] {
+            let (reason, description) = compile_condition(source, RuleKind::Stage).unwrap_err();
+            assert_eq!(reason, ViolationReason::SyntaxError, "{source}");
+            assert!(
+                description.starts_with("does not parse: <input>:")
+                    || description == "does not parse: the expression could not be parsed",
+                "{source}: {description}"
+            );
+            for debug_text in ["Error(", "ParseError", "Some(", "msg:"] {
+                assert!(!description.contains(debug_text), "{source}: {description}");
+            }
+        }
+        let (_, description) =
+            compile_condition("\n  lead_score > )", RuleKind::Stage).unwrap_err();
+        assert!(
+            description.starts_with("does not parse: <input>:2:"),
+            "{description}"
+        );
+        let (_, description) = compile_condition(&deep, RuleKind::Stage).unwrap_err();
+        assert!(
+            description.ends_with("nested too deeply (at most 96 levels)"),
+            "{description}"
+        );
     }
 
     #[test]
