@@ -121,9 +121,16 @@ def test_termination_grace_covers_prestop_and_drain(set_name: str) -> None:
         spec = pod_spec(deployment)
         container = spec["containers"][0]
         drain = int(manifests.env_value(container, "CLM_SHUTDOWN_GRACE_SECONDS")["value"])
+        delay = int(manifests.env_value(container, "CLM_SHUTDOWN_DELAY_SECONDS")["value"])
         sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         assert sleep > 0, "a preStop sleep lets endpoints drop the pod before SIGTERM"
-        assert spec["terminationGracePeriodSeconds"] >= sleep + drain + 1, deployment["metadata"]["name"]
+        assert spec["terminationGracePeriodSeconds"] >= sleep + delay + drain + 1, deployment["metadata"]["name"]
+        readiness = container["readinessProbe"]
+        noticed_after = readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3)
+        assert delay >= noticed_after, (
+            f"{deployment['metadata']['name']}: the listener must stay open until the readiness "
+            f"probe can notice NOT_SERVING ({noticed_after} s)"
+        )
 
 
 @pytest.mark.parametrize("set_name", SET_NAMES)

@@ -73,6 +73,8 @@ impl ClmServer {
             .env("CLM_DATA_DIR", data_dir.path())
             .env("CLM_LOG", "info")
             .env("CLM_SHUTDOWN_GRACE_SECONDS", "5")
+            // Tests stop servers often; the one that checks the delay sets it.
+            .env("CLM_SHUTDOWN_DELAY_SECONDS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -273,4 +275,19 @@ pub fn details(status: &tonic::Status) -> (Vec<(String, String)>, Option<String>
         .unwrap_or_default();
     let reason = details.error_info().map(|info| info.reason.clone());
     (violations, reason)
+}
+
+/// The (field, reason) of each BadRequest field violation of a status.
+pub fn violation_reasons(status: &tonic::Status) -> Vec<(String, String)> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|bad| {
+            bad.field_violations
+                .iter()
+                .map(|v| (v.field.clone(), v.reason.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }

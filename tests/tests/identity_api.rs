@@ -409,18 +409,22 @@ async fn bad_input_is_refused_and_stores_nothing(server: ClmServer) {
             .await,
         "customer.given_name",
     );
-    // A message above CLM_MAX_MESSAGE_BYTES never reaches a handler.
-    assert_invalid(
-        client
-            .create_customer(pb::CreateCustomerRequest {
-                customer: Some(Customer {
-                    attributes: [("blob".to_owned(), "x".repeat(5 * 1024 * 1024))].into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await,
-        "request",
+    // A message above CLM_MAX_MESSAGE_BYTES (16 MiB) never reaches a handler.
+    let status = client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                attributes: [("blob".to_owned(), "x".repeat(17 * 1024 * 1024))].into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("an oversized message is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(details(&status).1.as_deref(), Some("MESSAGE_TOO_LARGE"));
+    assert!(
+        status.message().contains("CLM_MAX_MESSAGE_BYTES"),
+        "{status:?}"
     );
     assert_invalid(
         client

@@ -125,6 +125,82 @@ async fn sigterm_drains_and_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn after_sigterm_the_server_keeps_answering_while_not_serving() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+    let delay = Duration::from_secs(3);
+    let mut server = ClmServer::start(
+        &["serve", "identity"],
+        &[("CLM_SHUTDOWN_DELAY_SECONDS", delay.as_secs().to_string())],
+    )
+    .await
+    .unwrap();
+    let signalled = Instant::now();
+    server.signal("TERM");
+    // Probers see NOT_SERVING on new connections while calls still succeed.
+    let mut saw_not_serving = false;
+    while signalled.elapsed() < delay - Duration::from_millis(1500) {
+        let channel = server.channel().await;
+        let health = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers during the delay")
+            .into_inner();
+        saw_not_serving |= health.status == ServingStatus::NotServing as i32;
+        CustomerServiceClient::new(channel)
+            .list_customers(pb::ListCustomersRequest::default())
+            .await
+            .expect("calls are served during the delay");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(saw_not_serving, "health turned NOT_SERVING at once");
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits after the delay and the drain");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        signalled.elapsed() >= delay,
+        "the listener stayed open for the delay"
+    );
+}
+
+#[tokio::test]
+async fn misspelled_variables_are_warned_about_and_logs_have_no_colours() {
+    let mut server = ClmServer::start(
+        &["serve", "identity"],
+        &[
+            ("CLM_LOG_FROMAT", "json".to_owned()),
+            ("CLM_SCORING_SWEEP_POLL_MS", "1000".to_owned()),
+        ],
+    )
+    .await
+    .unwrap();
+    server.signal("TERM");
+    server.wait_exit(Duration::from_secs(15)).await;
+    let log = server.log();
+    assert!(
+        log.contains("unknown configuration variable") && log.contains("CLM_LOG_FROMAT"),
+        "{log}"
+    );
+    assert!(
+        log.contains("CLM_LOG_FORMAT"),
+        "a suggestion is made: {log}"
+    );
+    assert!(
+        !log.contains("CLM_SCORING_SWEEP_POLL_MS"),
+        "a variable of a service not run here is known: {log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no ANSI escapes in a log file: {log}"
+    );
+}
+
+#[tokio::test]
 async fn a_bad_variable_is_named_at_start() {
     let output = std::process::Command::new(clm_tests::clm_binary())
         .args(["serve"])
@@ -143,6 +219,15 @@ async fn a_bad_variable_is_named_at_start() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("CLM_PHONE_DEFAULT_REGION"));
+
+    let output = std::process::Command::new(clm_tests::clm_binary())
+        .args(["serve", "identity"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url")
+        .env("CLM_DATA_DIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("OTEL_EXPORTER_OTLP_ENDPOINT"));
 }
 
 #[tokio::test]

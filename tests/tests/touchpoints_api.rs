@@ -526,7 +526,8 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
                 customer: by_email("not an email"),
                 ..good()
             },
-            "touchpoints[0].customer",
+            // Identity's own path (references[0]…) is not the caller's.
+            "touchpoints[0].customer.identity_keys.keys[0].value",
             "INVALID_REFERENCE",
         ),
         (
@@ -538,7 +539,7 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
             "CUSTOMER_NOT_FOUND",
         ),
     ];
-    for (bad, field, reason) in cases {
+    for (bad, field, reason) in cases.clone() {
         let response = record_batch(&mut client, vec![bad]).await;
         let result = &response.results[0];
         assert_eq!(result.status(), pb::RecordStatus::Rejected, "{field}");
@@ -551,23 +552,43 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
             result.violations
         );
     }
-    // The unary call refuses the same with a BadRequest naming the field.
-    let status = client
-        .record_touchpoint(pb::RecordTouchpointRequest {
-            touchpoint: Some(pb::Touchpoint {
-                r#type: "teleported".into(),
-                ..good()
-            }),
+    // The unary call refuses each with a BadRequest naming the same field
+    // under its own name, with the same reason.
+    for (bad, field, reason) in cases {
+        let status = client
+            .record_touchpoint(pb::RecordTouchpointRequest {
+                touchpoint: Some(bad),
+            })
+            .await
+            .unwrap_err();
+        if reason == "CUSTOMER_NOT_FOUND" {
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert_eq!(details(&status).1.as_deref(), Some(reason));
+            continue;
+        }
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        let unary_field = field.replacen("touchpoints[0]", "touchpoint", 1);
+        assert!(
+            clm_tests::violation_reasons(&status).contains(&(unary_field.clone(), reason.to_owned())),
+            "expected {unary_field} {reason}, got {:?}",
+            clm_tests::violation_reasons(&status)
+        );
+    }
+    // The largest batch allowed fits the default message size, with about
+    // 1 KiB of properties on each touchpoint (10.5 MB in all).
+    let full: Vec<pb::Touchpoint> = (0..10_000)
+        .map(|i| pb::Touchpoint {
+            event_id: format!("full-{i}"),
+            properties: [("note".to_owned(), "n".repeat(1000))].into(),
+            ..good()
         })
+        .collect();
+    let stored = client
+        .record_touchpoints(pb::RecordTouchpointsRequest { touchpoints: full })
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        details(&status)
-            .0
-            .iter()
-            .any(|(f, _)| f == "touchpoint.type")
-    );
+        .expect("a full batch of 10,000 touchpoints is accepted")
+        .into_inner();
+    assert_eq!(stored.stored_count, 10_000);
     // A batch over the limit is refused whole.
     let too_many = client
         .record_touchpoints(pb::RecordTouchpointsRequest {
@@ -590,9 +611,9 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
     .await;
     assert_eq!((mixed.stored_count, mixed.rejected_count), (1, 1));
     assert_eq!(
-        wait_for_recorded(&mut client, 1).await,
-        1,
-        "only the good touchpoint was stored"
+        wait_for_recorded(&mut client, 10_001).await,
+        10_001,
+        "only the full batch and the good touchpoint were stored"
     );
 }
 

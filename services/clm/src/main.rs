@@ -116,6 +116,7 @@ async fn migrate(services: Vec<ServiceName>) -> anyhow::Result<()> {
     let env = Env::process();
     let platform = PlatformConfig::from_env(&env)?;
     let _telemetry = telemetry::init(&platform)?;
+    warn_about_unknown_variables(&platform, &env);
     for service in services {
         match service {
             ServiceName::Identity => {
@@ -181,6 +182,7 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
         }
         false => None,
     };
+    warn_about_unknown_variables(&platform, &env);
     let listener = server::bind(platform.listen_addr).await?;
     let address = listener.local_addr()?;
     let mut mounted = Mounted::new();
@@ -224,12 +226,19 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
         );
         println!("try: grpcurl -plaintext {address} list");
     }
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        server::termination_signal().await;
-        signal.trigger();
-    });
+    server::stop_on_signal(shutdown.clone());
     server::serve(&platform, listener, mounted, shutdown).await
+}
+
+/// Warns about `CLM_*` variables that no service reads, such as a misspelled
+/// one. The configuration of every service the binary contains is read for
+/// it, so that a variable meant for a service not run here (one ConfigMap for
+/// every pod) is no surprise; errors there are not this process's concern.
+fn warn_about_unknown_variables(platform: &PlatformConfig, env: &Env) {
+    let _ = clm_identity::IdentityConfig::from_env(platform, env);
+    let _ = clm_touchpoints::TouchpointsConfig::from_env(platform, env);
+    let _ = clm_scoring::ScoringConfig::from_env(platform, env);
+    env.warn_about_unknown_variables();
 }
 
 /// The address to reach this process from itself: an unspecified listen

@@ -117,6 +117,7 @@ pub async fn migrate(config: &ScoringConfig) -> anyhow::Result<()> {
 /// A running scoring service, ready to mount.
 pub struct ScoringService {
     grpc: LifecycleGrpc,
+    max_message_bytes: usize,
 }
 
 fn channel(url: &str) -> anyhow::Result<Channel> {
@@ -201,12 +202,21 @@ impl ScoringService {
             shards = config.log_shards,
             "scoring service ready"
         );
-        Ok(Self { grpc })
+        Ok(Self {
+            grpc,
+            max_message_bytes: platform.limits.max_message_bytes,
+        })
     }
 
-    /// Mounts the gRPC service.
+    /// Mounts the gRPC service, with this process's message size limit.
     pub fn mount(&self, mounted: &mut Mounted) {
-        mounted.add(self.grpc.clone().into_server());
+        mounted.add(
+            self.grpc
+                .clone()
+                .into_server()
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(self.max_message_bytes.max(16 * 1024 * 1024)),
+        );
     }
 }
 

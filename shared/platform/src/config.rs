@@ -31,10 +31,16 @@ impl ConfigError {
 
 /// Looks up one variable.
 type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// Lists the names of the variables that are set.
+type Names = Box<dyn Fn() -> Vec<String> + Send + Sync>;
 
 /// Reads variables from the process environment or, in tests, from a map.
+/// It remembers every name asked for, so that a misspelled `CLM_*` variable,
+/// which nothing asks for, can be pointed out ([`Env::unknown_clm_variables`]).
 pub struct Env {
     lookup: Lookup,
+    names: Names,
+    asked: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Env {
@@ -42,6 +48,12 @@ impl Env {
     pub fn process() -> Self {
         Self {
             lookup: Box::new(|name| std::env::var(name).ok()),
+            names: Box::new(|| {
+                std::env::vars_os()
+                    .filter_map(|(name, _)| name.into_string().ok())
+                    .collect()
+            }),
+            asked: Default::default(),
         }
     }
 
@@ -52,18 +64,69 @@ impl Env {
         K: Into<String>,
         V: Into<String>,
     {
-        let map: std::collections::HashMap<String, String> = pairs
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
+        let map: std::sync::Arc<std::collections::HashMap<String, String>> = std::sync::Arc::new(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        let names = map.clone();
         Self {
             lookup: Box::new(move |name| map.get(name).cloned()),
+            names: Box::new(move || names.keys().cloned().collect()),
+            asked: Default::default(),
         }
     }
 
     /// The variable's value; unset and empty are the same.
     pub fn string(&self, name: &str) -> Option<String> {
+        if let Ok(mut asked) = self.asked.lock()
+            && !asked.contains(name)
+        {
+            asked.insert(name.to_owned());
+        }
         (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    /// The `CLM_*` variables that are set but that no configuration asked
+    /// for, each with the known name it most likely means. Ask once every
+    /// configuration has been read.
+    pub fn unknown_clm_variables(&self) -> Vec<(String, Option<String>)> {
+        let asked = self
+            .asked
+            .lock()
+            .map(|asked| asked.clone())
+            .unwrap_or_default();
+        let mut unknown: Vec<(String, Option<String>)> = (self.names)()
+            .into_iter()
+            .filter(|name| name.starts_with("CLM_") && !asked.contains(name))
+            .map(|name| {
+                let suggestion = asked
+                    .iter()
+                    .filter(|known| known.starts_with("CLM_"))
+                    .map(|known| (edit_distance(&name, known), known))
+                    .filter(|(distance, _)| *distance <= 3)
+                    .min()
+                    .map(|(_, known)| known.clone());
+                (name, suggestion)
+            })
+            .collect();
+        unknown.sort();
+        unknown
+    }
+
+    /// Logs a warning for each of [`Env::unknown_clm_variables`].
+    pub fn warn_about_unknown_variables(&self) {
+        for (name, suggestion) in self.unknown_clm_variables() {
+            match suggestion {
+                Some(known) => tracing::warn!(
+                    variable = %name,
+                    did_you_mean = %known,
+                    "unknown configuration variable, ignored"
+                ),
+                None => tracing::warn!(variable = %name, "unknown configuration variable, ignored"),
+            }
+        }
     }
 
     /// The variable parsed as `T`, or `default` when unset.
@@ -140,7 +203,9 @@ impl FromStr for LogFormat {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// The largest request message the server decodes, in bytes
-    /// (`CLM_MAX_MESSAGE_BYTES`, default 4 MiB).
+    /// (`CLM_MAX_MESSAGE_BYTES`, default 16 MiB: a batch of the most items
+    /// allowed, 10,000 touchpoints with properties of about 1 KiB each).
+    /// Above it, calls fail with RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// The largest page a List call returns (`CLM_MAX_PAGE_SIZE`, default 1000).
     pub max_page_size: u32,
@@ -155,7 +220,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: 16 * 1024 * 1024,
             max_page_size: 1000,
             default_page_size: 100,
             max_batch_size: 10_000,
@@ -192,6 +257,11 @@ pub struct PlatformConfig {
     pub log_filter: String,
     /// How long in-flight calls may drain after SIGTERM (`CLM_SHUTDOWN_GRACE_SECONDS`, default 20).
     pub shutdown_grace: Duration,
+    /// How long the server keeps accepting calls after SIGTERM while health
+    /// says NOT_SERVING, so that load balancers and probes notice before the
+    /// listener closes (`CLM_SHUTDOWN_DELAY_SECONDS`, default 10: the chart's
+    /// readiness probe, every 5 s with 2 failures to notice). Ctrl-C skips it.
+    pub shutdown_delay: Duration,
     /// How long a hot object stays cached (`CLM_CACHE_TTL_SECONDS`, default 300; ±10% jitter).
     pub cache_ttl: Duration,
     /// How many entries the in-process cache holds (`CLM_CACHE_CAPACITY`, default 100000).
@@ -258,14 +328,16 @@ impl PlatformConfig {
                 ));
             }
         }
-        let otel = env
-            .string("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .map(|endpoint| OtelConfig {
-                endpoint,
+        let otel = match env.string("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            None => None,
+            Some(endpoint) => Some(OtelConfig {
+                endpoint: otlp_endpoint(&endpoint)
+                    .map_err(|reason| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", reason))?,
                 service_name: env
                     .string("OTEL_SERVICE_NAME")
                     .unwrap_or_else(|| "clm".to_owned()),
-            });
+            }),
+        };
 
         Ok(Self {
             listen_addr: env
@@ -283,6 +355,12 @@ impl PlatformConfig {
                 20,
                 0,
                 3600,
+            )?),
+            shutdown_delay: Duration::from_secs(env.bounded_or(
+                "CLM_SHUTDOWN_DELAY_SECONDS",
+                10,
+                0,
+                600,
             )?),
             cache_ttl: Duration::from_secs(env.bounded_or(
                 "CLM_CACHE_TTL_SECONDS",
@@ -314,9 +392,85 @@ impl PlatformConfig {
     }
 }
 
+/// The Levenshtein distance of two names, in bytes (names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, &x) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, &y) in b.iter().enumerate() {
+            current[j + 1] = (previous[j] + usize::from(x != y))
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// An OTLP/gRPC collector endpoint: an `http://` or `https://` URL with a
+/// host, e.g. `http://otel-collector:4317`.
+fn otlp_endpoint(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    let uri: http::Uri = raw
+        .parse()
+        .map_err(|err| format!("{raw:?} is not a URL: {err}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            return Err(format!(
+                "{raw:?} must start with http:// or https:// (e.g. http://otel-collector:4317)"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{raw:?} has no host"));
+    }
+    Ok(raw.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn misspelled_variables_are_pointed_out() {
+        let env = Env::from_pairs([
+            ("CLM_LOG_FROMAT", "json"),
+            ("CLM_LISTEN_ADDR", "127.0.0.1:0"),
+            ("CLM_NOTHING_LIKE_IT_AT_ALL", "1"),
+            ("PATH", "/bin"),
+        ]);
+        PlatformConfig::from_env(&env).unwrap();
+        assert_eq!(
+            env.unknown_clm_variables(),
+            [
+                (
+                    "CLM_LOG_FROMAT".to_owned(),
+                    Some("CLM_LOG_FORMAT".to_owned())
+                ),
+                ("CLM_NOTHING_LIKE_IT_AT_ALL".to_owned(), None),
+            ]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn the_otlp_endpoint_must_be_a_url() {
+        for bad in [
+            "not-a-url",
+            "otel-collector:4317",
+            "ftp://collector:4317",
+            "http://",
+        ] {
+            let env = Env::from_pairs([("OTEL_EXPORTER_OTLP_ENDPOINT", bad)]);
+            let err = PlatformConfig::from_env(&env).unwrap_err();
+            assert_eq!(err.variable, "OTEL_EXPORTER_OTLP_ENDPOINT", "{bad}");
+        }
+        let env = Env::from_pairs([("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")]);
+        let config = PlatformConfig::from_env(&env).unwrap();
+        assert_eq!(config.otel.unwrap().endpoint, "http://127.0.0.1:4317");
+    }
 
     #[test]
     fn defaults_make_the_embedded_mode_work() {

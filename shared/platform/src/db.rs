@@ -12,12 +12,12 @@ use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::ConnectOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Connection as _};
 
 use crate::secret::Secret;
 
@@ -78,6 +78,18 @@ pub async fn connect(
                 .options([("search_path", schema)])
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+            // One connection made directly first: when the server cannot be
+            // reached, the pool would only say that it timed out, while this
+            // says why (refused, unknown host, authentication, …).
+            let first = tokio::time::timeout(Duration::from_secs(5), options.connect())
+                .await
+                .map_err(|_| {
+                    sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer within 5 s",
+                    ))
+                })??;
+            let _ = first.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(5))
@@ -127,6 +139,27 @@ pub async fn connect(
                 .await?;
             Ok(Pools::Sqlite(SqlitePools { writer, reader }))
         }
+    }
+}
+
+/// Where a database URL points, without its credentials: `PostgreSQL at
+/// host:port, database name` or `SQLite file path`.
+pub fn describe_url(url: &str) -> String {
+    match DatabaseKind::of_url(url) {
+        Ok(DatabaseKind::Postgres) => match PgConnectOptions::from_str(url) {
+            Ok(options) => format!(
+                "PostgreSQL at {}:{}, database {}",
+                options.get_host(),
+                options.get_port(),
+                options.get_database().unwrap_or("(default)")
+            ),
+            Err(_) => "PostgreSQL, with a URL that does not parse".to_owned(),
+        },
+        Ok(DatabaseKind::Sqlite) => match SqliteConnectOptions::from_str(url) {
+            Ok(options) => format!("SQLite file {}", options.get_filename().display()),
+            Err(_) => "SQLite, with a URL that does not parse".to_owned(),
+        },
+        Err(_) => "an unsupported database URL".to_owned(),
     }
 }
 
@@ -240,7 +273,13 @@ impl ServiceMigrations {
     ) -> anyhow::Result<Pools> {
         let pools = connect(url, self.schema, max_connections)
             .await
-            .map_err(|err| anyhow::anyhow!("cannot open the {} database: {err}", self.schema))?;
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "cannot open the {} database ({}): {err}",
+                    self.schema,
+                    describe_url(url.expose())
+                )
+            })?;
         if migrate {
             self.run(&pools).await?;
         } else {
@@ -348,6 +387,48 @@ mod tests {
             Ok(DatabaseKind::Sqlite)
         );
         assert!(DatabaseKind::of_url("mysql://h/db").is_err());
+    }
+
+    #[test]
+    fn urls_are_described_without_credentials() {
+        assert_eq!(
+            describe_url("postgres://clm:hunter2@db.internal:6543/identity"),
+            "PostgreSQL at db.internal:6543, database identity"
+        );
+        assert_eq!(
+            describe_url("sqlite://data/identity.db"),
+            "SQLite file data/identity.db"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_says_where_and_why() {
+        // A port nothing listens on: the error names the host and the cause,
+        // not only that a pool timed out.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = Secret::new(format!("postgres://clm@127.0.0.1:{port}/identity"));
+        let migrations = ServiceMigrations {
+            schema: "identity",
+            postgres: &[],
+            sqlite: &[],
+        };
+        let err = migrations
+            .open(&url, 2, true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "PostgreSQL at 127.0.0.1:{port}, database identity"
+            )),
+            "{err}"
+        );
+        assert!(err.to_lowercase().contains("refused"), "{err}");
+        assert!(!err.contains("timed out"), "{err}");
     }
 
     #[tokio::test]

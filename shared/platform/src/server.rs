@@ -21,6 +21,9 @@ use crate::config::PlatformConfig;
 pub struct Shutdown {
     sender: std::sync::Arc<watch::Sender<bool>>,
     receiver: watch::Receiver<bool>,
+    /// Set when the stop is for a person at a terminal (Ctrl-C): the server
+    /// closes its listener at once instead of after the shutdown delay.
+    immediate: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Shutdown {
@@ -36,12 +39,25 @@ impl Shutdown {
         Self {
             sender: std::sync::Arc::new(sender),
             receiver,
+            immediate: Default::default(),
         }
     }
 
     /// Starts the shutdown.
     pub fn trigger(&self) {
         self.sender.send_replace(true);
+    }
+
+    /// Starts the shutdown without the delay that lets load balancers see
+    /// NOT_SERVING (for Ctrl-C at a terminal, where nobody balances load).
+    pub fn trigger_immediately(&self) {
+        self.immediate
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.trigger();
+    }
+
+    fn is_immediate(&self) -> bool {
+        self.immediate.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// True once shutdown has started.
@@ -56,8 +72,17 @@ impl Shutdown {
     }
 }
 
-/// Completes on SIGTERM (Kubernetes) or Ctrl-C (a terminal).
-pub async fn termination_signal() {
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// Ctrl-C at a terminal.
+    Interrupt,
+    /// SIGTERM, from an orchestrator such as Kubernetes.
+    Terminate,
+}
+
+/// Completes on SIGTERM (Kubernetes) or Ctrl-C (a terminal), saying which.
+pub async fn termination_signal() -> Termination {
     let ctrl_c = async {
         if let Err(err) = tokio::signal::ctrl_c().await {
             tracing::warn!(error = %err, "cannot listen for ctrl-c");
@@ -79,9 +104,37 @@ pub async fn termination_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => tracing::info!("ctrl-c received, shutting down"),
-        () = terminate => tracing::info!("SIGTERM received, shutting down"),
+        () = ctrl_c => {
+            tracing::info!("ctrl-c received, shutting down");
+            Termination::Interrupt
+        }
+        () = terminate => {
+            tracing::info!("SIGTERM received, shutting down");
+            Termination::Terminate
+        }
     }
+}
+
+/// Triggers `shutdown` on the first termination signal: at once for
+/// Ctrl-C, after the shutdown delay for SIGTERM.
+pub fn stop_on_signal(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        match termination_signal().await {
+            Termination::Interrupt => shutdown.trigger_immediately(),
+            Termination::Terminate => shutdown.trigger(),
+        }
+    });
+}
+
+/// The accepted connections of `listener`, with Nagle's algorithm off.
+/// tonic ignores its own `tcp_nodelay` setting for a listener it is given,
+/// and with Nagle on, a response's trailers wait for the ACK of its data
+/// frame: an idle client delays that ACK by 40 ms, so every call with a
+/// response of more than a few hundred bytes took 40 ms.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 /// The services one process serves, collected before it starts.
@@ -130,63 +183,192 @@ impl Mounted {
     }
 }
 
-/// A request above `CLM_MAX_MESSAGE_BYTES` is refused by the decoder before
-/// any handler runs, as OUT_OF_RANGE. Callers sent a bad request, so it is
-/// reported like every other bad request: INVALID_ARGUMENT with a BadRequest
-/// detail naming the request and the limit. The status may travel in the
-/// headers (trailers-only response) or in the trailers; both are rewritten.
-fn oversized_request_is_invalid(
-    response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let (mut parts, body) = response.into_parts();
-    if let Some(rewritten) = rewrite_oversized(&parts.headers) {
-        parts.headers.extend(rewritten);
-        return http::Response::from_parts(parts, body);
-    }
-    http::Response::from_parts(
-        parts,
-        tonic::body::Body::new(OversizedTrailers { inner: body }),
-    )
+/// Statuses that tonic produces itself, before or instead of a handler, and
+/// that say too little or the wrong thing, rewritten in one place:
+/// - a request above `CLM_MAX_MESSAGE_BYTES` is refused by the decoder as
+///   OUT_OF_RANGE; gRPC's own servers answer RESOURCE_EXHAUSTED, and so does
+///   clm, with reason `MESSAGE_TOO_LARGE` and the limit;
+/// - a body that is not the request message (wrong wire type, a string that
+///   is not UTF-8, a truncated message) is refused as INTERNAL; it is the
+///   caller's fault, so INVALID_ARGUMENT naming the request, and logged;
+/// - a call to a service or method this process does not serve answers
+///   UNIMPLEMENTED with no message; the message names what is missing.
+///
+/// The status may travel in the headers (trailers-only response) or in the
+/// trailers; both are rewritten.
+#[derive(Clone)]
+struct StatusRewrite {
+    /// The path of the call, `/package.Service/Method`.
+    path: std::sync::Arc<str>,
+    /// The services this process serves.
+    services: std::sync::Arc<[&'static str]>,
 }
 
-/// The status headers that replace an oversized-message status, if `headers`
-/// carry one.
-fn rewrite_oversized(headers: &http::HeaderMap) -> Option<http::HeaderMap> {
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|status| status == "11");
-    if !out_of_range {
-        return None;
-    }
-    let message = percent_decode(
-        headers
-            .get("grpc-message")
-            .map(http::HeaderValue::as_bytes)
-            .unwrap_or_default(),
-    );
-    if !message.contains("message length too large") {
-        return None;
-    }
-    let numbers: Vec<&str> = message
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|part| !part.is_empty())
-        .collect();
-    let description = match numbers.as_slice() {
-        [found, limit, ..] => {
-            format!(
-                "the message is {found} bytes, above the limit of {limit} bytes (CLM_MAX_MESSAGE_BYTES)"
-            )
+/// The tower layer that applies [`StatusRewrite`] to every call.
+#[derive(Clone)]
+struct StatusRewriteLayer {
+    services: std::sync::Arc<[&'static str]>,
+}
+
+impl<S> tower::Layer<S> for StatusRewriteLayer {
+    type Service = StatusRewriteService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        StatusRewriteService {
+            inner,
+            services: self.services.clone(),
         }
-        _ => "the message is above the size limit (CLM_MAX_MESSAGE_BYTES)".to_owned(),
-    };
-    let status =
-        crate::error::StatusBuilder::invalid_argument(&[crate::error::FieldViolation::new(
-            "request",
-            description,
-        )]);
-    let mut rewritten = http::HeaderMap::new();
-    status.add_header(&mut rewritten).ok()?;
-    Some(rewritten)
+    }
+}
+
+#[derive(Clone)]
+struct StatusRewriteService<S> {
+    inner: S,
+    services: std::sync::Arc<[&'static str]>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for StatusRewriteService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let rewrite = StatusRewrite {
+            path: request.uri().path().into(),
+            services: self.services.clone(),
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(rewrite.apply(response))
+        })
+    }
+}
+
+impl StatusRewrite {
+    fn apply(
+        self,
+        response: http::Response<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let (mut parts, body) = response.into_parts();
+        if let Some(rewritten) = self.rewrite(&parts.headers) {
+            parts.headers.extend(rewritten);
+            return http::Response::from_parts(parts, body);
+        }
+        http::Response::from_parts(
+            parts,
+            tonic::body::Body::new(RewrittenTrailers {
+                inner: body,
+                rewrite: self,
+            }),
+        )
+    }
+
+    /// The status headers that replace the status in `headers`, if it is one
+    /// of those rewritten.
+    fn rewrite(&self, headers: &http::HeaderMap) -> Option<http::HeaderMap> {
+        let code = headers.get("grpc-status")?.to_str().ok()?;
+        let message = percent_decode(
+            headers
+                .get("grpc-message")
+                .map(http::HeaderValue::as_bytes)
+                .unwrap_or_default(),
+        );
+        let status = match code {
+            "11" if message.contains("message length too large") => {
+                Self::message_too_large(&message)
+            }
+            "13" if message.starts_with("failed to decode Protobuf message") => {
+                tracing::info!(
+                    rpc.method = %self.path,
+                    error = %message,
+                    "request refused: the body is not a valid protobuf message"
+                );
+                crate::error::StatusBuilder::invalid_argument(&[
+                    crate::error::FieldViolation::with_reason(
+                        "request",
+                        "MALFORMED_MESSAGE",
+                        format!(
+                            "is not a valid protobuf encoding of the request message: {}",
+                            message
+                                .trim_start_matches("failed to decode Protobuf message")
+                                .trim_start_matches(": ")
+                        ),
+                    ),
+                ])
+            }
+            "12" if message.is_empty() => self.unimplemented(),
+            _ => return None,
+        };
+        let mut rewritten = http::HeaderMap::new();
+        status.add_header(&mut rewritten).ok()?;
+        Some(rewritten)
+    }
+
+    fn message_too_large(message: &str) -> tonic::Status {
+        let numbers: Vec<&str> = message
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|part| !part.is_empty())
+            .collect();
+        let (text, limit) = match numbers.as_slice() {
+            [found, limit, ..] => (
+                format!(
+                    "the request is {found} bytes, above the limit of {limit} bytes (CLM_MAX_MESSAGE_BYTES)"
+                ),
+                *limit,
+            ),
+            _ => (
+                "the request is above the size limit (CLM_MAX_MESSAGE_BYTES)".to_owned(),
+                "",
+            ),
+        };
+        crate::error::StatusBuilder::with_reason(
+            tonic::Code::ResourceExhausted,
+            text,
+            "MESSAGE_TOO_LARGE",
+            &[("limit_bytes", limit)],
+        )
+    }
+
+    fn unimplemented(&self) -> tonic::Status {
+        let mut parts = self.path.trim_start_matches('/').splitn(2, '/');
+        let service = parts.next().unwrap_or_default();
+        let method = parts.next().unwrap_or_default();
+        let known = self.services.contains(&service);
+        let (message, reason) = if known {
+            (
+                format!("{service} has no method {method:?}"),
+                "UNKNOWN_METHOD",
+            )
+        } else {
+            (
+                format!(
+                    "this server does not serve {service:?}; it serves {}",
+                    self.services.join(", ")
+                ),
+                "UNKNOWN_SERVICE",
+            )
+        };
+        crate::error::StatusBuilder::with_reason(
+            tonic::Code::Unimplemented,
+            message,
+            reason,
+            &[("service", service), ("method", method)],
+        )
+    }
 }
 
 /// Decodes the percent-encoding of a `grpc-message` header.
@@ -213,12 +395,13 @@ fn percent_decode(raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A response body whose trailers get [`rewrite_oversized`].
-struct OversizedTrailers {
+/// A response body whose trailers get [`StatusRewrite::rewrite`].
+struct RewrittenTrailers {
     inner: tonic::body::Body,
+    rewrite: StatusRewrite,
 }
 
-impl http_body::Body for OversizedTrailers {
+impl http_body::Body for RewrittenTrailers {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
@@ -231,7 +414,7 @@ impl http_body::Body for OversizedTrailers {
             frame.map(|frame| {
                 frame.map(|frame| match frame.into_trailers() {
                     Ok(mut trailers) => {
-                        if let Some(rewritten) = rewrite_oversized(&trailers) {
+                        if let Some(rewritten) = self.rewrite.rewrite(&trailers) {
                             trailers.extend(rewritten);
                         }
                         http_body::Frame::trailers(trailers)
@@ -277,12 +460,20 @@ pub async fn serve(
             .await;
     }
 
-    let mut reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(clm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(clm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    // Both reflection services describe every listed service, both
+    // reflection versions included (each builder adds only its own).
+    let descriptors = [
+        clm_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut reflection_v1 = tonic_reflection::server::Builder::configure();
+    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
+    for descriptor in descriptors {
+        reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(descriptor);
+        reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(descriptor);
+    }
     // List only what this process serves, not every contract it knows.
     for name in names.iter().copied().chain(["grpc.health.v1.Health"]) {
         reflection_v1 = reflection_v1.with_service_name(name);
@@ -300,19 +491,26 @@ pub async fn serve(
         .add_service(reflection_v1alpha.build_v1alpha()?);
 
     let local_addr = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = incoming(listener);
     let limits = config.limits;
+    let served: std::sync::Arc<[&'static str]> = names
+        .iter()
+        .copied()
+        .chain([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ])
+        .collect();
     let router = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversized_request_is_invalid,
-        ))
+        .layer(StatusRewriteLayer { services: served })
         .trace_fn(crate::telemetry::request_span)
         .concurrency_limit_per_connection(limits.max_concurrent_requests)
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_routes(routes.routes());
 
+    let delay = config.shutdown_delay;
     let stopping = {
         let shutdown = shutdown.clone();
         let reporter = health_reporter.clone();
@@ -328,7 +526,20 @@ pub async fn serve(
                     .set_service_status(*name, ServingStatus::NotServing)
                     .await;
             }
-            tracing::info!("health is NOT_SERVING, draining in-flight calls");
+            // Then keep serving for as long as a prober takes to notice:
+            // a listener closed at once turns the calls still routed here
+            // into connection errors.
+            let delay = if shutdown.is_immediate() {
+                Duration::ZERO
+            } else {
+                delay
+            };
+            tracing::info!(
+                delay_seconds = delay.as_secs_f64(),
+                "health is NOT_SERVING, serving on until load balancers notice"
+            );
+            tokio::time::sleep(delay).await;
+            tracing::info!("listener closed, draining in-flight calls");
         }
     };
     tracing::info!(address = %local_addr, services = ?names, "serving gRPC");
@@ -336,6 +547,9 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     let deadline = async {
         shutdown.triggered().await;
+        if !shutdown.is_immediate() {
+            tokio::time::sleep(delay).await;
+        }
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
@@ -348,4 +562,33 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt as _;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let server_side = accepted.next().await.unwrap().unwrap();
+        assert!(server_side.nodelay().unwrap());
+    }
+
+    #[test]
+    fn unknown_calls_name_the_service_or_the_method() {
+        let rewrite = StatusRewrite {
+            path: "/clm.feedback.v1.SurveyService/GetSurvey".into(),
+            services: vec!["clm.identity.v1.CustomerService"].into(),
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-status", "12".parse().unwrap());
+        let status = tonic::Status::from_header_map(&rewrite.rewrite(&headers).unwrap()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert!(status.message().contains("clm.feedback.v1.SurveyService"));
+    }
 }

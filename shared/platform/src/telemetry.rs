@@ -34,7 +34,10 @@ pub fn init(config: &PlatformConfig) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_new(&config.log_filter)
         .map_err(|err| anyhow::anyhow!("invalid CLM_LOG: {err}"))?;
     let fmt_layer = match config.log_format {
+        // Colours only for a person at a terminal: a file, a pipe or a log
+        // collector gets plain text.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

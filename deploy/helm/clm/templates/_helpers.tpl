@@ -105,7 +105,7 @@ helm.sh/chart: {{ include "clm.chart" .root }}
 {{/* Seconds Kubernetes waits between the start of termination and SIGKILL. */}}
 {{- define "clm.terminationGracePeriodSeconds" -}}
 {{- $c := .Values.config -}}
-{{- add $c.preStopSleepSeconds $c.shutdownGraceSeconds $c.terminationSlackSeconds -}}
+{{- add $c.preStopSleepSeconds $c.shutdownDelaySeconds $c.shutdownGraceSeconds $c.terminationSlackSeconds -}}
 {{- end -}}
 
 {{/* Whether the chart's own Secret of a service holds anything: "true" or "". */}}
@@ -146,6 +146,8 @@ $(POD_NAME) expansion.
   value: "false"
 - name: CLM_SHUTDOWN_GRACE_SECONDS
   value: {{ $v.config.shutdownGraceSeconds | quote }}
+- name: CLM_SHUTDOWN_DELAY_SECONDS
+  value: {{ $v.config.shutdownDelaySeconds | quote }}
 - name: CLM_DATA_DIR
   value: /tmp/clm
 - name: CLM_DATABASE_URL
