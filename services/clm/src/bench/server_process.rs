@@ -1,6 +1,10 @@
 //! The servers a benchmark measures: `clm serve identity` child processes of
 //! this same binary, each on a free loopback port, stopped with SIGTERM and
 //! killed if they do not stop (or when dropped on an error path).
+//!
+//! A benchmark's output is its table: what a server logs (slow statements
+//! under load, say) goes to a file in the benchmark's data folder, named once
+//! on stderr and quoted when the server fails.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,11 +78,30 @@ pub struct ServerProcess {
     label: &'static str,
     child: Child,
     address: SocketAddr,
+    log_path: PathBuf,
+}
+
+/// The last lines of a server's log, to quote when it fails.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    if tail.is_empty() {
+        format!("its log {} is empty", path.display())
+    } else {
+        format!("the end of its log {}:\n{tail}", path.display())
+    }
 }
 
 impl ServerProcess {
     /// Starts a server and waits until it listens and answers SERVING.
     pub async fn start(label: &'static str, spec: &ServerSpec) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&spec.data_dir)
+            .with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
+        let log_path = spec.data_dir.join(format!("server-{label}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        eprintln!("clm bench: server {label} logs to {}", log_path.display());
         let mut command = Command::new(&spec.executable);
         command.arg("serve").args(spec.services);
         for variable in OVERRIDDEN_VARIABLES {
@@ -100,7 +123,7 @@ impl ServerProcess {
             .env("CLM_SHUTDOWN_GRACE_SECONDS", "2")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log))
             .kill_on_drop(true);
         if let Some(redis_url) = &spec.redis_url {
             command.env("CLM_REDIS_URL", redis_url);
@@ -116,6 +139,7 @@ impl ServerProcess {
             label,
             child,
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log_path,
         };
         server.address =
             match tokio::time::timeout(START_TIMEOUT, listening_address(stdout, label)).await {
@@ -126,16 +150,18 @@ impl ServerProcess {
                         .ok()
                         .and_then(Result::ok);
                     return Err(err.context(format!(
-                        "server {label} did not start ({})",
+                        "server {label} did not start ({}); {}",
                         status.map_or_else(
                             || "exit status unknown".to_owned(),
                             |status| status.to_string()
-                        )
+                        ),
+                        log_tail(&server.log_path)
                     )));
                 }
                 Err(_) => anyhow::bail!(
-                    "server {label} did not listen within {} s",
-                    START_TIMEOUT.as_secs()
+                    "server {label} did not listen within {} s; {}",
+                    START_TIMEOUT.as_secs(),
+                    log_tail(&server.log_path)
                 ),
             };
         server.wait_until_serving().await?;
@@ -148,7 +174,11 @@ impl ServerProcess {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => {
-                anyhow::bail!("server {} exited during {during} ({status})", self.label)
+                anyhow::bail!(
+                    "server {} exited during {during} ({status}); {}",
+                    self.label,
+                    log_tail(&self.log_path)
+                )
             }
             Err(err) => Err(anyhow::Error::new(err).context(format!(
                 "cannot tell whether server {} still runs",
@@ -177,10 +207,11 @@ impl ServerProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::bail!(
-            "server {} on {} was not SERVING within {} s: {last_problem}",
+            "server {} on {} was not SERVING within {} s: {last_problem}; {}",
             self.label,
             self.address,
-            READY_TIMEOUT.as_secs()
+            READY_TIMEOUT.as_secs(),
+            log_tail(&self.log_path)
         )
     }
 
