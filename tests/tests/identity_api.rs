@@ -735,11 +735,11 @@ async fn lifecycles_are_stored_in_batches(server: ClmServer) {
     let results = client
         .set_lifecycles(pb::SetLifecyclesRequest {
             items: vec![
-                item(&ada.id, LifecycleStage::Reach, 1_800_000_000),
-                item(&bob.id, LifecycleStage::Conversion, 1_800_000_000),
-                item(&unknown, LifecycleStage::Reach, 1_800_000_000),
+                item(&ada.id, LifecycleStage::Reach, 1_750_000_000),
+                item(&bob.id, LifecycleStage::Conversion, 1_750_000_000),
+                item(&unknown, LifecycleStage::Reach, 1_750_000_000),
                 // Named twice: the newer snapshot wins.
-                item(&ada.id, LifecycleStage::Retention, 1_800_000_100),
+                item(&ada.id, LifecycleStage::Retention, 1_750_000_100),
             ],
         })
         .await
@@ -772,11 +772,11 @@ async fn lifecycles_are_stored_in_batches(server: ClmServer) {
         .results;
     assert!(!older[0].applied);
     // A bad item is named, and nothing of the call is stored.
-    let mut bad = item(&ada.id, LifecycleStage::Loyalty, 1_800_000_200);
+    let mut bad = item(&ada.id, LifecycleStage::Loyalty, 1_750_000_200);
     bad.lifecycle.as_mut().unwrap().lead_score = 101.0;
     let refused = client
         .set_lifecycles(pb::SetLifecyclesRequest {
-            items: vec![item(&bob.id, LifecycleStage::Loyalty, 1_800_000_200), bad],
+            items: vec![item(&bob.id, LifecycleStage::Loyalty, 1_750_000_200), bad],
         })
         .await
         .unwrap_err();
@@ -791,6 +791,94 @@ async fn lifecycles_are_stored_in_batches(server: ClmServer) {
         .into_inner()
         .customer;
     assert_eq!(stage_of(bob_now), Some(LifecycleStage::Conversion as i32));
+
+    // A snapshot from the future would shadow every real one for good.
+    let year_9999 = 253_402_214_400;
+    let future = client
+        .set_lifecycles(pb::SetLifecyclesRequest {
+            items: vec![item(&bob.id, LifecycleStage::Loyalty, year_9999)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(future.code(), Code::InvalidArgument);
+    assert_eq!(
+        clm_tests::violation_reasons(&future),
+        [(
+            "items[0].lifecycle.evaluated_at".to_owned(),
+            "OUT_OF_RANGE".to_owned()
+        )]
+    );
+    let an_hour_ahead = chrono::Utc::now().timestamp() + 3600;
+    assert_invalid(
+        client
+            .set_lifecycle(pb::SetLifecycleRequest {
+                customer_id: bob.id.clone(),
+                lifecycle: Some(snapshot(LifecycleStage::Loyalty, an_hour_ahead)),
+            })
+            .await,
+        "lifecycle.evaluated_at",
+    );
+    // The acquisition status belongs to ACQUISITION alone.
+    let mut reach_mql = snapshot(LifecycleStage::Reach, 1_750_000_300);
+    reach_mql.acquisition_status = clm_proto::common::AcquisitionStatus::Mql as i32;
+    assert_invalid(
+        client
+            .set_lifecycle(pb::SetLifecycleRequest {
+                customer_id: bob.id.clone(),
+                lifecycle: Some(reach_mql),
+            })
+            .await,
+        "lifecycle.acquisition_status",
+    );
+    assert_invalid(
+        client
+            .set_lifecycle(pb::SetLifecycleRequest {
+                customer_id: bob.id.clone(),
+                lifecycle: Some(snapshot(LifecycleStage::Acquisition, 1_750_000_300)),
+            })
+            .await,
+        "lifecycle.acquisition_status",
+    );
+    // A consent recorded in the future could never be withdrawn.
+    assert_invalid(
+        client
+            .update_customer(pb::UpdateCustomerRequest {
+                customer: Some(Customer {
+                    id: bob.id.clone(),
+                    consents: vec![pb::Consent {
+                        purpose: "email_marketing".into(),
+                        status: pb::ConsentStatus::Granted as i32,
+                        source: "test".into(),
+                        recorded_at: Some(prost_types::Timestamp {
+                            seconds: year_9999,
+                            nanos: 0,
+                        }),
+                    }],
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["consents".into()],
+                }),
+                expected_version: 0,
+            })
+            .await,
+        "customer.consents[0].recorded_at",
+    );
+    let bob_after = client
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: bob.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert_eq!(
+        bob_after.lifecycle.map(|l| l.stage),
+        Some(LifecycleStage::Conversion as i32),
+        "nothing refused was stored"
+    );
+    assert!(bob_after.consents.is_empty(), "nothing refused was stored");
 }
 
 macro_rules! on_both_modes {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clm_eventlog::{Cursor, ShardFilter};
 use clm_platform::error::Violations;
 use clm_platform::server::Shutdown;
+use clm_platform::time::FactTimes;
 use clm_platform::{FieldViolation, Limits, paging, validate};
 use clm_proto::common as common_pb;
 use clm_proto::identity as pb;
@@ -79,6 +80,11 @@ impl CustomerGrpc {
         }
     }
 
+    /// The bound on the times a request states as facts, as of now.
+    fn fact_times(&self) -> FactTimes {
+        FactTimes::at(crate::directory::now(), self.limits.max_clock_skew)
+    }
+
     /// The generated server with this process's message size limit.
     pub fn into_server(self) -> pb::customer_service_server::CustomerServiceServer<Self> {
         let limit = self.limits.max_message_bytes;
@@ -135,7 +141,12 @@ fn attributes(
     raw.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-fn consents(violations: &mut Violations, field: &str, raw: &[pb::Consent]) -> Vec<Consent> {
+fn consents(
+    violations: &mut Violations,
+    field: &str,
+    raw: &[pb::Consent],
+    times: FactTimes,
+) -> Vec<Consent> {
     if raw.len() > MAX_CONSENTS {
         violations.add(
             field,
@@ -145,7 +156,7 @@ fn consents(violations: &mut Violations, field: &str, raw: &[pb::Consent]) -> Ve
             ),
         );
     }
-    let now = crate::directory::now();
+    let now = times.clock();
     let mut seen = std::collections::HashSet::new();
     raw.iter()
         .enumerate()
@@ -174,10 +185,7 @@ fn consents(violations: &mut Violations, field: &str, raw: &[pb::Consent]) -> Ve
             ));
             let recorded_at = match &consent.recorded_at {
                 None => Some(now),
-                Some(ts) => violations.check(clm_platform::time::from_timestamp(
-                    &format!("{at}.recorded_at"),
-                    ts,
-                )),
+                Some(ts) => violations.check(times.check(&format!("{at}.recorded_at"), ts)),
             };
             Some(Consent {
                 purpose: consent.purpose.clone(),
@@ -434,6 +442,7 @@ fn lifecycle(
     violations: &mut Violations,
     field: &str,
     raw: Option<&common_pb::LifecycleSnapshot>,
+    times: FactTimes,
 ) -> Option<Lifecycle> {
     let Some(raw) = raw else {
         violations.add(field, "is required");
@@ -454,6 +463,29 @@ fn lifecycle(
         raw.health,
         true,
     ));
+    // The sub-status belongs to ACQUISITION alone, as in scoring's models.
+    match (stage, status) {
+        (
+            Some(common_pb::LifecycleStage::Acquisition),
+            Some(common_pb::AcquisitionStatus::Unspecified),
+        ) => violations.add(
+            format!("{field}.acquisition_status"),
+            "is required when the stage is ACQUISITION",
+        ),
+        (Some(stage), Some(status))
+            if stage != common_pb::LifecycleStage::Acquisition
+                && status != common_pb::AcquisitionStatus::Unspecified =>
+        {
+            violations.add(
+                format!("{field}.acquisition_status"),
+                format!(
+                    "must be unspecified when the stage is {}",
+                    stage.as_str_name()
+                ),
+            )
+        }
+        _ => {}
+    }
     for (name, score) in [
         ("engagement_score", raw.engagement_score),
         ("lead_score", raw.lead_score),
@@ -470,12 +502,8 @@ fn lifecycle(
         64,
     );
     let time = |violations: &mut Violations, name: &str, ts: &Option<prost_types::Timestamp>| {
-        ts.as_ref().and_then(|ts| {
-            violations.check(clm_platform::time::from_timestamp(
-                &format!("{field}.{name}"),
-                ts,
-            ))
-        })
+        ts.as_ref()
+            .and_then(|ts| violations.check(times.check(&format!("{field}.{name}"), ts)))
     };
     let stage_entered_at = time(violations, "stage_entered_at", &raw.stage_entered_at);
     let health_entered_at = time(violations, "health_entered_at", &raw.health_entered_at);
@@ -484,10 +512,7 @@ fn lifecycle(
             violations.add(format!("{field}.evaluated_at"), "is required");
             None
         }
-        Some(ts) => violations.check(clm_platform::time::from_timestamp(
-            &format!("{field}.evaluated_at"),
-            ts,
-        )),
+        Some(ts) => violations.check(times.check(&format!("{field}.evaluated_at"), ts)),
     };
     Some(Lifecycle {
         stage: stage? as i32,
@@ -530,7 +555,12 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
             ],
         );
         let attributes = attributes(&mut violations, "customer.attributes", &customer.attributes);
-        let consents = consents(&mut violations, "customer.consents", &customer.consents);
+        let consents = consents(
+            &mut violations,
+            "customer.consents",
+            &customer.consents,
+            self.fact_times(),
+        );
         text_violation(
             &mut violations,
             "request_id",
@@ -613,8 +643,14 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
         let keys = self.customer_keys(&mut violations, &customer, &kinds);
         let attributes = has("attributes")
             .then(|| attributes(&mut violations, "customer.attributes", &customer.attributes));
-        let consents = has("consents")
-            .then(|| consents(&mut violations, "customer.consents", &customer.consents));
+        let consents = has("consents").then(|| {
+            consents(
+                &mut violations,
+                "customer.consents",
+                &customer.consents,
+                self.fact_times(),
+            )
+        });
         let text = |name: &str, value: &str| has(name).then(|| value.trim().to_owned());
         let patch = CustomerPatch {
             given_name: text("given_name", &customer.given_name),
@@ -740,7 +776,12 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
             text_violation(&mut violations, &format!("traits.{name}"), value, max);
         }
         let attributes = attributes(&mut violations, "traits.attributes", &traits.attributes);
-        let consents = consents(&mut violations, "consents", &request.consents);
+        let consents = consents(
+            &mut violations,
+            "consents",
+            &request.consents,
+            self.fact_times(),
+        );
         let resolve = done(violations, || ResolveRequest {
             keys,
             traits: Profile {
@@ -858,7 +899,12 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
         let request = request.into_inner();
         let mut violations = Violations::new();
         let id = id_field(&mut violations, "customer_id", &request.customer_id);
-        let lifecycle = lifecycle(&mut violations, "lifecycle", request.lifecycle.as_ref());
+        let lifecycle = lifecycle(
+            &mut violations,
+            "lifecycle",
+            request.lifecycle.as_ref(),
+            self.fact_times(),
+        );
         let (id, lifecycle) = done(violations, || (id, lifecycle))?;
         let (applied, version) = self
             .directory
@@ -882,6 +928,7 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
                 format!("at most {} items per call", self.limits.max_batch_size),
             );
         }
+        let times = self.fact_times();
         let items: Vec<Option<(Uuid, Lifecycle)>> = request
             .items
             .iter()
@@ -896,6 +943,7 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
                     &mut violations,
                     &format!("items[{index}].lifecycle"),
                     item.lifecycle.as_ref(),
+                    times,
                 );
                 Some((id?, lifecycle?))
             })

@@ -9,7 +9,7 @@ use chrono::{DateTime, SubsecRound as _, Utc};
 use clm_eventlog::{Cursor, ShardFilter, TailOptions, tail_batches};
 use clm_platform::error::Violations;
 use clm_platform::server::Shutdown;
-use clm_platform::time::{from_timestamp, to_timestamp};
+use clm_platform::time::{FactTimes, from_timestamp, to_timestamp};
 use clm_platform::{FieldViolation, Limits, StatusBuilder, paging, validate};
 use clm_proto::common as common_pb;
 use clm_proto::touchpoint as pb;
@@ -191,20 +191,9 @@ impl TouchpointGrpc {
         }
         let occurred_at = match &raw.occur_time {
             None => now,
-            Some(ts) => match from_timestamp("occur_time", ts) {
+            Some(ts) => match FactTimes::at(now, self.max_future_skew).check("occur_time", ts) {
                 Err(v) => {
                     bad("occur_time", "OUT_OF_RANGE", v.description);
-                    now
-                }
-                Ok(at) if at > now + self.max_future_skew => {
-                    bad(
-                        "occur_time",
-                        "OUT_OF_RANGE",
-                        format!(
-                            "is more than {}s in the future",
-                            self.max_future_skew.as_secs()
-                        ),
-                    );
                     now
                 }
                 Ok(at) => at.trunc_subsecs(6),

@@ -39,7 +39,8 @@ pub struct TouchpointsConfig {
     /// The identity service (`CLM_IDENTITY_URL`; default: this process when
     /// it serves identity too).
     pub identity_url: Option<String>,
-    /// How far in the future `occur_time` may be (`CLM_TOUCHPOINT_MAX_FUTURE_SKEW_SECONDS`, default 300).
+    /// How far in the future `occur_time` may be (`CLM_TOUCHPOINT_MAX_FUTURE_SKEW_SECONDS`,
+    /// default `CLM_MAX_CLOCK_SKEW_SECONDS`, the bound of every service).
     pub max_future_skew: Duration,
     /// Deadline of each call to identity (`CLM_IDENTITY_TIMEOUT_MS`, default 5000).
     pub identity_timeout: Duration,
@@ -64,7 +65,7 @@ impl TouchpointsConfig {
             identity_url,
             max_future_skew: Duration::from_secs(env.bounded_or(
                 "CLM_TOUCHPOINT_MAX_FUTURE_SKEW_SECONDS",
-                300,
+                platform.limits.max_clock_skew.as_secs(),
                 0,
                 86_400,
             )?),

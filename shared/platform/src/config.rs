@@ -215,6 +215,10 @@ pub struct Limits {
     pub max_batch_size: u32,
     /// Concurrent requests served per connection (`CLM_MAX_CONCURRENT_REQUESTS`, default 1024).
     pub max_concurrent_requests: usize,
+    /// How far ahead of the server's clock a time stated in a request may
+    /// be (`CLM_MAX_CLOCK_SKEW_SECONDS`, default 300): when a touchpoint
+    /// happened, a consent was recorded, a lifecycle was evaluated.
+    pub max_clock_skew: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -225,6 +229,7 @@ impl Default for Limits {
             default_page_size: 100,
             max_batch_size: 10_000,
             max_concurrent_requests: 1024,
+            max_clock_skew: Duration::from_secs(300),
         }
     }
 }
@@ -305,6 +310,12 @@ impl PlatformConfig {
                 1,
                 1_000_000,
             )? as usize,
+            max_clock_skew: Duration::from_secs(env.bounded_or(
+                "CLM_MAX_CLOCK_SKEW_SECONDS",
+                defaults.max_clock_skew.as_secs(),
+                0,
+                86_400,
+            )?),
         };
         let mut limits = limits;
         limits.default_page_size = limits.default_page_size.min(limits.max_page_size);
