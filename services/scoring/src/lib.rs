@@ -41,6 +41,7 @@ pub mod feature_map;
 mod features;
 pub mod grpc;
 mod lifecycle;
+mod literal_keys;
 mod model;
 mod model_proto;
 mod next_due;

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use cel::{Context, Env, Program, Value};
 
 use crate::feature_map::{Feature, FeatureSet};
+use crate::literal_keys::unknown_literal_keys;
 use crate::type_check::{TypeErrorKind, check_condition};
 use crate::validation::ViolationReason;
 
@@ -95,6 +96,22 @@ pub fn compile_condition(
             });
         (reason, format!("{position}{}", error.message))
     })?;
+    if let Some(key) = unknown_literal_keys(program.expression())
+        .into_iter()
+        .next()
+    {
+        let position = program
+            .source_info()
+            .offset_for(key.expr_id)
+            .map(|(start, _)| line_and_column(source, start as usize))
+            .map_or(String::new(), |(line, column)| {
+                format!("<input>:{line}:{column}: ")
+            });
+        return Err((
+            ViolationReason::UnknownKey,
+            format!("{position}{}", key.message),
+        ));
+    }
     let mut references = FeatureSet::default();
     for name in program.references().variables() {
         if let Some(feature) = Feature::from_name(name) {
@@ -238,6 +255,14 @@ mod tests {
 
         let (_, description) = compile_condition("nps > 1 && bogus", RuleKind::Stage).unwrap_err();
         assert_eq!(description, "<input>:1:12: unknown feature 'bogus'");
+        assert_eq!(
+            reason("count['purchse']['all'] >= 1", RuleKind::Stage),
+            ViolationReason::UnknownKey
+        );
+        let (_, description) =
+            compile_condition("count['purchase']['13d'] >= 1", RuleKind::Stage).unwrap_err();
+        assert!(description.starts_with("<input>:1:"), "{description}");
+        assert!(description.contains("'13d'"), "{description}");
     }
 
     #[test]

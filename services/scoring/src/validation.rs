@@ -31,6 +31,8 @@ pub enum ViolationReason {
     UnknownTouchpointType,
     /// Fields contradict each other.
     Inconsistent,
+    /// A CEL expression uses a literal key that its documented map never has.
+    UnknownKey,
 }
 
 impl ViolationReason {
@@ -46,6 +48,7 @@ impl ViolationReason {
             Self::DuplicateName => P::DuplicateName,
             Self::UnknownTouchpointType => P::UnknownTouchpointType,
             Self::Inconsistent => P::Inconsistent,
+            Self::UnknownKey => P::UnknownKey,
         }
     }
 }
@@ -160,6 +163,21 @@ pub(crate) fn validate_and_compile(model: &Model) -> Result<CompiledRules, Vec<M
         ("support_weight", health.support_weight),
     ] {
         check.range(&format!("model.health.{name}"), "", weight, 0.0, f64::MAX);
+    }
+    let weights = [
+        health.recency_weight,
+        health.trend_weight,
+        health.feedback_weight,
+        health.support_weight,
+    ];
+    if weights.iter().all(|weight| *weight == 0.0) {
+        check.push(
+            "model.health",
+            "",
+            ViolationReason::Inconsistent,
+            "at least one of recency_weight, trend_weight, feedback_weight and support_weight \
+             must be above 0: with all at 0 every customer gets the same health score",
+        );
     }
     check.duration(
         "model.health.recency_half_life",

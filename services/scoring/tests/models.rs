@@ -65,6 +65,56 @@ fn rejects_bad_rules_naming_each_one() {
 }
 
 #[test]
+fn rejects_literal_keys_the_feature_maps_never_have() {
+    let mut model = default_model();
+    model.stage_rules[1].condition = "count['purchse']['all'] >= 1".into();
+    model.stage_rules[3].condition = "count['purchase']['13d'] >= 1".into();
+    model.health_rules[0].condition = "channel_count.webb['7d'] > 0".into();
+    let found = violations(model);
+    let found_short: Vec<_> = found
+        .iter()
+        .map(|(f, r, k)| (f.as_str(), r.as_str(), *k))
+        .collect();
+    assert_eq!(
+        found_short,
+        [
+            (
+                "model.stage_rules[1].condition",
+                "loyal",
+                ViolationReason::UnknownKey
+            ),
+            (
+                "model.stage_rules[3].condition",
+                "converted",
+                ViolationReason::UnknownKey
+            ),
+            (
+                "model.health_rules[0].condition",
+                "cancelled",
+                ViolationReason::UnknownKey
+            ),
+        ]
+    );
+}
+
+#[test]
+fn rejects_health_weights_that_are_all_zero() {
+    let mut model = default_model();
+    model.health.recency_weight = 0.0;
+    model.health.trend_weight = 0.0;
+    model.health.feedback_weight = 0.0;
+    model.health.support_weight = 0.0;
+    assert_eq!(
+        violations(model),
+        [(
+            "model.health".to_owned(),
+            String::new(),
+            ViolationReason::Inconsistent
+        )]
+    );
+}
+
+#[test]
 fn describes_cel_errors_with_their_position() {
     let mut model = default_model();
     model.stage_rules[0].condition = "nps >= 9 && referrals > 0".into();

@@ -30,28 +30,7 @@ pub fn type_problem(kind: &str) -> Option<&'static str> {
     }
 }
 
-/// The active ISO 4217 alphabetic currency codes.
-const CURRENCIES: &[&str] = &[
-    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
-    "BGN", "BHD", "BIF", "BMD", "BND", "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD",
-    "CAD", "CDF", "CHE", "CHF", "CHW", "CLF", "CLP", "CNY", "COP", "COU", "CRC", "CUP", "CVE",
-    "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL",
-    "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR",
-    "IQD", "IRR", "ISK", "JMD", "JOD", "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD",
-    "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK",
-    "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MXV", "MYR", "MZN", "NAD", "NGN", "NIO",
-    "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON",
-    "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD",
-    "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD",
-    "TZS", "UAH", "UGX", "USD", "USN", "UYI", "UYU", "UYW", "UZS", "VED", "VES", "VND", "VUV",
-    "WST", "XAF", "XAG", "XAU", "XBA", "XBB", "XBC", "XBD", "XCD", "XCG", "XDR", "XOF", "XPD",
-    "XPF", "XPT", "XSU", "XUA", "YER", "ZAR", "ZMW", "ZWG",
-];
-
-/// True for an active ISO 4217 code.
-pub fn is_currency(code: &str) -> bool {
-    CURRENCIES.binary_search(&code).is_ok()
-}
+pub use clm_proto::vocabulary::is_currency;
 
 #[cfg(test)]
 mod tests {
@@ -59,7 +38,11 @@ mod tests {
 
     #[test]
     fn currencies_are_sorted_and_checked() {
-        assert!(CURRENCIES.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            clm_proto::vocabulary::CURRENCIES
+                .windows(2)
+                .all(|w| w[0] < w[1])
+        );
         assert!(is_currency("EUR") && is_currency("JPY"));
         assert!(!is_currency("eur") && !is_currency("XXX") && !is_currency("EURO"));
     }
