@@ -409,6 +409,26 @@ async fn bad_input_is_refused_and_stores_nothing(server: ClmServer) {
             .await,
         "customer.given_name",
     );
+    // Text that reorders or ends what readers display is refused.
+    for (name, given, family) in [
+        ("customer.family_name", "Ada", "Love\u{202e}lace"),
+        ("customer.given_name", "A\u{0}da", "Lovelace"),
+    ] {
+        assert_invalid(
+            client
+                .create_customer(pb::CreateCustomerRequest {
+                    customer: Some(Customer {
+                        given_name: given.into(),
+                        family_name: family.into(),
+                        emails: vec!["bidi@example.com".into()],
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await,
+            name,
+        );
+    }
     // A message above CLM_MAX_MESSAGE_BYTES (16 MiB) never reaches a handler.
     let status = client
         .create_customer(pb::CreateCustomerRequest {

@@ -507,6 +507,22 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
         ),
         (
             pb::Touchpoint {
+                properties: [("note".to_owned(), "a\u{0}b".to_owned())].into(),
+                ..good()
+            },
+            "touchpoints[0].properties[\"note\"]",
+            "INVALID_FORMAT",
+        ),
+        (
+            pb::Touchpoint {
+                campaign: "spring\u{202e}sale".into(),
+                ..good()
+            },
+            "touchpoints[0].campaign",
+            "INVALID_FORMAT",
+        ),
+        (
+            pb::Touchpoint {
                 customer: None,
                 ..good()
             },
@@ -569,7 +585,8 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         let unary_field = field.replacen("touchpoints[0]", "touchpoint", 1);
         assert!(
-            clm_tests::violation_reasons(&status).contains(&(unary_field.clone(), reason.to_owned())),
+            clm_tests::violation_reasons(&status)
+                .contains(&(unary_field.clone(), reason.to_owned())),
             "expected {unary_field} {reason}, got {:?}",
             clm_tests::violation_reasons(&status)
         );

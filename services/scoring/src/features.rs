@@ -132,8 +132,11 @@ pub struct CustomerFeatures {
     last_purchase_at: Option<DateTime<Utc>>,
     #[serde(with = "crate::stored_time::option")]
     last_cancellation_at: Option<DateTime<Utc>>,
-    /// Net revenue (revenue minus refunds) per currency, in micros.
-    revenue_micros: BTreeMap<String, i64>,
+    /// Net revenue (revenue minus refunds) per currency, in micros, carried
+    /// in 128 bits so that no sum of 64-bit amounts overflows (2^64 of the
+    /// largest amount fit). Stored as postcard varints, which read the
+    /// 64-bit sums stored before unchanged.
+    revenue_micros: BTreeMap<String, i128>,
     nps: Option<SurveyAnswer>,
     csat: Option<SurveyAnswer>,
     ces: Option<SurveyAnswer>,
@@ -164,16 +167,13 @@ impl CustomerFeatures {
             self.last_cancellation_at = latest(self.last_cancellation_at, Some(at));
         }
         if let Some(money) = touchpoint.revenue {
-            let signed = if kind == REFUND_TYPE {
-                -money.amount_micros
-            } else {
-                money.amount_micros
-            };
+            let amount = i128::from(money.amount_micros);
+            let signed = if kind == REFUND_TYPE { -amount } else { amount };
             let net = self
                 .revenue_micros
                 .entry(money.currency_code.to_owned())
                 .or_default();
-            *net = net.saturating_add(signed);
+            *net += signed;
         }
     }
 
@@ -195,7 +195,7 @@ impl CustomerFeatures {
         self.last_cancellation_at = latest(self.last_cancellation_at, other.last_cancellation_at);
         for (currency, micros) in &other.revenue_micros {
             let net = self.revenue_micros.entry(currency.clone()).or_default();
-            *net = net.saturating_add(*micros);
+            *net += *micros;
         }
         self.nps = newer_answer(self.nps, other.nps);
         self.csat = newer_answer(self.csat, other.csat);
@@ -311,7 +311,7 @@ impl CustomerFeatures {
     }
 
     /// Net revenue per currency, in micros.
-    pub fn revenue_micros(&self) -> &BTreeMap<String, i64> {
+    pub fn revenue_micros(&self) -> &BTreeMap<String, i128> {
         &self.revenue_micros
     }
 
@@ -397,6 +397,30 @@ mod tests {
             }),
             ..touch(kind, Channel::Web, at)
         }
+    }
+
+    #[test]
+    fn revenue_sums_are_exact_at_any_size() {
+        // Two purchases of the largest amount once summed to one of them.
+        let mut features = CustomerFeatures::new();
+        features.apply(&paid("purchase", day(1), "EUR", i64::MAX));
+        features.apply(&paid("purchase", day(2), "EUR", i64::MAX));
+        assert_eq!(features.revenue_micros()["EUR"], 2 * i128::from(i64::MAX));
+        let mut survivor = features.clone();
+        survivor.merge(&features);
+        assert_eq!(survivor.revenue_micros()["EUR"], 4 * i128::from(i64::MAX));
+        features.apply(&paid("refund", day(3), "EUR", i64::MAX));
+        assert_eq!(features.revenue_micros()["EUR"], i128::from(i64::MAX));
+    }
+
+    #[test]
+    fn revenue_stored_in_64_bits_reads_back_the_same() {
+        let before: BTreeMap<String, i64> =
+            [("EUR".to_owned(), i64::MAX), ("USD".to_owned(), -5)].into();
+        let stored = postcard::to_allocvec(&before).unwrap();
+        let read: BTreeMap<String, i128> = postcard::from_bytes(&stored).unwrap();
+        assert_eq!(read["EUR"], i128::from(i64::MAX));
+        assert_eq!(read["USD"], -5);
     }
 
     #[test]

@@ -331,6 +331,11 @@ impl Checker {
                 rule_name,
                 format!("must be at most {max} characters"),
             );
+        } else if let Some(problem) = value
+            .chars()
+            .find_map(clm_platform::validate::forbidden_in_text)
+        {
+            self.push(field, rule_name, ViolationReason::OutOfRange, problem);
         }
     }
 

@@ -205,15 +205,7 @@ impl TouchpointGrpc {
             ("utm_medium", &raw.utm_medium),
         ] {
             if let Err(v) = validate::text(name, value, false, MAX_TEXT) {
-                bad(
-                    name,
-                    if value.chars().count() > MAX_TEXT {
-                        "TOO_LONG"
-                    } else {
-                        "INVALID_FORMAT"
-                    },
-                    v.description,
-                );
+                bad(name, &v.reason, v.description);
             }
         }
         if raw.properties.len() > MAX_PROPERTIES {
@@ -239,12 +231,8 @@ impl TouchpointGrpc {
                     "keys are 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'".into(),
                 );
             }
-            if value.chars().count() > MAX_PROPERTY_VALUE {
-                bad(
-                    &format!("properties[{key:?}]"),
-                    "TOO_LONG",
-                    format!("is longer than {MAX_PROPERTY_VALUE} characters"),
-                );
+            if let Err(v) = validate::text("", value, false, MAX_PROPERTY_VALUE) {
+                bad(&format!("properties[{key:?}]"), &v.reason, v.description);
             }
         }
         let mut money = |name: &str, raw: &Option<common_pb::Money>| {

@@ -11,23 +11,49 @@ pub fn uuid(field: &str, value: &str) -> Result<uuid::Uuid, FieldViolation> {
     uuid::Uuid::try_parse(value).map_err(|_| FieldViolation::new(field, "is not a valid UUID"))
 }
 
-/// A text of at most `max` characters (`required`: at least one).
+/// Why `c` may not stand in a text field, if it may not. The one rule of
+/// every text field of every service (names, attribute and property values,
+/// campaign and UTM fields, descriptions): no control characters but tab,
+/// line feed and carriage return (a NUL ends the string for many readers),
+/// and no bidirectional embeddings, overrides or isolates (U+202A–U+202E,
+/// U+2066–U+2069), which reorder how the surrounding text is displayed and
+/// so can disguise it. Marks that only attach to neighbours (U+200E, U+200F,
+/// zero-width joiners) stay allowed: scripts and emoji need them.
+pub fn forbidden_in_text(c: char) -> Option<&'static str> {
+    match c {
+        '\t' | '\n' | '\r' => None,
+        c if c.is_control() => Some("contains a control character"),
+        '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+            Some("contains a bidirectional override or isolate (U+202A-U+202E, U+2066-U+2069)")
+        }
+        _ => None,
+    }
+}
+
+/// A text of at most `max` characters (`required`: at least one), with no
+/// character that [`forbidden_in_text`] refuses.
 pub fn text(field: &str, value: &str, required: bool, max: usize) -> Result<(), FieldViolation> {
     if required && value.trim().is_empty() {
-        return Err(FieldViolation::new(field, "is required"));
+        return Err(FieldViolation::with_reason(
+            field,
+            "REQUIRED",
+            "is required",
+        ));
     }
     let length = value.chars().count();
     if length > max {
-        return Err(FieldViolation::new(
+        return Err(FieldViolation::with_reason(
             field,
+            "TOO_LONG",
             format!("is {length} characters long, at most {max} are allowed"),
         ));
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        return Err(FieldViolation::new(field, "contains control characters"));
+    if let Some(problem) = value.chars().find_map(forbidden_in_text) {
+        return Err(FieldViolation::with_reason(
+            field,
+            "INVALID_FORMAT",
+            problem,
+        ));
     }
     Ok(())
 }
@@ -102,6 +128,14 @@ mod tests {
         assert!(text("f", " ", true, 3).is_err());
         assert!(text("f", "abcd", false, 3).is_err());
         assert!(text("f", "a\u{0}b", false, 3).is_err());
+        assert!(text("f", "Love\u{202e}lace", false, 30).is_err());
+        assert!(text("f", "a\u{2066}b", false, 30).is_err());
+        assert!(text("f", "line one\r\nline two\tend", false, 30).is_ok());
+        assert!(text("f", "👩\u{200d}💻 \u{200f}عربي", false, 30).is_ok());
+        assert_eq!(
+            text("f", "a\u{7}", false, 30).unwrap_err().reason,
+            "INVALID_FORMAT"
+        );
         assert!(token("f", "email_marketing", 64).is_ok());
         assert!(token("f", "Email", 64).is_err());
     }
