@@ -1023,6 +1023,8 @@ impl CustomerDirectory {
             let current = self.load(id).await?;
             match current.state {
                 CustomerState::Erased => {
+                    // A retry after a purge that failed finishes it.
+                    self.store.purge_erased().await?;
                     let erased_at = current.erased_at.unwrap_or(current.updated_at);
                     return Ok(Erased {
                         customer: current,
@@ -1065,6 +1067,7 @@ impl CustomerDirectory {
             match self.store.commit(&changes).await {
                 Ok(()) => {
                     self.cache_committed(&[&next]).await;
+                    self.store.purge_erased().await?;
                     tracing::info!(customer_id = %id, suppressed_keys = current.keys.len(), "customer erased");
                     return Ok(Erased {
                         customer: next,

@@ -150,6 +150,12 @@ pub trait CustomerStore: Send + Sync + 'static {
     async fn list(&self, query: &ListQuery) -> Result<Vec<Customer>, StoreError>;
     /// Commits a change set atomically.
     async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError>;
+    /// After an erasure: makes what it removed unreadable from the store's
+    /// files as far as the engine allows. SQLite (with `secure_delete`)
+    /// truncates its WAL, after which nothing is left; PostgreSQL vacuums
+    /// soon, which frees the old row versions but does not zero them (see
+    /// [`clm_platform::db::ErasureVacuum`]).
+    async fn purge_erased(&self) -> Result<(), StoreError>;
     /// The customer event log.
     fn event_log(&self) -> &EventLog;
 }

@@ -732,6 +732,10 @@ impl CustomerStore for SwitchableStore {
         self.check()?;
         self.inner.commit(changes).await
     }
+    async fn purge_erased(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.purge_erased().await
+    }
     fn event_log(&self) -> &EventLog {
         self.inner.event_log()
     }

@@ -114,6 +114,10 @@ pub async fn connect(
                 // a memory map rather than a read call each.
                 .pragma("temp_store", "memory")
                 .pragma("mmap_size", "4294967296")
+                // Deleted and overwritten content is zeroed in the file, so
+                // what an erasure removes cannot be read back from free
+                // space (see `wipe_sqlite_wal` for the WAL).
+                .pragma("secure_delete", "on")
                 .log_statements(tracing::log::LevelFilter::Trace);
             // The one writer keeps up to 64 MiB of pages, so a large
             // transaction does not spill to the WAL before it commits; each
@@ -139,6 +143,75 @@ pub async fn connect(
                 .await?;
             Ok(Pools::Sqlite(SqlitePools { writer, reader }))
         }
+    }
+}
+
+/// Copies the WAL of a SQLite database into the main file and truncates it
+/// to zero bytes. The WAL keeps every page version written since the last
+/// checkpoint, the ones from before an erasure included; with
+/// `secure_delete` on, the main file holds no freed content, so after this
+/// nothing an erasure removed is left in any file. Waits for readers to
+/// finish (a checkpoint cannot pass a reader still on an older snapshot),
+/// giving up after `attempts` tries.
+pub async fn wipe_sqlite_wal(pools: &SqlitePools, attempts: u32) -> Result<(), sqlx::Error> {
+    for attempt in 1..=attempts {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&pools.writer)
+            .await?;
+        if busy == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+    }
+    Err(sqlx::Error::Io(std::io::Error::other(
+        "the WAL could not be truncated: readers kept older snapshots open",
+    )))
+}
+
+/// Vacuums a service's PostgreSQL tables soon after an erasure, at most once
+/// per interval however many erasures come.
+///
+/// What this does and does not guarantee: an UPDATE or DELETE leaves the old
+/// row version (a dead tuple) in the table's pages until VACUUM removes it
+/// and its space is reused; VACUUM marks that space free but does not zero
+/// it, so the bytes stay in the data file until a later write covers them,
+/// and they stay in WAL segments and base backups until those are recycled
+/// or expire. Vacuuming at once shortens how long an erased profile is
+/// readable through SQL-level tools (pageinspect, a copy of the data
+/// directory) and lets the space be reused early; it cannot promise that
+/// nothing is recoverable from the files. Only destroying a per-customer
+/// encryption key (crypto-shredding) can, and the SQLite store's
+/// `secure_delete` plus WAL truncation does for the embedded default.
+#[derive(Clone, Debug)]
+pub struct ErasureVacuum {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl ErasureVacuum {
+    /// Starts the task that vacuums `tables` of `pool`'s schema, at most once
+    /// per `interval`, after [`ErasureVacuum::erased`] was called.
+    pub fn spawn(pool: PgPool, tables: &'static [&'static str], interval: Duration) -> Self {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let woken = wake.clone();
+        tokio::spawn(async move {
+            let statement = format!("VACUUM (SKIP_LOCKED) {}", tables.join(", "));
+            loop {
+                woken.notified().await;
+                match sqlx::query(&statement).execute(&pool).await {
+                    Ok(_) => tracing::info!(tables = ?tables, "vacuumed after an erasure"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, tables = ?tables, "cannot vacuum after an erasure")
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Self { wake }
+    }
+
+    /// An erasure was committed: vacuum soon.
+    pub fn erased(&self) {
+        self.wake.notify_one();
     }
 }
 

@@ -18,13 +18,19 @@ const CUSTOMER_COLUMNS: &str = "id, state, merged_into, version, document, creat
 pub struct PostgresCustomerStore {
     pool: PgPool,
     log: EventLog,
+    vacuum: clm_platform::db::ErasureVacuum,
 }
 
 impl PostgresCustomerStore {
     /// A store over an open pool whose `search_path` is the identity schema.
     pub fn new(pool: PgPool) -> Self {
         let log = EventLog::new(Pools::Postgres(pool.clone()), EVENT_LOG_TABLE);
-        Self { pool, log }
+        let vacuum = clm_platform::db::ErasureVacuum::spawn(
+            pool.clone(),
+            &["customers", "identity_keys"],
+            std::time::Duration::from_secs(10),
+        );
+        Self { pool, log, vacuum }
     }
 }
 
@@ -374,6 +380,11 @@ impl CustomerStore for PostgresCustomerStore {
         if !changes.events.is_empty() {
             self.log.notify_appended();
         }
+        Ok(())
+    }
+
+    async fn purge_erased(&self) -> Result<(), StoreError> {
+        self.vacuum.erased();
         Ok(())
     }
 

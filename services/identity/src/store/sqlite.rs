@@ -410,6 +410,12 @@ impl CustomerStore for SqliteCustomerStore {
         Ok(())
     }
 
+    async fn purge_erased(&self) -> Result<(), StoreError> {
+        clm_platform::db::wipe_sqlite_wal(&self.pools, 50)
+            .await
+            .map_err(StoreError::from_db)
+    }
+
     fn event_log(&self) -> &EventLog {
         &self.log
     }

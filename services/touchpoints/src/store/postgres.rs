@@ -31,12 +31,18 @@ fn lock_key(customer_id: Uuid) -> i64 {
 pub struct PostgresTouchpointStore {
     pool: PgPool,
     appended: watch::Sender<u64>,
+    vacuum: clm_platform::db::ErasureVacuum,
 }
 
 impl PostgresTouchpointStore {
     /// A store over an open pool whose `search_path` is the touchpoints schema.
     pub fn new(pool: PgPool) -> Self {
         Self {
+            vacuum: clm_platform::db::ErasureVacuum::spawn(
+                pool.clone(),
+                &["touchpoints"],
+                std::time::Duration::from_secs(10),
+            ),
             pool,
             appended: watch::channel(0).0,
         }
@@ -443,6 +449,11 @@ impl TouchpointStore for PostgresTouchpointStore {
             .map_err(StoreError::from_db)?;
         let now = Utc::now();
         let mut appended = false;
+        // Any erasure in the batch, even one applied before: a retry after a
+        // purge that failed finishes it.
+        let erases = changes
+            .iter()
+            .any(|change| matches!(change, CustomerChange::Erased { .. }));
         for change in changes {
             let moved = match change {
                 CustomerChange::Merged(merge) => {
@@ -526,6 +537,9 @@ impl TouchpointStore for PostgresTouchpointStore {
             .await
             .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
+        if erases {
+            self.vacuum.erased();
+        }
         if appended {
             self.notify();
         }

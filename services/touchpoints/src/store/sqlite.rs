@@ -372,6 +372,11 @@ impl TouchpointStore for SqliteTouchpointStore {
             .map_err(StoreError::from_db)?;
         let now = Utc::now();
         let mut appended = false;
+        // Any erasure in the batch, even one applied before: a retry after a
+        // purge that failed finishes it.
+        let erases = changes
+            .iter()
+            .any(|change| matches!(change, CustomerChange::Erased { .. }));
         for change in changes {
             let moved = match change {
                 CustomerChange::Merged(merge) => {
@@ -458,6 +463,13 @@ impl TouchpointStore for SqliteTouchpointStore {
             .await
             .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
+        if erases {
+            // The stripped properties are zeroed in the file (secure_delete);
+            // the WAL still has them until it is truncated.
+            clm_platform::db::wipe_sqlite_wal(&self.pools, 50)
+                .await
+                .map_err(StoreError::from_db)?;
+        }
         if appended {
             self.notify();
         }
