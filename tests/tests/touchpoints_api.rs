@@ -635,6 +635,81 @@ async fn every_bad_field_is_named_and_nothing_is_stored() {
 }
 
 #[tokio::test]
+async fn once_erasure_returns_nothing_new_is_accepted_under_the_erased_keys() {
+    let Some(database) = clm_tests::fresh_postgres_database("e2e_tp").await else {
+        return;
+    };
+    let server = on_postgres(&database).await;
+    let mut client = TouchpointServiceClient::new(server.channel().await);
+    let mut identity = CustomerServiceClient::new(server.channel().await);
+    for round in 0..5 {
+        let email = format!("erased-{round}@example.com");
+        // The first touchpoint creates the customer and puts the e-mail in
+        // touchpoints' resolver cache.
+        let first = client
+            .record_touchpoint(pb::RecordTouchpointRequest {
+                touchpoint: Some(touchpoint(
+                    &format!("before-{round}"),
+                    by_email(&email),
+                    "page_view",
+                )),
+            })
+            .await
+            .expect("recorded")
+            .into_inner()
+            .touchpoint
+            .unwrap();
+        identity
+            .erase_customer(identity_pb::EraseCustomerRequest {
+                customer_id: first.customer_id.clone(),
+                reason: "gdpr".into(),
+                requested_by: "e2e".into(),
+            })
+            .await
+            .unwrap();
+        // At once, by key and by id, unary and in a batch.
+        let unary = client
+            .record_touchpoint(pb::RecordTouchpointRequest {
+                touchpoint: Some(touchpoint(
+                    &format!("after-{round}"),
+                    by_email(&email),
+                    "page_view",
+                )),
+            })
+            .await
+            .expect_err("refused right after the erasure");
+        assert_eq!(unary.code(), Code::FailedPrecondition, "{unary:?}");
+        assert_eq!(
+            details(&unary).1.as_deref(),
+            Some("IDENTITY_KEY_SUPPRESSED")
+        );
+        let batch = record_batch(
+            &mut client,
+            vec![
+                touchpoint(&format!("batch-key-{round}"), by_email(&email), "page_view"),
+                touchpoint(
+                    &format!("batch-id-{round}"),
+                    by_id(&first.customer_id),
+                    "page_view",
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(batch.rejected_count, 2, "{batch:?}");
+        assert_eq!(
+            batch.results[0].violations[0].reason,
+            "IDENTITY_KEY_SUPPRESSED"
+        );
+        assert_eq!(batch.results[1].violations[0].reason, "CUSTOMER_ERASED");
+    }
+    assert_eq!(
+        wait_for_recorded(&mut client, 5).await,
+        5,
+        "only the first of each round"
+    );
+}
+
+#[tokio::test]
 async fn identity_down_means_unavailable_and_nothing_stored() {
     let Some(database) = clm_tests::fresh_postgres_database("e2e_tp").await else {
         return;

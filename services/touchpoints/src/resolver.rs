@@ -2,6 +2,7 @@
 //! ResolveCustomers round trip for a whole batch, with a short-lived local
 //! cache of what was resolved.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use clm_proto::common as common_pb;
@@ -132,30 +133,100 @@ impl IdentityResolver {
         }
     }
 
-    /// One resolution per reference, in order. Fails only when identity
-    /// cannot be asked about a reference that is not cached.
+    /// One resolution per reference, in order, from one ResolveCustomers
+    /// call per 1,000 distinct references (two rounds at most). Fails when
+    /// identity cannot be asked.
+    ///
+    /// A cached resolution is never used unchecked: it is asked again by
+    /// customer id, which identity answers from its hot cache. An erasure
+    /// must stop new data under the erased keys as soon as EraseCustomer
+    /// returns, and only identity knows of it by then (this service reads
+    /// it from the log a moment later). A cached customer that is no longer
+    /// active is forgotten and its reference resolved afresh, so that the
+    /// caller gets identity's answer for the keys it sent
+    /// (IDENTITY_KEY_SUPPRESSED for an erased person's e-mail, say).
     pub async fn resolve(
         &self,
         references: &[Reference],
     ) -> Result<Vec<Resolution>, IdentityUnavailable> {
         let keys: Vec<String> = references.iter().map(Reference::cache_key).collect();
-        let mut resolved: std::collections::HashMap<String, Resolution> =
-            std::collections::HashMap::new();
-        let mut missing: Vec<(String, &Reference)> = Vec::new();
+        let mut resolved: HashMap<String, Resolution> = HashMap::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut asks: Vec<Ask<'_>> = Vec::new();
         for (key, reference) in keys.iter().zip(references) {
-            if resolved.contains_key(key) || missing.iter().any(|(k, _)| k == key) {
+            if !seen.insert(key.as_str()) {
                 continue;
             }
             match self.cache.get(key) {
-                Some(id) => {
-                    resolved.insert(key.clone(), Resolution::Customer(id));
-                }
-                None => missing.push((key.clone(), reference)),
+                Some(id) => asks.push(Ask {
+                    key,
+                    reference,
+                    cached: Some(id),
+                }),
+                None => asks.push(Ask {
+                    key,
+                    reference,
+                    cached: None,
+                }),
             }
         }
-        for chunk in missing.chunks(MAX_PER_CALL) {
+        let mut afresh: Vec<Ask<'_>> = Vec::new();
+        for (ask, answer) in asks.iter().zip(self.ask(&asks).await?) {
+            match (answer, ask.cached) {
+                (Ok(id), _) => {
+                    self.cache.insert(ask.key.clone(), id);
+                    resolved.insert(ask.key.clone(), Resolution::Customer(id));
+                }
+                (Err(_), Some(_)) => {
+                    self.cache.invalidate(ask.key);
+                    afresh.push(Ask {
+                        cached: None,
+                        ..*ask
+                    });
+                }
+                (Err(refusal), None) => {
+                    resolved.insert(ask.key.clone(), refusal);
+                }
+            }
+        }
+        for (ask, answer) in afresh.iter().zip(self.ask(&afresh).await?) {
+            match answer {
+                Ok(id) => {
+                    self.cache.insert(ask.key.clone(), id);
+                    resolved.insert(ask.key.clone(), Resolution::Customer(id));
+                }
+                Err(refusal) => {
+                    resolved.insert(ask.key.clone(), refusal);
+                }
+            }
+        }
+        Ok(keys
+            .iter()
+            .map(|key| {
+                resolved
+                    .get(key)
+                    .cloned()
+                    .expect("every reference was resolved")
+            })
+            .collect())
+    }
+
+    /// Identity's answer to each ask, in order: the customer, or its
+    /// refusal. A cached ask is asked by the cached customer id.
+    async fn ask(
+        &self,
+        asks: &[Ask<'_>],
+    ) -> Result<Vec<Result<Uuid, Resolution>>, IdentityUnavailable> {
+        let mut answers = Vec::with_capacity(asks.len());
+        for chunk in asks.chunks(MAX_PER_CALL) {
             let mut request = tonic::Request::new(identity_pb::ResolveCustomersRequest {
-                references: chunk.iter().map(|(_, r)| r.to_proto()).collect(),
+                references: chunk
+                    .iter()
+                    .map(|ask| match ask.cached {
+                        Some(id) => Reference::Id(id).to_proto(),
+                        None => ask.reference.to_proto(),
+                    })
+                    .collect(),
             });
             request.set_timeout(self.timeout);
             clm_platform::telemetry::inject_context(&mut request);
@@ -173,38 +244,29 @@ impl IdentityResolver {
                     "identity answered with the wrong number of results".into(),
                 ));
             }
-            for (position, ((key, _), result)) in chunk.iter().zip(response.results).enumerate() {
-                let resolution = if result.error_code == 0 {
-                    match Uuid::try_parse(&result.customer_id) {
-                        Ok(id) => {
-                            self.cache.insert(key.clone(), id);
-                            Resolution::Customer(id)
-                        }
-                        Err(_) => {
-                            return Err(IdentityUnavailable(
-                                "identity returned a malformed customer id".into(),
-                            ));
-                        }
-                    }
+            for (position, result) in response.results.into_iter().enumerate() {
+                answers.push(if result.error_code == 0 {
+                    Ok(Uuid::try_parse(&result.customer_id).map_err(|_| {
+                        IdentityUnavailable("identity returned a malformed customer id".into())
+                    })?)
                 } else {
-                    Resolution::Refused {
+                    Err(Resolution::Refused {
                         problems: problems_of(position, &result.error_message),
                         reason: result.error_reason,
-                    }
-                };
-                resolved.insert(key.clone(), resolution);
+                    })
+                });
             }
         }
-        Ok(keys
-            .iter()
-            .map(|key| {
-                resolved
-                    .get(key)
-                    .cloned()
-                    .expect("every reference was resolved")
-            })
-            .collect())
+        Ok(answers)
     }
+}
+
+/// One distinct reference of a batch, and the customer cached for it.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    key: &'a String,
+    reference: &'a Reference,
+    cached: Option<Uuid>,
 }
 
 #[cfg(test)]
