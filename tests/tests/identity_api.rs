@@ -923,7 +923,116 @@ macro_rules! on_both_modes {
     };
 }
 
+/// The changed_fields of every update event of `customer_id`, in order.
+async fn changed_fields_of(client: &mut Client, customer_id: &str) -> Vec<Vec<String>> {
+    let mut stream = client
+        .stream_customer_events(pb::StreamCustomerEventsRequest {
+            stop_at_end: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut updates = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        for event in batch.events {
+            if let (true, Some(pb::customer_event::Change::Updated(updated))) =
+                (event.customer_id == customer_id, event.change)
+            {
+                updates.push(updated.changed_fields);
+            }
+        }
+    }
+    updates
+}
+
+async fn update_events_name_the_mask_paths_that_changed(server: ClmServer) {
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    let ada = create(
+        &mut client,
+        Customer {
+            given_name: "Ada".into(),
+            emails: vec!["paths-ada@example.com".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let update = |customer: Customer, paths: &[&str]| pb::UpdateCustomerRequest {
+        customer: Some(Customer {
+            id: ada.id.clone(),
+            ..customer
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        }),
+        expected_version: 0,
+    };
+    // A path named twice is one change.
+    client
+        .update_customer(update(
+            Customer {
+                job_title: "CTO".into(),
+                ..Default::default()
+            },
+            &["job_title", "job_title"],
+        ))
+        .await
+        .unwrap();
+    // A path whose value stays is no change.
+    client
+        .update_customer(update(
+            Customer {
+                given_name: "Ada".into(),
+                company: "Engines".into(),
+                ..Default::default()
+            },
+            &["given_name", "company"],
+        ))
+        .await
+        .unwrap();
+    // A resolve that adds a key and fills an empty field names both paths.
+    client
+        .resolve_customer(pb::ResolveCustomerRequest {
+            keys: vec![
+                IdentityKey {
+                    kind: IdentityKind::Email as i32,
+                    value: "paths-ada@example.com".into(),
+                    source: String::new(),
+                },
+                IdentityKey {
+                    kind: IdentityKind::Phone as i32,
+                    value: "+44 20 7946 0999".into(),
+                    source: String::new(),
+                },
+            ],
+            traits: Some(pb::CustomerTraits {
+                industry: "computing".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let updates = loop {
+        let updates = changed_fields_of(&mut client, &ada.id).await;
+        if updates.len() >= 3 || tokio::time::Instant::now() > deadline {
+            break updates;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        updates,
+        [
+            vec!["job_title".to_owned()],
+            vec!["company".to_owned()],
+            vec!["phones".to_owned(), "industry".to_owned()],
+        ]
+    );
+}
+
 on_both_modes!(
+    update_events_name_the_mask_paths_that_changed,
     the_customer_lifecycle_of_calls,
     bad_input_is_refused_and_stores_nothing,
     pages_walk_every_customer_once,

@@ -76,8 +76,6 @@ pub struct CustomerPatch {
     pub consents: Option<Vec<Consent>>,
     /// New keys per kind (replace all keys of that kind).
     pub keys: BTreeMap<KeyKind, Vec<RequestKey>>,
-    /// The update mask paths, for the event log.
-    pub changed_fields: Vec<String>,
 }
 
 /// A resolve request.
@@ -756,7 +754,7 @@ impl CustomerDirectory {
                 &next,
                 "customer.updated",
                 pb::customer_event::Change::Updated(pb::CustomerUpdated {
-                    changed_fields: patch.changed_fields.clone(),
+                    changed_fields: current.changed_fields(&next),
                 }),
                 now,
             ));
@@ -943,7 +941,7 @@ impl CustomerDirectory {
                 &next,
                 "customer.updated",
                 pb::customer_event::Change::Updated(pb::CustomerUpdated {
-                    changed_fields: vec!["identity_keys".to_owned(), "profile".to_owned()],
+                    changed_fields: survivor.changed_fields(&next),
                 }),
                 now,
             ));

@@ -661,7 +661,6 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
             attributes,
             consents,
             keys,
-            changed_fields: paths.clone(),
         };
         let id = done(violations, || id)?.expect("validated");
         let expected = (request.expected_version > 0).then_some(request.expected_version);

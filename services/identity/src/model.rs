@@ -183,6 +183,56 @@ pub struct Customer {
 }
 
 impl Customer {
+    /// The update-mask paths (as UpdateCustomerRequest.update_mask names
+    /// them) whose values differ between `self` and `after`, each once, in
+    /// the contract's field order.
+    pub fn changed_fields(&self, after: &Customer) -> Vec<String> {
+        let keys_of = |customer: &Customer, kind: KeyKind| -> Vec<String> {
+            let mut values: Vec<String> = customer
+                .keys
+                .iter()
+                .filter(|key| key.kind == kind)
+                .map(|key| key.value.clone())
+                .collect();
+            values.sort_unstable();
+            values
+        };
+        let (a, b) = (&self.profile, &after.profile);
+        let mut consents_before = a.consents.clone();
+        let mut consents_after = b.consents.clone();
+        consents_before.sort_by(|x, y| x.purpose.cmp(&y.purpose));
+        consents_after.sort_by(|x, y| x.purpose.cmp(&y.purpose));
+        [
+            ("given_name", a.given_name != b.given_name),
+            ("family_name", a.family_name != b.family_name),
+            (
+                "emails",
+                keys_of(self, KeyKind::Email) != keys_of(after, KeyKind::Email),
+            ),
+            (
+                "phones",
+                keys_of(self, KeyKind::Phone) != keys_of(after, KeyKind::Phone),
+            ),
+            (
+                "external_ids",
+                keys_of(self, KeyKind::External) != keys_of(after, KeyKind::External),
+            ),
+            (
+                "anonymous_ids",
+                keys_of(self, KeyKind::Anonymous) != keys_of(after, KeyKind::Anonymous),
+            ),
+            ("company", a.company != b.company),
+            ("industry", a.industry != b.industry),
+            ("job_title", a.job_title != b.job_title),
+            ("attributes", a.attributes != b.attributes),
+            ("consents", consents_before != consents_after),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(path, _)| path.to_owned())
+        .collect()
+    }
+
     /// A new active customer with a fresh UUIDv7.
     pub fn new(now: DateTime<Utc>) -> Self {
         Self {

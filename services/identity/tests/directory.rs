@@ -322,7 +322,6 @@ async fn a_stale_version_is_aborted(backend: Backend) {
         .unwrap();
     let patch = |name: &str| CustomerPatch {
         given_name: Some(name.to_owned()),
-        changed_fields: vec!["given_name".into()],
         ..CustomerPatch::default()
     };
     let first = directory
@@ -358,7 +357,6 @@ async fn a_read_after_a_write_is_never_stale(backend: Backend) {
                 ada.id,
                 CustomerPatch {
                     given_name: Some(name.clone()),
-                    changed_fields: vec!["given_name".into()],
                     ..CustomerPatch::default()
                 },
                 None,
@@ -401,7 +399,6 @@ async fn a_read_after_a_write_through_redis_is_never_stale(backend: Backend) {
                     ada.id,
                     CustomerPatch {
                         given_name: Some(name.clone()),
-                        changed_fields: vec!["given_name".into()],
                         ..CustomerPatch::default()
                     },
                     None,
@@ -437,7 +434,6 @@ async fn keys_can_be_replaced_by_update(backend: Backend) {
         .unwrap();
     let replace = |emails: &[&str]| CustomerPatch {
         keys: BTreeMap::from([(KeyKind::Email, emails.iter().map(|e| email(e)).collect())]),
-        changed_fields: vec!["emails".into()],
         ..CustomerPatch::default()
     };
     let err = directory
