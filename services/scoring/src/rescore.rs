@@ -229,14 +229,18 @@ async fn run_one(
             done += count;
             let per_second = rate.add(Instant::now(), done);
             let written = scorer
-                .write_rescore_page(&model, page, |changed| RescoreProgress {
-                    id: rescore.id,
-                    done: count,
-                    changed,
-                    rate_per_second: per_second,
-                    resume_after: last,
-                    resumed_from,
-                })
+                .write_rescore_page(
+                    &model,
+                    page,
+                    RescoreProgress {
+                        id: rescore.id,
+                        done: count,
+                        changed: 0,
+                        rate_per_second: per_second,
+                        resume_after: last,
+                        resumed_from,
+                    },
+                )
                 .await;
             match written {
                 Ok(_) => resumed_from = Some(last),

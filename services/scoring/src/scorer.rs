@@ -29,6 +29,25 @@ use crate::store::{
 const ACTIVE_MODEL_TTL: Duration = Duration::from_secs(1);
 /// How many times a unit of work is retried after losing a race.
 const CONFLICT_RETRIES: usize = 8;
+/// How often a write that lost a race to another writer is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Until it passes: derived state written in the background.
+    UntilDone,
+    /// [`CONFLICT_RETRIES`] times: a call a caller waits for.
+    AFew,
+}
+
+/// The smallest part a rescore page is split into after a write conflict.
+pub const SMALLEST_RESCORE_PART: usize = 64;
+
+/// How long to wait before the `tries`-th retry after a conflict: 5 ms
+/// doubling to at most 500 ms, with jitter so that two writers that
+/// collided do not collide again.
+fn conflict_backoff(tries: u32) -> Duration {
+    let base = Duration::from_millis(5 << tries.min(7)).min(Duration::from_millis(500));
+    base.mul_f64(rand::random_range(0.5..1.5))
+}
 
 /// Why a scoring operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +252,7 @@ impl Scorer {
             .iter()
             .filter_map(|entry| Uuid::try_parse(&entry.customer_id).ok())
             .collect();
-        self.with_retries(|| async {
+        self.with_retries(Retry::UntilDone, || async {
             let model = self.active_model().await?;
             let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
             for entry in entries {
@@ -281,7 +300,7 @@ impl Scorer {
             ProfileChange::Merged { merged, survivor } => vec![*merged, *survivor],
         });
         let ids: Vec<Uuid> = ids.collect();
-        self.with_retries(|| async {
+        self.with_retries(Retry::UntilDone, || async {
             let model = self.active_model().await?;
             let now = self.now();
             let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
@@ -340,7 +359,12 @@ impl Scorer {
         cause: proto::TransitionCause,
         only_due: bool,
     ) -> Result<HashMap<Uuid, Evaluated>, ScoringError> {
-        self.with_retries(|| async {
+        let retry = if cause == proto::TransitionCause::Evaluate {
+            Retry::AFew
+        } else {
+            Retry::UntilDone
+        };
+        self.with_retries(retry, || async {
             let model = self.active_model().await?;
             let now = self.now();
             let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
@@ -387,33 +411,84 @@ impl Scorer {
         .await
     }
 
-    /// Writes a rescore page with the progress it makes. A page whose
-    /// customers changed meanwhile (a touchpoint arrived) is read and
-    /// evaluated again. Returns how many customers changed position.
+    /// Writes a rescore page with the progress it makes, and returns how
+    /// many customers changed position. `progress` is the page's progress
+    /// with `done`, `changed`, `resume_after` and `resumed_from` to be set.
+    ///
+    /// A page is written in one transaction, checked against the versions
+    /// read, so a customer that a consumer wrote meanwhile fails the whole
+    /// page. Such a page is read and evaluated again in two halves, each
+    /// written on its own with its own progress, down to pages of
+    /// [`SMALLEST_RESCORE_PART`] customers, which are retried until they
+    /// pass: the fewer the customers and the shorter the read-to-commit
+    /// window, the less likely a concurrent write, so a rescore finishes
+    /// whatever its size and whatever the consumers do meanwhile.
     pub async fn write_rescore_page(
         &self,
         model: &Arc<CompiledModel>,
-        mut page: EvaluatedPage,
-        progress: impl Fn(i64) -> crate::store::RescoreProgress,
+        page: EvaluatedPage,
+        progress: crate::store::RescoreProgress,
     ) -> Result<i64, ScoringError> {
-        let mut tries = 0;
-        loop {
-            page.changes.rescore = Some(progress(page.changed));
-            match self.commit(&page.changes).await {
-                Err(ScoringError::Store(StoreError::Conflict(_))) if tries < CONFLICT_RETRIES => {
+        let mut parts = std::collections::VecDeque::from([page]);
+        let mut resumed_from = progress.resumed_from;
+        let mut changed = 0;
+        let mut tries = 0u32;
+        while let Some(mut part) = parts.pop_front() {
+            let Some(&last) = part.ids.last() else {
+                continue;
+            };
+            part.changes.rescore = Some(crate::store::RescoreProgress {
+                done: part.ids.len() as i64,
+                changed: part.changed,
+                resume_after: last,
+                resumed_from,
+                ..progress
+            });
+            match self.commit(&part.changes).await {
+                Ok(()) => {
+                    resumed_from = Some(last);
+                    changed += part.changed;
+                    tries = 0;
+                }
+                Err(ScoringError::Store(StoreError::Conflict(reason))) => {
                     tries += 1;
-                    let mut found = self.store.load_customers(&page.ids).await?;
-                    let records: Vec<CustomerRecord> =
-                        page.ids.iter().filter_map(|id| found.remove(id)).collect();
-                    let (model, now) = (model.clone(), self.now());
-                    page = tokio::task::spawn_blocking(move || evaluate_page(&model, records, now))
-                        .await
-                        .map_err(|err| StoreError::Internal(err.to_string()))?;
+                    tracing::debug!(%reason, customers = part.ids.len(), tries, "rescore page lost a race, evaluating it again");
+                    let halves: Vec<&[Uuid]> = if part.ids.len() > SMALLEST_RESCORE_PART {
+                        let (first, second) = part.ids.split_at(part.ids.len() / 2);
+                        vec![first, second]
+                    } else {
+                        tokio::time::sleep(conflict_backoff(tries)).await;
+                        vec![part.ids.as_slice()]
+                    };
+                    let mut again = Vec::with_capacity(halves.len());
+                    for ids in halves {
+                        again.push(self.evaluate_again(model, ids).await?);
+                    }
+                    for page in again.into_iter().rev() {
+                        parts.push_front(page);
+                    }
                 }
                 Err(err) => return Err(err),
-                Ok(()) => return Ok(page.changed),
             }
         }
+        Ok(changed)
+    }
+
+    /// The customers `ids` read and evaluated again with `model`.
+    async fn evaluate_again(
+        &self,
+        model: &Arc<CompiledModel>,
+        ids: &[Uuid],
+    ) -> Result<EvaluatedPage, ScoringError> {
+        let mut found = self.store.load_customers(ids).await?;
+        let records: Vec<CustomerRecord> = ids.iter().filter_map(|id| found.remove(id)).collect();
+        let (model, now) = (model.clone(), self.now());
+        let mut page = tokio::task::spawn_blocking(move || evaluate_page(&model, records, now))
+            .await
+            .map_err(|err| StoreError::Internal(err.to_string()))?;
+        // A customer gone meanwhile (merged away) still counts as done.
+        page.ids = ids.to_vec();
+        Ok(page)
     }
 
     async fn commit(&self, changes: &ChangeSet) -> Result<(), ScoringError> {
@@ -424,20 +499,30 @@ impl Scorer {
         Ok(())
     }
 
-    async fn with_retries<T, F, Fut>(&self, attempt: F) -> Result<T, ScoringError>
+    /// Runs `attempt` again, state read afresh, after each write conflict:
+    /// a conflict between writers of derived state resolves once one of
+    /// them commits, so the background writers (log consumers, the sweep)
+    /// retry until they pass (`Retry::UntilDone`) instead of failing their
+    /// stream; a call made for a caller gives up after a few tries and
+    /// answers ABORTED (`Retry::AFew`).
+    async fn with_retries<T, F, Fut>(&self, retry: Retry, attempt: F) -> Result<T, ScoringError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, ScoringError>>,
     {
-        let mut tries = 0;
+        let mut tries = 0u32;
         loop {
             match attempt().await {
                 Err(ScoringError::Store(StoreError::Conflict(reason)))
-                    if tries < CONFLICT_RETRIES =>
+                    if retry == Retry::UntilDone || (tries as usize) < CONFLICT_RETRIES =>
                 {
                     tries += 1;
-                    tracing::debug!(%reason, tries, "retrying after a write conflict");
-                    tokio::time::sleep(Duration::from_millis(5 * tries as u64)).await;
+                    if tries.is_multiple_of(100) {
+                        tracing::warn!(%reason, tries, "still retrying after write conflicts");
+                    } else {
+                        tracing::debug!(%reason, tries, "retrying after a write conflict");
+                    }
+                    tokio::time::sleep(conflict_backoff(tries)).await;
                 }
                 other => return other,
             }
@@ -687,6 +772,67 @@ impl Work {
             transitions: self.transitions,
             cursor: None,
             rescore: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    async fn scorer() -> (Scorer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = clm_platform::Secret::new(format!("sqlite://{}/s.db", dir.path().display()));
+        let pools = clm_platform::db::connect(&url, "scoring", 2).await.unwrap();
+        crate::store::MIGRATIONS.run(&pools).await.unwrap();
+        (
+            Scorer::new(crate::store::open(pools), crate::clock::Clock::System),
+            dir,
+        )
+    }
+
+    /// Fails with a conflict `conflicts` times, then passes.
+    async fn conflicting(tries: &AtomicUsize, conflicts: usize) -> Result<u8, ScoringError> {
+        if tries.fetch_add(1, Ordering::SeqCst) < conflicts {
+            Err(StoreError::Conflict("a customer changed concurrently".into()).into())
+        } else {
+            Ok(7)
+        }
+    }
+
+    #[tokio::test]
+    async fn background_writers_retry_conflicts_until_they_pass() {
+        // The customer event consumer once gave up after eight conflicts and
+        // dropped its stream to reconnect with backoff.
+        let (scorer, _dir) = scorer().await;
+        // The waits between tries pass at once.
+        tokio::time::pause();
+        let tries = AtomicUsize::new(0);
+        let passed = scorer
+            .with_retries(Retry::UntilDone, || conflicting(&tries, 50))
+            .await;
+        assert_eq!(passed.unwrap(), 7);
+        assert_eq!(tries.load(Ordering::SeqCst), 51);
+
+        let tries = AtomicUsize::new(0);
+        let refused = scorer
+            .with_retries(Retry::AFew, || conflicting(&tries, 50))
+            .await;
+        assert!(matches!(
+            refused,
+            Err(ScoringError::Store(StoreError::Conflict(_)))
+        ));
+        assert_eq!(tries.load(Ordering::SeqCst), CONFLICT_RETRIES + 1);
+    }
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        assert!(conflict_backoff(1) <= Duration::from_millis(15));
+        for tries in [8, 20, 1000] {
+            let wait = conflict_backoff(tries);
+            assert!(wait >= Duration::from_millis(250) && wait <= Duration::from_millis(750));
         }
     }
 }

@@ -117,7 +117,7 @@ pub struct CursorMove {
 }
 
 /// A rescore's progress after one page.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct RescoreProgress {
     /// The operation.
     pub id: Uuid,
