@@ -243,6 +243,12 @@ impl RedisServer {
     pub fn resume(&self) {
         send_signal(self.child.id(), "CONT");
     }
+
+    /// Stops the server for good: its port refuses connections.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for RedisServer {

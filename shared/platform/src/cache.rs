@@ -84,6 +84,73 @@ pub struct CacheCounts {
     pub errors: u64,
 }
 
+/// How long the cache is skipped after a backend failure before one call
+/// tries it again.
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// The circuit breaker in front of a backend: after a failure the cache is
+/// skipped (reads go to the database, writes mark their keys dirty) for
+/// [`SKIP_AFTER_FAILURE`]; then one call at a time tries the backend again,
+/// bounded by its timeout, and the first success closes the circuit. An
+/// outage then costs a call nothing most of the time, and never more than
+/// one backend timeout.
+#[derive(Debug, Default)]
+struct Breaker {
+    /// When the backend failed last, while the circuit is open (tokio's
+    /// clock, which tests can pause).
+    open_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// True while one call tries the backend on an open circuit.
+    probing: std::sync::atomic::AtomicBool,
+}
+
+/// What the breaker lets a call do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Use the backend.
+    Closed,
+    /// Use the backend, as the one call that probes an open circuit.
+    Probe,
+    /// Skip the backend.
+    Skip,
+}
+
+impl Breaker {
+    fn pass(&self) -> Pass {
+        let open_since = *self.open_since.lock().unwrap_or_else(|e| e.into_inner());
+        match open_since {
+            None => Pass::Closed,
+            Some(at) if at.elapsed() < SKIP_AFTER_FAILURE => Pass::Skip,
+            Some(_) => match self.probing.compare_exchange(
+                false,
+                true,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => Pass::Probe,
+                Err(_) => Pass::Skip,
+            },
+        }
+    }
+
+    /// The backend answered.
+    fn succeeded(&self, pass: Pass, backend: &str) {
+        if pass == Pass::Probe {
+            *self.open_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.probing.store(false, Ordering::Release);
+            tracing::info!(backend, "cache answers again, using it");
+        }
+    }
+
+    /// The backend failed: skip it for a while.
+    fn failed(&self, pass: Pass) {
+        *self.open_since.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::time::Instant::now());
+        if pass == Pass::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
 const LOAD_STRIPES: usize = 256;
 /// How long this process remembers the versions it wrote: far longer than a
 /// backend needs to drop an older copy.
@@ -109,6 +176,7 @@ pub struct VersionedCache {
     /// Striped locks so that concurrent misses on one key load it once.
     load_locks: Vec<AsyncMutex<()>>,
     last_error_log: std::sync::Mutex<Option<Instant>>,
+    breaker: Breaker,
 }
 
 impl VersionedCache {
@@ -131,7 +199,34 @@ impl VersionedCache {
                 .build(),
             load_locks: (0..LOAD_STRIPES).map(|_| AsyncMutex::new(())).collect(),
             last_error_log: std::sync::Mutex::new(None),
+            breaker: Breaker::default(),
         }
+    }
+
+    /// Runs one backend operation through the circuit breaker: `None` when
+    /// the backend is skipped (it failed a moment ago), else its result.
+    async fn through_breaker<T, Fut>(
+        &self,
+        operation: &str,
+        call: impl FnOnce() -> Fut,
+    ) -> Option<Result<T, BackendError>>
+    where
+        Fut: Future<Output = Result<T, BackendError>>,
+    {
+        let pass = self.breaker.pass();
+        if pass == Pass::Skip {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let result = call().await;
+        match &result {
+            Ok(_) => self.breaker.succeeded(pass, self.backend.name()),
+            Err(err) => {
+                self.breaker.failed(pass);
+                self.record_error(operation, err);
+            }
+        }
+        Some(result)
     }
 
     /// The backend's name.
@@ -201,15 +296,15 @@ impl VersionedCache {
 
     /// Tries to forget a key whose write-through failed; true once done.
     async fn repair(&self, full_key: &str) -> bool {
-        match self.backend.remove(full_key).await {
-            Ok(()) => {
+        match self
+            .through_breaker("repair", || self.backend.remove(full_key))
+            .await
+        {
+            Some(Ok(())) => {
                 self.clear_dirty(full_key);
                 true
             }
-            Err(err) => {
-                self.record_error("repair", &err);
-                false
-            }
+            Some(Err(_)) | None => false,
         }
     }
 
@@ -226,20 +321,22 @@ impl VersionedCache {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return load().await;
         }
-        match self.backend.get(&full_key).await {
-            Ok(Some(hit)) if self.older_than_written(&full_key, &hit) => {
+        match self
+            .through_breaker("get", || self.backend.get(&full_key))
+            .await
+        {
+            Some(Ok(Some(hit))) if self.older_than_written(&full_key, &hit) => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return load().await;
             }
-            Ok(Some(hit)) => {
+            Some(Ok(Some(hit))) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(hit));
             }
-            Ok(None) => {}
-            Err(err) => {
+            Some(Ok(None)) => {}
+            Some(Err(_)) | None => {
                 // The backend is down: every caller goes to the database
                 // directly rather than queueing behind one lock.
-                self.record_error("get", &err);
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return load().await;
             }
@@ -260,13 +357,10 @@ impl VersionedCache {
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let loaded = load().await?;
-        if let Some(value) = &loaded
-            && let Err(err) = self
-                .backend
-                .put_if_newer(&full_key, value, self.jittered_ttl())
-                .await
-        {
-            self.record_error("fill", &err);
+        if let Some(value) = &loaded {
+            let ttl = self.jittered_ttl();
+            self.through_breaker("fill", || self.backend.put_if_newer(&full_key, value, ttl))
+                .await;
         }
         Ok(loaded)
     }
@@ -282,12 +376,12 @@ impl VersionedCache {
     pub async fn store(&self, key: &str, value: &Versioned) {
         let full_key = self.full_key(key);
         self.written.insert(full_key.clone(), value.version);
-        if let Err(err) = self
-            .backend
-            .put_if_newer(&full_key, value, self.jittered_ttl())
-            .await
-        {
-            self.record_error("store", &err);
+        let ttl = self.jittered_ttl();
+        if !matches!(
+            self.through_breaker("store", || self.backend.put_if_newer(&full_key, value, ttl))
+                .await,
+            Some(Ok(()))
+        ) {
             self.mark_dirty(&full_key);
         }
     }
@@ -296,8 +390,11 @@ impl VersionedCache {
     /// the database until repaired.
     pub async fn invalidate(&self, key: &str) {
         let full_key = self.full_key(key);
-        if let Err(err) = self.backend.remove(&full_key).await {
-            self.record_error("invalidate", &err);
+        if !matches!(
+            self.through_breaker("invalidate", || self.backend.remove(&full_key))
+                .await,
+            Some(Ok(()))
+        ) {
             self.mark_dirty(&full_key);
         }
     }
@@ -467,11 +564,23 @@ impl RedisBackend {
         F: FnOnce(redis::aio::ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        // The manager's response timeout bounds every command.
-        let connection = self.connection().await?;
-        op(connection)
-            .await
-            .map_err(|err| BackendError(err.to_string()))
+        // The whole operation is bounded, connecting included: the
+        // manager's response timeout does not cover the reconnection and
+        // its backoff after Redis went away, which took 1 to 1.5 s a call
+        // while Redis refused connections.
+        let bounded = tokio::time::timeout(self.timeout, async {
+            let connection = self.connection().await?;
+            op(connection)
+                .await
+                .map_err(|err| BackendError(err.to_string()))
+        });
+        match bounded.await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
     }
 }
 
@@ -659,6 +768,94 @@ mod tests {
         assert_eq!(counts.errors, 2);
         assert_eq!(counts.hits, 0);
         assert!(cache.is_dirty("t:k"));
+    }
+
+    /// A backend that is up or down at will and counts the calls it gets.
+    #[derive(Default)]
+    struct FlakyBackend {
+        down: std::sync::atomic::AtomicBool,
+        calls: AtomicUsize,
+        inner: std::sync::Mutex<Option<Versioned>>,
+    }
+
+    impl FlakyBackend {
+        fn answer<T>(&self, value: T) -> Result<T, BackendError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                Err(BackendError("connection refused".into()))
+            } else {
+                Ok(value)
+            }
+        }
+    }
+
+    #[async_trait]
+    impl CacheBackend for FlakyBackend {
+        async fn get(&self, _: &str) -> Result<Option<Versioned>, BackendError> {
+            let held = self.inner.lock().unwrap().clone();
+            self.answer(held)
+        }
+        async fn put_if_newer(
+            &self,
+            _: &str,
+            value: &Versioned,
+            _: Duration,
+        ) -> Result<(), BackendError> {
+            self.answer(())?;
+            *self.inner.lock().unwrap() = Some(value.clone());
+            Ok(())
+        }
+        async fn remove(&self, _: &str) -> Result<(), BackendError> {
+            self.answer(())?;
+            *self.inner.lock().unwrap() = None;
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_the_backend_is_skipped_until_it_answers_again() {
+        tokio::time::pause();
+        let backend = Arc::new(FlakyBackend::default());
+        let cache = VersionedCache::new(backend.clone(), "t", Duration::from_secs(60));
+        let from_db = || async { Ok::<_, ()>(Some(versioned(1, "db"))) };
+        backend.down.store(true, Ordering::SeqCst);
+        assert_eq!(
+            cache.get_or_load("k", from_db).await.unwrap(),
+            Some(versioned(1, "db"))
+        );
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        // While the circuit is open no call waits on the backend.
+        for _ in 0..20 {
+            cache.get_or_load("k", from_db).await.unwrap();
+            cache.store("k", &versioned(2, "db2")).await;
+        }
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        // Later one call tries again; still down, the circuit opens again.
+        tokio::time::advance(SKIP_AFTER_FAILURE + Duration::from_millis(1)).await;
+        cache.get_or_load("k", from_db).await.unwrap();
+        cache.get_or_load("k", from_db).await.unwrap();
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+        // Back up: the next probe closes the circuit, the key written
+        // meanwhile is repaired (not served stale) and then cached.
+        backend.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(SKIP_AFTER_FAILURE + Duration::from_millis(1)).await;
+        let db3 = || async { Ok::<_, ()>(Some(versioned(3, "db3"))) };
+        assert_eq!(
+            cache.get_or_load("k", db3).await.unwrap(),
+            Some(versioned(3, "db3"))
+        );
+        let cached = cache
+            .get_or_load("k", || async { Ok::<_, ()>(None) })
+            .await
+            .unwrap();
+        assert_eq!(
+            cached,
+            Some(versioned(3, "db3")),
+            "served from the cache again"
+        );
     }
 
     /// A backend that keeps serving what it first held, as a client-side
