@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 use uuid::Uuid;
 
@@ -82,10 +83,12 @@ pub enum IngestError {
 /// How many times a batch is retried after losing a lock race.
 const MAX_ATTEMPTS: u32 = 5;
 
-/// One unary touchpoint waiting for its batch, and where its outcome goes.
+/// One unary touchpoint waiting for its batch, where its outcome goes, and
+/// the span of the call that sent it.
 type Waiting = (
     Result<Candidate, Vec<Violation>>,
     oneshot::Sender<Result<Outcome, IngestError>>,
+    tracing::Span,
 );
 
 /// The most unary touchpoints committed together.
@@ -131,8 +134,25 @@ impl TouchpointIngest {
                         () = &mut window => break,
                     }
                 }
-                let (items, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-                match ingest.record(items).await {
+                let mut items = Vec::with_capacity(group.len());
+                let mut replies = Vec::with_capacity(group.len());
+                let mut spans = Vec::with_capacity(group.len());
+                for (item, reply, span) in group {
+                    items.push(item);
+                    replies.push(reply);
+                    spans.push(span);
+                }
+                // The batch continues the first call's trace (its identity
+                // call and insert included) and links the others' traces.
+                let batch = tracing::info_span!(
+                    parent: &spans[0],
+                    "touchpoints.group_commit",
+                    touchpoints = items.len()
+                );
+                for other in &spans[1..] {
+                    clm_platform::telemetry::add_link(&batch, other);
+                }
+                match ingest.record(items).instrument(batch).await {
                     Ok(outcomes) => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
                             let _ = reply.send(Ok(outcome));
@@ -161,7 +181,11 @@ impl TouchpointIngest {
             return Ok(outcomes.pop().expect("one outcome per item"));
         };
         let (reply, answer) = oneshot::channel();
-        if unary.send((item, reply)).await.is_err() {
+        if unary
+            .send((item, reply, tracing::Span::current()))
+            .await
+            .is_err()
+        {
             return Err(IngestError::Store(StoreError::Unavailable(
                 "the ingest queue is closed".into(),
             )));
@@ -279,5 +303,92 @@ impl TouchpointIngest {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use chrono::Utc;
+    use tracing_subscriber::layer::{Context, SubscriberExt as _};
+    use tracing_subscriber::registry::LookupSpan;
+
+    use super::*;
+
+    /// Records each new span's name with its parent's name.
+    #[derive(Clone, Default)]
+    struct Parents(Arc<Mutex<Vec<(String, Option<String>)>>>);
+
+    impl<S> tracing_subscriber::Layer<S> for Parents
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            id: &tracing::span::Id,
+            ctx: Context<'_, S>,
+        ) {
+            let parent = ctx
+                .span(id)
+                .and_then(|span| span.parent().map(|parent| parent.name().to_owned()));
+            self.0
+                .lock()
+                .unwrap()
+                .push((attrs.metadata().name().to_owned(), parent));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_commit_continues_the_trace_of_the_call() {
+        // The unary RecordTouchpoint's batch once ran as a root span of its
+        // own, so the identity call and the insert were separate traces.
+        let parents = Parents::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(parents.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let url = clm_platform::Secret::new(format!("sqlite://{}/t.db", dir.path().display()));
+        let pools = clm_platform::db::connect(&url, "touchpoints", 2)
+            .await
+            .unwrap();
+        crate::store::MIGRATIONS.run(&pools).await.unwrap();
+        // Nothing listens there: the call fails, after its batch started.
+        let resolver =
+            IdentityResolver::new("http://127.0.0.1:9", Duration::from_millis(200)).unwrap();
+        let ingest = TouchpointIngest::new(crate::store::open(pools), resolver).with_group_commit();
+        let now = Utc::now();
+        let candidate = Candidate {
+            field: "touchpoint".into(),
+            reference: Reference::Id(Uuid::now_v7()),
+            touchpoint: Touchpoint {
+                id: Uuid::now_v7(),
+                event_id: "traced".into(),
+                customer_id: Uuid::nil(),
+                channel: 1,
+                kind: "page_view".into(),
+                occurred_at: now,
+                recorded_at: now,
+                campaign: String::new(),
+                utm_source: String::new(),
+                utm_medium: String::new(),
+                properties: None,
+                revenue: None,
+                cost: None,
+            },
+        };
+        let outcome = ingest
+            .record_one(Ok(candidate))
+            .instrument(tracing::info_span!("the_call"))
+            .await;
+        assert!(matches!(outcome, Err(IngestError::IdentityUnavailable(_))));
+        let seen = parents.0.lock().unwrap().clone();
+        assert!(
+            seen.contains(&(
+                "touchpoints.group_commit".to_owned(),
+                Some("the_call".to_owned())
+            )),
+            "{seen:?}"
+        );
     }
 }

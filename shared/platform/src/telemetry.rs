@@ -131,3 +131,15 @@ pub fn inject_context<T>(request: &mut tonic::Request<T>) {
         propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
     });
 }
+
+/// Links `span` to `other`'s trace: for work done once on behalf of many
+/// calls (a group commit), which can have one parent only. The batch then
+/// shows in the first call's trace, and the others point at it.
+pub fn add_link(span: &tracing::Span, other: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = other.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span.add_link(span_context);
+    }
+}

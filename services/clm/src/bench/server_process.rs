@@ -278,6 +278,35 @@ fn parse_listening_line(line: &str) -> Option<SocketAddr> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_servers_log_goes_to_its_file_and_is_quoted_when_it_fails() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let executable = dir.path().join("fake-clm");
+        std::fs::write(
+            &executable,
+            "#!/bin/sh\necho 'WARN slow statement: elapsed=2s' >&2\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = ServerSpec {
+            executable,
+            data_dir: dir.path().join("data"),
+            database_url: "sqlite://unused.db".into(),
+            redis_url: None,
+            services: &["identity"],
+        };
+        let Err(err) = ServerProcess::start("a", &spec).await else {
+            panic!("the fake server cannot start");
+        };
+        let log = std::fs::read_to_string(dir.path().join("data/server-a.log")).unwrap();
+        assert!(
+            log.contains("slow statement"),
+            "the log file holds it: {log:?}"
+        );
+        assert!(format!("{err:#}").contains("slow statement"), "{err:#}");
+    }
+
     #[test]
     fn the_listening_line_gives_the_address() {
         assert_eq!(
