@@ -316,9 +316,12 @@ mod tests {
 
     use super::*;
 
+    /// A span's name and its parent's.
+    type SpanAndParent = (String, Option<String>);
+
     /// Records each new span's name with its parent's name.
     #[derive(Clone, Default)]
-    struct Parents(Arc<Mutex<Vec<(String, Option<String>)>>>);
+    struct Parents(Arc<Mutex<Vec<SpanAndParent>>>);
 
     impl<S> tracing_subscriber::Layer<S> for Parents
     where
