@@ -36,6 +36,7 @@ const OVERRIDDEN_VARIABLES: &[&str] = &[
     "CLM_REDIS_URL",
     "CLM_MIGRATE_ON_START",
     "CLM_SHUTDOWN_GRACE_SECONDS",
+    "CLM_SHUTDOWN_DELAY_SECONDS",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
 
@@ -121,6 +122,8 @@ impl ServerProcess {
             .env("CLM_DATA_DIR", &spec.data_dir)
             .env("CLM_DATABASE_URL", &spec.database_url)
             .env("CLM_SHUTDOWN_GRACE_SECONDS", "2")
+            // No load balancer watches a benchmark's server: stop at once.
+            .env("CLM_SHUTDOWN_DELAY_SECONDS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
