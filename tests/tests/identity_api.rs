@@ -73,7 +73,8 @@ async fn count_customers(client: &mut Client) -> usize {
         .len()
 }
 
-async fn count_events(client: &mut Client) -> usize {
+/// Every event of the customer log readable now, oldest first.
+async fn events(client: &mut Client) -> Vec<pb::CustomerEvent> {
     let mut stream = client
         .stream_customer_events(pb::StreamCustomerEventsRequest {
             stop_at_end: true,
@@ -82,11 +83,15 @@ async fn count_events(client: &mut Client) -> usize {
         .await
         .unwrap()
         .into_inner();
-    let mut count = 0;
+    let mut events = Vec::new();
     while let Some(batch) = stream.message().await.unwrap() {
-        count += batch.events.len();
+        events.extend(batch.events);
     }
-    count
+    events
+}
+
+async fn count_events(client: &mut Client) -> usize {
+    events(client).await.len()
 }
 
 /// Asserts INVALID_ARGUMENT naming `field`.
@@ -925,25 +930,15 @@ macro_rules! on_both_modes {
 
 /// The changed_fields of every update event of `customer_id`, in order.
 async fn changed_fields_of(client: &mut Client, customer_id: &str) -> Vec<Vec<String>> {
-    let mut stream = client
-        .stream_customer_events(pb::StreamCustomerEventsRequest {
-            stop_at_end: true,
-            ..Default::default()
-        })
+    events(client)
         .await
-        .unwrap()
-        .into_inner();
-    let mut updates = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        for event in batch.events {
-            if let (true, Some(pb::customer_event::Change::Updated(updated))) =
-                (event.customer_id == customer_id, event.change)
-            {
-                updates.push(updated.changed_fields);
-            }
-        }
-    }
-    updates
+        .into_iter()
+        .filter(|event| event.customer_id == customer_id)
+        .filter_map(|event| match event.change {
+            Some(pb::customer_event::Change::Updated(updated)) => Some(updated.changed_fields),
+            _ => None,
+        })
+        .collect()
 }
 
 async fn update_events_name_the_mask_paths_that_changed(server: ClmServer) {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{self as pb, Customer};
 use clm_tests::{ClmServer, RedisServer};
+use tonic::transport::Channel;
 
 async fn get(client: &mut CustomerServiceClient<tonic::transport::Channel>, id: &str) -> Customer {
     client
@@ -42,14 +43,19 @@ async fn rename(
         .expect("update succeeds");
 }
 
-#[tokio::test]
-async fn a_frozen_redis_slows_nothing_down_and_leaves_nothing_stale() {
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let Some(database) = clm_tests::fresh_postgres_database("e2e").await else {
-        return;
-    };
+/// Identity on a fresh PostgreSQL database with a Redis of its own, and one
+/// customer named "Before" whose profile Redis already holds. `None` where
+/// the servers may be missing (outside CI).
+async fn identity_on_own_redis(
+    label: &str,
+) -> Option<(
+    RedisServer,
+    ClmServer,
+    CustomerServiceClient<Channel>,
+    Customer,
+)> {
+    let redis = RedisServer::start().await?;
+    let database = clm_tests::fresh_postgres_database("e2e").await?;
     let server = ClmServer::start(
         &["serve", "identity"],
         &[
@@ -64,7 +70,7 @@ async fn a_frozen_redis_slows_nothing_down_and_leaves_nothing_stale() {
         .create_customer(pb::CreateCustomerRequest {
             customer: Some(Customer {
                 given_name: "Before".into(),
-                emails: vec!["frozen@example.com".into()],
+                emails: vec![format!("{label}@example.com")],
                 ..Default::default()
             }),
             request_id: String::new(),
@@ -76,6 +82,14 @@ async fn a_frozen_redis_slows_nothing_down_and_leaves_nothing_stale() {
         .unwrap();
     // Warm: Redis now holds the profile as "Before".
     assert_eq!(get(&mut client, &created.id).await.given_name, "Before");
+    Some((redis, server, client, created))
+}
+
+#[tokio::test]
+async fn a_frozen_redis_slows_nothing_down_and_leaves_nothing_stale() {
+    let Some((redis, server, mut client, created)) = identity_on_own_redis("frozen").await else {
+        return;
+    };
 
     redis.pause();
     let started = Instant::now();
@@ -102,37 +116,10 @@ async fn a_frozen_redis_slows_nothing_down_and_leaves_nothing_stale() {
 
 #[tokio::test]
 async fn a_redis_that_refuses_connections_costs_calls_at_most_the_bound() {
-    let Some(mut redis) = RedisServer::start().await else {
+    let Some((mut redis, server, mut client, created)) = identity_on_own_redis("refused").await
+    else {
         return;
     };
-    let Some(database) = clm_tests::fresh_postgres_database("e2e").await else {
-        return;
-    };
-    let server = ClmServer::start(
-        &["serve", "identity"],
-        &[
-            ("CLM_DATABASE_URL", database.expose().to_owned()),
-            ("CLM_REDIS_URL", redis.url.clone()),
-        ],
-    )
-    .await
-    .unwrap();
-    let mut client = CustomerServiceClient::new(server.channel().await);
-    let created = client
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(Customer {
-                given_name: "Before".into(),
-                emails: vec!["refused@example.com".into()],
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .customer
-        .unwrap();
-    assert_eq!(get(&mut client, &created.id).await.given_name, "Before");
 
     // Redis goes away: its port refuses every connection. Calls with a
     // one-second deadline once failed half the time (each call waited out

@@ -87,29 +87,26 @@ pub fn compile_condition(
             TypeErrorKind::UnknownReference => ViolationReason::UnknownFeature,
             TypeErrorKind::WrongType => ViolationReason::WrongType,
         };
-        let position = program
-            .source_info()
-            .offset_for(error.expr_id)
-            .map(|(start, _)| line_and_column(source, start as usize))
-            .map_or(String::new(), |(line, column)| {
-                format!("<input>:{line}:{column}: ")
-            });
-        (reason, format!("{position}{}", error.message))
+        (
+            reason,
+            format!(
+                "{}{}",
+                position_of(&program, source, error.expr_id),
+                error.message
+            ),
+        )
     })?;
     if let Some(key) = unknown_literal_keys(program.expression())
         .into_iter()
         .next()
     {
-        let position = program
-            .source_info()
-            .offset_for(key.expr_id)
-            .map(|(start, _)| line_and_column(source, start as usize))
-            .map_or(String::new(), |(line, column)| {
-                format!("<input>:{line}:{column}: ")
-            });
         return Err((
             ViolationReason::UnknownKey,
-            format!("{position}{}", key.message),
+            format!(
+                "{}{}",
+                position_of(&program, source, key.expr_id),
+                key.message
+            ),
         ));
     }
     let mut references = FeatureSet::default();
@@ -122,6 +119,18 @@ pub fn compile_condition(
         program,
         references,
     })
+}
+
+/// `<input>:line:column: ` of the expression `expr_id`, or nothing when the
+/// parser did not record where it was written.
+fn position_of(program: &Program, source: &str, expr_id: u64) -> String {
+    program
+        .source_info()
+        .offset_for(expr_id)
+        .map(|(start, _)| line_and_column(source, start as usize))
+        .map_or(String::new(), |(line, column)| {
+            format!("<input>:{line}:{column}: ")
+        })
 }
 
 /// The first parse error as a user reads it: `<input>:line:column: what`.
