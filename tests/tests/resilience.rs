@@ -158,6 +158,115 @@ async fn a_redis_that_refuses_connections_costs_calls_at_most_the_bound() {
     );
 }
 
+/// Forwards a loopback port to a server until stopped: then the port refuses
+/// connections and every forwarded connection is cut, as when the server's
+/// host goes away.
+struct Proxy {
+    port: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registry = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let forward = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                registry.lock().unwrap().push(forward);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Self { port, tasks }
+    }
+
+    fn stop(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_database_that_goes_away_is_answered_unavailable_within_the_deadline() {
+    let Some(database) = clm_tests::fresh_postgres_database("e2e").await else {
+        return;
+    };
+    // postgres://user@host:port/name, with host:port replaced by the proxy.
+    let url = database.expose().to_owned();
+    let (scheme_user, rest) = url.rsplit_once('@').expect("a user in the URL");
+    let (host_port, name) = rest.split_once('/').expect("a database in the URL");
+    let proxy = Proxy::start(host_port.to_owned()).await;
+    let proxied = format!("{scheme_user}@127.0.0.1:{}/{name}", proxy.port);
+    let server = ClmServer::start(&["serve", "identity"], &[("CLM_DATABASE_URL", proxied)])
+        .await
+        .unwrap();
+    let mut client = CustomerServiceClient::new(server.channel().await);
+    client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                emails: vec!["db-down@example.com".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("the database answers");
+
+    proxy.stop();
+    // Calls that need the database, each with a one-second deadline, once
+    // waited out the pool (5 s) and saw only DEADLINE_EXCEEDED.
+    let mut unavailable = 0;
+    for _ in 0..8 {
+        let mut request = tonic::Request::new(pb::GetCustomerRequest {
+            customer_id: uuid::Uuid::now_v7().to_string(),
+        });
+        request.set_timeout(Duration::from_secs(1));
+        let started = Instant::now();
+        let status = client.get_customer(request).await.expect_err("no database");
+        if status.code() == tonic::Code::Unavailable {
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "within the deadline"
+            );
+            assert_eq!(
+                clm_tests::details(&status).1.as_deref(),
+                Some("DEPENDENCY_UNAVAILABLE")
+            );
+            unavailable += 1;
+        } else {
+            // The client gave up at its deadline: the outage was not noticed
+            // yet (the databases are probed every second).
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ),
+                "{status:?}"
+            );
+            assert_eq!(
+                unavailable, 0,
+                "once noticed, the outage is answered every time"
+            );
+        }
+    }
+    assert!(
+        unavailable >= 5,
+        "{unavailable} of 8 calls were answered UNAVAILABLE"
+    );
+    assert!(
+        server.log().contains("call answered UNAVAILABLE"),
+        "counted in the log"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_drains_and_exits_cleanly() {
     let mut server = ClmServer::start(&["serve"], &[]).await.unwrap();

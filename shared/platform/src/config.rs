@@ -219,6 +219,10 @@ pub struct Limits {
     /// be (`CLM_MAX_CLOCK_SKEW_SECONDS`, default 300): when a touchpoint
     /// happened, a consent was recorded, a lifecycle was evaluated.
     pub max_clock_skew: std::time::Duration,
+    /// How long a call may wait on a database that does not answer before
+    /// it is answered UNAVAILABLE (`CLM_DATABASE_WAIT_MS`, default 5000);
+    /// a call whose deadline comes sooner is answered before its deadline.
+    pub max_database_wait: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -230,6 +234,7 @@ impl Default for Limits {
             max_batch_size: 10_000,
             max_concurrent_requests: 1024,
             max_clock_skew: Duration::from_secs(300),
+            max_database_wait: Duration::from_secs(5),
         }
     }
 }
@@ -315,6 +320,12 @@ impl PlatformConfig {
                 defaults.max_clock_skew.as_secs(),
                 0,
                 86_400,
+            )?),
+            max_database_wait: Duration::from_millis(env.bounded_or(
+                "CLM_DATABASE_WAIT_MS",
+                defaults.max_database_wait.as_millis() as u64,
+                50,
+                600_000,
             )?),
         };
         let mut limits = limits;

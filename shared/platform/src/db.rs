@@ -168,6 +168,70 @@ pub async fn wipe_sqlite_wal(pools: &SqlitePools, attempts: u32) -> Result<(), s
     )))
 }
 
+/// Whether one PostgreSQL database of this process answers.
+#[derive(Debug)]
+struct DatabaseHealth {
+    /// Where it is, without credentials.
+    description: String,
+    reachable: std::sync::atomic::AtomicBool,
+}
+
+/// Every PostgreSQL database this process serves from, probed every second.
+static DATABASES: std::sync::Mutex<Vec<std::sync::Arc<DatabaseHealth>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// How often a served database is probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Probes `pool` with `SELECT 1` every second while it is open, so that a
+/// call waiting for a connection can be told at once that the database is
+/// down (see [`unreachable_database`]) instead of waiting out the pool.
+fn watch(pool: &PgPool, description: String) {
+    let health = std::sync::Arc::new(DatabaseHealth {
+        description,
+        reachable: std::sync::atomic::AtomicBool::new(true),
+    });
+    DATABASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(health.clone());
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        while !pool.is_closed() {
+            let probe = tokio::time::timeout(PROBE_EVERY, sqlx::query("SELECT 1").execute(&pool));
+            let reachable = matches!(probe.await, Ok(Ok(_)));
+            let was = health
+                .reachable
+                .swap(reachable, std::sync::atomic::Ordering::SeqCst);
+            match (was, reachable) {
+                (true, false) => {
+                    tracing::warn!(database = %health.description, "database unreachable")
+                }
+                (false, true) => {
+                    tracing::info!(database = %health.description, "database reachable again")
+                }
+                _ => {}
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        DATABASES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|other| !std::sync::Arc::ptr_eq(other, &health));
+    });
+}
+
+/// A PostgreSQL database this process serves from that did not answer its
+/// last probe, if any, named without credentials.
+pub fn unreachable_database() -> Option<String> {
+    DATABASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|health| !health.reachable.load(std::sync::atomic::Ordering::SeqCst))
+        .map(|health| health.description.clone())
+}
+
 /// Vacuums a service's PostgreSQL tables soon after an erasure, at most once
 /// per interval however many erasures come.
 ///
@@ -353,6 +417,9 @@ impl ServiceMigrations {
                     describe_url(url.expose())
                 )
             })?;
+        if let Pools::Postgres(pool) = &pools {
+            watch(pool, describe_url(url.expose()));
+        }
         if migrate {
             self.run(&pools).await?;
         } else {

@@ -204,10 +204,12 @@ struct StatusRewrite {
     services: std::sync::Arc<[&'static str]>,
 }
 
-/// The tower layer that applies [`StatusRewrite`] to every call.
+/// The tower layer that applies [`StatusRewrite`] to every call, and
+/// answers a call stuck on a database that is down before its deadline.
 #[derive(Clone)]
 struct StatusRewriteLayer {
     services: std::sync::Arc<[&'static str]>,
+    database_wait: Duration,
 }
 
 impl<S> tower::Layer<S> for StatusRewriteLayer {
@@ -217,6 +219,7 @@ impl<S> tower::Layer<S> for StatusRewriteLayer {
         StatusRewriteService {
             inner,
             services: self.services.clone(),
+            database_wait: self.database_wait,
         }
     }
 }
@@ -225,12 +228,79 @@ impl<S> tower::Layer<S> for StatusRewriteLayer {
 struct StatusRewriteService<S> {
     inner: S,
     services: std::sync::Arc<[&'static str]>,
+    database_wait: Duration,
+}
+
+/// Calls answered UNAVAILABLE because a database was down.
+static DATABASE_UNAVAILABLE_ANSWERS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// The caller's deadline (`grpc-timeout`: up to 8 digits and a unit).
+fn caller_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let raw = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+/// How long a call may run before it is checked against the databases: a
+/// tenth of the caller's deadline (at least 5 ms) is kept to send the
+/// answer in, and no call waits longer than `database_wait`.
+fn call_budget(headers: &http::HeaderMap, database_wait: Duration) -> Duration {
+    match caller_timeout(headers) {
+        Some(timeout) => timeout
+            .saturating_sub((timeout / 10).max(Duration::from_millis(5)))
+            .min(database_wait),
+        None => database_wait,
+    }
+}
+
+/// `response`, unless it is not ready when `budget` runs out while a
+/// database of this process is down: then UNAVAILABLE, at once, rather than
+/// after the pool's wait or the caller's deadline. A call merely slow while
+/// every database answers runs on.
+async fn within_budget<F, E>(
+    response: F,
+    budget: Duration,
+    path: &str,
+) -> Result<http::Response<tonic::body::Body>, E>
+where
+    F: std::future::Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    tokio::pin!(response);
+    tokio::select! {
+        answered = &mut response => answered,
+        () = tokio::time::sleep(budget) => match crate::db::unreachable_database() {
+            Some(database) => {
+                let total = DATABASE_UNAVAILABLE_ANSWERS
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                tracing::warn!(
+                    rpc.method = %path,
+                    %database,
+                    unavailable_answers_total = total,
+                    "database unreachable, call answered UNAVAILABLE"
+                );
+                Ok(crate::error::StatusBuilder::unavailable("the database").into_http())
+            }
+            None => response.await,
+        },
+    }
 }
 
 impl<S, B> tower::Service<http::Request<B>> for StatusRewriteService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -250,9 +320,10 @@ where
             path: request.uri().path().into(),
             services: self.services.clone(),
         };
+        let budget = call_budget(request.headers(), self.database_wait);
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await?;
+            let response = within_budget(response, budget, &rewrite.path.clone()).await?;
             Ok(rewrite.apply(response))
         })
     }
@@ -503,7 +574,10 @@ pub async fn serve(
         ])
         .collect();
     let router = tonic::transport::Server::builder()
-        .layer(StatusRewriteLayer { services: served })
+        .layer(StatusRewriteLayer {
+            services: served,
+            database_wait: limits.max_database_wait,
+        })
         .trace_fn(crate::telemetry::request_span)
         .concurrency_limit_per_connection(limits.max_concurrent_requests)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -577,6 +651,27 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(address).await.unwrap();
         let server_side = accepted.next().await.unwrap().unwrap();
         assert!(server_side.nodelay().unwrap());
+    }
+
+    #[test]
+    fn the_callers_deadline_bounds_the_wait() {
+        let headers = |timeout: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", timeout.parse().unwrap());
+            headers
+        };
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            call_budget(&headers("1S"), wait),
+            Duration::from_millis(900)
+        );
+        assert_eq!(
+            call_budget(&headers("20m"), wait),
+            Duration::from_millis(15)
+        );
+        assert_eq!(call_budget(&headers("2M"), wait), wait);
+        assert_eq!(call_budget(&http::HeaderMap::new(), wait), wait);
+        assert_eq!(call_budget(&headers("bogus"), wait), wait);
     }
 
     #[test]
