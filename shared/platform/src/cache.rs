@@ -94,13 +94,26 @@ const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// bounded by its timeout, and the first success closes the circuit. An
 /// outage then costs a call nothing most of the time, and never more than
 /// one backend timeout.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Breaker {
-    /// When the backend failed last, while the circuit is open (tokio's
-    /// clock, which tests can pause).
-    open_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Where `open_since` counts from.
+    epoch: tokio::time::Instant,
+    /// When the backend failed last, in microseconds after `epoch` plus one,
+    /// while the circuit is open; 0 while it is closed. An atomic, so that
+    /// the closed circuit, the usual case, costs every call one load.
+    open_since: AtomicU64,
     /// True while one call tries the backend on an open circuit.
     probing: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            open_since: AtomicU64::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 /// What the breaker lets a call do.
@@ -115,27 +128,33 @@ enum Pass {
 }
 
 impl Breaker {
+    /// Now, as stored in `open_since` (never 0).
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64 + 1
+    }
+
     fn pass(&self) -> Pass {
-        let open_since = *self.open_since.lock().unwrap_or_else(|e| e.into_inner());
-        match open_since {
-            None => Pass::Closed,
-            Some(at) if at.elapsed() < SKIP_AFTER_FAILURE => Pass::Skip,
-            Some(_) => match self.probing.compare_exchange(
-                false,
-                true,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => Pass::Probe,
-                Err(_) => Pass::Skip,
-            },
+        let open_since = self.open_since.load(Ordering::Acquire);
+        if open_since == 0 {
+            return Pass::Closed;
+        }
+        let open_for = Duration::from_micros(self.now().saturating_sub(open_since));
+        if open_for < SKIP_AFTER_FAILURE {
+            return Pass::Skip;
+        }
+        match self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Pass::Probe,
+            Err(_) => Pass::Skip,
         }
     }
 
     /// The backend answered.
     fn succeeded(&self, pass: Pass, backend: &str) {
         if pass == Pass::Probe {
-            *self.open_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.open_since.store(0, Ordering::Release);
             self.probing.store(false, Ordering::Release);
             tracing::info!(backend, "cache answers again, using it");
         }
@@ -143,8 +162,7 @@ impl Breaker {
 
     /// The backend failed: skip it for a while.
     fn failed(&self, pass: Pass) {
-        *self.open_since.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(tokio::time::Instant::now());
+        self.open_since.store(self.now(), Ordering::Release);
         if pass == Pass::Probe {
             self.probing.store(false, Ordering::Release);
         }
