@@ -195,6 +195,7 @@ fn watch(pool: &PgPool, description: String) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(health.clone());
+    WATCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let pool = pool.clone();
     tokio::spawn(async move {
         while !pool.is_closed() {
@@ -218,8 +219,18 @@ fn watch(pool: &PgPool, description: String) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|other| !std::sync::Arc::ptr_eq(other, &health));
+        WATCHED.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+/// True when this process serves from a PostgreSQL database (which is
+/// probed); the embedded default has none, and its calls need no watch.
+pub fn watches_databases() -> bool {
+    WATCHED.load(std::sync::atomic::Ordering::Relaxed) > 0
+}
+
+/// How many databases are in [`DATABASES`], readable without its lock.
+static WATCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A PostgreSQL database this process serves from that did not answer its
 /// last probe, if any, named without credentials.
