@@ -316,7 +316,7 @@ async fn the_customer_lifecycle_of_calls(server: ClmServer) {
 
 async fn bad_input_is_refused_and_stores_nothing(server: ClmServer) {
     let mut client = CustomerServiceClient::new(server.channel().await);
-    create(
+    let seed = create(
         &mut client,
         Customer {
             emails: vec!["seed@example.com".into()],
@@ -325,6 +325,21 @@ async fn bad_input_is_refused_and_stores_nothing(server: ClmServer) {
     )
     .await;
     let customers_before = count_customers(&mut client).await;
+    // On PostgreSQL a log entry becomes readable once every older
+    // transaction of the cluster has ended, so the seed's event may show a
+    // moment after its call returned: count once it does.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !events(&mut client)
+        .await
+        .iter()
+        .any(|event| event.customer_id == seed.id)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the seed's event never showed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let events_before = count_events(&mut client).await;
 
     assert_invalid(
