@@ -53,6 +53,24 @@ pub async fn new_rescore(
     })
 }
 
+/// The rescore `id` once it has ended (succeeded, failed or cancelled),
+/// read every `poll`; `None` when it is gone.
+pub async fn until_ended(
+    store: &dyn ScoringStore,
+    id: Uuid,
+    poll: Duration,
+) -> Result<Option<RescoreRow>, StoreError> {
+    loop {
+        tokio::time::sleep(poll).await;
+        match store.rescore(Some(id)).await? {
+            Some(row)
+                if row.state == proto::RescoreState::Pending as i32
+                    || row.state == proto::RescoreState::Running as i32 => {}
+            ended => return Ok(ended),
+        }
+    }
+}
+
 /// The protobuf message of a stored rescore, with its ETA.
 pub fn to_proto(row: &RescoreRow, now: DateTime<Utc>) -> proto::Rescore {
     let running = row.state == proto::RescoreState::Running as i32;

@@ -139,20 +139,14 @@ async fn a_rescore_finishes_under_concurrent_writes(store: Arc<dyn ScoringStore>
         panic!("the second model was not activated");
     };
     wake.notify_one();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    let finished = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let row = store.rescore(Some(rescore.id)).await.unwrap().unwrap();
-        if row.state != pb::RescoreState::Pending as i32
-            && row.state != pb::RescoreState::Running as i32
-        {
-            break row;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the rescore never ended"
-        );
-    };
+    let finished = tokio::time::timeout(
+        Duration::from_secs(600),
+        clm_scoring::rescore::until_ended(store.as_ref(), rescore.id, Duration::from_millis(100)),
+    )
+    .await
+    .expect("the rescore ends")
+    .unwrap()
+    .expect("the rescore is kept");
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     shutdown.trigger();

@@ -157,48 +157,19 @@ impl IdentityResolver {
             if !seen.insert(key.as_str()) {
                 continue;
             }
-            match self.cache.get(key) {
-                Some(id) => asks.push(Ask {
-                    key,
-                    reference,
-                    cached: Some(id),
-                }),
-                None => asks.push(Ask {
-                    key,
-                    reference,
-                    cached: None,
-                }),
-            }
+            asks.push(Ask {
+                key,
+                reference,
+                cached: self.cache.get(key),
+            });
         }
         let mut afresh: Vec<Ask<'_>> = Vec::new();
         for (ask, answer) in asks.iter().zip(self.ask(&asks).await?) {
-            match (answer, ask.cached) {
-                (Ok(id), _) => {
-                    self.cache.insert(ask.key.clone(), id);
-                    resolved.insert(ask.key.clone(), Resolution::Customer(id));
-                }
-                (Err(_), Some(_)) => {
-                    self.cache.invalidate(ask.key);
-                    afresh.push(Ask {
-                        cached: None,
-                        ..*ask
-                    });
-                }
-                (Err(refusal), None) => {
-                    resolved.insert(ask.key.clone(), refusal);
-                }
-            }
+            afresh.extend(self.settle(&mut resolved, ask, answer));
         }
         for (ask, answer) in afresh.iter().zip(self.ask(&afresh).await?) {
-            match answer {
-                Ok(id) => {
-                    self.cache.insert(ask.key.clone(), id);
-                    resolved.insert(ask.key.clone(), Resolution::Customer(id));
-                }
-                Err(refusal) => {
-                    resolved.insert(ask.key.clone(), refusal);
-                }
-            }
+            // Asked by its reference this time: never asked again.
+            self.settle(&mut resolved, ask, answer);
         }
         Ok(keys
             .iter()
@@ -209,6 +180,35 @@ impl IdentityResolver {
                     .expect("every reference was resolved")
             })
             .collect())
+    }
+
+    /// Records identity's answer to `ask`, or, for a cached customer that is
+    /// no longer active, forgets it and returns the ask to put to identity
+    /// again by its reference.
+    fn settle<'a>(
+        &self,
+        resolved: &mut HashMap<String, Resolution>,
+        ask: &Ask<'a>,
+        answer: Result<Uuid, Resolution>,
+    ) -> Option<Ask<'a>> {
+        match (answer, ask.cached) {
+            (Ok(id), _) => {
+                self.cache.insert(ask.key.clone(), id);
+                resolved.insert(ask.key.clone(), Resolution::Customer(id));
+                None
+            }
+            (Err(_), Some(_)) => {
+                self.cache.invalidate(ask.key);
+                Some(Ask {
+                    cached: None,
+                    ..*ask
+                })
+            }
+            (Err(refusal), None) => {
+                resolved.insert(ask.key.clone(), refusal);
+                None
+            }
+        }
     }
 
     /// Identity's answer to each ask, in order: the customer, or its

@@ -327,7 +327,7 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = match budget {
-                Some(budget) => within_budget(response, budget, &rewrite.path.clone()).await?,
+                Some(budget) => within_budget(response, budget, &rewrite.path).await?,
                 None => response.await?,
             };
             Ok(rewrite.apply(response))

@@ -181,18 +181,10 @@ async fn measure(args: &RescoreBenchArgs, url: &str, engine: &str) -> anyhow::Re
         anyhow::bail!("the second model was not activated");
     };
     wake.notify_one();
-    let finished = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let row = store
-            .rescore(Some(rescore.id))
+    let finished =
+        clm_scoring::rescore::until_ended(store.as_ref(), rescore.id, Duration::from_millis(100))
             .await?
             .context("the rescore vanished")?;
-        if row.state != pb::RescoreState::Pending as i32
-            && row.state != pb::RescoreState::Running as i32
-        {
-            break row;
-        }
-    };
     let rescored_in = started.elapsed();
     let cpu = process_cpu_seconds() - cpu_before;
     shutdown.trigger();
