@@ -438,11 +438,28 @@ async fn a_customer_journey_from_reach_to_won_back() {
         .transitions;
     let stages: Vec<i32> = history.iter().map(|t| t.to_stage).collect();
     let healths: Vec<i32> = history.iter().map(|t| t.to_health).collect();
-    assert_eq!(history.len(), 11, "{history:#?}");
+    // The 160 silent days between the renewal (day 40) and the purchase
+    // of day 200 left the customer at risk, then churned, at the times
+    // those moves became due, though the touchpoints arrived together.
+    assert_eq!(history.len(), 13, "{history:#?}");
     assert_eq!(stages[0], LifecycleStage::Reach as i32);
-    assert_eq!(stages[10], LifecycleStage::Advocacy as i32);
+    assert_eq!(stages[12], LifecycleStage::Advocacy as i32);
+    for (moved, silent_days, health) in [
+        (&history[6], 61, Health::AtRisk),
+        (&history[7], 121, Health::Churned),
+    ] {
+        assert_eq!(moved.to_health, health as i32);
+        assert_eq!(moved.cause, pb::TransitionCause::Sweep as i32);
+        assert_eq!(
+            moved.transition_time.unwrap().seconds,
+            timestamp(day(40) + TimeDelta::days(silent_days)).seconds,
+            "due in event time, not when the sweep ran"
+        );
+    }
+    assert_eq!(history[8].to_stage, LifecycleStage::Loyalty as i32);
+    assert_eq!(history[8].to_health, Health::Active as i32);
     assert_eq!(
-        &healths[8..],
+        &healths[10..],
         [
             Health::AtRisk as i32,
             Health::Churned as i32,
@@ -991,9 +1008,18 @@ async fn a_merge_combines_two_customers_in_different_stages() {
         Health::Active,
     )
     .await;
+    // The survivor's history is derived again from both customers'
+    // touchpoints: it converted with the purchase, at the purchase's time.
     let moved = last_transition(&merged);
-    assert_eq!(moved.cause, pb::TransitionCause::Merge as i32);
+    assert_eq!(moved.cause, pb::TransitionCause::Touchpoint as i32);
     assert_eq!(moved.from_stage, LifecycleStage::Acquisition as i32);
+    let purchased = timestamp(now + TimeDelta::seconds(1));
+    let at = moved.transition_time.expect("a transition time");
+    assert_eq!(
+        (at.seconds, at.nanos / 1000),
+        (purchased.seconds, purchased.nanos / 1000),
+        "stored to the microsecond"
+    );
     // The merged customer's id answers with the survivor.
     let through_merged = lifecycle(&mut clients, &buyer)
         .await
@@ -1268,4 +1294,363 @@ async fn a_consumer_killed_mid_batch_counts_nothing_twice() {
     for (_, transitions) in states_of(&mut client, &customers).await {
         assert_eq!(transitions.iter().filter(|t| t.from_stage == 0).count(), 1);
     }
+}
+
+/// A customer's transitions without what differs between two customers with
+/// the same history (ids, record times, touchpoint and customer ids).
+async fn moves_of(
+    scoring: &mut LifecycleServiceClient<Channel>,
+    customer: &str,
+) -> Vec<pb::Transition> {
+    let mut transitions = scoring
+        .list_transitions(pb::ListTransitionsRequest {
+            customer_id: customer.to_owned(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list transitions")
+        .into_inner()
+        .transitions;
+    for t in &mut transitions {
+        t.id.clear();
+        t.record_time = None;
+        t.touchpoint_id.clear();
+        t.customer_id.clear();
+    }
+    transitions
+}
+
+/// How many retractions the transition log holds.
+async fn retractions(scoring: &mut LifecycleServiceClient<Channel>) -> usize {
+    let mut stream = scoring
+        .stream_transitions(pb::StreamTransitionsRequest {
+            stop_at_end: true,
+            ..Default::default()
+        })
+        .await
+        .expect("stream transitions")
+        .into_inner();
+    let mut count = 0;
+    while let Some(response) = stream.message().await.expect("a log batch") {
+        count += response
+            .entries
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.change,
+                    Some(pb::transition_log_entry::Change::Retracted(_))
+                )
+            })
+            .count();
+    }
+    count
+}
+
+/// Fourteen touchpoints over 250 days: (day, type).
+const IMPORTED: &[(i64, &str)] = &[
+    (0, "page_view"),
+    (1, "page_view"),
+    (4, "form_submit"),
+    (9, "content_download"),
+    (10, "content_download"),
+    (11, "content_download"),
+    (15, "pricing_view"),
+    (18, "demo_request"),
+    (30, "purchase"),
+    (75, "product_usage"),
+    (120, "renewal"),
+    (160, "purchase"),
+    (200, "purchase"),
+    (250, "referral"),
+];
+
+/// Imports the same history for two customers, one touchpoint per call
+/// (each folded, swept and evaluated at "now" before the next) and in one
+/// call, and expects the same transitions at the touchpoints' own dates.
+async fn import_one_by_one_and_in_one_batch(env: &[(&str, String)]) {
+    let clock_dir = tempfile::tempdir().unwrap();
+    let clock = ClockFile(clock_dir.path().join("now"));
+    let now = Utc::now();
+    clock.set(now);
+    let mut env = env.to_vec();
+    env.push(("CLM_SCORING_CLOCK_FILE", clock.0.display().to_string()));
+    env.push(("CLM_SCORING_SWEEP_POLL_MS", "50".to_owned()));
+    let server = ClmServer::start(&["serve"], &env).await.expect("start clm");
+    let mut clients = Clients::of(&server).await;
+    let start = now - TimeDelta::days(260);
+    let imported = |who: &str| -> Vec<tp::Touchpoint> {
+        IMPORTED
+            .iter()
+            .enumerate()
+            .map(|(i, (day, kind))| {
+                touchpoint(
+                    &format!("import-{who}-{i}"),
+                    key(IdentityKind::Email, &format!("import-{who}@example.com")),
+                    kind,
+                    start + TimeDelta::days(*day),
+                )
+            })
+            .collect()
+    };
+
+    let mut trickled = String::new();
+    for (i, touchpoint) in imported("trickle").into_iter().enumerate() {
+        trickled = record(&mut clients, vec![touchpoint]).await;
+        caught_up(
+            &mut clients.scoring,
+            std::slice::from_ref(&trickled),
+            i as i64 + 1,
+        )
+        .await;
+        // An explicit evaluation at "now" after each: what used to stamp
+        // every later move with today.
+        clients
+            .scoring
+            .evaluate(pb::EvaluateRequest {
+                customer_id: trickled.clone(),
+            })
+            .await
+            .expect("evaluate");
+    }
+    let batched = record(&mut clients, imported("batch")).await;
+    caught_up(
+        &mut clients.scoring,
+        std::slice::from_ref(&batched),
+        IMPORTED.len() as i64,
+    )
+    .await;
+    for customer in [&trickled, &batched] {
+        clients
+            .scoring
+            .evaluate(pb::EvaluateRequest {
+                customer_id: customer.clone(),
+            })
+            .await
+            .expect("evaluate");
+    }
+
+    let one_by_one = moves_of(&mut clients.scoring, &trickled).await;
+    let in_one_batch = moves_of(&mut clients.scoring, &batched).await;
+    assert_eq!(one_by_one, in_one_batch);
+    // Every move of the funnel at the date of the touchpoint that made it.
+    let day_of =
+        |t: &pb::Transition| (t.transition_time.unwrap().seconds - start.timestamp()) / 86_400;
+    let funnel: Vec<(i32, i32, i64)> = in_one_batch
+        .iter()
+        .filter(|t| {
+            (t.from_stage, t.from_acquisition_status) != (t.to_stage, t.to_acquisition_status)
+        })
+        .map(|t| (t.to_stage, t.to_acquisition_status, day_of(t)))
+        .collect();
+    let acquisition = LifecycleStage::Acquisition as i32;
+    assert_eq!(
+        funnel,
+        [
+            // Identified by e-mail from the first page view.
+            (acquisition, Status::Lead as i32, 0),
+            // The third download lifts the lead score past 40.
+            (acquisition, Status::Mql as i32, 11),
+            // The pricing page lifts it past 70.
+            (acquisition, Status::Sql as i32, 15),
+            (LifecycleStage::Conversion as i32, 0, 30),
+            (LifecycleStage::Retention as i32, 0, 120),
+            // Tenure: the sweep's move, at the day it became due.
+            (LifecycleStage::Loyalty as i32, 0, 210),
+            (LifecycleStage::Advocacy as i32, 0, 250),
+        ],
+        "{in_one_batch:#?}"
+    );
+    assert!(
+        retractions(&mut clients.scoring).await > 0,
+        "the late touchpoints replaced moves made without them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn imported_history_is_the_same_one_by_one_or_in_one_batch() {
+    import_one_by_one_and_in_one_batch(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn imported_history_is_the_same_one_by_one_or_in_one_batch_on_postgres() {
+    let Some(db) = clm_platform::testing::fresh_postgres_database("scoring_import").await else {
+        return;
+    };
+    import_one_by_one_and_in_one_batch(&[("CLM_DATABASE_URL", db.expose().to_owned())]).await;
+}
+
+/// Customers with a history sent one touchpoint per call in no order
+/// (backdated and current, identified and anonymous), profiles changed
+/// midway, a fixed "now" a day later: a second scoring replaying the logs
+/// from zero derives the same transitions for every customer.
+async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, String)]) {
+    const CUSTOMERS: usize = 30;
+    const KINDS: &[&str] = &[
+        "page_view",
+        "form_submit",
+        "content_download",
+        "pricing_view",
+        "demo_request",
+        "purchase",
+        "product_usage",
+        "renewal",
+    ];
+    let clock_dir = tempfile::tempdir().unwrap();
+    let clock = ClockFile(clock_dir.path().join("now"));
+    let wall = Utc::now();
+    clock.set(wall + TimeDelta::days(1));
+    let clock_env = [
+        ("CLM_SCORING_CLOCK_FILE", clock.0.display().to_string()),
+        ("CLM_SCORING_SWEEP_POLL_MS", "50".to_owned()),
+    ];
+    let mut env = live_env.to_vec();
+    env.extend(clock_env.iter().cloned());
+    let upstream = ClmServer::start(&["serve"], &env).await.expect("start clm");
+    let mut clients = Clients::of(&upstream).await;
+
+    let mut touchpoints = Vec::new();
+    for customer in 0..CUSTOMERS {
+        let who = if customer % 2 == 0 {
+            key(
+                IdentityKind::Email,
+                &format!("trickle-{customer}@example.com"),
+            )
+        } else {
+            anonymous(&format!("trickle-{customer}"))
+        };
+        for k in 0..8usize {
+            let at = if k < 6 {
+                wall - TimeDelta::days(200 - 33 * k as i64) + TimeDelta::hours(customer as i64)
+            } else {
+                wall - TimeDelta::minutes((10 * (8 - k) + customer) as i64)
+            };
+            let kind = KINDS[(customer * 3 + k * 5) % KINDS.len()];
+            touchpoints.push(touchpoint(
+                &format!("trickle-{customer}-{k}"),
+                who.clone(),
+                kind,
+                at,
+            ));
+        }
+    }
+    // A fixed shuffle: many touchpoints arrive after later ones.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for i in (1..touchpoints.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        touchpoints.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    let half = touchpoints.len() / 2;
+    let mut customers = std::collections::BTreeSet::new();
+    for (sent, touchpoint) in touchpoints.into_iter().enumerate() {
+        customers.insert(record(&mut clients, vec![touchpoint]).await);
+        if sent == half {
+            // Half of the identified customers now work for a known company.
+            for customer in (0..CUSTOMERS).step_by(4) {
+                let found = clients
+                    .identity
+                    .resolve_customer(identity_pb::ResolveCustomerRequest {
+                        keys: vec![IdentityKey {
+                            kind: IdentityKind::Email as i32,
+                            value: format!("trickle-{customer}@example.com"),
+                            source: String::new(),
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("resolve")
+                    .into_inner()
+                    .customer
+                    .expect("a customer");
+                clients
+                    .identity
+                    .update_customer(identity_pb::UpdateCustomerRequest {
+                        customer: Some(identity_pb::Customer {
+                            id: found.id,
+                            company: "Acme".to_owned(),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["company".to_owned()],
+                        }),
+                        expected_version: 0,
+                    })
+                    .await
+                    .expect("update the company");
+            }
+        }
+    }
+    let customers: Vec<String> = customers.into_iter().collect();
+    assert_eq!(customers.len(), CUSTOMERS);
+    let total = (CUSTOMERS * 8) as i64;
+    caught_up(&mut clients.scoring, &customers, total).await;
+
+    let mut env = replay_env.to_vec();
+    env.extend(clock_env.iter().cloned());
+    env.push(("CLM_IDENTITY_URL", upstream.endpoint()));
+    env.push(("CLM_TOUCHPOINTS_URL", upstream.endpoint()));
+    let replay = ClmServer::start(&["serve", "scoring"], &env)
+        .await
+        .expect("start clm serve scoring");
+    let mut replayed = LifecycleServiceClient::new(replay.channel().await);
+    caught_up(&mut replayed, &customers, total).await;
+
+    // Both sides settle (profiles are read, due moves made); then every
+    // customer's history is the same: every transition, the position and
+    // the next due time. (Live, a snapshot may have been evaluated later,
+    // since a snapshot never goes back in time; its scores are then as of
+    // that time.)
+    let histories = |states: Vec<(pb::CustomerLifecycle, Vec<pb::Transition>)>| {
+        states
+            .into_iter()
+            .map(|(lifecycle, transitions)| {
+                let snapshot = lifecycle.lifecycle.unwrap_or_default();
+                let position = (snapshot.stage, snapshot.acquisition_status, snapshot.health);
+                (position, lifecycle.next_evaluation_time, transitions)
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (live, again) = loop {
+        let live = histories(states_of(&mut clients.scoring, &customers).await);
+        let again = histories(states_of(&mut replayed, &customers).await);
+        if live == again || tokio::time::Instant::now() > deadline {
+            break (live, again);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for ((customer, live), again) in customers.iter().zip(&live).zip(&again) {
+        assert_eq!(live, again, "customer {customer}: live, then replayed");
+    }
+    let longest = live.iter().map(|(_, _, t)| t.len()).max().unwrap_or(0);
+    assert!(
+        longest >= 3,
+        "the history moves customers: {longest} moves at most"
+    );
+    assert!(
+        retractions(&mut clients.scoring).await > 0,
+        "late touchpoints replaced moves live"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_trickle_and_a_replay_give_the_same_history() {
+    trickle_then_replay(&[], &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_trickle_and_a_replay_give_the_same_history_on_postgres() {
+    let Some(live) = clm_platform::testing::fresh_postgres_database("scoring_trickle").await else {
+        return;
+    };
+    let replay = clm_platform::testing::fresh_postgres_database("scoring_trickle")
+        .await
+        .expect("a second database");
+    trickle_then_replay(
+        &[("CLM_DATABASE_URL", live.expose().to_owned())],
+        &[("CLM_SCORING_DATABASE_URL", replay.expose().to_owned())],
+    )
+    .await;
 }

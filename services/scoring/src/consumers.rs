@@ -181,11 +181,39 @@ impl CustomerEventProjection {
     }
 }
 
-/// What a customer event asks of scoring, before profiles are read: the
-/// customer whose profile to read, or a change.
+/// What a customer event asks of scoring, before profiles are read.
 enum Wanted {
+    /// The customer's current profile.
     Profile(Uuid),
-    Change(ProfileChange),
+    /// An erasure.
+    Erased(Uuid),
+    /// A merge into `survivor`, whose current profile comes with it.
+    Merged { merged: Uuid, survivor: Uuid },
+}
+
+impl Wanted {
+    /// The customer whose profile to read from identity.
+    fn profile_to_read(&self) -> Option<Uuid> {
+        match self {
+            Wanted::Erased(_) => None,
+            Wanted::Profile(id) | Wanted::Merged { survivor: id, .. } => Some(*id),
+        }
+    }
+
+    fn into_change(self, profiles: &HashMap<Uuid, identity_pb::Customer>) -> Option<ProfileChange> {
+        let profile = |id: &Uuid| profiles.get(id).map(profile_of);
+        Some(match self {
+            // Absent: merged, erased or unknown; their own events say what
+            // happened.
+            Wanted::Profile(id) => ProfileChange::Profile(id, profile(&id)?),
+            Wanted::Erased(id) => ProfileChange::Erased(id),
+            Wanted::Merged { merged, survivor } => ProfileChange::Merged {
+                merged,
+                survivor,
+                profile: profile(&survivor),
+            },
+        })
+    }
 }
 
 fn wanted(event: &identity_pb::CustomerEvent) -> Option<Wanted> {
@@ -196,13 +224,12 @@ fn wanted(event: &identity_pb::CustomerEvent) -> Option<Wanted> {
         Change::Created(created) if created.anonymous => None,
         Change::Created(_) | Change::Updated(_) => Some(Wanted::Profile(id)),
         // A merge is logged for both customers; act on the survivor's copy.
-        Change::Merged(merged) if merged.survivor_id == event.customer_id => {
-            Some(Wanted::Change(ProfileChange::Merged {
-                merged: Uuid::try_parse(&merged.merged_id).ok()?,
-                survivor: id,
-            }))
-        }
-        Change::Erased(_) => Some(Wanted::Change(ProfileChange::Erased(id))),
+        // Identity gave the survivor what it lacked of the merged profile.
+        Change::Merged(merged) if merged.survivor_id == event.customer_id => Some(Wanted::Merged {
+            merged: Uuid::try_parse(&merged.merged_id).ok()?,
+            survivor: id,
+        }),
+        Change::Erased(_) => Some(Wanted::Erased(id)),
         _ => None,
     }
 }
@@ -224,22 +251,11 @@ impl Projection for CustomerEventProjection {
         shard: ShardFilter,
     ) -> Result<(), ConsumeError> {
         let wanted: Vec<Wanted> = batch.iter().filter_map(wanted).collect();
-        let to_read: HashSet<Uuid> = wanted
-            .iter()
-            .filter_map(|w| match w {
-                Wanted::Profile(id) => Some(*id),
-                Wanted::Change(_) => None,
-            })
-            .collect();
+        let to_read: HashSet<Uuid> = wanted.iter().filter_map(Wanted::profile_to_read).collect();
         let profiles = self.profiles(to_read).await?;
         let changes: Vec<ProfileChange> = wanted
             .into_iter()
-            .filter_map(|w| match w {
-                Wanted::Profile(id) => profiles
-                    .get(&id)
-                    .map(|customer| ProfileChange::Profile(id, profile_of(customer))),
-                Wanted::Change(change) => Some(change),
-            })
+            .filter_map(|w| w.into_change(&profiles))
             .collect();
         let change = self.cursors.next_move(CUSTOMERS_CONSUMER, shard, cursor);
         self.scorer

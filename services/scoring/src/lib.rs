@@ -39,6 +39,7 @@ mod evaluate;
 mod evaluation_proto;
 pub mod feature_map;
 mod features;
+pub mod fold;
 pub mod grpc;
 mod lifecycle;
 mod literal_keys;

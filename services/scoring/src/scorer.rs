@@ -1,9 +1,11 @@
-//! The scoring service's core: folds log entries into customers' features,
-//! evaluates them with the active model, and writes the new lifecycle with
-//! its transitions (and the consumer cursor or rescore progress) in one
-//! transaction. Every evaluation time is `max(event time, the customer's
-//! previous evaluation)`, so a customer's history never runs backwards and
-//! replaying the same log gives the same result.
+//! The scoring service's core: gathers log entries as customers' inputs,
+//! folds them in event time (see [`crate::fold`]), and writes the new
+//! lifecycle with its transitions, the inputs kept, retractions (and the
+//! consumer cursor or rescore progress) in one transaction. A customer's
+//! history is a function of their inputs, so replaying the logs, or
+//! receiving the same events late, one by one or in one batch, gives the
+//! same history. Rescores and Evaluate calls evaluate at the wall-clock time
+//! on top of it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,9 +21,10 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::compiled_model::CompiledModel;
 use crate::features::{ProfileFacts, TouchpointFacts};
+use crate::fold;
 use crate::model_proto::timestamp_to_proto;
 use crate::store::{
-    ChangeSet, CursorMove, CustomerRecord, CustomerWrite, ScoringStore, StoreError,
+    ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Input, ScoringStore, StoreError,
 };
 
 /// How often a process re-reads which model is active (another replica may
@@ -63,10 +66,10 @@ pub enum ScoringError {
     NoActiveModel,
 }
 
-/// The profile facts identity holds for a customer.
+/// What the customer event log says about a customer, for scoring.
 #[derive(Debug, Clone)]
 pub enum ProfileChange {
-    /// The customer's profile now says this.
+    /// The customer's profile says this now.
     Profile(Uuid, ProfileFacts),
     /// The customer was erased: forget the profile.
     Erased(Uuid),
@@ -76,6 +79,8 @@ pub enum ProfileChange {
         merged: Uuid,
         /// The survivor.
         survivor: Uuid,
+        /// The survivor's profile after the merge, when identity has it.
+        profile: Option<ProfileFacts>,
     },
 }
 
@@ -270,17 +275,23 @@ impl Scorer {
                     tracing::warn!(entry = %entry.entry_id, "skipping a touchpoint log entry without customer or time");
                     continue;
                 };
-                let record = work.target(customer_id);
-                record.features.apply(&facts);
-                work.evaluate(
-                    customer_id,
-                    &model,
-                    facts.occurred_at,
-                    proto::TransitionCause::Touchpoint,
-                    &recorded.touchpoint_id,
-                    true,
+                let target = work.target(customer_id).customer_id;
+                work.add_input(
+                    target,
+                    Input {
+                        at: facts.occurred_at,
+                        key: recorded.touchpoint_id.clone(),
+                        fact: Fact::Touchpoint {
+                            touchpoint_type: facts.touchpoint_type.to_owned(),
+                            channel: facts.channel as i32,
+                            revenue: facts
+                                .revenue
+                                .map(|money| (money.currency_code.to_owned(), money.amount_micros)),
+                        },
+                    },
                 );
             }
+            self.settle(&mut work, &model).await?;
             let mut changes = work.into_changes();
             changes.cursor = Some(cursor.clone());
             self.commit(&changes).await
@@ -297,7 +308,9 @@ impl Scorer {
     ) -> Result<(), ScoringError> {
         let ids = changes.iter().flat_map(|change| match change {
             ProfileChange::Profile(id, _) | ProfileChange::Erased(id) => vec![*id],
-            ProfileChange::Merged { merged, survivor } => vec![*merged, *survivor],
+            ProfileChange::Merged {
+                merged, survivor, ..
+            } => vec![*merged, *survivor],
         });
         let ids: Vec<Uuid> = ids.collect();
         self.with_retries(Retry::UntilDone, || async {
@@ -307,38 +320,24 @@ impl Scorer {
             for change in changes {
                 match change {
                     ProfileChange::Profile(id, profile) => {
-                        let record = work.target(*id);
-                        if record.features.profile() == profile {
-                            continue;
-                        }
-                        record.features.set_profile(profile.clone());
-                        let target = record.customer_id;
-                        // The profile feeds fit rules: evaluate customers
-                        // already scored; others wait for a touchpoint.
-                        if work.get(target).snapshot.is_some() {
-                            work.evaluate(
-                                target,
-                                &model,
-                                now,
-                                proto::TransitionCause::Profile,
-                                "",
-                                true,
-                            );
-                        } else {
-                            work.touch(target, true);
-                        }
+                        let target = work.target(*id).customer_id;
+                        work.add_input(target, fold::profile_input(profile.clone()));
                     }
-                    ProfileChange::Erased(id) => {
-                        let record = work.target(*id);
-                        record.features.set_profile(ProfileFacts::default());
-                        let target = record.customer_id;
-                        work.touch(target, true);
-                    }
-                    ProfileChange::Merged { merged, survivor } => {
+                    ProfileChange::Erased(id) => work.erase(*id),
+                    ProfileChange::Merged {
+                        merged,
+                        survivor,
+                        profile,
+                    } => {
                         work.merge(*merged, *survivor, &model, now);
+                        if let Some(profile) = profile {
+                            let target = work.target(*survivor).customer_id;
+                            work.add_input(target, fold::profile_input(profile.clone()));
+                        }
                     }
                 }
             }
+            self.settle(&mut work, &model).await?;
             self.commit(&{
                 let mut set = work.into_changes();
                 set.cursor = Some(cursor.clone());
@@ -349,10 +348,110 @@ impl Scorer {
         .await
     }
 
-    /// Evaluates customers now with the active model (the sweep, Evaluate).
-    /// With `only_due`, customers no longer due are skipped. Returns each
-    /// evaluated customer's record and transition, keyed by the id asked
-    /// for.
+    /// Folds the inputs a unit of work gathered into its customers: in
+    /// memory when they come after everything derived so far, otherwise by
+    /// deriving the history again from every kept input.
+    async fn settle(&self, work: &mut Work, model: &CompiledModel) -> Result<(), ScoringError> {
+        let now = self.now();
+        let pending: Vec<(Uuid, Vec<Input>)> = std::mem::take(&mut work.pending);
+        for (id, mut inputs) in pending {
+            fold::in_fold_order(&mut inputs);
+            let record = work.records.get(&id).expect("a target is loaded");
+            // A profile that says what the features hold already changes
+            // nothing.
+            inputs.retain(|input| match &input.fact {
+                Fact::Profile(profile) => profile != record.features.profile(),
+                Fact::Touchpoint { .. } => true,
+            });
+            if inputs.is_empty() {
+                continue;
+            }
+            if !record.inputs_kept {
+                // Scored before inputs were kept: fold in at the latest
+                // evaluation, as then.
+                work.fold(id, model, &inputs, now);
+                continue;
+            }
+            let late = inputs
+                .first()
+                .is_some_and(|first| record.derived_to().is_some_and(|to| first.at <= to));
+            work.kept_inputs
+                .extend(inputs.iter().cloned().map(|input| (id, input)));
+            if late || work.rederive.contains(&id) {
+                work.rederive.insert(id);
+                work.late_inputs.entry(id).or_default().extend(inputs);
+            } else {
+                work.fold(id, model, &inputs, now);
+            }
+        }
+        if work.rederive.is_empty() {
+            return Ok(());
+        }
+        let targets: Vec<Uuid> = work.rederive.iter().copied().collect();
+        // A survivor's history takes in the touchpoints of the customers
+        // merged into it in this unit of work (moved when it commits).
+        let mut sources: Vec<Uuid> = targets.clone();
+        sources.extend(work.moved.iter().map(|(merged, _)| *merged));
+        let mut stored = self.store.load_inputs(&sources).await?;
+        for (merged, survivor) in work.moved.clone() {
+            let taken = stored.remove(&merged).unwrap_or_default();
+            stored
+                .entry(survivor)
+                .or_default()
+                .extend(taken.into_iter().filter(|input| !input.is_profile()));
+        }
+        for id in targets {
+            let mut inputs = stored.remove(&id).unwrap_or_default();
+            if work.forgotten.contains(&id) {
+                inputs.retain(|input| !input.is_profile());
+            }
+            // After the stored ones: a new profile replaces the stored one.
+            inputs.extend(work.late_inputs.remove(&id).unwrap_or_default());
+            let old = self.transitions_of(id).await?;
+            let record = work.records.get_mut(&id).expect("a target is loaded");
+            let again = fold::rederive(model, record, inputs, old, now);
+            work.touch(id, true);
+            if !again.added.is_empty() || !again.retracted.is_empty() {
+                work.position_changed.insert(id);
+            }
+            work.retracted.extend(again.retracted);
+            work.transitions.extend(again.added);
+        }
+        Ok(())
+    }
+
+    /// Every recorded transition of a customer, in ListTransitions order.
+    async fn transitions_of(&self, id: Uuid) -> Result<Vec<proto::Transition>, ScoringError> {
+        const PAGE: u32 = 1_000;
+        let mut all: Vec<proto::Transition> = Vec::new();
+        loop {
+            let after = all.last().and_then(|last| {
+                let at = crate::timestamp_from_proto(last.transition_time.as_ref()?)?;
+                Some((at, Uuid::try_parse(&last.id).ok()?))
+            });
+            let page = self
+                .store
+                .list_transitions(&crate::store::TransitionQuery {
+                    customer_id: Some(id),
+                    start: None,
+                    end: None,
+                    after,
+                    limit: PAGE,
+                })
+                .await?;
+            let full = page.len() == PAGE as usize;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Brings customers up to now with the active model: each is evaluated
+    /// at every due time up to now (the sweep's cause SWEEP), and for cause
+    /// EVALUATE at now as well. With `only_due`, customers no longer due are
+    /// skipped. Returns each evaluated customer's record and latest
+    /// transition, keyed by the id asked for.
     pub async fn evaluate_now(
         &self,
         ids: &[Uuid],
@@ -382,7 +481,10 @@ impl Scorer {
                     continue;
                 }
                 if !work.dirty.contains(&target) {
-                    work.evaluate(target, &model, now, cause, "", false);
+                    work.catch_up(target, &model, now);
+                    if cause != proto::TransitionCause::Sweep {
+                        work.evaluate(target, &model, now, cause, "", false);
+                    }
                 }
                 targets.push((*id, target));
             }
@@ -610,8 +712,7 @@ pub fn evaluate_page(
         changes: ChangeSet {
             customers,
             transitions,
-            cursor: None,
-            rescore: None,
+            ..ChangeSet::default()
         },
     }
 }
@@ -652,6 +753,20 @@ struct Work {
     position_changed: HashSet<Uuid>,
     order: Vec<Uuid>,
     transitions: Vec<proto::Transition>,
+    /// Inputs gathered and not yet folded, by customer, in arrival order.
+    pending: Vec<(Uuid, Vec<Input>)>,
+    /// Late inputs of customers whose history is derived again.
+    late_inputs: HashMap<Uuid, Vec<Input>>,
+    /// Customers whose history is derived again from every kept input.
+    rederive: HashSet<Uuid>,
+    /// Inputs to keep.
+    kept_inputs: Vec<(Uuid, Input)>,
+    /// Merges whose inputs move: (merged, survivor).
+    moved: Vec<(Uuid, Uuid)>,
+    /// Customers whose profile inputs are deleted.
+    forgotten: HashSet<Uuid>,
+    /// Transitions retracted.
+    retracted: Vec<proto::Transition>,
 }
 
 impl Work {
@@ -663,6 +778,13 @@ impl Work {
             position_changed: HashSet::new(),
             order: Vec::new(),
             transitions: Vec::new(),
+            pending: Vec::new(),
+            late_inputs: HashMap::new(),
+            rederive: HashSet::new(),
+            kept_inputs: Vec::new(),
+            moved: Vec::new(),
+            forgotten: HashSet::new(),
+            retracted: Vec::new(),
         }
     }
 
@@ -694,6 +816,40 @@ impl Work {
         }
     }
 
+    /// Gathers an input of the customer `target` (a target) for
+    /// [`Scorer::settle`].
+    fn add_input(&mut self, target: Uuid, input: Input) {
+        self.touch(target, true);
+        match self.pending.iter_mut().find(|(id, _)| *id == target) {
+            Some((_, inputs)) => inputs.push(input),
+            None => self.pending.push((target, vec![input])),
+        }
+    }
+
+    fn record_transitions(&mut self, id: Uuid, transitions: Vec<proto::Transition>) {
+        if !transitions.is_empty() {
+            self.position_changed.insert(id);
+            self.transitions.extend(transitions);
+        }
+    }
+
+    /// Folds inputs that come after everything derived for `id`.
+    fn fold(&mut self, id: Uuid, model: &CompiledModel, inputs: &[Input], now: DateTime<Utc>) {
+        self.touch(id, true);
+        let record = self.records.get_mut(&id).expect("a target is loaded");
+        let transitions = fold::fold(model, record, inputs, now);
+        self.record_transitions(id, transitions);
+    }
+
+    /// Evaluates `id` at each due time up to `now`.
+    fn catch_up(&mut self, id: Uuid, model: &CompiledModel, now: DateTime<Utc>) {
+        self.touch(id, false);
+        let record = self.records.get_mut(&id).expect("a target is loaded");
+        let mut transitions = Vec::new();
+        fold::catch_up(model, record, now, true, &mut transitions);
+        self.record_transitions(id, transitions);
+    }
+
     fn evaluate(
         &mut self,
         id: Uuid,
@@ -711,7 +867,30 @@ impl Work {
         }
     }
 
-    /// Folds `merged` into `survivor` and evaluates the survivor.
+    /// Forgets `id`'s profile: its profile inputs are deleted and, when its
+    /// inputs are kept, its history derived again without them.
+    fn erase(&mut self, id: Uuid) {
+        let record = self.target(id);
+        let target = record.customer_id;
+        let had_profile = *record.features.profile() != ProfileFacts::default();
+        record.features.set_profile(ProfileFacts::default());
+        let kept = record.inputs_kept && had_profile;
+        for (customer, inputs) in &mut self.pending {
+            if *customer == target {
+                inputs.retain(|input| !input.is_profile());
+            }
+        }
+        self.forgotten.insert(target);
+        if kept && self.get(target).version > 0 {
+            self.rederive.insert(target);
+        }
+        self.touch(target, true);
+    }
+
+    /// Merges `merged` into `survivor`: the survivor's history is derived
+    /// again from both customers' touchpoints (or, for customers scored
+    /// before inputs were kept, the features are added up and the survivor
+    /// evaluated at `now`).
     fn merge(&mut self, merged: Uuid, survivor: Uuid, model: &CompiledModel, now: DateTime<Utc>) {
         let survivor = self.target(survivor).customer_id;
         if survivor == merged {
@@ -731,14 +910,40 @@ impl Work {
         }
         let taken = std::mem::take(&mut gone.features);
         let had_history = gone.snapshot.is_some() || taken.touchpoint_count() > 0;
+        let gone_kept = gone.inputs_kept;
         gone.merged_into = Some(survivor);
         gone.next_due_at = None;
+        gone.folded_to = None;
         self.records.insert(merged, gone);
         self.touch(merged, true);
+        self.moved.push((merged, survivor));
+        self.forgotten.insert(merged);
+        // Inputs gathered for the merged customer in this unit of work.
+        let mut carried = Vec::new();
+        for (customer, inputs) in &mut self.pending {
+            if *customer == merged {
+                carried.extend(
+                    std::mem::take(inputs)
+                        .into_iter()
+                        .filter(|i| !i.is_profile()),
+                );
+            }
+        }
+        for input in carried {
+            self.add_input(survivor, input);
+        }
         let record = self
             .records
             .get_mut(&survivor)
             .expect("the survivor is loaded");
+        if gone_kept && record.inputs_kept {
+            if had_history {
+                self.rederive.insert(survivor);
+            }
+            self.touch(survivor, true);
+            return;
+        }
+        record.inputs_kept = false;
         record.features.merge(&taken);
         if had_history || record.snapshot.is_some() {
             self.evaluate(
@@ -767,11 +972,24 @@ impl Work {
                 })
             })
             .collect();
+        let mut forgotten: Vec<Uuid> = self.forgotten.into_iter().collect();
+        forgotten.sort();
+        // One row per key: the latest arrival (a profile replaced in the
+        // same unit of work).
+        let mut inputs = self.kept_inputs;
+        inputs.reverse();
+        let mut seen = HashSet::new();
+        inputs.retain(|(id, input)| seen.insert((*id, input.key.clone())));
+        inputs.reverse();
         ChangeSet {
             customers,
             transitions: self.transitions,
             cursor: None,
             rescore: None,
+            inputs,
+            moved_inputs: self.moved,
+            forgotten_profiles: forgotten,
+            retracted: self.retracted,
         }
     }
 }

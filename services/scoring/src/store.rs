@@ -75,6 +75,15 @@ pub struct CustomerRecord {
     pub next_due_at: Option<DateTime<Utc>>,
     /// The stored version; 0 for a customer not stored yet.
     pub version: i64,
+    /// The time of the latest input folded in (evaluations aside): an input
+    /// that occurred at or before it, or before the latest evaluation, is
+    /// late and derives the history again.
+    pub folded_to: Option<DateTime<Utc>>,
+    /// True when every input folded into `features` is kept in the store, so
+    /// the history can be derived again; false for customers scored before
+    /// inputs were kept, whose late inputs are folded in at their latest
+    /// evaluation instead.
+    pub inputs_kept: bool,
 }
 
 impl CustomerRecord {
@@ -87,8 +96,61 @@ impl CustomerRecord {
             snapshot: None,
             next_due_at: None,
             version: 0,
+            folded_to: None,
+            inputs_kept: true,
         }
     }
+
+    /// The time up to which the history is derived: the latest input or
+    /// evaluation.
+    pub fn derived_to(&self) -> Option<DateTime<Utc>> {
+        let evaluated = self.snapshot.as_ref().map(|s| s.evaluated_at);
+        self.folded_to.max(evaluated)
+    }
+}
+
+/// One input of a customer's history, at the time it occurred.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    /// When it occurred.
+    pub at: DateTime<Utc>,
+    /// What identifies it among the customer's inputs (a touchpoint id, or
+    /// `profile/` and the customer event id); inputs of one time are
+    /// ordered by it.
+    pub key: String,
+    /// What it says.
+    pub fact: Fact,
+}
+
+/// What an input says.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Fact {
+    /// A touchpoint, as the features use it.
+    Touchpoint {
+        /// Its type.
+        touchpoint_type: String,
+        /// Its clm.touchpoint.v1.Channel number.
+        channel: i32,
+        /// Its revenue: currency code and micros.
+        revenue: Option<(String, i64)>,
+    },
+    /// The profile identity holds for the customer from then on.
+    Profile(crate::features::ProfileFacts),
+}
+
+impl Input {
+    /// True for a profile change.
+    pub fn is_profile(&self) -> bool {
+        matches!(self.fact, Fact::Profile(_))
+    }
+}
+
+pub(crate) fn encode_fact(fact: &Fact) -> Vec<u8> {
+    encode_binary(fact)
+}
+
+pub(crate) fn decode_fact(raw: &[u8]) -> Result<Fact, StoreError> {
+    decode_stored(raw, "customer input")
 }
 
 /// A customer to write: `record.version` is the version read (0: insert).
@@ -146,6 +208,17 @@ pub struct ChangeSet {
     pub cursor: Option<CursorMove>,
     /// The rescore progress to record, checked to be still running.
     pub rescore: Option<RescoreProgress>,
+    /// Inputs to keep, by customer, each key once: a kept input with the
+    /// same key is replaced.
+    pub inputs: Vec<(Uuid, Input)>,
+    /// Merges (merged, survivor): the merged customer's touchpoint inputs
+    /// become the survivor's, its profile inputs are deleted.
+    pub moved_inputs: Vec<(Uuid, Uuid)>,
+    /// Customers whose profile inputs are deleted (erasure).
+    pub forgotten_profiles: Vec<Uuid>,
+    /// Transitions no longer in their customer's history: deleted, and a
+    /// retraction appended to the transition log.
+    pub retracted: Vec<proto::Transition>,
 }
 
 impl ChangeSet {
@@ -155,6 +228,10 @@ impl ChangeSet {
             && self.transitions.is_empty()
             && self.cursor.is_none()
             && self.rescore.is_none()
+            && self.inputs.is_empty()
+            && self.moved_inputs.is_empty()
+            && self.forgotten_profiles.is_empty()
+            && self.retracted.is_empty()
     }
 }
 
@@ -315,6 +392,8 @@ pub trait ScoringStore: Send + Sync + 'static {
         &self,
         query: &TransitionQuery,
     ) -> Result<Vec<proto::Transition>, StoreError>;
+    /// The kept inputs of these customers, in no particular order.
+    async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError>;
     /// The transition log.
     fn transition_log(&self) -> &EventLog;
     /// The cursor a consumer saved (empty when none).
@@ -335,12 +414,24 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
             description: "customers.last_transition no longer used",
             sql: include_str!("../migrations/postgres/0002_last_transition_unused.sql"),
         },
+        EmbeddedMigration {
+            version: 3,
+            description: "customer inputs kept, so histories can be derived again",
+            sql: include_str!("../migrations/postgres/0003_customer_inputs.sql"),
+        },
     ],
-    sqlite: &[EmbeddedMigration {
-        version: 1,
-        description: "models, customers, features, transitions and their log, rescores, cursors",
-        sql: include_str!("../migrations/sqlite/0001_scoring.sql"),
-    }],
+    sqlite: &[
+        EmbeddedMigration {
+            version: 1,
+            description: "models, customers, features, transitions and their log, rescores, cursors",
+            sql: include_str!("../migrations/sqlite/0001_scoring.sql"),
+        },
+        EmbeddedMigration {
+            version: 2,
+            description: "customer inputs kept, so histories can be derived again",
+            sql: include_str!("../migrations/sqlite/0002_customer_inputs.sql"),
+        },
+    ],
 };
 
 /// The name of the transition log table.
@@ -464,8 +555,34 @@ pub(crate) fn transition_entry(transition: &proto::Transition) -> (Uuid, Option<
     )
 }
 
+/// The transition log entry retracting a transition.
+pub(crate) fn retraction_entry(
+    transition: &proto::Transition,
+    now: DateTime<Utc>,
+) -> (Uuid, Option<Uuid>, Vec<u8>) {
+    let event_id = Uuid::now_v7();
+    let entry = proto::TransitionLogEntry {
+        cursor: String::new(),
+        entry_id: event_id.to_string(),
+        customer_id: transition.customer_id.clone(),
+        commit_time: Some(crate::model_proto::timestamp_to_proto(now)),
+        change: Some(proto::transition_log_entry::Change::Retracted(
+            proto::TransitionRetracted {
+                transition: Some(transition.clone()),
+            },
+        )),
+    };
+    (
+        event_id,
+        Uuid::try_parse(&transition.customer_id).ok(),
+        entry.encode_to_vec(),
+    )
+}
+
 /// The kind of transition log entries.
 pub(crate) const TRANSITION_KIND: &str = "lifecycle.transition";
+/// The kind of retraction entries.
+pub(crate) const RETRACTION_KIND: &str = "lifecycle.transition_retracted";
 
 #[cfg(test)]
 mod tests {

@@ -11,13 +11,13 @@ use clm_platform::Secret;
 use clm_platform::db;
 use clm_proto::scoring as pb;
 use clm_scoring::store::{
-    self, Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, ModelInsert,
-    RescoreProgress, RescoreRow, ScoringStore, StoreError, TransitionQuery,
+    self, Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Input,
+    ModelInsert, RescoreProgress, RescoreRow, ScoringStore, StoreError, TransitionQuery,
 };
 use clm_scoring::timestamp_to_proto;
 use clm_scoring::{
-    CustomerFeatures, LifecycleSnapshot, LifecycleStage, LifecycleState, Scores, TouchpointFacts,
-    default_model,
+    CustomerFeatures, LifecycleSnapshot, LifecycleStage, LifecycleState, ProfileFacts, Scores,
+    TouchpointFacts, default_model,
 };
 use uuid::Uuid;
 
@@ -319,7 +319,7 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
             Some(pb::transition_log_entry::Change::Transition(logged)) => {
                 assert_eq!(&logged, transition)
             }
-            None => panic!("an empty log entry"),
+            other => panic!("not a transition: {other:?}"),
         }
         assert_eq!(
             entry.customer_id.map(|id| id.to_string()),
@@ -590,6 +590,179 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
     assert_eq!((pending[0].0, pending[0].1), (late, 2));
 }
 
+fn touchpoint_input(key: &str, at: DateTime<Utc>) -> Input {
+    Input {
+        at,
+        key: key.to_owned(),
+        fact: Fact::Touchpoint {
+            touchpoint_type: "purchase".to_owned(),
+            channel: clm_proto::touchpoint::Channel::Web as i32,
+            revenue: Some(("EUR".to_owned(), 1_500_000)),
+        },
+    }
+}
+
+fn profile_input(company: &str) -> Input {
+    Input {
+        at: DateTime::UNIX_EPOCH,
+        key: "profile".to_owned(),
+        fact: Fact::Profile(ProfileFacts {
+            company: company.to_owned(),
+            ..ProfileFacts::default()
+        }),
+    }
+}
+
+fn sorted(mut inputs: Vec<Input>) -> Vec<Input> {
+    inputs.sort_by(|a, b| a.key.cmp(&b.key));
+    inputs
+}
+
+async fn inputs_are_kept_replaced_moved_and_forgotten(backend: Backend) {
+    let store = backend.store;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let t0 = now();
+    let mut first = record(a, LifecycleStage::Reach, None);
+    first.folded_to = Some(t0);
+    store
+        .commit(&ChangeSet {
+            customers: vec![write(first)],
+            inputs: vec![
+                (a, touchpoint_input("tp-1", t0)),
+                (a, profile_input("Acme")),
+                (b, touchpoint_input("tp-2", t0 + TimeDelta::seconds(1))),
+                (b, profile_input("Globex")),
+            ],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let loaded = store.load_customers(&[a]).await.unwrap();
+    assert_eq!(loaded[&a].folded_to, Some(t0));
+    assert!(loaded[&a].inputs_kept);
+    let kept = store.load_inputs(&[a, b]).await.unwrap();
+    assert_eq!(
+        sorted(kept[&a].clone()),
+        [profile_input("Acme"), touchpoint_input("tp-1", t0)]
+    );
+    assert_eq!(kept[&b].len(), 2);
+
+    // A profile is replaced; a touchpoint kept again stays as it is.
+    store
+        .commit(&ChangeSet {
+            inputs: vec![
+                (a, profile_input("Initech")),
+                (a, touchpoint_input("tp-1", t0)),
+            ],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let kept = store.load_inputs(&[a]).await.unwrap();
+    assert_eq!(
+        sorted(kept[&a].clone()),
+        [profile_input("Initech"), touchpoint_input("tp-1", t0)]
+    );
+
+    // B merged into A: B's touchpoints become A's, B's profile goes.
+    store
+        .commit(&ChangeSet {
+            moved_inputs: vec![(b, a)],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let kept = store.load_inputs(&[a, b]).await.unwrap();
+    assert!(!kept.contains_key(&b));
+    assert_eq!(
+        sorted(kept[&a].clone()),
+        [
+            profile_input("Initech"),
+            touchpoint_input("tp-1", t0),
+            touchpoint_input("tp-2", t0 + TimeDelta::seconds(1)),
+        ]
+    );
+
+    // Erasure forgets the profile and keeps the touchpoints.
+    store
+        .commit(&ChangeSet {
+            forgotten_profiles: vec![a],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let kept = store.load_inputs(&[a]).await.unwrap();
+    assert!(kept[&a].iter().all(|input| !input.is_profile()));
+    assert_eq!(kept[&a].len(), 2);
+}
+
+async fn retracted_transitions_leave_the_list_and_are_logged(backend: Backend) {
+    let store = backend.store;
+    let id = Uuid::now_v7();
+    let at = now();
+    let kept = transition(id, at);
+    let gone = transition(id, at + TimeDelta::seconds(1));
+    store
+        .commit(&ChangeSet {
+            transitions: vec![kept.clone(), gone.clone()],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let replacement = transition(id, at + TimeDelta::seconds(2));
+    store
+        .commit(&ChangeSet {
+            transitions: vec![replacement.clone()],
+            retracted: vec![gone.clone()],
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let listed = store
+        .list_transitions(&TransitionQuery {
+            customer_id: Some(id),
+            start: None,
+            end: None,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed, [kept.clone(), replacement.clone()]);
+    // On PostgreSQL an entry shows once every older transaction of the
+    // cluster has ended.
+    let mut log = Vec::new();
+    for _ in 0..200 {
+        log = store
+            .transition_log()
+            .read_after(Cursor::START, ShardFilter::ALL, 100)
+            .await
+            .unwrap();
+        if log.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let changes: Vec<_> = log
+        .iter()
+        .map(|entry| {
+            <pb::TransitionLogEntry as prost::Message>::decode(entry.payload.as_slice())
+                .unwrap()
+                .change
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(changes.len(), 4);
+    assert!(matches!(
+        &changes[2],
+        pb::transition_log_entry::Change::Retracted(r) if r.transition.as_ref() == Some(&gone)
+    ));
+    assert!(matches!(
+        &changes[3],
+        pb::transition_log_entry::Change::Transition(t) if *t == replacement
+    ));
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -619,4 +792,6 @@ on_both_backends!(
     models_are_stored_activated_and_listed,
     rescores_record_progress_until_stopped,
     due_scored_and_unpushed_customers_are_found,
+    inputs_are_kept_replaced_moved_and_forgotten,
+    retracted_transitions_leave_the_list_and_are_logged,
 );

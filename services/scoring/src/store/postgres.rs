@@ -14,10 +14,11 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{
-    Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, ModelInsert, RescoreRow,
-    ScoringStore, StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery,
-    decode_features, decode_model, decode_snapshot, decode_transition, encode_features,
-    encode_model, encode_snapshot, transition_entry,
+    Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Input, ModelInsert,
+    RETRACTION_KIND, RescoreRow, ScoringStore, StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE,
+    TransitionQuery, decode_fact, decode_features, decode_model, decode_snapshot,
+    decode_transition, encode_fact, encode_features, encode_model, encode_snapshot,
+    retraction_entry, transition_entry,
 };
 use crate::evaluate::LifecycleSnapshot;
 use crate::model::Model;
@@ -45,8 +46,8 @@ impl PostgresScoringStore {
     }
 }
 
-const CUSTOMER_COLUMNS: &str =
-    "c.customer_id, c.merged_into, c.snapshot, c.next_due_at, c.version, f.features";
+const CUSTOMER_COLUMNS: &str = "c.customer_id, c.merged_into, c.snapshot, c.next_due_at, \
+     c.version, f.features, f.folded_to, f.inputs_kept";
 
 fn customer_from_row(row: &PgRow) -> Result<CustomerRecord, StoreError> {
     let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
@@ -59,6 +60,12 @@ fn customer_from_row(row: &PgRow) -> Result<CustomerRecord, StoreError> {
         snapshot: decode_snapshot(snapshot.as_deref())?,
         next_due_at: row.try_get("next_due_at").map_err(get)?,
         version: row.try_get("version").map_err(get)?,
+        folded_to: row.try_get("folded_to").map_err(get)?,
+        // No features row: nothing was folded in, so nothing is missing.
+        inputs_kept: row
+            .try_get::<Option<bool>, _>("inputs_kept")
+            .map_err(get)?
+            .unwrap_or(true),
     })
 }
 
@@ -233,13 +240,19 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
             .iter()
             .map(|w| encode_features(&w.record.features))
             .collect();
+        let folded_to: Vec<Option<DateTime<Utc>>> =
+            features.iter().map(|w| w.record.folded_to).collect();
+        let kept: Vec<bool> = features.iter().map(|w| w.record.inputs_kept).collect();
         sqlx::query(
-            "INSERT INTO customer_features (customer_id, features) \
-             SELECT * FROM UNNEST($1::uuid[], $2::bytea[]) \
-             ON CONFLICT (customer_id) DO UPDATE SET features = EXCLUDED.features",
+            "INSERT INTO customer_features (customer_id, features, folded_to, inputs_kept) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::timestamptz[], $4::bool[]) \
+             ON CONFLICT (customer_id) DO UPDATE SET features = EXCLUDED.features, \
+               folded_to = EXCLUDED.folded_to, inputs_kept = EXCLUDED.inputs_kept",
         )
         .bind(&ids)
         .bind(&bodies)
+        .bind(&folded_to)
+        .bind(&kept)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
@@ -247,11 +260,94 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
     Ok(())
 }
 
+async fn write_inputs(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), StoreError> {
+    for (merged, survivor) in &changes.moved_inputs {
+        sqlx::query(
+            "WITH gone AS (DELETE FROM customer_inputs WHERE customer_id = $1 RETURNING *) \
+             INSERT INTO customer_inputs (customer_id, input_key, occur_time, is_profile, body) \
+             SELECT $2, input_key, occur_time, is_profile, body FROM gone WHERE NOT is_profile \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(merged)
+        .bind(survivor)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+    }
+    if !changes.forgotten_profiles.is_empty() {
+        sqlx::query("DELETE FROM customer_inputs WHERE customer_id = ANY($1) AND is_profile")
+            .bind(&changes.forgotten_profiles)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+    }
+    if changes.inputs.is_empty() {
+        return Ok(());
+    }
+    // A profile is replaced; a touchpoint's facts never change. Each key
+    // comes once (see `ChangeSet::inputs`).
+    let mut customers = Vec::with_capacity(changes.inputs.len());
+    let mut keys = Vec::with_capacity(changes.inputs.len());
+    let mut times = Vec::with_capacity(changes.inputs.len());
+    let mut profiles = Vec::with_capacity(changes.inputs.len());
+    let mut bodies = Vec::with_capacity(changes.inputs.len());
+    for (customer, input) in &changes.inputs {
+        customers.push(*customer);
+        keys.push(input.key.as_str());
+        times.push(input.at);
+        profiles.push(input.is_profile());
+        bodies.push(encode_fact(&input.fact));
+    }
+    sqlx::query(
+        "INSERT INTO customer_inputs (customer_id, input_key, occur_time, is_profile, body) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::bool[], $5::bytea[]) \
+         ON CONFLICT (customer_id, input_key) DO UPDATE SET \
+           occur_time = EXCLUDED.occur_time, body = EXCLUDED.body",
+    )
+    .bind(&customers)
+    .bind(&keys)
+    .bind(&times)
+    .bind(&profiles)
+    .bind(&bodies)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from_db)?;
+    Ok(())
+}
+
 async fn write_transitions(
     tx: &mut PgConnection,
     log: &EventLog,
     transitions: &[proto::Transition],
+    retracted: &[proto::Transition],
 ) -> Result<(), StoreError> {
+    let now = Utc::now();
+    if !retracted.is_empty() {
+        let ids = retracted
+            .iter()
+            .map(|t| Uuid::try_parse(&t.id))
+            .collect::<Result<Vec<Uuid>, _>>()
+            .map_err(|err| StoreError::Internal(format!("transition id: {err}")))?;
+        sqlx::query("DELETE FROM transitions WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        let entries: Vec<_> = retracted.iter().map(|t| retraction_entry(t, now)).collect();
+        let entries: Vec<NewEntry<'_>> = entries
+            .iter()
+            .map(|(event_id, customer_id, payload)| NewEntry {
+                event_id: *event_id,
+                customer_id: *customer_id,
+                kind: RETRACTION_KIND,
+                payload,
+                recorded_at: now,
+            })
+            .collect();
+        log.append_many_postgres(tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+    }
     if transitions.is_empty() {
         return Ok(());
     }
@@ -288,7 +384,6 @@ async fn write_transitions(
     .execute(&mut *tx)
     .await
     .map_err(StoreError::from_db)?;
-    let now = Utc::now();
     let entries: Vec<_> = transitions.iter().map(transition_entry).collect();
     let entries: Vec<NewEntry<'_>> = entries
         .iter()
@@ -370,9 +465,10 @@ impl ScoringStore for PostgresScoringStore {
             }
         }
         write_customers(&mut tx, changes).await?;
-        write_transitions(&mut tx, &self.log, &changes.transitions).await?;
+        write_inputs(&mut tx, changes).await?;
+        write_transitions(&mut tx, &self.log, &changes.transitions, &changes.retracted).await?;
         tx.commit().await.map_err(StoreError::from_db)?;
-        if !changes.transitions.is_empty() {
+        if !changes.transitions.is_empty() || !changes.retracted.is_empty() {
             self.log.notify_appended();
         }
         Ok(())
@@ -769,6 +865,34 @@ impl ScoringStore for PostgresScoringStore {
             .await
             .map_err(StoreError::from_db)?;
         bodies.iter().map(|body| decode_transition(body)).collect()
+    }
+
+    async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError> {
+        let mut out: HashMap<Uuid, Vec<Input>> = HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+        let rows = sqlx::query(
+            "SELECT customer_id, input_key, occur_time, body FROM customer_inputs \
+             WHERE customer_id = ANY($1)",
+        )
+        .persistent(false)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        for row in &rows {
+            let body: Vec<u8> = row.try_get("body").map_err(get)?;
+            out.entry(row.try_get("customer_id").map_err(get)?)
+                .or_default()
+                .push(Input {
+                    at: row.try_get("occur_time").map_err(get)?,
+                    key: row.try_get("input_key").map_err(get)?,
+                    fact: decode_fact(&body)?,
+                });
+        }
+        Ok(out)
     }
 
     fn transition_log(&self) -> &EventLog {

@@ -17,10 +17,10 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    Activation, ChangeSet, CursorMove, CustomerRecord, ModelInsert, RescoreRow, ScoringStore,
-    StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery, decode_features,
-    decode_model, decode_snapshot, decode_transition, encode_features, encode_model,
-    encode_snapshot, transition_entry,
+    Activation, ChangeSet, CursorMove, CustomerRecord, Input, ModelInsert, RETRACTION_KIND,
+    RescoreRow, ScoringStore, StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery,
+    decode_fact, decode_features, decode_model, decode_snapshot, decode_transition, encode_fact,
+    encode_features, encode_model, encode_snapshot, retraction_entry, transition_entry,
 };
 use crate::evaluate::LifecycleSnapshot;
 use crate::model::Model;
@@ -61,8 +61,8 @@ fn optional_uuid(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, sqlx::Er
         .transpose()
 }
 
-const CUSTOMER_COLUMNS: &str =
-    "c.customer_id, c.merged_into, c.snapshot, c.next_due_at, c.version, f.features";
+const CUSTOMER_COLUMNS: &str = "c.customer_id, c.merged_into, c.snapshot, c.next_due_at, \
+     c.version, f.features, f.folded_to, f.inputs_kept";
 
 fn customer_from_row(row: &SqliteRow) -> Result<CustomerRecord, StoreError> {
     let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
@@ -75,6 +75,12 @@ fn customer_from_row(row: &SqliteRow) -> Result<CustomerRecord, StoreError> {
         snapshot: decode_snapshot(snapshot.as_deref())?,
         next_due_at: optional_time(row, "next_due_at").map_err(get)?,
         version: row.try_get("version").map_err(get)?,
+        folded_to: optional_time(row, "folded_to").map_err(get)?,
+        // No features row: nothing was folded in, so nothing is missing.
+        inputs_kept: row
+            .try_get::<Option<bool>, _>("inputs_kept")
+            .map_err(get)?
+            .unwrap_or(true),
     })
 }
 
@@ -198,13 +204,65 @@ async fn write_customers(tx: &mut SqliteConnection, changes: &ChangeSet) -> Resu
         if features.is_empty() {
             continue;
         }
-        let mut query =
-            QueryBuilder::<Sqlite>::new("INSERT INTO customer_features (customer_id, features) ");
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO customer_features (customer_id, features, folded_to, inputs_kept) ",
+        );
         query.push_values(features, |mut row, write| {
             row.push_bind(write.record.customer_id.to_string())
-                .push_bind(encode_features(&write.record.features));
+                .push_bind(encode_features(&write.record.features))
+                .push_bind(write.record.folded_to.map(micros))
+                .push_bind(write.record.inputs_kept);
         });
-        query.push(" ON CONFLICT (customer_id) DO UPDATE SET features = excluded.features");
+        query.push(
+            " ON CONFLICT (customer_id) DO UPDATE SET features = excluded.features, \
+               folded_to = excluded.folded_to, inputs_kept = excluded.inputs_kept",
+        );
+        query
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+    }
+    Ok(())
+}
+
+async fn write_inputs(tx: &mut SqliteConnection, changes: &ChangeSet) -> Result<(), StoreError> {
+    for (merged, survivor) in &changes.moved_inputs {
+        sqlx::query("DELETE FROM customer_inputs WHERE customer_id = ?1 AND is_profile = 1")
+            .bind(merged.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query("UPDATE OR IGNORE customer_inputs SET customer_id = ?2 WHERE customer_id = ?1")
+            .bind(merged.to_string())
+            .bind(survivor.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+    }
+    for id in &changes.forgotten_profiles {
+        sqlx::query("DELETE FROM customer_inputs WHERE customer_id = ?1 AND is_profile = 1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+    }
+    for chunk in changes.inputs.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO customer_inputs (customer_id, input_key, occur_time, is_profile, body) ",
+        );
+        query.push_values(chunk, |mut row, (customer, input)| {
+            row.push_bind(customer.to_string())
+                .push_bind(&input.key)
+                .push_bind(micros(input.at))
+                .push_bind(input.is_profile())
+                .push_bind(encode_fact(&input.fact));
+        });
+        // A profile is replaced; a touchpoint's facts never change.
+        query.push(
+            " ON CONFLICT (customer_id, input_key) DO UPDATE SET \
+               occur_time = excluded.occur_time, body = excluded.body",
+        );
         query
             .build()
             .execute(&mut *tx)
@@ -218,8 +276,29 @@ async fn write_transitions(
     tx: &mut SqliteConnection,
     log: &EventLog,
     transitions: &[proto::Transition],
+    retracted: &[proto::Transition],
 ) -> Result<(), StoreError> {
     let now = Utc::now();
+    for transition in retracted {
+        sqlx::query("DELETE FROM transitions WHERE id = ?1")
+            .bind(&transition.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        let (event_id, customer_id, payload) = retraction_entry(transition, now);
+        log.append_sqlite(
+            tx,
+            &NewEntry {
+                event_id,
+                customer_id,
+                kind: RETRACTION_KIND,
+                payload: &payload,
+                recorded_at: now,
+            },
+        )
+        .await
+        .map_err(StoreError::from_db)?;
+    }
     for transition in transitions {
         let time = transition
             .transition_time
@@ -319,9 +398,17 @@ impl ScoringStore for SqliteScoringStore {
             }
         }
         write_customers(&mut tx, changes).await?;
-        write_transitions(&mut tx, &self.log, &changes.transitions).await?;
+        write_inputs(&mut tx, changes).await?;
+        write_transitions(&mut tx, &self.log, &changes.transitions, &changes.retracted).await?;
         tx.commit().await.map_err(StoreError::from_db)?;
-        if !changes.transitions.is_empty() {
+        if !changes.forgotten_profiles.is_empty() {
+            // Profiles are personal data: leave none in the WAL. The erasure
+            // is committed already; a busy WAL is wiped by a later erasure.
+            if let Err(err) = clm_platform::db::wipe_sqlite_wal(&self.pools, 50).await {
+                tracing::warn!(error = %err, "cannot truncate the WAL after an erasure");
+            }
+        }
+        if !changes.transitions.is_empty() || !changes.retracted.is_empty() {
             self.log.notify_appended();
         }
         Ok(())
@@ -737,6 +824,37 @@ impl ScoringStore for SqliteScoringStore {
             .await
             .map_err(StoreError::from_db)?;
         bodies.iter().map(|body| decode_transition(body)).collect()
+    }
+
+    async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError> {
+        let mut out: HashMap<Uuid, Vec<Input>> = HashMap::new();
+        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT customer_id, input_key, occur_time, body FROM customer_inputs \
+                 WHERE customer_id IN ({placeholders})"
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            let rows = query
+                .fetch_all(&self.pools.writer)
+                .await
+                .map_err(StoreError::from_db)?;
+            for row in &rows {
+                let body: Vec<u8> = row.try_get("body").map_err(get)?;
+                out.entry(uuid_column(row, "customer_id").map_err(get)?)
+                    .or_default()
+                    .push(Input {
+                        at: time_column(row, "occur_time").map_err(get)?,
+                        key: row.try_get("input_key").map_err(get)?,
+                        fact: decode_fact(&body)?,
+                    });
+            }
+        }
+        Ok(out)
     }
 
     fn transition_log(&self) -> &EventLog {
