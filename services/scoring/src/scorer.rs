@@ -354,6 +354,7 @@ impl Scorer {
     async fn settle(&self, work: &mut Work, model: &CompiledModel) -> Result<(), ScoringError> {
         let now = self.now();
         let pending: Vec<(Uuid, Vec<Input>)> = std::mem::take(&mut work.pending);
+        work.pending_index.clear();
         for (id, mut inputs) in pending {
             fold::in_fold_order(&mut inputs);
             let record = work.records.get(&id).expect("a target is loaded");
@@ -755,6 +756,8 @@ struct Work {
     transitions: Vec<proto::Transition>,
     /// Inputs gathered and not yet folded, by customer, in arrival order.
     pending: Vec<(Uuid, Vec<Input>)>,
+    /// Where each customer's inputs are in `pending`.
+    pending_index: HashMap<Uuid, usize>,
     /// Late inputs of customers whose history is derived again.
     late_inputs: HashMap<Uuid, Vec<Input>>,
     /// Customers whose history is derived again from every kept input.
@@ -779,6 +782,7 @@ impl Work {
             order: Vec::new(),
             transitions: Vec::new(),
             pending: Vec::new(),
+            pending_index: HashMap::new(),
             late_inputs: HashMap::new(),
             rederive: HashSet::new(),
             kept_inputs: Vec::new(),
@@ -820,9 +824,12 @@ impl Work {
     /// [`Scorer::settle`].
     fn add_input(&mut self, target: Uuid, input: Input) {
         self.touch(target, true);
-        match self.pending.iter_mut().find(|(id, _)| *id == target) {
-            Some((_, inputs)) => inputs.push(input),
-            None => self.pending.push((target, vec![input])),
+        match self.pending_index.get(&target) {
+            Some(&at) => self.pending[at].1.push(input),
+            None => {
+                self.pending_index.insert(target, self.pending.len());
+                self.pending.push((target, vec![input]));
+            }
         }
     }
 
@@ -875,10 +882,8 @@ impl Work {
         let had_profile = *record.features.profile() != ProfileFacts::default();
         record.features.set_profile(ProfileFacts::default());
         let kept = record.inputs_kept && had_profile;
-        for (customer, inputs) in &mut self.pending {
-            if *customer == target {
-                inputs.retain(|input| !input.is_profile());
-            }
+        if let Some(&at) = self.pending_index.get(&target) {
+            self.pending[at].1.retain(|input| !input.is_profile());
         }
         self.forgotten.insert(target);
         if kept && self.get(target).version > 0 {
@@ -920,14 +925,9 @@ impl Work {
         self.forgotten.insert(merged);
         // Inputs gathered for the merged customer in this unit of work.
         let mut carried = Vec::new();
-        for (customer, inputs) in &mut self.pending {
-            if *customer == merged {
-                carried.extend(
-                    std::mem::take(inputs)
-                        .into_iter()
-                        .filter(|i| !i.is_profile()),
-                );
-            }
+        if let Some(&at) = self.pending_index.get(&merged) {
+            let inputs = std::mem::take(&mut self.pending[at].1);
+            carried.extend(inputs.into_iter().filter(|i| !i.is_profile()));
         }
         for input in carried {
             self.add_input(survivor, input);
