@@ -52,7 +52,9 @@ fn files_holding(dir: &std::path::Path, needles: &[&str]) -> Vec<(String, &'stat
 
 #[tokio::test]
 async fn erased_personal_data_is_in_no_store_file() {
-    let server = ClmServer::start(&["serve", "identity", "touchpoints"], &[])
+    // Scoring too: it keeps the profile facts fit rules read (company,
+    // attributes), in its features and its kept inputs.
+    let server = ClmServer::start(&["serve", "identity", "touchpoints", "scoring"], &[])
         .await
         .unwrap();
     let mut customers = CustomerServiceClient::new(server.channel().await);
@@ -120,6 +122,21 @@ async fn erased_personal_data_is_in_no_store_file() {
         .unwrap()
         .into_inner();
     assert_eq!(recorded.stored_count, 5);
+    // Scoring has read the profile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !files_holding(server.data_dir(), SECRETS)
+        .iter()
+        .any(|(file, secret, _)| {
+            file.starts_with("scoring") && *secret == "attribute-value-kept-secret"
+        })
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scoring never stored the profile: {:?}",
+            files_holding(server.data_dir(), SECRETS)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         !files_holding(server.data_dir(), SECRETS).is_empty(),
         "the test looks for data that was stored"
@@ -140,7 +157,8 @@ async fn erased_personal_data_is_in_no_store_file() {
         .collect();
     assert_eq!(identity_left, [], "personal data left in identity's files");
 
-    // Touchpoints strips properties when it reads the erasure from the log.
+    // Touchpoints strips properties, and scoring forgets the profile, when
+    // they read the erasure from the log.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let left = files_holding(server.data_dir(), SECRETS);

@@ -36,13 +36,21 @@ const CANCELLED: i16 = proto::RescoreState::Cancelled as i16;
 pub struct PostgresScoringStore {
     pool: PgPool,
     log: EventLog,
+    /// Profile facts are personal data: their old row versions are vacuumed
+    /// soon after an erasure.
+    vacuum: clm_platform::db::ErasureVacuum,
 }
 
 impl PostgresScoringStore {
     /// A store over an open pool whose `search_path` is the scoring schema.
     pub fn new(pool: PgPool) -> Self {
         let log = EventLog::new(Pools::Postgres(pool.clone()), TRANSITION_LOG_TABLE);
-        Self { pool, log }
+        let vacuum = clm_platform::db::ErasureVacuum::spawn(
+            pool.clone(),
+            &["customer_features", "customer_inputs"],
+            std::time::Duration::from_secs(10),
+        );
+        Self { pool, log, vacuum }
     }
 }
 
@@ -468,6 +476,9 @@ impl ScoringStore for PostgresScoringStore {
         write_inputs(&mut tx, changes).await?;
         write_transitions(&mut tx, &self.log, &changes.transitions, &changes.retracted).await?;
         tx.commit().await.map_err(StoreError::from_db)?;
+        if !changes.forgotten_profiles.is_empty() {
+            self.vacuum.erased();
+        }
         if !changes.transitions.is_empty() || !changes.retracted.is_empty() {
             self.log.notify_appended();
         }
