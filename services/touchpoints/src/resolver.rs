@@ -20,17 +20,25 @@ pub enum Reference {
     Keys(Vec<common_pb::IdentityKey>),
 }
 
+/// What identifies a reference within a batch and in the cache: the id
+/// itself, or the identity keys in a canonical order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ReferenceKey {
+    Id(Uuid),
+    Keys(String),
+}
+
 impl Reference {
-    fn cache_key(&self) -> String {
+    fn key(&self) -> ReferenceKey {
         match self {
-            Self::Id(id) => format!("i:{id}"),
+            Self::Id(id) => ReferenceKey::Id(*id),
             Self::Keys(keys) => {
                 let mut parts: Vec<String> = keys
                     .iter()
                     .map(|k| format!("{}\u{1f}{}\u{1f}{}", k.kind, k.source, k.value))
                     .collect();
                 parts.sort_unstable();
-                format!("k:{}", parts.join("\u{1e}"))
+                ReferenceKey::Keys(parts.join("\u{1e}"))
             }
         }
     }
@@ -96,6 +104,8 @@ const MAX_PER_CALL: usize = 1000;
 #[derive(Clone)]
 pub struct IdentityResolver {
     client: CustomerServiceClient<Channel>,
+    /// The customer that identity keys resolved to. References by id are
+    /// not cached: identity is asked by id either way.
     cache: moka::sync::Cache<String, Uuid>,
     timeout: Duration,
 }
@@ -120,8 +130,6 @@ impl IdentityResolver {
 
     /// Forgets what is cached about a customer (after a merge or erasure).
     pub fn forget(&self, customer_id: Uuid) {
-        self.cache
-            .invalidate(&Reference::Id(customer_id).cache_key());
         let stale: Vec<String> = self
             .cache
             .iter()
@@ -149,18 +157,22 @@ impl IdentityResolver {
         &self,
         references: &[Reference],
     ) -> Result<Vec<Resolution>, IdentityUnavailable> {
-        let keys: Vec<String> = references.iter().map(Reference::cache_key).collect();
-        let mut resolved: HashMap<String, Resolution> = HashMap::new();
-        let mut seen: HashSet<&str> = HashSet::new();
+        let keys: Vec<ReferenceKey> = references.iter().map(Reference::key).collect();
+        let mut resolved: HashMap<ReferenceKey, Resolution> = HashMap::new();
+        let mut seen: HashSet<&ReferenceKey> = HashSet::new();
         let mut asks: Vec<Ask<'_>> = Vec::new();
         for (key, reference) in keys.iter().zip(references) {
-            if !seen.insert(key.as_str()) {
+            if !seen.insert(key) {
                 continue;
             }
+            let cached = match key {
+                ReferenceKey::Id(_) => None,
+                ReferenceKey::Keys(keys) => self.cache.get(keys),
+            };
             asks.push(Ask {
                 key,
                 reference,
-                cached: self.cache.get(key),
+                cached,
             });
         }
         let mut afresh: Vec<Ask<'_>> = Vec::new();
@@ -187,18 +199,27 @@ impl IdentityResolver {
     /// again by its reference.
     fn settle<'a>(
         &self,
-        resolved: &mut HashMap<String, Resolution>,
+        resolved: &mut HashMap<ReferenceKey, Resolution>,
         ask: &Ask<'a>,
         answer: Result<Uuid, Resolution>,
     ) -> Option<Ask<'a>> {
         match (answer, ask.cached) {
-            (Ok(id), _) => {
-                self.cache.insert(ask.key.clone(), id);
+            (Ok(id), cached) => {
+                // A confirmed entry stays as it is (an insert is the costly
+                // part of the cache); it expires a minute after it was
+                // first resolved by its keys.
+                if let ReferenceKey::Keys(keys) = ask.key
+                    && cached != Some(id)
+                {
+                    self.cache.insert(keys.clone(), id);
+                }
                 resolved.insert(ask.key.clone(), Resolution::Customer(id));
                 None
             }
             (Err(_), Some(_)) => {
-                self.cache.invalidate(ask.key);
+                if let ReferenceKey::Keys(keys) = ask.key {
+                    self.cache.invalidate(keys);
+                }
                 Some(Ask {
                     cached: None,
                     ..*ask
@@ -264,7 +285,7 @@ impl IdentityResolver {
 /// One distinct reference of a batch, and the customer cached for it.
 #[derive(Clone, Copy)]
 struct Ask<'a> {
-    key: &'a String,
+    key: &'a ReferenceKey,
     reference: &'a Reference,
     cached: Option<Uuid>,
 }
