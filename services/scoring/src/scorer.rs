@@ -394,6 +394,7 @@ impl Scorer {
         let mut sources: Vec<Uuid> = targets.clone();
         sources.extend(work.moved.iter().map(|(merged, _)| *merged));
         let mut stored = self.store.load_inputs(&sources).await?;
+        let mut recorded = self.store.customer_transitions(&targets).await?;
         for (merged, survivor) in work.moved.clone() {
             let taken = stored.remove(&merged).unwrap_or_default();
             stored
@@ -408,7 +409,7 @@ impl Scorer {
             }
             // After the stored ones: a new profile replaces the stored one.
             inputs.extend(work.late_inputs.remove(&id).unwrap_or_default());
-            let old = self.transitions_of(id).await?;
+            let old = recorded.remove(&id).unwrap_or_default();
             let record = work.records.get_mut(&id).expect("a target is loaded");
             let again = fold::rederive(model, record, inputs, old, now);
             work.touch(id, true);
@@ -419,33 +420,6 @@ impl Scorer {
             work.transitions.extend(again.added);
         }
         Ok(())
-    }
-
-    /// Every recorded transition of a customer, in ListTransitions order.
-    async fn transitions_of(&self, id: Uuid) -> Result<Vec<proto::Transition>, ScoringError> {
-        const PAGE: u32 = 1_000;
-        let mut all: Vec<proto::Transition> = Vec::new();
-        loop {
-            let after = all.last().and_then(|last| {
-                let at = crate::timestamp_from_proto(last.transition_time.as_ref()?)?;
-                Some((at, Uuid::try_parse(&last.id).ok()?))
-            });
-            let page = self
-                .store
-                .list_transitions(&crate::store::TransitionQuery {
-                    customer_id: Some(id),
-                    start: None,
-                    end: None,
-                    after,
-                    limit: PAGE,
-                })
-                .await?;
-            let full = page.len() == PAGE as usize;
-            all.extend(page);
-            if !full {
-                return Ok(all);
-            }
-        }
     }
 
     /// Brings customers up to now with the active model: each is evaluated

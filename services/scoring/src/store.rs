@@ -392,6 +392,12 @@ pub trait ScoringStore: Send + Sync + 'static {
         &self,
         query: &TransitionQuery,
     ) -> Result<Vec<proto::Transition>, StoreError>;
+    /// Every transition of these customers, each customer's in
+    /// ListTransitions order (customers without any are left out).
+    async fn customer_transitions(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError>;
     /// The kept inputs of these customers, in no particular order.
     async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError>;
     /// The transition log.

@@ -729,6 +729,14 @@ async fn retracted_transitions_leave_the_list_and_are_logged(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(listed, [kept.clone(), replacement.clone()]);
+    let other = Uuid::now_v7();
+    let by_customer = store.customer_transitions(&[id, other]).await.unwrap();
+    assert_eq!(
+        by_customer.len(),
+        1,
+        "a customer without transitions is left out"
+    );
+    assert_eq!(by_customer[&id], listed);
     // On PostgreSQL an entry shows once every older transaction of the
     // cluster has ended.
     let mut log = Vec::new();

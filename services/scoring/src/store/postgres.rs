@@ -878,6 +878,33 @@ impl ScoringStore for PostgresScoringStore {
         bodies.iter().map(|body| decode_transition(body)).collect()
     }
 
+    async fn customer_transitions(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError> {
+        let mut out: HashMap<Uuid, Vec<proto::Transition>> = HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+        let rows = sqlx::query(
+            "SELECT customer_id, body FROM transitions WHERE customer_id = ANY($1) \
+             ORDER BY customer_id, transition_time, id",
+        )
+        .persistent(false)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        for row in &rows {
+            let body: Vec<u8> = row.try_get("body").map_err(get)?;
+            out.entry(row.try_get("customer_id").map_err(get)?)
+                .or_default()
+                .push(decode_transition(&body)?);
+        }
+        Ok(out)
+    }
+
     async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError> {
         let mut out: HashMap<Uuid, Vec<Input>> = HashMap::new();
         if ids.is_empty() {

@@ -826,6 +826,37 @@ impl ScoringStore for SqliteScoringStore {
         bodies.iter().map(|body| decode_transition(body)).collect()
     }
 
+    async fn customer_transitions(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError> {
+        let mut out: HashMap<Uuid, Vec<proto::Transition>> = HashMap::new();
+        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT customer_id, body FROM transitions WHERE customer_id IN ({placeholders}) \
+                 ORDER BY customer_id, transition_time, id"
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            // On the writer, as the customers they go with are read.
+            let rows = query
+                .fetch_all(&self.pools.writer)
+                .await
+                .map_err(StoreError::from_db)?;
+            for row in &rows {
+                let body: Vec<u8> = row.try_get("body").map_err(get)?;
+                out.entry(uuid_column(row, "customer_id").map_err(get)?)
+                    .or_default()
+                    .push(decode_transition(&body)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError> {
         let mut out: HashMap<Uuid, Vec<Input>> = HashMap::new();
         let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
