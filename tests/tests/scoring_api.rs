@@ -1482,8 +1482,9 @@ async fn imported_history_is_the_same_one_by_one_or_in_one_batch_on_postgres() {
 
 /// Customers with a history sent one touchpoint per call in no order
 /// (backdated and current, identified and anonymous), profiles changed
-/// midway, a fixed "now" a day later: a second scoring replaying the logs
-/// from zero derives the same transitions for every customer.
+/// midway, one customer merged into another and one erased, a fixed "now"
+/// a day later: a second scoring replaying the logs from zero derives the
+/// same transitions for every customer.
 async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, String)]) {
     const CUSTOMERS: usize = 30;
     const KINDS: &[&str] = &[
@@ -1587,6 +1588,68 @@ async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, S
     let total = (CUSTOMERS * 8) as i64;
     caught_up(&mut clients.scoring, &customers, total).await;
 
+    // One identified customer merged into another, one erased.
+    let id_of = |n: usize| {
+        let mut identity = clients.identity.clone();
+        async move {
+            identity
+                .resolve_customer(identity_pb::ResolveCustomerRequest {
+                    keys: vec![IdentityKey {
+                        kind: IdentityKind::Email as i32,
+                        value: format!("trickle-{n}@example.com"),
+                        source: String::new(),
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .expect("resolve")
+                .into_inner()
+                .customer
+                .expect("a customer")
+                .id
+        }
+    };
+    let (survivor, merged, erased) = (id_of(0).await, id_of(2).await, id_of(6).await);
+    clients
+        .identity
+        .merge_customers(identity_pb::MergeCustomersRequest {
+            survivor_id: survivor.clone(),
+            merged_id: merged.clone(),
+            reason: "same person".to_owned(),
+            requested_by: "test".to_owned(),
+        })
+        .await
+        .expect("merge");
+    clients
+        .identity
+        .erase_customer(identity_pb::EraseCustomerRequest {
+            customer_id: erased,
+            reason: "test".to_owned(),
+            requested_by: "test".to_owned(),
+        })
+        .await
+        .expect("erase");
+    // The merged customer's history is now the survivor's: its own moves
+    // are retracted, so that it counts once.
+    eventually("the merged customer's moves to be retracted", || {
+        let mut scoring = clients.scoring.clone();
+        let merged = merged.clone();
+        async move {
+            moves_of(&mut scoring, &merged)
+                .await
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+    // Its id answers with the survivor: count the touchpoints once.
+    let counted: Vec<String> = customers
+        .iter()
+        .filter(|c| **c != merged)
+        .cloned()
+        .collect();
+    caught_up(&mut clients.scoring, &counted, total).await;
+
     let mut env = replay_env.to_vec();
     env.extend(clock_env.iter().cloned());
     env.push(("CLM_IDENTITY_URL", upstream.endpoint()));
@@ -1595,7 +1658,7 @@ async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, S
         .await
         .expect("start clm serve scoring");
     let mut replayed = LifecycleServiceClient::new(replay.channel().await);
-    caught_up(&mut replayed, &customers, total).await;
+    caught_up(&mut replayed, &counted, total).await;
 
     // Both sides settle (profiles are read, due moves made); then every
     // customer's history is the same: every transition, the position and

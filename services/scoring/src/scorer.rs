@@ -385,6 +385,10 @@ impl Scorer {
                 work.fold(id, model, &inputs, now);
             }
         }
+        if !work.merged_away.is_empty() {
+            let gone = self.store.customer_transitions(&work.merged_away).await?;
+            work.retracted.extend(gone.into_values().flatten());
+        }
         if work.rederive.is_empty() {
             return Ok(());
         }
@@ -740,6 +744,9 @@ struct Work {
     kept_inputs: Vec<(Uuid, Input)>,
     /// Merges whose inputs move: (merged, survivor).
     moved: Vec<(Uuid, Uuid)>,
+    /// Merged customers whose transitions are all retracted (their history
+    /// is derived again on the survivor).
+    merged_away: Vec<Uuid>,
     /// Customers whose profile inputs are deleted.
     forgotten: HashSet<Uuid>,
     /// Transitions retracted.
@@ -761,6 +768,7 @@ impl Work {
             rederive: HashSet::new(),
             kept_inputs: Vec::new(),
             moved: Vec::new(),
+            merged_away: Vec::new(),
             forgotten: HashSet::new(),
             retracted: Vec::new(),
         }
@@ -911,6 +919,9 @@ impl Work {
             .get_mut(&survivor)
             .expect("the survivor is loaded");
         if gone_kept && record.inputs_kept {
+            // Its history becomes the survivor's: derived again there, and
+            // retracted here, so that the customer counts once.
+            self.merged_away.push(merged);
             if had_history {
                 self.rederive.insert(survivor);
             }
