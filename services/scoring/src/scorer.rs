@@ -1030,6 +1030,110 @@ mod tests {
         assert_eq!(tries.load(Ordering::SeqCst), CONFLICT_RETRIES + 1);
     }
 
+    fn recorded(customer: Uuid, at: DateTime<Utc>) -> touchpoint_pb::TouchpointLogEntry {
+        touchpoint_pb::TouchpointLogEntry {
+            entry_id: Uuid::now_v7().to_string(),
+            customer_id: customer.to_string(),
+            change: Some(touchpoint_pb::touchpoint_log_entry::Change::Recorded(
+                touchpoint_pb::TouchpointRecorded {
+                    touchpoint_id: Uuid::now_v7().to_string(),
+                    r#type: "page_view".to_owned(),
+                    channel: touchpoint_pb::Channel::Web as i32,
+                    occur_time: Some(timestamp_to_proto(at)),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn customers_scored_before_inputs_were_kept_fold_late_touchpoints_in_as_before() {
+        // Their features hold touchpoints no input row keeps, so deriving
+        // their history again would lose those.
+        let (scorer, _dir) = scorer().await;
+        // Whole seconds: the store keeps microseconds.
+        let start = chrono::SubsecRound::trunc_subsecs(Utc::now() - chrono::Duration::days(30), 0);
+        scorer
+            .store()
+            .install_default(&crate::default_model(), start)
+            .await
+            .unwrap();
+        let model = scorer.active_model().await.unwrap();
+        let id = Uuid::now_v7();
+        let mut old = CustomerRecord {
+            inputs_kept: false,
+            ..CustomerRecord::new(id)
+        };
+        old.features.apply(&TouchpointFacts {
+            touchpoint_type: "page_view",
+            channel: touchpoint_pb::Channel::Web,
+            occurred_at: start,
+            revenue: None,
+        });
+        let evaluated = start + chrono::Duration::days(10);
+        evaluate_record(
+            &model,
+            &mut old,
+            evaluated,
+            proto::TransitionCause::Touchpoint,
+            "",
+        );
+        scorer
+            .store()
+            .commit(&ChangeSet {
+                customers: vec![CustomerWrite {
+                    record: old,
+                    features_changed: true,
+                    position_changed: true,
+                }],
+                ..ChangeSet::default()
+            })
+            .await
+            .unwrap();
+
+        let late = start + chrono::Duration::days(5);
+        let cursor = CursorMove {
+            consumer: "test",
+            shard: clm_eventlog::ShardFilter::ALL,
+            expected: String::new(),
+            new: "1".to_owned(),
+        };
+        scorer
+            .apply_touchpoints(&[recorded(id, late)], cursor)
+            .await
+            .unwrap();
+        let now = scorer.store().load_customers(&[id]).await.unwrap()[&id].clone();
+        assert!(!now.inputs_kept);
+        assert_eq!(now.features.touchpoint_count(), 2, "nothing is lost");
+        assert_eq!(
+            now.snapshot.unwrap().evaluated_at,
+            evaluated,
+            "folded in at the latest evaluation"
+        );
+        assert!(scorer.store().load_inputs(&[id]).await.unwrap().is_empty());
+
+        // A new customer's late touchpoint derives the history again.
+        let new = Uuid::now_v7();
+        for (n, at) in [(2, start + chrono::Duration::days(9)), (3, late)] {
+            let cursor = CursorMove {
+                consumer: "test",
+                shard: clm_eventlog::ShardFilter::ALL,
+                expected: (n - 1).to_string(),
+                new: n.to_string(),
+            };
+            scorer
+                .apply_touchpoints(&[recorded(new, at)], cursor)
+                .await
+                .unwrap();
+        }
+        let kept = scorer.store().load_inputs(&[new]).await.unwrap();
+        assert_eq!(kept[&new].len(), 2);
+        let record = scorer.store().load_customers(&[new]).await.unwrap()[&new].clone();
+        assert!(record.inputs_kept);
+        assert_eq!(record.folded_to, Some(start + chrono::Duration::days(9)));
+    }
+
     #[test]
     fn backoff_grows_to_a_cap_with_jitter() {
         assert!(conflict_backoff(1) <= Duration::from_millis(15));
