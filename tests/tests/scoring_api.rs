@@ -87,6 +87,29 @@ fn touchpoint(
     }
 }
 
+/// The id of the customer identity holds under one key.
+async fn customer_with_key(
+    mut identity: CustomerServiceClient<Channel>,
+    kind: IdentityKind,
+    value: String,
+) -> String {
+    identity
+        .resolve_customer(identity_pb::ResolveCustomerRequest {
+            keys: vec![IdentityKey {
+                kind: kind as i32,
+                value,
+                source: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+        .customer
+        .expect("a customer")
+        .id
+}
+
 /// Records touchpoints; returns the customer id of the last.
 async fn record(clients: &mut Clients, touchpoints: Vec<tp::Touchpoint>) -> String {
     let response = clients
@@ -1069,7 +1092,7 @@ async fn a_merge_combines_two_customers_in_different_stages() {
 }
 
 /// Customer lifecycles and transitions as comparable values (without the
-/// ids and record times that differ between runs).
+/// ids and record times that differ between runs; see [`bare`]).
 async fn states_of(
     scoring: &mut LifecycleServiceClient<Channel>,
     customers: &[String],
@@ -1085,26 +1108,10 @@ async fn states_of(
             .into_inner()
             .lifecycle
             .unwrap();
-        let normalise = |t: &mut pb::Transition| {
-            t.id.clear();
-            t.record_time = None;
-            t.touchpoint_id.clear();
-        };
         if let Some(t) = lifecycle.last_transition.as_mut() {
-            normalise(t);
+            bare(t);
         }
-        let mut transitions = scoring
-            .list_transitions(pb::ListTransitionsRequest {
-                customer_id: customer.clone(),
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("list transitions")
-            .into_inner()
-            .transitions;
-        transitions.iter_mut().for_each(normalise);
-        states.push((lifecycle, transitions));
+        states.push((lifecycle, moves_of(scoring, customer).await));
     }
     states
 }
@@ -1206,20 +1213,10 @@ async fn record_history(
     }
     let mut ids = Vec::new();
     for customer in 0..customers {
-        let resolved = clients
-            .identity
-            .resolve_customer(identity_pb::ResolveCustomerRequest {
-                keys: vec![IdentityKey {
-                    kind: IdentityKind::AnonymousId as i32,
-                    value: format!("history-{customer}"),
-                    source: String::new(),
-                }],
-                ..Default::default()
-            })
-            .await
-            .expect("resolve")
-            .into_inner();
-        ids.push(resolved.customer.unwrap().id);
+        let value = format!("history-{customer}");
+        ids.push(
+            customer_with_key(clients.identity.clone(), IdentityKind::AnonymousId, value).await,
+        );
     }
     ids
 }
@@ -1312,13 +1309,16 @@ async fn moves_of(
         .expect("list transitions")
         .into_inner()
         .transitions;
-    for t in &mut transitions {
-        t.id.clear();
-        t.record_time = None;
-        t.touchpoint_id.clear();
-        t.customer_id.clear();
-    }
+    transitions.iter_mut().for_each(bare);
     transitions
+}
+
+/// A transition without its ids and record time.
+fn bare(t: &mut pb::Transition) {
+    t.id.clear();
+    t.record_time = None;
+    t.touchpoint_id.clear();
+    t.customer_id.clear();
 }
 
 /// How many retractions the transition log holds.
@@ -1550,26 +1550,14 @@ async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, S
         if sent == half {
             // Half of the identified customers now work for a known company.
             for customer in (0..CUSTOMERS).step_by(4) {
-                let found = clients
-                    .identity
-                    .resolve_customer(identity_pb::ResolveCustomerRequest {
-                        keys: vec![IdentityKey {
-                            kind: IdentityKind::Email as i32,
-                            value: format!("trickle-{customer}@example.com"),
-                            source: String::new(),
-                        }],
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("resolve")
-                    .into_inner()
-                    .customer
-                    .expect("a customer");
+                let email = format!("trickle-{customer}@example.com");
+                let id =
+                    customer_with_key(clients.identity.clone(), IdentityKind::Email, email).await;
                 clients
                     .identity
                     .update_customer(identity_pb::UpdateCustomerRequest {
                         customer: Some(identity_pb::Customer {
-                            id: found.id,
+                            id,
                             company: "Acme".to_owned(),
                             ..Default::default()
                         }),
@@ -1590,24 +1578,8 @@ async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, S
 
     // One identified customer merged into another, one erased.
     let id_of = |n: usize| {
-        let mut identity = clients.identity.clone();
-        async move {
-            identity
-                .resolve_customer(identity_pb::ResolveCustomerRequest {
-                    keys: vec![IdentityKey {
-                        kind: IdentityKind::Email as i32,
-                        value: format!("trickle-{n}@example.com"),
-                        source: String::new(),
-                    }],
-                    ..Default::default()
-                })
-                .await
-                .expect("resolve")
-                .into_inner()
-                .customer
-                .expect("a customer")
-                .id
-        }
+        let email = format!("trickle-{n}@example.com");
+        customer_with_key(clients.identity.clone(), IdentityKind::Email, email)
     };
     let (survivor, merged, erased) = (id_of(0).await, id_of(2).await, id_of(6).await);
     clients

@@ -165,7 +165,7 @@ pub fn rederive(
     model: &CompiledModel,
     record: &mut CustomerRecord,
     mut inputs: Vec<Input>,
-    old: Vec<proto::Transition>,
+    mut old: Vec<proto::Transition>,
     now: DateTime<Utc>,
 ) -> Rederived {
     in_fold_order(&mut inputs);
@@ -179,8 +179,7 @@ pub fn rederive(
     // late input took away, or by Evaluate), the new history is evaluated
     // at that time too. Every due time up to `now` is behind it, so nothing
     // moves then, unless the active model changed meanwhile.
-    let floor = record.snapshot.as_ref().map(|s| s.evaluated_at);
-    if let Some(floor) = floor
+    if let Some(floor) = record.snapshot.as_ref().map(|s| s.evaluated_at)
         && fresh
             .snapshot
             .as_ref()
@@ -200,7 +199,6 @@ pub fn rederive(
         .zip(&derived)
         .take_while(|(old, new)| same_move(old, new))
         .count();
-    let mut old = old;
     Rederived {
         retracted: old.split_off(kept),
         added: derived.split_off(kept),

@@ -959,19 +959,15 @@ impl Work {
             .collect();
         let mut forgotten: Vec<Uuid> = self.forgotten.into_iter().collect();
         forgotten.sort();
-        // One row per key: the latest arrival (a profile replaced in the
-        // same unit of work).
-        let mut inputs = self.kept_inputs;
-        inputs.reverse();
-        let mut seen = HashSet::new();
-        inputs.retain(|(id, input)| seen.insert((*id, input.key.clone())));
-        inputs.reverse();
+
         ChangeSet {
             customers,
             transitions: self.transitions,
             cursor: None,
             rescore: None,
-            inputs,
+            // Each customer's once, in fold order without duplicate keys
+            // (see `Scorer::settle`).
+            inputs: self.kept_inputs,
             moved_inputs: self.moved,
             forgotten_profiles: forgotten,
             retracted: self.retracted,

@@ -212,7 +212,8 @@ pub struct ChangeSet {
     /// same key is replaced.
     pub inputs: Vec<(Uuid, Input)>,
     /// Merges (merged, survivor): the merged customer's touchpoint inputs
-    /// become the survivor's, its profile inputs are deleted.
+    /// become the survivor's (its profile is forgotten: list it in
+    /// `forgotten_profiles`).
     pub moved_inputs: Vec<(Uuid, Uuid)>,
     /// Customers whose profile inputs are deleted (erasure).
     pub forgotten_profiles: Vec<Uuid>,
@@ -542,53 +543,72 @@ pub(crate) fn decode_model(
     Ok(model)
 }
 
-/// The transition log entry of a transition.
-pub(crate) fn transition_entry(transition: &proto::Transition) -> (Uuid, Option<Uuid>, Vec<u8>) {
-    let event_id = Uuid::now_v7();
-    let entry = proto::TransitionLogEntry {
-        cursor: String::new(),
-        entry_id: event_id.to_string(),
-        customer_id: transition.customer_id.clone(),
-        commit_time: transition.record_time,
-        change: Some(proto::transition_log_entry::Change::Transition(
-            transition.clone(),
-        )),
-    };
-    (
-        event_id,
-        Uuid::try_parse(&transition.customer_id).ok(),
-        entry.encode_to_vec(),
-    )
+/// An entry to append to the transition log.
+pub(crate) struct LogEntry {
+    kind: &'static str,
+    event_id: Uuid,
+    customer_id: Option<Uuid>,
+    payload: Vec<u8>,
 }
 
-/// The transition log entry retracting a transition.
-pub(crate) fn retraction_entry(
-    transition: &proto::Transition,
-    now: DateTime<Utc>,
-) -> (Uuid, Option<Uuid>, Vec<u8>) {
-    let event_id = Uuid::now_v7();
-    let entry = proto::TransitionLogEntry {
-        cursor: String::new(),
-        entry_id: event_id.to_string(),
-        customer_id: transition.customer_id.clone(),
-        commit_time: Some(crate::model_proto::timestamp_to_proto(now)),
-        change: Some(proto::transition_log_entry::Change::Retracted(
-            proto::TransitionRetracted {
-                transition: Some(transition.clone()),
-            },
-        )),
-    };
-    (
-        event_id,
-        Uuid::try_parse(&transition.customer_id).ok(),
-        entry.encode_to_vec(),
-    )
+impl LogEntry {
+    /// The entry as the event log appends it.
+    pub(crate) fn to_append(&self, recorded_at: DateTime<Utc>) -> clm_eventlog::NewEntry<'_> {
+        clm_eventlog::NewEntry {
+            event_id: self.event_id,
+            customer_id: self.customer_id,
+            kind: self.kind,
+            payload: &self.payload,
+            recorded_at,
+        }
+    }
+}
+
+/// The transition log entries of a change set, in the order they are
+/// appended: the retractions, then the new transitions.
+pub(crate) fn log_entries(changes: &ChangeSet, now: DateTime<Utc>) -> Vec<LogEntry> {
+    use proto::transition_log_entry::Change;
+    let retractions = changes.retracted.iter().map(|transition| {
+        let retracted = proto::TransitionRetracted {
+            transition: Some(transition.clone()),
+        };
+        let now = crate::model_proto::timestamp_to_proto(now);
+        (
+            RETRACTION_KIND,
+            transition,
+            Some(now),
+            Change::Retracted(retracted),
+        )
+    });
+    let transitions = changes.transitions.iter().map(|transition| {
+        let change = Change::Transition(transition.clone());
+        (TRANSITION_KIND, transition, transition.record_time, change)
+    });
+    retractions
+        .chain(transitions)
+        .map(|(kind, transition, commit_time, change)| {
+            let event_id = Uuid::now_v7();
+            let entry = proto::TransitionLogEntry {
+                cursor: String::new(),
+                entry_id: event_id.to_string(),
+                customer_id: transition.customer_id.clone(),
+                commit_time,
+                change: Some(change),
+            };
+            LogEntry {
+                kind,
+                event_id,
+                customer_id: Uuid::try_parse(&transition.customer_id).ok(),
+                payload: entry.encode_to_vec(),
+            }
+        })
+        .collect()
 }
 
 /// The kind of transition log entries.
-pub(crate) const TRANSITION_KIND: &str = "lifecycle.transition";
+const TRANSITION_KIND: &str = "lifecycle.transition";
 /// The kind of retraction entries.
-pub(crate) const RETRACTION_KIND: &str = "lifecycle.transition_retracted";
+const RETRACTION_KIND: &str = "lifecycle.transition_retracted";
 
 #[cfg(test)]
 mod tests {

@@ -123,6 +123,20 @@ fn rescore_row(model: &str, total: i64) -> RescoreRow {
     }
 }
 
+/// Up to ten of a customer's transitions, as ListTransitions lists them.
+async fn listed_for(store: &dyn ScoringStore, customer: Uuid) -> Vec<pb::Transition> {
+    store
+        .list_transitions(&TransitionQuery {
+            customer_id: Some(customer),
+            start: None,
+            end: None,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+}
+
 async fn customers_are_written_with_a_version_check(backend: Backend) {
     let store = backend.store;
     let id = Uuid::now_v7();
@@ -173,16 +187,7 @@ async fn customers_are_written_with_a_version_check(backend: Backend) {
         stored.snapshot.unwrap().state.stage,
         Some(LifecycleStage::Conversion)
     );
-    let listed = store
-        .list_transitions(&TransitionQuery {
-            customer_id: Some(id),
-            start: None,
-            end: None,
-            after: None,
-            limit: 10,
-        })
-        .await
-        .unwrap();
+    let listed = listed_for(store.as_ref(), id).await;
     assert!(
         listed.is_empty(),
         "the conflicting commit left a transition"
@@ -668,6 +673,7 @@ async fn inputs_are_kept_replaced_moved_and_forgotten(backend: Backend) {
     store
         .commit(&ChangeSet {
             moved_inputs: vec![(b, a)],
+            forgotten_profiles: vec![b],
             ..ChangeSet::default()
         })
         .await
@@ -718,16 +724,7 @@ async fn retracted_transitions_leave_the_list_and_are_logged(backend: Backend) {
         })
         .await
         .unwrap();
-    let listed = store
-        .list_transitions(&TransitionQuery {
-            customer_id: Some(id),
-            start: None,
-            end: None,
-            after: None,
-            limit: 10,
-        })
-        .await
-        .unwrap();
+    let listed = listed_for(store.as_ref(), id).await;
     assert_eq!(listed, [kept.clone(), replacement.clone()]);
     let other = Uuid::now_v7();
     let by_customer = store.customer_transitions(&[id, other]).await.unwrap();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::consumer::cursors;
-use clm_eventlog::{EventLog, NewEntry, ShardFilter};
+use clm_eventlog::{EventLog, ShardFilter};
 use clm_platform::db::Pools;
 use clm_proto::scoring as proto;
 use prost::Message as _;
@@ -15,10 +15,9 @@ use uuid::Uuid;
 
 use super::{
     Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Input, ModelInsert,
-    RETRACTION_KIND, RescoreRow, ScoringStore, StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE,
-    TransitionQuery, decode_fact, decode_features, decode_model, decode_snapshot,
-    decode_transition, encode_fact, encode_features, encode_model, encode_snapshot,
-    retraction_entry, transition_entry,
+    RescoreRow, ScoringStore, StoreError, TRANSITION_LOG_TABLE, TransitionQuery, decode_fact,
+    decode_features, decode_model, decode_snapshot, decode_transition, encode_fact,
+    encode_features, encode_model, encode_snapshot, log_entries,
 };
 use crate::evaluate::LifecycleSnapshot;
 use crate::model::Model;
@@ -42,6 +41,20 @@ pub struct PostgresScoringStore {
 }
 
 impl PostgresScoringStore {
+    /// The rows `select` returns with the customers `ids` as its `$1`.
+    async fn rows_of(&self, select: &str, ids: &[Uuid]) -> Result<Vec<PgRow>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query(select)
+            // Planned for each call (see `clm_platform::db` on batch lookups).
+            .persistent(false)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from_db)
+    }
+
     /// A store over an open pool whose `search_path` is the scoring schema.
     pub fn new(pool: PgPool) -> Self {
         let log = EventLog::new(Pools::Postgres(pool.clone()), TRANSITION_LOG_TABLE);
@@ -271,10 +284,10 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
 async fn write_inputs(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), StoreError> {
     for (merged, survivor) in &changes.moved_inputs {
         sqlx::query(
-            "WITH gone AS (DELETE FROM customer_inputs WHERE customer_id = $1 RETURNING *) \
+            "WITH gone AS (DELETE FROM customer_inputs WHERE customer_id = $1 AND NOT is_profile \
+               RETURNING *) \
              INSERT INTO customer_inputs (customer_id, input_key, occur_time, is_profile, body) \
-             SELECT $2, input_key, occur_time, is_profile, body FROM gone WHERE NOT is_profile \
-             ON CONFLICT DO NOTHING",
+             SELECT $2, input_key, occur_time, is_profile, body FROM gone ON CONFLICT DO NOTHING",
         )
         .bind(merged)
         .bind(survivor)
@@ -326,87 +339,83 @@ async fn write_inputs(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(), 
 async fn write_transitions(
     tx: &mut PgConnection,
     log: &EventLog,
-    transitions: &[proto::Transition],
-    retracted: &[proto::Transition],
+    changes: &ChangeSet,
 ) -> Result<(), StoreError> {
-    let now = Utc::now();
-    if !retracted.is_empty() {
-        let ids = retracted
+    let id_of = |t: &proto::Transition| {
+        Uuid::try_parse(&t.id).map_err(|err| StoreError::Internal(format!("transition id: {err}")))
+    };
+    if !changes.retracted.is_empty() {
+        let ids = changes
+            .retracted
             .iter()
-            .map(|t| Uuid::try_parse(&t.id))
-            .collect::<Result<Vec<Uuid>, _>>()
-            .map_err(|err| StoreError::Internal(format!("transition id: {err}")))?;
+            .map(id_of)
+            .collect::<Result<Vec<Uuid>, _>>()?;
         sqlx::query("DELETE FROM transitions WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
-        let entries: Vec<_> = retracted.iter().map(|t| retraction_entry(t, now)).collect();
-        let entries: Vec<NewEntry<'_>> = entries
-            .iter()
-            .map(|(event_id, customer_id, payload)| NewEntry {
-                event_id: *event_id,
-                customer_id: *customer_id,
-                kind: RETRACTION_KIND,
-                payload,
-                recorded_at: now,
-            })
-            .collect();
-        log.append_many_postgres(tx, &entries)
-            .await
-            .map_err(StoreError::from_db)?;
     }
-    if transitions.is_empty() {
+    let transitions = &changes.transitions;
+    if !transitions.is_empty() {
+        let mut ids = Vec::with_capacity(transitions.len());
+        let mut customers = Vec::with_capacity(transitions.len());
+        let mut times = Vec::with_capacity(transitions.len());
+        let mut bodies = Vec::with_capacity(transitions.len());
+        for transition in transitions {
+            ids.push(id_of(transition)?);
+            customers.push(
+                Uuid::try_parse(&transition.customer_id)
+                    .map_err(|err| StoreError::Internal(format!("transition customer: {err}")))?,
+            );
+            times.push(
+                transition
+                    .transition_time
+                    .as_ref()
+                    .and_then(crate::timestamp_from_proto)
+                    .unwrap_or_default(),
+            );
+            bodies.push(transition.encode_to_vec());
+        }
+        sqlx::query(
+            "INSERT INTO transitions (id, customer_id, transition_time, body) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bytea[])",
+        )
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&times)
+        .bind(&bodies)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+    }
+    let now = Utc::now();
+    let entries = log_entries(changes, now);
+    if entries.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(transitions.len());
-    let mut customers = Vec::with_capacity(transitions.len());
-    let mut times = Vec::with_capacity(transitions.len());
-    let mut bodies = Vec::with_capacity(transitions.len());
-    for transition in transitions {
-        ids.push(
-            Uuid::try_parse(&transition.id)
-                .map_err(|err| StoreError::Internal(format!("transition id: {err}")))?,
-        );
-        customers.push(
-            Uuid::try_parse(&transition.customer_id)
-                .map_err(|err| StoreError::Internal(format!("transition customer: {err}")))?,
-        );
-        times.push(
-            transition
-                .transition_time
-                .as_ref()
-                .and_then(crate::timestamp_from_proto)
-                .unwrap_or_default(),
-        );
-        bodies.push(transition.encode_to_vec());
-    }
-    sqlx::query(
-        "INSERT INTO transitions (id, customer_id, transition_time, body) \
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::bytea[])",
-    )
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&times)
-    .bind(&bodies)
-    .execute(&mut *tx)
-    .await
-    .map_err(StoreError::from_db)?;
-    let entries: Vec<_> = transitions.iter().map(transition_entry).collect();
-    let entries: Vec<NewEntry<'_>> = entries
-        .iter()
-        .map(|(event_id, customer_id, payload)| NewEntry {
-            event_id: *event_id,
-            customer_id: *customer_id,
-            kind: TRANSITION_KIND,
-            payload,
-            recorded_at: now,
-        })
-        .collect();
-    log.append_many_postgres(tx, &entries)
+    let appended: Vec<_> = entries.iter().map(|entry| entry.to_append(now)).collect();
+    log.append_many_postgres(tx, &appended)
         .await
         .map_err(StoreError::from_db)?;
     Ok(())
+}
+
+/// `rows` decoded and grouped by their `customer_id` column, in row order.
+fn by_customer<T>(
+    rows: &[PgRow],
+    decode: impl Fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<HashMap<Uuid, Vec<T>>, StoreError> {
+    let mut out: HashMap<Uuid, Vec<T>> = HashMap::new();
+    for row in rows {
+        let customer: Uuid = row.try_get("customer_id").map_err(corrupt)?;
+        out.entry(customer).or_default().push(decode(row)?);
+    }
+    Ok(out)
+}
+
+fn corrupt(err: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(err.to_string())
 }
 
 #[async_trait]
@@ -415,20 +424,12 @@ impl ScoringStore for PostgresScoringStore {
         &self,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, CustomerRecord>, StoreError> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let rows = sqlx::query(&format!(
+        let select = format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers c \
              LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
              WHERE c.customer_id = ANY($1)"
-        ))
-        // Planned for each call (see `clm_platform::db` on batch lookups).
-        .persistent(false)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::from_db)?;
+        );
+        let rows = self.rows_of(&select, ids).await?;
         rows.iter()
             .map(|row| customer_from_row(row).map(|record| (record.customer_id, record)))
             .collect()
@@ -474,7 +475,7 @@ impl ScoringStore for PostgresScoringStore {
         }
         write_customers(&mut tx, changes).await?;
         write_inputs(&mut tx, changes).await?;
-        write_transitions(&mut tx, &self.log, &changes.transitions, &changes.retracted).await?;
+        write_transitions(&mut tx, &self.log, changes).await?;
         tx.commit().await.map_err(StoreError::from_db)?;
         if !changes.forgotten_profiles.is_empty() {
             self.vacuum.erased();
@@ -882,55 +883,33 @@ impl ScoringStore for PostgresScoringStore {
         &self,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError> {
-        let mut out: HashMap<Uuid, Vec<proto::Transition>> = HashMap::new();
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
-        let rows = sqlx::query(
-            "SELECT customer_id, body FROM transitions WHERE customer_id = ANY($1) \
-             ORDER BY customer_id, transition_time, id",
-        )
-        .persistent(false)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::from_db)?;
-        for row in &rows {
-            let body: Vec<u8> = row.try_get("body").map_err(get)?;
-            out.entry(row.try_get("customer_id").map_err(get)?)
-                .or_default()
-                .push(decode_transition(&body)?);
-        }
-        Ok(out)
+        let rows = self
+            .rows_of(
+                "SELECT customer_id, body FROM transitions WHERE customer_id = ANY($1) \
+                 ORDER BY customer_id, transition_time, id",
+                ids,
+            )
+            .await?;
+        by_customer(&rows, |row| {
+            decode_transition(&row.try_get::<Vec<u8>, _>("body").map_err(corrupt)?)
+        })
     }
 
     async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError> {
-        let mut out: HashMap<Uuid, Vec<Input>> = HashMap::new();
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
-        let rows = sqlx::query(
-            "SELECT customer_id, input_key, occur_time, body FROM customer_inputs \
-             WHERE customer_id = ANY($1)",
-        )
-        .persistent(false)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::from_db)?;
-        for row in &rows {
-            let body: Vec<u8> = row.try_get("body").map_err(get)?;
-            out.entry(row.try_get("customer_id").map_err(get)?)
-                .or_default()
-                .push(Input {
-                    at: row.try_get("occur_time").map_err(get)?,
-                    key: row.try_get("input_key").map_err(get)?,
-                    fact: decode_fact(&body)?,
-                });
-        }
-        Ok(out)
+        let rows = self
+            .rows_of(
+                "SELECT customer_id, input_key, occur_time, body FROM customer_inputs \
+                 WHERE customer_id = ANY($1)",
+                ids,
+            )
+            .await?;
+        by_customer(&rows, |row| {
+            Ok(Input {
+                at: row.try_get("occur_time").map_err(corrupt)?,
+                key: row.try_get("input_key").map_err(corrupt)?,
+                fact: decode_fact(&row.try_get::<Vec<u8>, _>("body").map_err(corrupt)?)?,
+            })
+        })
     }
 
     fn transition_log(&self) -> &EventLog {

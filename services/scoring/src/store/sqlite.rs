@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::consumer::cursors;
-use clm_eventlog::{EventLog, NewEntry, ShardFilter};
+use clm_eventlog::{EventLog, ShardFilter};
 use clm_platform::db::sqlite_columns::{time as time_column, uuid as uuid_column};
 use clm_platform::db::{Pools, SqlitePools};
 use clm_proto::scoring as proto;
@@ -17,10 +17,10 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    Activation, ChangeSet, CursorMove, CustomerRecord, Input, ModelInsert, RETRACTION_KIND,
-    RescoreRow, ScoringStore, StoreError, TRANSITION_KIND, TRANSITION_LOG_TABLE, TransitionQuery,
-    decode_fact, decode_features, decode_model, decode_snapshot, decode_transition, encode_fact,
-    encode_features, encode_model, encode_snapshot, retraction_entry, transition_entry,
+    Activation, ChangeSet, CursorMove, CustomerRecord, Input, ModelInsert, RescoreRow,
+    ScoringStore, StoreError, TRANSITION_LOG_TABLE, TransitionQuery, decode_fact, decode_features,
+    decode_model, decode_snapshot, decode_transition, encode_fact, encode_features, encode_model,
+    encode_snapshot, log_entries,
 };
 use crate::evaluate::LifecycleSnapshot;
 use crate::model::Model;
@@ -44,6 +44,44 @@ impl SqliteScoringStore {
         let log = EventLog::new(Pools::Sqlite(pools.clone()), TRANSITION_LOG_TABLE);
         Self { pools, log }
     }
+
+    /// The rows `select` returns for the customers `ids`: its `{ids}` stands
+    /// for the placeholders of up to 500 ids a query. Read on the writer: a
+    /// consumer's read-modify-write must see the latest commit.
+    async fn rows_of(&self, select: &str, ids: &[Uuid]) -> Result<Vec<SqliteRow>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in ids.chunks(500) {
+            let sql = select.replace("{ids}", &vec!["?"; chunk.len()].join(", "));
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            rows.extend(
+                query
+                    .fetch_all(&self.pools.writer)
+                    .await
+                    .map_err(StoreError::from_db)?,
+            );
+        }
+        Ok(rows)
+    }
+}
+
+/// `rows` decoded and grouped by their `customer_id` column, in row order.
+fn by_customer<T>(
+    rows: &[SqliteRow],
+    decode: impl Fn(&SqliteRow) -> Result<T, StoreError>,
+) -> Result<HashMap<Uuid, Vec<T>>, StoreError> {
+    let mut out: HashMap<Uuid, Vec<T>> = HashMap::new();
+    for row in rows {
+        let customer = uuid_column(row, "customer_id").map_err(corrupt)?;
+        out.entry(customer).or_default().push(decode(row)?);
+    }
+    Ok(out)
+}
+
+fn corrupt(err: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(err.to_string())
 }
 
 fn micros(at: DateTime<Utc>) -> i64 {
@@ -228,17 +266,15 @@ async fn write_customers(tx: &mut SqliteConnection, changes: &ChangeSet) -> Resu
 
 async fn write_inputs(tx: &mut SqliteConnection, changes: &ChangeSet) -> Result<(), StoreError> {
     for (merged, survivor) in &changes.moved_inputs {
-        sqlx::query("DELETE FROM customer_inputs WHERE customer_id = ?1 AND is_profile = 1")
-            .bind(merged.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
-        sqlx::query("UPDATE OR IGNORE customer_inputs SET customer_id = ?2 WHERE customer_id = ?1")
-            .bind(merged.to_string())
-            .bind(survivor.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
+        sqlx::query(
+            "UPDATE OR IGNORE customer_inputs SET customer_id = ?2 \
+             WHERE customer_id = ?1 AND is_profile = 0",
+        )
+        .bind(merged.to_string())
+        .bind(survivor.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
     }
     for id in &changes.forgotten_profiles {
         sqlx::query("DELETE FROM customer_inputs WHERE customer_id = ?1 AND is_profile = 1")
@@ -275,31 +311,16 @@ async fn write_inputs(tx: &mut SqliteConnection, changes: &ChangeSet) -> Result<
 async fn write_transitions(
     tx: &mut SqliteConnection,
     log: &EventLog,
-    transitions: &[proto::Transition],
-    retracted: &[proto::Transition],
+    changes: &ChangeSet,
 ) -> Result<(), StoreError> {
-    let now = Utc::now();
-    for transition in retracted {
+    for transition in &changes.retracted {
         sqlx::query("DELETE FROM transitions WHERE id = ?1")
             .bind(&transition.id)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
-        let (event_id, customer_id, payload) = retraction_entry(transition, now);
-        log.append_sqlite(
-            tx,
-            &NewEntry {
-                event_id,
-                customer_id,
-                kind: RETRACTION_KIND,
-                payload: &payload,
-                recorded_at: now,
-            },
-        )
-        .await
-        .map_err(StoreError::from_db)?;
     }
-    for transition in transitions {
+    for transition in &changes.transitions {
         let time = transition
             .transition_time
             .as_ref()
@@ -315,19 +336,12 @@ async fn write_transitions(
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
-        let (event_id, customer_id, payload) = transition_entry(transition);
-        log.append_sqlite(
-            tx,
-            &NewEntry {
-                event_id,
-                customer_id,
-                kind: TRANSITION_KIND,
-                payload: &payload,
-                recorded_at: now,
-            },
-        )
-        .await
-        .map_err(StoreError::from_db)?;
+    }
+    let now = Utc::now();
+    for entry in log_entries(changes, now) {
+        log.append_sqlite(tx, &entry.to_append(now))
+            .await
+            .map_err(StoreError::from_db)?;
     }
     Ok(())
 }
@@ -338,30 +352,15 @@ impl ScoringStore for SqliteScoringStore {
         &self,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, CustomerRecord>, StoreError> {
-        let mut out = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
-            let placeholders = vec!["?"; chunk.len()].join(", ");
-            let sql = format!(
-                "SELECT {CUSTOMER_COLUMNS} FROM customers c \
-                 LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
-                 WHERE c.customer_id IN ({placeholders})"
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            // Read on the writer: a consumer's read-modify-write must see
-            // the latest commit.
-            let rows = query
-                .fetch_all(&self.pools.writer)
-                .await
-                .map_err(StoreError::from_db)?;
-            for row in &rows {
-                let record = customer_from_row(row)?;
-                out.insert(record.customer_id, record);
-            }
-        }
-        Ok(out)
+        let select = format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers c \
+             LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
+             WHERE c.customer_id IN ({{ids}})"
+        );
+        let rows = self.rows_of(&select, ids).await?;
+        rows.iter()
+            .map(|row| customer_from_row(row).map(|record| (record.customer_id, record)))
+            .collect()
     }
 
     async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
@@ -399,7 +398,7 @@ impl ScoringStore for SqliteScoringStore {
         }
         write_customers(&mut tx, changes).await?;
         write_inputs(&mut tx, changes).await?;
-        write_transitions(&mut tx, &self.log, &changes.transitions, &changes.retracted).await?;
+        write_transitions(&mut tx, &self.log, changes).await?;
         tx.commit().await.map_err(StoreError::from_db)?;
         if !changes.forgotten_profiles.is_empty() {
             // Profiles are personal data: leave none in the WAL. The erasure
@@ -830,62 +829,33 @@ impl ScoringStore for SqliteScoringStore {
         &self,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError> {
-        let mut out: HashMap<Uuid, Vec<proto::Transition>> = HashMap::new();
-        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
-        for chunk in ids.chunks(500) {
-            let placeholders = vec!["?"; chunk.len()].join(", ");
-            let sql = format!(
-                "SELECT customer_id, body FROM transitions WHERE customer_id IN ({placeholders}) \
-                 ORDER BY customer_id, transition_time, id"
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            // On the writer, as the customers they go with are read.
-            let rows = query
-                .fetch_all(&self.pools.writer)
-                .await
-                .map_err(StoreError::from_db)?;
-            for row in &rows {
-                let body: Vec<u8> = row.try_get("body").map_err(get)?;
-                out.entry(uuid_column(row, "customer_id").map_err(get)?)
-                    .or_default()
-                    .push(decode_transition(&body)?);
-            }
-        }
-        Ok(out)
+        let rows = self
+            .rows_of(
+                "SELECT customer_id, body FROM transitions WHERE customer_id IN ({ids}) \
+                 ORDER BY customer_id, transition_time, id",
+                ids,
+            )
+            .await?;
+        by_customer(&rows, |row| {
+            decode_transition(&row.try_get::<Vec<u8>, _>("body").map_err(corrupt)?)
+        })
     }
 
     async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError> {
-        let mut out: HashMap<Uuid, Vec<Input>> = HashMap::new();
-        let get = |err: sqlx::Error| StoreError::Corrupt(err.to_string());
-        for chunk in ids.chunks(500) {
-            let placeholders = vec!["?"; chunk.len()].join(", ");
-            let sql = format!(
+        let rows = self
+            .rows_of(
                 "SELECT customer_id, input_key, occur_time, body FROM customer_inputs \
-                 WHERE customer_id IN ({placeholders})"
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            let rows = query
-                .fetch_all(&self.pools.writer)
-                .await
-                .map_err(StoreError::from_db)?;
-            for row in &rows {
-                let body: Vec<u8> = row.try_get("body").map_err(get)?;
-                out.entry(uuid_column(row, "customer_id").map_err(get)?)
-                    .or_default()
-                    .push(Input {
-                        at: time_column(row, "occur_time").map_err(get)?,
-                        key: row.try_get("input_key").map_err(get)?,
-                        fact: decode_fact(&body)?,
-                    });
-            }
-        }
-        Ok(out)
+                 WHERE customer_id IN ({ids})",
+                ids,
+            )
+            .await?;
+        by_customer(&rows, |row| {
+            Ok(Input {
+                at: time_column(row, "occur_time").map_err(corrupt)?,
+                key: row.try_get("input_key").map_err(corrupt)?,
+                fact: decode_fact(&row.try_get::<Vec<u8>, _>("body").map_err(corrupt)?)?,
+            })
+        })
     }
 
     fn transition_log(&self) -> &EventLog {
