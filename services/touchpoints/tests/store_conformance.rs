@@ -423,6 +423,59 @@ async fn the_log_is_sharded_by_customer(backend: Backend) {
     assert_eq!(seen, batch.len());
 }
 
+/// Every field comes back as it went in, from a batch of new event ids (the
+/// fast path on PostgreSQL) and from one that holds a duplicate too.
+async fn every_field_is_kept_whether_or_not_the_batch_holds_a_duplicate(backend: Backend) {
+    let ada = Uuid::now_v7();
+    let full = |event_id: &str| {
+        let mut t = touchpoint(event_id, ada, "purchase", 0);
+        t.channel = 7;
+        // Before the PostgreSQL epoch, to the microsecond.
+        t.occurred_at = chrono::DateTime::from_timestamp_micros(946_684_799_999_999).unwrap();
+        t.campaign = "Ünïcode «spring»".into();
+        t.utm_source = String::new();
+        t.properties = Some(BTreeMap::from([
+            ("path".to_owned(), "/p/\"quoted\"\\".to_owned()),
+            ("emoji".to_owned(), "🎉".to_owned()),
+        ]));
+        t.revenue = Some(Money {
+            currency: "JPY".into(),
+            micros: i64::MAX / 2,
+        });
+        t.cost = Some(Money {
+            currency: "EUR".into(),
+            micros: 0,
+        });
+        t
+    };
+    let fresh = vec![full("f-1"), touchpoint("f-2", ada, "page_view", 1)];
+    let outcomes = backend.store.insert(&fresh).await.unwrap();
+    assert!(outcomes.iter().all(|o| matches!(o, Stored::New { .. })));
+    let mut plain = touchpoint("f-3", ada, "page_view", 2);
+    plain.properties = None;
+    let mixed = vec![full("f-4"), fresh[1].clone(), plain];
+    let outcomes = backend.store.insert(&mixed).await.unwrap();
+    assert!(matches!(outcomes[0], Stored::New { .. }));
+    assert_eq!(
+        outcomes[1],
+        Stored::Duplicate {
+            id: fresh[1].id,
+            customer_id: ada
+        }
+    );
+    assert!(matches!(outcomes[2], Stored::New { .. }));
+    for expected in [&fresh[0], &fresh[1], &mixed[0], &mixed[2]] {
+        let stored = backend
+            .store
+            .find_by_event_id(&expected.event_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&stored, expected);
+    }
+    assert_eq!(log_when(backend.store.as_ref(), 4).await.len(), 4);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite_store {
@@ -451,6 +504,7 @@ on_both_backends!(
     the_timeline_is_newest_first_filtered_and_paged,
     merges_rekey_and_erasures_strip,
     the_log_is_sharded_by_customer,
+    every_field_is_kept_whether_or_not_the_batch_holds_a_duplicate,
 );
 
 /// PostgreSQL only: a writer that took its transaction id and sequence value

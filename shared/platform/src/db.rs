@@ -21,6 +21,9 @@ use sqlx::{ConnectOptions, Connection as _};
 
 use crate::secret::Secret;
 
+mod binary_copy;
+pub use binary_copy::BinaryCopy;
+
 /// Which database engine a URL points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseKind {

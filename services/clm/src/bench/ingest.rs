@@ -1,8 +1,8 @@
 //! `clm bench ingest`: touchpoint ingest into PostgreSQL — batches of 1,000
 //! and 10,000 and client streams — each next to a raw binary COPY of the
-//! same number of rows into an identical table of the same database, made
-//! just before it (so both write into tables of the same size, under the
-//! same conditions of the machine); unary RecordTouchpoint against the
+//! same number of rows into an identical table of the same database, half
+//! just before it and half just after (so both write into tables of the
+//! same size, under the same conditions of the machine); unary RecordTouchpoint against the
 //! health Check; and how fast a consumer that is behind reads the
 //! touchpoint log.
 
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
+use clm_platform::db::BinaryCopy;
 use clm_proto::common::{CustomerReference, Money, customer_reference};
 use clm_proto::touchpoint as pb;
 use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
@@ -88,7 +89,8 @@ struct Figure {
     events: u64,
     elapsed: Duration,
     errors: u64,
-    /// The raw COPY measured just before, rows per second.
+    /// The rate of the raw COPYs just before and just after (half the rows
+    /// each), rows per second.
     copy_rate: f64,
 }
 
@@ -193,67 +195,37 @@ async fn ingest_streams(
     Ok((started.elapsed(), stored))
 }
 
-/// Microseconds between the Unix and the PostgreSQL epochs (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
-/// Appends one field of a binary COPY row.
-fn field(buffer: &mut Vec<u8>, bytes: Option<&[u8]>) {
-    match bytes {
-        None => buffer.extend_from_slice(&(-1_i32).to_be_bytes()),
-        Some(bytes) => {
-            buffer.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
-            buffer.extend_from_slice(bytes);
-        }
-    }
-}
-
 /// The same touchpoints as rows of a binary COPY into the touchpoints table.
 fn copy_rows(run_id: &str, customers: &[String], events: usize) -> anyhow::Result<Vec<u8>> {
-    let mut buffer = Vec::with_capacity(events * 300);
-    buffer.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    buffer.extend_from_slice(&0_i32.to_be_bytes());
-    buffer.extend_from_slice(&0_i32.to_be_bytes());
+    let mut rows = BinaryCopy::with_capacity(events, 300);
     let customer_ids: Vec<uuid::Uuid> = customers
         .iter()
         .map(|c| uuid::Uuid::try_parse(c))
         .collect::<Result<_, _>>()?;
-    let now = (chrono::Utc::now().timestamp_micros() - POSTGRES_EPOCH_MICROS).to_be_bytes();
+    let now = chrono::Utc::now();
     for n in 0..events {
         let customer = customer_ids[n % customer_ids.len()];
         let t = touchpoint(run_id, n, "");
-        buffer.extend_from_slice(&16_i16.to_be_bytes());
-        field(&mut buffer, Some(uuid::Uuid::now_v7().as_bytes()));
-        field(&mut buffer, Some(t.event_id.as_bytes()));
-        field(&mut buffer, Some(customer.as_bytes()));
-        field(&mut buffer, Some(&(t.channel as i16).to_be_bytes()));
-        field(&mut buffer, Some(t.r#type.as_bytes()));
-        field(&mut buffer, Some(&now));
-        field(&mut buffer, Some(&now));
-        field(&mut buffer, Some(t.campaign.as_bytes()));
-        field(&mut buffer, Some(t.utm_source.as_bytes()));
-        field(&mut buffer, Some(t.utm_medium.as_bytes()));
-        let mut json = vec![1_u8];
-        json.extend_from_slice(serde_json::to_string(&t.properties)?.as_bytes());
-        field(&mut buffer, Some(&json));
-        match &t.revenue {
-            Some(money) => {
-                field(&mut buffer, Some(money.currency_code.as_bytes()));
-                field(&mut buffer, Some(&money.amount_micros.to_be_bytes()));
-            }
-            None => {
-                field(&mut buffer, None);
-                field(&mut buffer, None);
-            }
-        }
-        field(&mut buffer, None);
-        field(&mut buffer, None);
-        field(
-            &mut buffer,
-            Some(&clm_eventlog_shard(customer).to_be_bytes()),
-        );
+        let properties = serde_json::to_string(&t.properties)?;
+        rows.row(16)
+            .uuid(uuid::Uuid::now_v7())
+            .text(&t.event_id)
+            .uuid(customer)
+            .int2(t.channel as i16)
+            .text(&t.r#type)
+            .timestamptz(now)
+            .timestamptz(now)
+            .text(&t.campaign)
+            .text(&t.utm_source)
+            .text(&t.utm_medium)
+            .jsonb_or_null(Some(&properties))
+            .text_or_null(t.revenue.as_ref().map(|m| m.currency_code.as_str()))
+            .int8_or_null(t.revenue.as_ref().map(|m| m.amount_micros))
+            .null()
+            .null()
+            .int4(clm_eventlog_shard(customer));
     }
-    buffer.extend_from_slice(&(-1_i16).to_be_bytes());
-    Ok(buffer)
+    Ok(rows.finish())
 }
 
 fn clm_eventlog_shard(customer: uuid::Uuid) -> i32 {
@@ -311,17 +283,6 @@ impl CopyTable {
             "COPY wrote {copied} rows, not {events}"
         );
         Ok(elapsed)
-    }
-
-    /// The rate of a COPY of `events` rows, in rows per second.
-    async fn rate(
-        &mut self,
-        run_id: &str,
-        customers: &[String],
-        events: usize,
-    ) -> anyhow::Result<f64> {
-        let elapsed = self.copy(run_id, customers, events).await?;
-        Ok(events as f64 / elapsed.as_secs_f64().max(f64::EPSILON))
     }
 }
 
@@ -403,9 +364,12 @@ async fn measure_all(
         ("RecordTouchpoints, batches of 10,000", 10_000),
         ("StreamTouchpoints, chunks of 10,000", 0),
     ] {
-        eprintln!("measuring a raw binary COPY, then {name}");
-        let copy_rate = copy_table
-            .rate(&format!("{run_id}-c{batch}"), &customers, events)
+        eprintln!("measuring a raw binary COPY, then {name}, then a COPY again");
+        // Half the rows just before the mode, half just after: the COPY
+        // table grows as the touchpoints table does, and a drift of the
+        // machine's speed during the mode touches both alike.
+        let copy_before = copy_table
+            .copy(&format!("{run_id}-c{batch}"), &customers, events / 2)
             .await?;
         let (elapsed, stored) = if batch == 0 {
             ingest_streams(
@@ -427,12 +391,19 @@ async fn measure_all(
             )
             .await?
         };
+        let copy_after = copy_table
+            .copy(
+                &format!("{run_id}-d{batch}"),
+                &customers,
+                events - events / 2,
+            )
+            .await?;
         figures.push(Figure {
             name,
             events: stored,
             elapsed,
             errors: (events as u64).saturating_sub(stored),
-            copy_rate,
+            copy_rate: events as f64 / (copy_before + copy_after).as_secs_f64().max(f64::EPSILON),
         });
         server.ensure_running(name)?;
     }
@@ -482,7 +453,7 @@ async fn measure_all(
     }
     let mut out = format!(
         "clm bench ingest: {events} touchpoints per mode over {} customers, {} in flight, PostgreSQL; \
-         each mode next to a raw binary COPY of as many rows into an identical table, just before it\n\n\
+         each mode next to a raw binary COPY of as many rows into an identical table, half just before it and half just after\n\n\
          {:<40} {:>8} {:>8} {:>10} {:>12} {:>8}\n",
         customers.len(),
         args.concurrency,

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::consumer::cursors;
 use clm_eventlog::{Cursor, ShardFilter, shard_of};
-use clm_platform::db::Pools;
+use clm_platform::db::{DbErrorKind, Pools};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 use tokio::sync::watch;
@@ -103,6 +103,77 @@ fn log_touchpoint_from_row(row: &PgRow) -> Result<Touchpoint, sqlx::Error> {
 const TOUCHPOINT_COLUMNS: &str = "id, event_id, customer_id, channel, type, occurred_at, recorded_at, campaign, \
      utm_source, utm_medium, properties, revenue_currency, revenue_micros, cost_currency, cost_micros";
 
+/// Columns a new touchpoint is written with (the log position and the
+/// writing transaction are the columns' defaults).
+const INSERT_COLUMNS: &str = "id, event_id, customer_id, channel, type, occurred_at, recorded_at, campaign, \
+     utm_source, utm_medium, properties, revenue_currency, revenue_micros, cost_currency, cost_micros, shard";
+
+/// Writes `touchpoints` (under `customers`, with `properties` as JSON) by a
+/// binary COPY inside a savepoint of `tx`. Returns false, with the
+/// savepoint undone and `tx` usable, when an event id was stored before.
+async fn copy_fresh(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    touchpoints: &[Touchpoint],
+    customers: &[Uuid],
+    properties: &[Option<String>],
+) -> Result<bool, StoreError> {
+    let mut rows = clm_platform::db::BinaryCopy::with_capacity(touchpoints.len(), 320);
+    for ((t, customer), properties) in touchpoints.iter().zip(customers).zip(properties) {
+        rows.row(16)
+            .uuid(t.id)
+            .text(&t.event_id)
+            .uuid(*customer)
+            .int2(t.channel)
+            .text(&t.kind)
+            .timestamptz(t.occurred_at)
+            .timestamptz(t.recorded_at)
+            .text(&t.campaign)
+            .text(&t.utm_source)
+            .text(&t.utm_medium)
+            .jsonb_or_null(properties.as_deref())
+            .text_or_null(t.revenue.as_ref().map(|m| m.currency.as_str()))
+            .int8_or_null(t.revenue.as_ref().map(|m| m.micros))
+            .text_or_null(t.cost.as_ref().map(|m| m.currency.as_str()))
+            .int8_or_null(t.cost.as_ref().map(|m| m.micros))
+            .int4(shard_of(Some(*customer)));
+    }
+    let rows = rows.finish();
+    sqlx::query("SAVEPOINT fresh_touchpoints")
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::from_db)?;
+    let copied = async {
+        let mut copy = tx
+            .copy_in_raw(&format!(
+                "COPY touchpoints ({INSERT_COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
+            .await?;
+        copy.send(rows.as_slice()).await?;
+        copy.finish().await
+    }
+    .await;
+    match copied {
+        Ok(copied) if copied == touchpoints.len() as u64 => Ok(true),
+        Ok(copied) => Err(StoreError::Internal(format!(
+            "COPY wrote {copied} of {} touchpoints",
+            touchpoints.len()
+        ))),
+        Err(err)
+            if matches!(
+                clm_platform::db::classify(&err),
+                DbErrorKind::UniqueViolation(_)
+            ) =>
+        {
+            sqlx::query("ROLLBACK TO SAVEPOINT fresh_touchpoints")
+                .execute(&mut **tx)
+                .await
+                .map_err(StoreError::from_db)?;
+            Ok(false)
+        }
+        Err(err) => Err(StoreError::from_db(err)),
+    }
+}
+
 #[async_trait]
 impl TouchpointStore for PostgresTouchpointStore {
     #[tracing::instrument(skip_all, fields(count = touchpoints.len()))]
@@ -149,34 +220,11 @@ impl TouchpointStore for PostgresTouchpointStore {
             .collect();
 
         let count = touchpoints.len();
-        let mut ids = Vec::with_capacity(count);
-        let mut event_ids = Vec::with_capacity(count);
         let mut customer_ids = Vec::with_capacity(count);
-        let mut channels = Vec::with_capacity(count);
-        let mut types = Vec::with_capacity(count);
-        let mut occurred = Vec::with_capacity(count);
-        let mut recorded = Vec::with_capacity(count);
-        let mut campaigns = Vec::with_capacity(count);
-        let mut sources = Vec::with_capacity(count);
-        let mut mediums = Vec::with_capacity(count);
         let mut properties: Vec<Option<String>> = Vec::with_capacity(count);
-        let mut revenue_currencies = Vec::with_capacity(count);
-        let mut revenue_micros = Vec::with_capacity(count);
-        let mut cost_currencies = Vec::with_capacity(count);
-        let mut cost_micros = Vec::with_capacity(count);
-        let mut shards = Vec::with_capacity(count);
         for t in touchpoints {
             let customer = merged.get(&t.customer_id).copied().unwrap_or(t.customer_id);
-            ids.push(t.id);
-            event_ids.push(t.event_id.as_str());
             customer_ids.push(customer);
-            channels.push(t.channel);
-            types.push(t.kind.as_str());
-            occurred.push(t.occurred_at);
-            recorded.push(t.recorded_at);
-            campaigns.push(t.campaign.as_str());
-            sources.push(t.utm_source.as_str());
-            mediums.push(t.utm_medium.as_str());
             properties.push(match &t.properties {
                 Some(props) if !erased.contains(&customer) && !props.is_empty() => Some(
                     serde_json::to_string(props)
@@ -184,23 +232,63 @@ impl TouchpointStore for PostgresTouchpointStore {
                 ),
                 _ => None,
             });
+        }
+        // Most batches hold only new event ids: they are written by a binary
+        // COPY, the fastest way in. A duplicate among them fails the COPY,
+        // which is then undone and the batch inserted row by row, keeping
+        // what was stored before.
+        if copy_fresh(&mut tx, touchpoints, &customer_ids, &properties).await? {
+            tx.commit().await.map_err(StoreError::from_db)?;
+            self.notify();
+            return Ok(touchpoints
+                .iter()
+                .zip(&customer_ids)
+                .map(|(t, customer)| Stored::New {
+                    id: t.id,
+                    customer_id: *customer,
+                })
+                .collect());
+        }
+        let mut ids = Vec::with_capacity(count);
+        let mut event_ids = Vec::with_capacity(count);
+        let mut channels = Vec::with_capacity(count);
+        let mut types = Vec::with_capacity(count);
+        let mut occurred = Vec::with_capacity(count);
+        let mut recorded = Vec::with_capacity(count);
+        let mut campaigns = Vec::with_capacity(count);
+        let mut sources = Vec::with_capacity(count);
+        let mut mediums = Vec::with_capacity(count);
+        let mut revenue_currencies = Vec::with_capacity(count);
+        let mut revenue_micros = Vec::with_capacity(count);
+        let mut cost_currencies = Vec::with_capacity(count);
+        let mut cost_micros = Vec::with_capacity(count);
+        let mut shards = Vec::with_capacity(count);
+        for (t, customer) in touchpoints.iter().zip(&customer_ids) {
+            ids.push(t.id);
+            event_ids.push(t.event_id.as_str());
+            channels.push(t.channel);
+            types.push(t.kind.as_str());
+            occurred.push(t.occurred_at);
+            recorded.push(t.recorded_at);
+            campaigns.push(t.campaign.as_str());
+            sources.push(t.utm_source.as_str());
+            mediums.push(t.utm_medium.as_str());
             revenue_currencies.push(t.revenue.as_ref().map(|m| m.currency.as_str()));
             revenue_micros.push(t.revenue.as_ref().map(|m| m.micros));
             cost_currencies.push(t.cost.as_ref().map(|m| m.currency.as_str()));
             cost_micros.push(t.cost.as_ref().map(|m| m.micros));
-            shards.push(shard_of(Some(customer)));
+            shards.push(shard_of(Some(*customer)));
         }
-        let inserted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO touchpoints (id, event_id, customer_id, channel, type, occurred_at, recorded_at, campaign, \
-               utm_source, utm_medium, properties, revenue_currency, revenue_micros, cost_currency, cost_micros, shard) \
+        let inserted: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO touchpoints ({INSERT_COLUMNS}) \
              SELECT id, event_id, customer_id, channel, type, occurred_at, recorded_at, campaign, utm_source, utm_medium, \
                properties::jsonb, revenue_currency, revenue_micros, cost_currency, cost_micros, shard \
              FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::int2[], $5::text[], $6::timestamptz[], $7::timestamptz[], \
                $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::int8[], $14::text[], $15::int8[], $16::int4[]) \
                AS t(id, event_id, customer_id, channel, type, occurred_at, recorded_at, campaign, utm_source, utm_medium, \
                properties, revenue_currency, revenue_micros, cost_currency, cost_micros, shard) \
-             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-        )
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        ))
         .bind(&ids)
         .bind(&event_ids)
         .bind(&customer_ids)
