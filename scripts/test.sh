@@ -125,12 +125,12 @@ fi
 # From here on a missing server is a failure, never a skip.
 export CLM_TEST_REQUIRE_SERVERS=1
 
-# Every test gets a fresh database named <prefix>_<16 hex digits>; drop the
+# Every test gets a fresh database named clm_test_<prefix>_<16 hex digits>; drop the
 # ones earlier runs left, and this run's when it ends, so that a long-lived
 # test server does not fill up.
 drop_test_databases() {
   psql "$CLM_TEST_DATABASE_URL" -qtAc \
-    "SELECT datname FROM pg_database WHERE datname ~ '^(identity|touchpoints|eventlog|e2e|e2e_tp|scoring|scoring_replay|scoring_crash)_[0-9a-f]{16}$'" 2>/dev/null |
+    "SELECT datname FROM pg_database WHERE datname ~ '^clm_test_[a-z0-9_]+_[0-9a-f]{16}$'" 2>/dev/null |
     while read -r database; do
       [ -n "$database" ] && psql "$CLM_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1 || true
     done

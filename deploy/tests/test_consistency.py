@@ -107,23 +107,37 @@ def test_service_ports_agree(deployment: str) -> None:
     assert chart == dev
 
 
+def _binary_services() -> list[dict]:
+    services = manifests.binary_services()
+    if services is None:
+        message = f"no clm binary at {manifests.clm_binary()} to list its services"
+        if manifests.CI:
+            pytest.fail(f"{message}; under CI=true this test must run, not skip")
+        pytest.skip(message)
+    return services
+
+
 def test_callee_url_variables_are_ones_the_binary_reads() -> None:
-    """A variable pointing at a rendered Service (CLM_IDENTITY_URL=http://clm-identity:50051) is read by the binary
-    under exactly that name; the chart derives it from the callee's key, kustomize spells it out."""
+    """A variable pointing at a rendered Service (CLM_IDENTITY_URL=http://clm-identity:50051) is the one the binary
+    reads for that callee (`clm services --json`), and the caller calls it; the chart derives it from the callee's
+    key, kustomize spells it out."""
     from urllib.parse import urlsplit
 
-    sources = "\n".join(
-        path.read_text(encoding="utf-8") for path in (manifests.REPO_ROOT / "services").rglob("*.rs")
-    )
+    binary = {s["name"]: s for s in _binary_services()}
     for documents in (render_chart(), render_overlay("dev"), render_chart(manifests.prod_values()), render_overlay("prod")):
         services = {service["metadata"]["name"] for service in of_kind(documents, "Service")}
         for deployment in of_kind(documents, "Deployment"):
+            caller = deployment["metadata"]["name"].removeprefix("clm-")
             for entry in pod_spec(deployment)["containers"][0]["env"]:
                 value = entry.get("value", "")
-                if value.startswith(("http://", "https://")) and urlsplit(value).hostname in services:
-                    assert f'"{entry["name"]}"' in sources, (
-                        f"{deployment['metadata']['name']}: {entry['name']}={value}, but the binary never reads {entry['name']}"
+                hostname = urlsplit(value).hostname if value.startswith(("http://", "https://")) else None
+                if hostname in services:
+                    callee = hostname.removeprefix("clm-")
+                    assert entry["name"] == binary[callee]["url_variable"], (
+                        f"{deployment['metadata']['name']}: {entry['name']}={value}, but the binary reads "
+                        f"{binary[callee]['url_variable']} for {callee}"
                     )
+                    assert callee in binary[caller]["calls"], f"{caller} does not call {callee}"
     touchpoints = _server(render_chart(), "clm-touchpoints")
     assert manifests.env_value(touchpoints, "CLM_IDENTITY_URL") == {
         "name": "CLM_IDENTITY_URL", "value": "http://clm-identity:50051"
@@ -208,3 +222,19 @@ def test_health_service_names_are_services_of_the_contracts() -> None:
         assert service["healthService"] in declared, f"services.{name}.healthService names no proto service"
     probe = _server(render_overlay("dev"))["readinessProbe"]["grpc"]["service"]
     assert probe in declared
+
+
+def test_the_chart_and_the_manifests_deploy_the_binarys_services() -> None:
+    """One list of services, the binary's: the chart's entries, the kustomize base and SERVICE_CALLS agree with it."""
+    services = _binary_services()
+    names = sorted(s["name"] for s in services)
+    values = manifests.chart_default_values()["services"]
+    assert sorted(n for n, v in values.items() if v["enabled"]) == names, "the chart enables what the binary serves"
+    for service in services:
+        name = service["name"]
+        entry = values[name]
+        assert entry["healthService"] == service["grpc_services"][0], f"{name}: probes check the service it serves first"
+        assert sorted(entry["calls"]) == sorted(service["calls"]), f"{name}: the chart's calls are the binary's"
+        assert sorted(manifests.SERVICE_CALLS[name]) == sorted(service["calls"]), f"{name}: SERVICE_CALLS"
+        assert service["url_variable"] == f"CLM_{name.upper()}_URL"
+    assert _deployment_names(manifests.render_base()) == sorted(f"clm-{n}" for n in names), "the kustomize base"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -57,7 +58,7 @@ import yaml
 import manifests
 from manifests import Dockerfile, by_name, labels_match, of_kind, pod_spec
 
-CI = os.environ.get("CI", "").lower() == "true" or os.environ.get("CLM_TEST_REQUIRE_SERVERS", "").lower() in ("1", "true")
+CI = manifests.CI
 LOCAL_VALUES = Path(__file__).with_name("values-local.yaml")
 
 
@@ -96,15 +97,24 @@ def _lists_the_built_in_model(response: dict[str, Any]) -> None:
     assert "builtin-1" in versions, f"ListModels should list the built-in default model builtin-1, lists {versions}"
 
 
-# A service turned on in values-local.yaml needs an entry here.
-SMOKE_CALLS: dict[str, SmokeCall] = {
-    "identity": SmokeCall("clm.identity.v1.CustomerService", "ListCustomers", {"page_size": 10}),
-    # Any valid UUID works on an empty database: no touchpoints, an empty count
-    # (and no call to identity).
-    "touchpoints": SmokeCall("clm.touchpoint.v1.TouchpointService", "CountTouchpoints", {"customer_id": str(uuid.uuid4())}),
-    # A fresh database already holds the default model, active from the first start.
-    "scoring": SmokeCall("clm.scoring.v1.LifecycleService", "ListModels", {"page_size": 10}, _lists_the_built_in_model),
+# Checks beyond "it answers" of some services' smoke calls; the calls
+# themselves are the binary's (`clm services --json`).
+SMOKE_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "scoring": _lists_the_built_in_model,
 }
+
+
+@functools.cache
+def _smoke_calls() -> dict[str, SmokeCall]:
+    services = manifests.binary_services()
+    if services is None:
+        _unavailable(f"no clm binary at {manifests.clm_binary()} to list its services")
+    return {
+        s["name"]: SmokeCall(s["smoke_call"]["service"], s["smoke_call"]["method"], s["smoke_call"]["request"],
+                             SMOKE_CHECKS.get(s["name"]))
+        for s in services
+    }
+
 
 # The services that call others, and the test below that makes such a call
 # cross the processes.
@@ -135,13 +145,6 @@ def _redis_answers_ping() -> bool:
             return connection.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def _binary_path() -> Path:
-    if os.environ.get("CLM_BIN"):
-        return Path(os.environ["CLM_BIN"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", manifests.REPO_ROOT / "target"))
-    return target / "debug" / "clm"
 
 
 def _free_port() -> int:
@@ -466,7 +469,7 @@ def _wait_for_probe(pod: LocalPod, probe_name: str) -> None:
 
 @pytest.fixture(scope="module")
 def binary() -> Path:
-    path = _binary_path()
+    path = manifests.clm_binary()
     if not (path.is_file() and os.access(path, os.X_OK)):
         _unavailable(f"no clm binary at {path} (build it with `cargo build -p clm` or set CLM_BIN)")
     return path
@@ -562,8 +565,8 @@ def pods(binary: Path, rendered: list[dict], tmp_path_factory: pytest.TempPathFa
 
 def test_every_enabled_service_has_a_smoke_call() -> None:
     assert ENABLED, "values-local.yaml enables no service"
-    missing = [service for service in ENABLED if service not in SMOKE_CALLS]
-    assert missing == [], f"add a SMOKE_CALLS entry for {missing}"
+    missing = [service for service in ENABLED if service not in _smoke_calls()]
+    assert missing == [], f"values-local.yaml enables {missing}, which the binary does not contain"
     for service in ENABLED:
         if manifests.SERVICE_CALLS[service]:
             assert service in CROSS_SERVICE_CHECKS, f"{service} calls other services: add a call that crosses them"
@@ -581,7 +584,7 @@ def test_rendered_probes_pass(pods: dict[str, LocalPod], service: str) -> None:
 
 @pytest.mark.parametrize("service", ENABLED)
 def test_service_answers_through_reflection(pods: dict[str, LocalPod], service: str) -> None:
-    call = SMOKE_CALLS[service]
+    call = _smoke_calls()[service]
     services, response = call_through_reflection(pods[service].port, call.service, call.method, call.request)
     assert call.service in services, f"reflection lists {services}"
     assert "grpc.health.v1.Health" in services, "grpcurl needs the health service in reflection"
@@ -616,7 +619,7 @@ def test_readme_grpcurl_commands_work(pods: dict[str, LocalPod]) -> None:
         result = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
         if argv[-1] == "list":
-            assert SMOKE_CALLS[pod.service].service in result.stdout.split()
+            assert _smoke_calls()[pod.service].service in result.stdout.split()
         answered.add(pod.service)
     assert answered == set(pods), f"the chart README shows no grpcurl command for {sorted(set(pods) - answered)}"
 

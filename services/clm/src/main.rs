@@ -10,8 +10,11 @@ mod rescore;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::{Parser, Subcommand};
 use clm_platform::server::{self, Mounted, Shutdown};
+use clm_platform::service::{Peers, Service, StartContext, Tasks};
 use clm_platform::{Env, PlatformConfig, telemetry};
 
 /// Customer lifecycle management: identity, touchpoints, lifecycle scoring,
@@ -20,6 +23,25 @@ use clm_platform::{Env, PlatformConfig, telemetry};
 // touchpoint; glibc's allocator spent a third of the server's CPU on them.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The services this binary contains, in the order a process starts them
+/// (a service is started after those it calls, when they run here too).
+const SERVICES: &[&dyn Service] = &[
+    &clm_identity::Identity,
+    &clm_touchpoints::Touchpoints,
+    &clm_scoring::Scoring,
+];
+
+/// The names of [`SERVICES`] for the command line, each with what it does.
+fn service_names() -> PossibleValuesParser {
+    PossibleValuesParser::new(SERVICES.iter().map(|service| {
+        PossibleValue::new(service.name()).help(format!(
+            "{} ({})",
+            service.about(),
+            service.grpc_services().join(", ")
+        ))
+    }))
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "clm", version, about, long_about = None)]
@@ -36,14 +58,21 @@ enum Command {
     /// everything runs on 127.0.0.1:50051 with SQLite files under ./data.
     Serve {
         /// The services to run (default: all).
-        #[arg(value_enum)]
-        services: Vec<ServiceName>,
+        #[arg(value_parser = service_names())]
+        services: Vec<String>,
     },
     /// Apply the embedded database migrations and exit.
     Migrate {
         /// The services to migrate (default: all).
-        #[arg(value_enum)]
-        services: Vec<ServiceName>,
+        #[arg(value_parser = service_names())]
+        services: Vec<String>,
+    },
+    /// List the services of this binary: what each serves and calls, and a
+    /// call that shows it works.
+    Services {
+        /// Print them as a JSON array.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure a server under load and print requests/s and latencies.
     Bench(bench::BenchArgs),
@@ -54,29 +83,13 @@ enum Command {
     Version,
 }
 
-/// The services this binary contains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ServiceName {
-    /// Customer profiles and identities (clm.identity.v1.CustomerService).
-    Identity,
-    /// Interactions, timelines and the touchpoint log (clm.touchpoint.v1.TouchpointService).
-    Touchpoints,
-    /// Lifecycle stages, scores, models and transitions (clm.scoring.v1.LifecycleService).
-    Scoring,
-}
-
-impl ServiceName {
-    fn all() -> Vec<Self> {
-        Self::value_variants().to_vec()
-    }
-}
-
-fn selected(services: Vec<ServiceName>) -> Vec<ServiceName> {
-    if services.is_empty() {
-        ServiceName::all()
-    } else {
-        services
-    }
+/// The named services, in the order of [`SERVICES`]; all when none is named.
+fn selected(names: &[String]) -> Vec<&'static dyn Service> {
+    SERVICES
+        .iter()
+        .copied()
+        .filter(|service| names.is_empty() || names.iter().any(|name| name == service.name()))
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -97,8 +110,12 @@ fn main() -> ExitCode {
                 println!("clm {}", env!("CARGO_PKG_VERSION"));
                 Ok(())
             }
-            Command::Serve { services } => serve(selected(services)).await,
-            Command::Migrate { services } => migrate(selected(services)).await,
+            Command::Serve { services } => serve(selected(&services)).await,
+            Command::Migrate { services } => migrate(selected(&services)).await,
+            Command::Services { json } => {
+                list_services(json);
+                Ok(())
+            }
             Command::Bench(args) => bench::run(args).await,
             Command::Rescore(args) => rescore::run(args).await,
         }
@@ -112,112 +129,52 @@ fn main() -> ExitCode {
     }
 }
 
-async fn migrate(services: Vec<ServiceName>) -> anyhow::Result<()> {
+async fn migrate(services: Vec<&'static dyn Service>) -> anyhow::Result<()> {
     let env = Env::process();
     let platform = PlatformConfig::from_env(&env)?;
     let _telemetry = telemetry::init(&platform)?;
     warn_about_unknown_variables(&platform, &env);
     for service in services {
-        match service {
-            ServiceName::Identity => {
-                let config = clm_identity::IdentityConfig::from_env(&platform, &env)?;
-                clm_identity::migrate(&config).await?;
-            }
-            ServiceName::Touchpoints => {
-                let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
-                clm_touchpoints::migrate(&config).await?;
-            }
-            ServiceName::Scoring => {
-                let config = clm_scoring::ScoringConfig::from_env(&platform, &env)?;
-                clm_scoring::migrate(&config).await?;
-            }
-        }
-        tracing::info!(service = ?service, "migrations applied");
+        service.configure(&platform, &env)?.migrate().await?;
+        tracing::info!(service = service.name(), "migrations applied");
     }
     Ok(())
 }
 
-async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
+async fn serve(services: Vec<&'static dyn Service>) -> anyhow::Result<()> {
     let env = Env::process();
     let platform = PlatformConfig::from_env(&env)?;
     let _telemetry = telemetry::init(&platform)?;
     let shutdown = Shutdown::new();
     // Every setting is checked before anything is opened, so a bad variable
     // is reported as such and not as a side effect.
-    let identity = match services.contains(&ServiceName::Identity) {
-        true => Some(clm_identity::IdentityConfig::from_env(&platform, &env)?),
-        false => None,
-    };
-    let touchpoints = match services.contains(&ServiceName::Touchpoints) {
-        true => {
-            let config = clm_touchpoints::TouchpointsConfig::from_env(&platform, &env)?;
-            if config.identity_url.is_none() && identity.is_none() {
-                anyhow::bail!(
-                    "invalid CLM_IDENTITY_URL: required when this process does not serve identity \
-                     (e.g. http://clm-identity:50051)"
-                );
-            }
-            Some(config)
-        }
-        false => None,
-    };
+    let mut configured = Vec::with_capacity(services.len());
+    for service in &services {
+        configured.push((*service, service.configure(&platform, &env)?));
+    }
+    let peers = Peers::configure(&services, &env)?;
+    warn_about_unknown_variables(&platform, &env);
     // Bind before starting services: a service that calls a sibling in this
     // process needs the address actually bound (the configured port may be 0).
-    let scoring = match services.contains(&ServiceName::Scoring) {
-        true => {
-            let config = clm_scoring::ScoringConfig::from_env(&platform, &env)?;
-            if config.identity_url.is_none() && identity.is_none() {
-                anyhow::bail!(
-                    "invalid CLM_IDENTITY_URL: required when this process does not serve identity \
-                     (e.g. http://clm-identity:50051)"
-                );
-            }
-            if config.touchpoints_url.is_none() && touchpoints.is_none() {
-                anyhow::bail!(
-                    "invalid CLM_TOUCHPOINTS_URL: required when this process does not serve touchpoints \
-                     (e.g. http://clm-touchpoints:50051)"
-                );
-            }
-            Some(config)
-        }
-        false => None,
-    };
-    warn_about_unknown_variables(&platform, &env);
     let listener = server::bind(platform.listen_addr).await?;
     let address = listener.local_addr()?;
+    let peers = peers.served_at(address);
     let mut mounted = Mounted::new();
-    if let Some(config) = &identity {
-        clm_identity::IdentityService::start(&platform, config, shutdown.clone())
-            .await?
-            .mount(&mut mounted);
-    }
-    if let Some(config) = &touchpoints {
-        let identity_url = config
-            .identity_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", loopback_of(address)));
-        clm_touchpoints::TouchpointsService::start(
-            &platform,
-            config,
-            &identity_url,
-            shutdown.clone(),
-        )
-        .await?
-        .mount(&mut mounted);
-    }
-    if let Some(config) = &scoring {
-        let own = format!("http://{}", loopback_of(address));
-        let identity_url = config.identity_url.clone().unwrap_or_else(|| own.clone());
-        let touchpoints_url = config.touchpoints_url.clone().unwrap_or(own);
-        clm_scoring::ScoringService::start(
-            &platform,
-            config,
-            &identity_url,
-            &touchpoints_url,
-            shutdown.clone(),
-        )
-        .await?
-        .mount(&mut mounted);
+    let mut tasks = Tasks::new();
+    for (service, configured) in configured {
+        mounted.for_service(service.name());
+        tasks.for_service(service.name());
+        let mut context = StartContext {
+            platform: &platform,
+            peers: &peers,
+            mounted: &mut mounted,
+            tasks: &mut tasks,
+            shutdown: shutdown.clone(),
+        };
+        configured
+            .start(&mut context)
+            .await
+            .with_context(|| format!("cannot start {}", service.name()))?;
     }
     if platform.log_format == clm_platform::config::LogFormat::Text {
         println!(
@@ -227,7 +184,47 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
         println!("try: grpcurl -plaintext {address} list");
     }
     server::stop_on_signal(shutdown.clone());
-    server::serve(&platform, listener, mounted, shutdown).await
+    server::serve(&platform, listener, mounted, tasks, shutdown).await
+}
+
+/// Prints [`SERVICES`]: a table, or a JSON array for tools (the deploy
+/// tests check the chart and the manifests against it).
+fn list_services(json: bool) {
+    if json {
+        let services: Vec<serde_json::Value> = SERVICES
+            .iter()
+            .map(|service| {
+                let smoke = service.smoke_call();
+                serde_json::json!({
+                    "name": service.name(),
+                    "about": service.about(),
+                    "grpc_services": service.grpc_services(),
+                    "calls": service.calls(),
+                    "url_variable": clm_platform::service::url_variable(service.name()),
+                    "smoke_call": {
+                        "service": smoke.service,
+                        "method": smoke.method,
+                        "request": serde_json::from_str::<serde_json::Value>(smoke.request)
+                            .expect("a smoke call's request is JSON"),
+                    },
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(services));
+        return;
+    }
+    for service in SERVICES {
+        let calls = match service.calls() {
+            [] => "calls nothing".to_owned(),
+            calls => format!("calls {}", calls.join(", ")),
+        };
+        println!(
+            "{:<12} {} ({}); {calls}",
+            service.name(),
+            service.about(),
+            service.grpc_services().join(", ")
+        );
+    }
 }
 
 /// Warns about `CLM_*` variables that no service reads, such as a misspelled
@@ -235,22 +232,9 @@ async fn serve(services: Vec<ServiceName>) -> anyhow::Result<()> {
 /// it, so that a variable meant for a service not run here (one ConfigMap for
 /// every pod) is no surprise; errors there are not this process's concern.
 fn warn_about_unknown_variables(platform: &PlatformConfig, env: &Env) {
-    let _ = clm_identity::IdentityConfig::from_env(platform, env);
-    let _ = clm_touchpoints::TouchpointsConfig::from_env(platform, env);
-    let _ = clm_scoring::ScoringConfig::from_env(platform, env);
-    env.warn_about_unknown_variables();
-}
-
-/// The address to reach this process from itself: an unspecified listen
-/// address (0.0.0.0, ::) is reached through loopback.
-fn loopback_of(address: std::net::SocketAddr) -> std::net::SocketAddr {
-    match address.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => {
-            std::net::SocketAddr::from(([127, 0, 0, 1], address.port()))
-        }
-        ip if ip.is_unspecified() => {
-            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, address.port()))
-        }
-        _ => address,
+    for service in SERVICES {
+        let _ = service.configure(platform, env);
     }
+    Peers::declare(SERVICES, env);
+    env.warn_about_unknown_variables();
 }

@@ -84,14 +84,6 @@ impl CustomerGrpc {
     fn fact_times(&self) -> FactTimes {
         FactTimes::at(crate::directory::now(), self.limits.max_clock_skew)
     }
-
-    /// The generated server with this process's message size limit.
-    pub fn into_server(self) -> pb::customer_service_server::CustomerServiceServer<Self> {
-        let limit = self.limits.max_message_bytes;
-        pb::customer_service_server::CustomerServiceServer::new(self)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit.max(16 * 1024 * 1024))
-    }
 }
 
 fn id_field(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {

@@ -14,9 +14,11 @@ pub mod store;
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
+
 use clm_platform::cache::{VersionedCache, backend_from_config};
 use clm_platform::db::DatabaseKind;
-use clm_platform::server::{Mounted, Shutdown};
+use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 
 use crate::directory::CustomerDirectory;
@@ -78,31 +80,56 @@ impl IdentityConfig {
     }
 }
 
-/// Applies the identity migrations.
-pub async fn migrate(config: &IdentityConfig) -> anyhow::Result<()> {
-    store::MIGRATIONS
-        .open(&config.database_url, 2, true)
-        .await?;
-    Ok(())
-}
+/// The identity service, as the binary lists it.
+pub struct Identity;
 
-/// A running identity service, ready to mount.
-pub struct IdentityService {
-    directory: Arc<CustomerDirectory>,
-    grpc: CustomerGrpc,
-}
+impl Service for Identity {
+    fn name(&self) -> &'static str {
+        SERVICE_NAME
+    }
 
-impl IdentityService {
-    /// Connects, migrates when asked to, and builds the service.
-    pub async fn start(
+    fn about(&self) -> &'static str {
+        "Customer profiles and identities"
+    }
+
+    fn grpc_services(&self) -> &'static [&'static str] {
+        &["clm.identity.v1.CustomerService"]
+    }
+
+    fn calls(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn smoke_call(&self) -> SmokeCall {
+        SmokeCall {
+            service: "clm.identity.v1.CustomerService",
+            method: "ListCustomers",
+            request: r#"{"page_size": 10}"#,
+        }
+    }
+
+    fn configure(
+        &self,
         platform: &PlatformConfig,
-        config: &IdentityConfig,
-        shutdown: Shutdown,
-    ) -> anyhow::Result<Self> {
+        env: &Env,
+    ) -> Result<Box<dyn Configured>, ConfigError> {
+        Ok(Box::new(IdentityConfig::from_env(platform, env)?))
+    }
+}
+
+#[async_trait]
+impl Configured for IdentityConfig {
+    async fn migrate(&self) -> anyhow::Result<()> {
+        store::MIGRATIONS.open(&self.database_url, 2, true).await?;
+        Ok(())
+    }
+
+    async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {
+        let platform = context.platform;
         let pools = store::MIGRATIONS
             .open(
-                &config.database_url,
-                config.max_connections,
+                &self.database_url,
+                self.max_connections,
                 platform.migrate_on_start,
             )
             .await?;
@@ -116,21 +143,20 @@ impl IdentityService {
         let directory = Arc::new(CustomerDirectory::new(
             store::open(pools),
             cache,
-            KeyHasher::new(config.hash_key.expose().as_bytes()),
+            KeyHasher::new(self.hash_key.expose().as_bytes()),
         ));
-        let normalizer = KeyNormalizer::new(config.phone_default_region.as_deref())
-            .map_err(anyhow::Error::msg)?;
-        let grpc = CustomerGrpc::new(directory.clone(), normalizer, platform.limits, shutdown);
-        Ok(Self { directory, grpc })
-    }
-
-    /// The domain service, for in-process callers.
-    pub fn directory(&self) -> &Arc<CustomerDirectory> {
-        &self.directory
-    }
-
-    /// Mounts the gRPC service.
-    pub fn mount(&self, mounted: &mut Mounted) {
-        mounted.add(self.grpc.clone().into_server());
+        let normalizer =
+            KeyNormalizer::new(self.phone_default_region.as_deref()).map_err(anyhow::Error::msg)?;
+        let grpc = CustomerGrpc::new(
+            directory,
+            normalizer,
+            platform.limits,
+            context.shutdown.clone(),
+        );
+        context.mounted.add(clm_platform::limited!(
+            clm_proto::identity::customer_service_server::CustomerServiceServer::new(grpc),
+            platform.limits
+        ));
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use clm_platform::error::{FieldViolation, StatusBuilder, Violations};
 use clm_platform::server::Shutdown;
 use clm_platform::{paging, validate};
 use clm_proto::scoring as pb;
-use clm_proto::scoring::lifecycle_service_server::{LifecycleService, LifecycleServiceServer};
+use clm_proto::scoring::lifecycle_service_server::LifecycleService;
 use clm_proto::touchpoint as touchpoint_pb;
 use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
 use futures_util::{Stream, StreamExt as _};
@@ -54,11 +54,6 @@ impl LifecycleGrpc {
             rescore_wake,
             shutdown,
         }
-    }
-
-    /// The tonic server.
-    pub fn into_server(self) -> LifecycleServiceServer<Self> {
-        LifecycleServiceServer::new(self)
     }
 
     /// The lifecycle record standing for `id` (the survivor of a merged

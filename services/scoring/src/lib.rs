@@ -77,5 +77,5 @@ pub use model_proto::{
 };
 pub use rules::RuleOutcome;
 pub use scores::{ComponentContribution, ScoreExplanation, ScoreKind, Scores, TypeContribution};
-pub use service::{SERVICE_NAME, ScoringConfig, ScoringService, migrate};
+pub use service::{SERVICE_NAME, Scoring, ScoringConfig};
 pub use validation::{ModelViolation, ViolationReason};

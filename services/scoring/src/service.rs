@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::Utc;
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
 use clm_eventlog::sources::{IdentityEventSource, TouchpointLogSource};
-use clm_platform::server::{Mounted, Shutdown};
+use clm_platform::server::Shutdown;
+use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 use clm_proto::scoring as pb;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::clock::Clock;
 use crate::consumers::{CUSTOMERS_CONSUMER, CustomerEventProjection, TouchpointProjection};
@@ -35,12 +36,6 @@ const SWEEP_BATCH: u32 = 500;
 pub struct ScoringConfig {
     /// Its database (`CLM_SCORING_DATABASE_URL`, else `CLM_DATABASE_URL`, else SQLite).
     pub database_url: Secret,
-    /// The identity service (`CLM_IDENTITY_URL`; default: this process when
-    /// it serves identity too).
-    pub identity_url: Option<String>,
-    /// The touchpoints service (`CLM_TOUCHPOINTS_URL`; default: this
-    /// process when it serves touchpoints too).
-    pub touchpoints_url: Option<String>,
     /// Shards of the touchpoint log consumed in parallel
     /// (`CLM_SCORING_LOG_SHARDS`, default 8).
     pub log_shards: u32,
@@ -61,22 +56,11 @@ pub struct ScoringConfig {
     pub clock: Clock,
 }
 
-fn url_setting(env: &Env, name: &str) -> Result<Option<String>, ConfigError> {
-    let url = env.string(name);
-    if let Some(url) = &url {
-        Endpoint::from_shared(url.clone())
-            .map_err(|err| ConfigError::new(name, format!("{url:?} is not a valid URL: {err}")))?;
-    }
-    Ok(url)
-}
-
 impl ScoringConfig {
     /// Reads and validates the settings.
     pub fn from_env(platform: &PlatformConfig, env: &Env) -> Result<Self, ConfigError> {
         Ok(Self {
             database_url: platform.database_url_for(env, SERVICE_NAME)?,
-            identity_url: url_setting(env, "CLM_IDENTITY_URL")?,
-            touchpoints_url: url_setting(env, "CLM_TOUCHPOINTS_URL")?,
             log_shards: env.bounded_or("CLM_SCORING_LOG_SHARDS", 8, 1, 256)? as u32,
             sweep_poll: Duration::from_millis(env.bounded_or(
                 "CLM_SCORING_SWEEP_POLL_MS",
@@ -106,38 +90,62 @@ impl ScoringConfig {
     }
 }
 
-/// Applies the scoring migrations.
-pub async fn migrate(config: &ScoringConfig) -> anyhow::Result<()> {
-    store::MIGRATIONS
-        .open(&config.database_url, 2, true)
-        .await?;
-    Ok(())
-}
+/// The service scoring pushes snapshots to and whose log it follows.
+const IDENTITY: &str = "identity";
+/// The service whose log scoring folds.
+const TOUCHPOINTS: &str = "touchpoints";
 
-/// A running scoring service, ready to mount.
-pub struct ScoringService {
-    grpc: LifecycleGrpc,
-    max_message_bytes: usize,
-}
+/// The scoring service, as the binary lists it.
+pub struct Scoring;
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
+impl Service for Scoring {
+    fn name(&self) -> &'static str {
+        SERVICE_NAME
+    }
 
-impl ScoringService {
-    /// Connects, migrates when asked to, installs the default model, starts
-    /// the consumers, the sweep, the pusher and the rescore worker, and
-    /// builds the service.
-    pub async fn start(
+    fn about(&self) -> &'static str {
+        "Lifecycle stages, scores, models and transitions"
+    }
+
+    fn grpc_services(&self) -> &'static [&'static str] {
+        &["clm.scoring.v1.LifecycleService"]
+    }
+
+    fn calls(&self) -> &'static [&'static str] {
+        &[TOUCHPOINTS, IDENTITY]
+    }
+
+    fn smoke_call(&self) -> SmokeCall {
+        // A fresh database already holds the default model.
+        SmokeCall {
+            service: "clm.scoring.v1.LifecycleService",
+            method: "ListModels",
+            request: r#"{"page_size": 10}"#,
+        }
+    }
+
+    fn configure(
+        &self,
         platform: &PlatformConfig,
-        config: &ScoringConfig,
-        identity_url: &str,
-        touchpoints_url: &str,
-        shutdown: Shutdown,
-    ) -> anyhow::Result<Self> {
+        env: &Env,
+    ) -> Result<Box<dyn Configured>, ConfigError> {
+        Ok(Box::new(ScoringConfig::from_env(platform, env)?))
+    }
+}
+
+#[async_trait]
+impl Configured for ScoringConfig {
+    async fn migrate(&self) -> anyhow::Result<()> {
+        store::MIGRATIONS.open(&self.database_url, 2, true).await?;
+        Ok(())
+    }
+
+    /// Connects, migrates when asked to, installs the default model, starts
+    /// the consumers, the pusher, the sweep and the rescore worker (and
+    /// stops them in that order), and mounts the service.
+    async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {
+        let config = *self;
+        let platform = context.platform;
         let pools = store::MIGRATIONS
             .open(
                 &config.database_url,
@@ -151,8 +159,9 @@ impl ScoringService {
             .await
             .map_err(|err| anyhow::anyhow!("cannot install the default model: {err}"))?;
         let scorer = Arc::new(Scorer::new(store.clone(), config.clock.clone()));
-        let identity = channel(identity_url)?;
-        let touchpoints = channel(touchpoints_url)?;
+        let identity = context.peers.channel(IDENTITY)?;
+        let touchpoints = context.peers.channel(TOUCHPOINTS)?;
+        let tasks = &mut *context.tasks;
 
         for index in 0..config.log_shards {
             let shard = ShardFilter {
@@ -161,62 +170,68 @@ impl ScoringService {
             };
             let source = TouchpointLogSource::new(touchpoints.clone());
             let projection = TouchpointProjection::new(scorer.clone());
-            tokio::spawn(consumer::run(
-                "scoring.touchpoints",
-                source,
-                projection,
-                shard,
-                Backoff::default(),
-                shutdown.clone(),
-            ));
+            tasks.spawn(
+                format!("scoring.touchpoints[{index}/{}]", config.log_shards),
+                move |stop| async move {
+                    consumer::run(
+                        "scoring.touchpoints",
+                        source,
+                        projection,
+                        shard,
+                        Backoff::default(),
+                        stop,
+                    )
+                    .await;
+                    Ok(())
+                },
+            );
         }
-        tokio::spawn(consumer::run(
-            CUSTOMERS_CONSUMER,
-            IdentityEventSource::new(identity.clone()),
-            CustomerEventProjection::new(scorer.clone(), identity.clone(), config.call_timeout),
-            ShardFilter::ALL,
-            Backoff::default(),
-            shutdown.clone(),
-        ));
-        tokio::spawn(
-            Pusher::new(
-                store.clone(),
-                identity,
-                config.call_timeout,
-                config.push_concurrency,
-                config.score_push_interval,
+        let customers =
+            CustomerEventProjection::new(scorer.clone(), identity.clone(), config.call_timeout);
+        let events = IdentityEventSource::new(identity.clone());
+        tasks.spawn(CUSTOMERS_CONSUMER, move |stop| async move {
+            consumer::run(
+                CUSTOMERS_CONSUMER,
+                events,
+                customers,
+                ShardFilter::ALL,
+                Backoff::default(),
+                stop,
             )
-            .run(scorer.changed(), shutdown.clone()),
+            .await;
+            Ok(())
+        });
+        let pusher = Pusher::new(
+            store.clone(),
+            identity,
+            config.call_timeout,
+            config.push_concurrency,
+            config.score_push_interval,
         );
-        tokio::spawn(sweep(scorer.clone(), config.sweep_poll, shutdown.clone()));
+        let changed = scorer.changed();
+        tasks.spawn("scoring.push", move |stop| async move {
+            pusher.run(changed, stop).await;
+            Ok(())
+        });
+        let swept = scorer.clone();
+        let poll = config.sweep_poll;
+        tasks.spawn("scoring.sweep", move |stop| async move {
+            sweep(swept, poll, stop).await;
+            Ok(())
+        });
         let rescore_wake = Arc::new(Notify::new());
-        tokio::spawn(rescore::run_worker(
-            scorer.clone(),
-            rescore_wake.clone(),
-            shutdown.clone(),
+        let (rescorer, wake) = (scorer.clone(), rescore_wake.clone());
+        tasks.spawn("scoring.rescore", move |stop| async move {
+            rescore::run_worker(rescorer, wake, stop).await;
+            Ok(())
+        });
+        let grpc = LifecycleGrpc::new(scorer, touchpoints, rescore_wake, context.shutdown.clone());
+        context.mounted.add(clm_platform::limited!(
+            clm_proto::scoring::lifecycle_service_server::LifecycleServiceServer::new(grpc),
+            platform.limits
         ));
-        let grpc = LifecycleGrpc::new(scorer, touchpoints, rescore_wake, shutdown);
-        tracing::info!(
-            identity = identity_url,
-            touchpoints = touchpoints_url,
-            shards = config.log_shards,
-            "scoring service ready"
-        );
-        Ok(Self {
-            grpc,
-            max_message_bytes: platform.limits.max_message_bytes,
-        })
-    }
-
-    /// Mounts the gRPC service, with this process's message size limit.
-    pub fn mount(&self, mounted: &mut Mounted) {
-        mounted.add(
-            self.grpc
-                .clone()
-                .into_server()
-                .max_decoding_message_size(self.max_message_bytes)
-                .max_encoding_message_size(self.max_message_bytes.max(16 * 1024 * 1024)),
-        );
+        tracing::info!(shards = config.log_shards, "scoring service ready");
+        Ok(())
     }
 }
 

@@ -58,14 +58,6 @@ impl TouchpointGrpc {
         }
     }
 
-    /// The generated server with this process's message size limit.
-    pub fn into_server(self) -> pb::touchpoint_service_server::TouchpointServiceServer<Self> {
-        let limit = self.limits.max_message_bytes;
-        pb::touchpoint_service_server::TouchpointServiceServer::new(self)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit.max(16 * 1024 * 1024))
-    }
-
     /// Validates one touchpoint of a request; `field` is its path.
     fn candidate(
         &self,

@@ -15,11 +15,12 @@ pub mod vocabulary;
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
-use clm_platform::server::{Mounted, Shutdown};
+use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
-use tonic::transport::Endpoint;
 
 use crate::grpc::TouchpointGrpc;
 use clm_eventlog::sources::IdentityEventSource;
@@ -36,9 +37,6 @@ pub const SERVICE_NAME: &str = "touchpoints";
 pub struct TouchpointsConfig {
     /// Its database (`CLM_TOUCHPOINTS_DATABASE_URL`, else `CLM_DATABASE_URL`, else SQLite).
     pub database_url: Secret,
-    /// The identity service (`CLM_IDENTITY_URL`; default: this process when
-    /// it serves identity too).
-    pub identity_url: Option<String>,
     /// How far in the future `occur_time` may be (`CLM_TOUCHPOINT_MAX_FUTURE_SKEW_SECONDS`,
     /// default `CLM_MAX_CLOCK_SKEW_SECONDS`, the bound of every service).
     pub max_future_skew: Duration,
@@ -51,18 +49,8 @@ pub struct TouchpointsConfig {
 impl TouchpointsConfig {
     /// Reads and validates the settings.
     pub fn from_env(platform: &PlatformConfig, env: &Env) -> Result<Self, ConfigError> {
-        let identity_url = env.string("CLM_IDENTITY_URL");
-        if let Some(url) = &identity_url {
-            Endpoint::from_shared(url.clone()).map_err(|err| {
-                ConfigError::new(
-                    "CLM_IDENTITY_URL",
-                    format!("{url:?} is not a valid URL: {err}"),
-                )
-            })?;
-        }
         Ok(Self {
             database_url: platform.database_url_for(env, SERVICE_NAME)?,
-            identity_url,
             max_future_skew: Duration::from_secs(env.bounded_or(
                 "CLM_TOUCHPOINT_MAX_FUTURE_SKEW_SECONDS",
                 platform.limits.max_clock_skew.as_secs(),
@@ -80,64 +68,98 @@ impl TouchpointsConfig {
     }
 }
 
-/// Applies the touchpoints migrations.
-pub async fn migrate(config: &TouchpointsConfig) -> anyhow::Result<()> {
-    store::MIGRATIONS
-        .open(&config.database_url, 2, true)
-        .await?;
-    Ok(())
-}
+/// The touchpoints service, as the binary lists it.
+pub struct Touchpoints;
 
-/// A running touchpoints service, ready to mount.
-pub struct TouchpointsService {
-    grpc: TouchpointGrpc,
-}
+impl Service for Touchpoints {
+    fn name(&self) -> &'static str {
+        SERVICE_NAME
+    }
 
-impl TouchpointsService {
-    /// Connects, migrates when asked to, starts the identity event consumer
-    /// and builds the service. `identity_url` is where identity is served
-    /// (the configured URL, or this process's own address).
-    pub async fn start(
+    fn about(&self) -> &'static str {
+        "Interactions, timelines and the touchpoint log"
+    }
+
+    fn grpc_services(&self) -> &'static [&'static str] {
+        &["clm.touchpoint.v1.TouchpointService"]
+    }
+
+    fn calls(&self) -> &'static [&'static str] {
+        &[IDENTITY]
+    }
+
+    fn smoke_call(&self) -> SmokeCall {
+        // Any valid UUID works on an empty database: no touchpoints, an
+        // empty count, and no call to identity.
+        SmokeCall {
+            service: "clm.touchpoint.v1.TouchpointService",
+            method: "CountTouchpoints",
+            request: r#"{"customer_id": "0190c2a8-1b2c-7d3e-8f40-516273849506"}"#,
+        }
+    }
+
+    fn configure(
+        &self,
         platform: &PlatformConfig,
-        config: &TouchpointsConfig,
-        identity_url: &str,
-        shutdown: Shutdown,
-    ) -> anyhow::Result<Self> {
+        env: &Env,
+    ) -> Result<Box<dyn Configured>, ConfigError> {
+        Ok(Box::new(TouchpointsConfig::from_env(platform, env)?))
+    }
+}
+
+/// The service that resolves customers and whose log touchpoints follows.
+const IDENTITY: &str = "identity";
+
+#[async_trait]
+impl Configured for TouchpointsConfig {
+    async fn migrate(&self) -> anyhow::Result<()> {
+        store::MIGRATIONS.open(&self.database_url, 2, true).await?;
+        Ok(())
+    }
+
+    /// Connects, migrates when asked to, starts the identity event consumer
+    /// and mounts the service.
+    async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {
+        let platform = context.platform;
         let pools = store::MIGRATIONS
             .open(
-                &config.database_url,
-                config.max_connections,
+                &self.database_url,
+                self.max_connections,
                 platform.migrate_on_start,
             )
             .await?;
         let store = store::open(pools);
-        let resolver = IdentityResolver::new(identity_url, config.identity_timeout)
+        let identity_url = context.peers.url(IDENTITY)?;
+        let resolver = IdentityResolver::new(&identity_url, self.identity_timeout)
             .map_err(|err| anyhow::anyhow!("CLM_IDENTITY_URL: {err}"))?;
-        let events_channel = Endpoint::from_shared(identity_url.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let events_channel = context.peers.channel(IDENTITY)?;
         let projection = TouchpointCustomerProjection::new(store.clone(), resolver.clone());
-        let consumer_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            consumer::run(
-                identity_events::CONSUMER_NAME,
-                IdentityEventSource::new(events_channel),
-                projection,
-                ShardFilter::ALL,
-                Backoff::default(),
-                consumer_shutdown,
-            )
-            .await;
-        });
+        context
+            .tasks
+            .spawn(identity_events::CONSUMER_NAME, move |stop| async move {
+                consumer::run(
+                    identity_events::CONSUMER_NAME,
+                    IdentityEventSource::new(events_channel),
+                    projection,
+                    ShardFilter::ALL,
+                    Backoff::default(),
+                    stop,
+                )
+                .await;
+                Ok(())
+            });
         let ingest = TouchpointIngest::new(store, resolver).with_group_commit();
-        let grpc = TouchpointGrpc::new(ingest, platform.limits, config.max_future_skew, shutdown);
-        tracing::info!(identity = identity_url, "touchpoints service ready");
-        Ok(Self { grpc })
-    }
-
-    /// Mounts the gRPC service.
-    pub fn mount(&self, mounted: &mut Mounted) {
-        mounted.add(self.grpc.clone().into_server());
+        let grpc = TouchpointGrpc::new(
+            ingest,
+            platform.limits,
+            self.max_future_skew,
+            context.shutdown.clone(),
+        );
+        context.mounted.add(clm_platform::limited!(
+            clm_proto::touchpoint::touchpoint_service_server::TouchpointServiceServer::new(grpc),
+            platform.limits
+        ));
+        tracing::info!(identity = %identity_url, "touchpoints service ready");
+        Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //! environment variables, the gRPC server bootstrap with health, reflection
 //! and graceful shutdown, telemetry, the error → `tonic::Status` vocabulary,
 //! database connections picked by DSN scheme with embedded migrations, the
-//! versioned hot-object cache (Redis or in-process) and page tokens.
+//! versioned hot-object cache (Redis or in-process), page tokens, and the
+//! [`service::Service`] value each service of the binary is.
 
 pub mod cache;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod paging;
 pub mod secret;
 pub mod server;
+pub mod service;
 pub mod telemetry;
 pub mod testing;
 pub mod time;

@@ -137,10 +137,28 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
         .with_keepalive(Some(Duration::from_secs(60)))
 }
 
-/// The services one process serves, collected before it starts.
+/// A generated gRPC server with the message size limits every clm server
+/// has: requests up to `CLM_MAX_MESSAGE_BYTES` (larger ones get
+/// RESOURCE_EXHAUSTED), responses up to that or 16 MiB, whichever is more.
+/// Every service mounts its servers through it:
+/// `mounted.add(clm_platform::limited!(Server::new(handler), platform.limits))`.
+#[macro_export]
+macro_rules! limited {
+    ($server:expr, $limits:expr) => {{
+        let max: usize = $limits.max_message_bytes;
+        $server
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max.max(16 * 1024 * 1024))
+    }};
+}
+
+/// The services one process serves, collected before it starts, each with
+/// the clm service it belongs to.
 pub struct Mounted {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    owners: Vec<&'static str>,
+    owner: &'static str,
 }
 
 impl Default for Mounted {
@@ -155,7 +173,15 @@ impl Mounted {
         Self {
             routes: RoutesBuilder::default(),
             names: Vec::new(),
+            owners: Vec::new(),
+            owner: "",
         }
+    }
+
+    /// Services mounted from now on belong to the clm service `service`.
+    pub fn for_service(&mut self, service: &'static str) -> &mut Self {
+        self.owner = service;
+        self
     }
 
     /// Mounts a generated gRPC server.
@@ -173,6 +199,7 @@ impl Mounted {
         S::Future: Send + 'static,
     {
         self.names.push(S::NAME);
+        self.owners.push(self.owner);
         self.routes.add_service(service);
         self
     }
@@ -518,24 +545,41 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|err| anyhow::anyhow!("cannot listen on {addr} (CLM_LISTEN_ADDR): {err}"))
 }
 
-/// Serves `mounted` on `listener` until `shutdown` is triggered, then drains
-/// for at most the configured grace period.
+/// Sets the process's health and that of the mounted services to `status`.
+async fn set_health(
+    reporter: &tonic_health::server::HealthReporter,
+    names: &[&'static str],
+    status: ServingStatus,
+) {
+    reporter.set_service_status("", status).await;
+    for name in names {
+        reporter.set_service_status(*name, status).await;
+    }
+}
+
+/// Serves `mounted` on `listener` and watches `tasks` until `shutdown` is
+/// triggered, then stops the tasks in order and drains calls, for at most
+/// the shutdown delay plus the configured grace period.
+///
+/// A task that dies while the process serves is logged with its reason, and
+/// turns the health of its service and of the process (the liveness probe's
+/// empty service name) NOT_SERVING: the pod is taken out of rotation and
+/// restarted, as a process missing part of its work should be.
 pub async fn serve(
     config: &PlatformConfig,
     listener: TcpListener,
     mounted: Mounted,
+    tasks: crate::service::Tasks,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let Mounted { mut routes, names } = mounted;
+    let Mounted {
+        mut routes,
+        names,
+        owners,
+        ..
+    } = mounted;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    for name in &names {
-        health_reporter
-            .set_service_status(*name, ServingStatus::Serving)
-            .await;
-    }
+    set_health(&health_reporter, &names, ServingStatus::Serving).await;
 
     // Both reflection services describe every listed service, both
     // reflection versions included (each builder adds only its own).
@@ -598,14 +642,7 @@ pub async fn serve(
         async move {
             shutdown.triggered().await;
             // Readiness first, so load balancers stop sending new calls.
-            reporter
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            for name in &names {
-                reporter
-                    .set_service_status(*name, ServingStatus::NotServing)
-                    .await;
-            }
+            set_health(&reporter, &names, ServingStatus::NotServing).await;
             // Then keep serving for as long as a prober takes to notice:
             // a listener closed at once turns the calls still routed here
             // into connection errors.
@@ -632,16 +669,49 @@ pub async fn serve(
         }
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        result = server => {
-            result?;
-            tracing::info!("all calls drained, server stopped");
+    let serving = async {
+        tokio::select! {
+            result = server => {
+                result?;
+                tracing::info!("all calls drained, server stopped");
+            }
+            () = deadline => {
+                tracing::warn!(grace_seconds = grace.as_secs(), "calls still running after the shutdown grace period, stopping anyway");
+            }
         }
-        () = deadline => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "calls still running after the shutdown grace period, stopping anyway");
+        Ok::<_, anyhow::Error>(())
+    };
+    let supervising = async {
+        let mut tasks = tasks;
+        loop {
+            tokio::select! {
+                (service, task, why) = tasks.next_death() => {
+                    tracing::error!(service, task = %task, reason = %why, "a background task died: health is NOT_SERVING");
+                    let of_service: Vec<&'static str> = names
+                        .iter()
+                        .zip(&owners)
+                        .filter(|(_, owner)| **owner == service)
+                        .map(|(name, _)| *name)
+                        .collect();
+                    set_health(&health_reporter, &of_service, ServingStatus::NotServing).await;
+                }
+                () = shutdown.triggered() => break,
+            }
         }
-    }
-    Ok(())
+        let wait = if shutdown.is_immediate() {
+            grace
+        } else {
+            delay + grace
+        };
+        let late = tasks
+            .stop_in_order(tokio::time::Instant::now() + wait)
+            .await;
+        if !late.is_empty() {
+            tracing::warn!(tasks = ?late, "background tasks still running after the shutdown grace period, stopped");
+        }
+    };
+    let (served, ()) = tokio::join!(serving, supervising);
+    served
 }
 
 #[cfg(test)]
@@ -657,6 +727,98 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(address).await.unwrap();
         let server_side = accepted.next().await.unwrap().unwrap();
         assert!(server_side.nodelay().unwrap());
+    }
+
+    /// A gRPC service that answers nothing, standing for a service whose
+    /// background task dies.
+    #[derive(Clone)]
+    struct Unserved;
+
+    impl tonic::server::NamedService for Unserved {
+        const NAME: &'static str = "clm.test.v1.Unserved";
+    }
+
+    impl tower::Service<http::Request<tonic::body::Body>> for Unserved {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+            std::future::ready(Ok(tonic::Status::unimplemented("unserved").into_http()))
+        }
+    }
+
+    async fn health_of(
+        client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+        service: &str,
+    ) -> i32 {
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map(|response| response.into_inner().status)
+            .unwrap_or(-1)
+    }
+
+    #[tokio::test]
+    async fn a_dead_background_task_turns_its_service_and_the_process_not_serving() {
+        let config = PlatformConfig::from_env(&crate::Env::from_pairs([(
+            "CLM_SHUTDOWN_DELAY_SECONDS",
+            "0",
+        )]))
+        .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut mounted = Mounted::new();
+        mounted.for_service("broken").add(Unserved);
+        let mut tasks = crate::service::Tasks::new();
+        let (fail, failed) = tokio::sync::oneshot::channel::<()>();
+        tasks
+            .for_service("broken")
+            .spawn("broken.consumer", |_| async move {
+                let _ = failed.await;
+                anyhow::bail!("its log is gone")
+            });
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { serve(&config, listener, mounted, tasks, shutdown).await }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let serving = ServingStatus::Serving as i32;
+        let not_serving = ServingStatus::NotServing as i32;
+        let name = <Unserved as tonic::server::NamedService>::NAME;
+        for _ in 0..100 {
+            if health_of(&mut client, "").await == serving {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(health_of(&mut client, name).await, serving);
+        fail.send(()).unwrap();
+        let mut status = serving;
+        for _ in 0..100 {
+            status = health_of(&mut client, "").await;
+            if status == not_serving {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, not_serving, "the process's health");
+        assert_eq!(health_of(&mut client, name).await, not_serving);
+        shutdown.trigger_immediately();
+        server.await.unwrap().unwrap();
     }
 
     #[test]

@@ -31,8 +31,8 @@ fn unreachable(what: &str, detail: &str) -> Option<Secret> {
     None
 }
 
-/// A fresh, empty PostgreSQL database for one test (dropped by nobody: the
-/// test server is throwaway). `None` only outside CI when no server runs.
+/// A fresh, empty PostgreSQL database for one test, named
+/// `clm_test_<prefix>_<16 hex digits>` (the test script drops those). `None` only outside CI when no server runs.
 pub async fn fresh_postgres_database(prefix: &str) -> Option<Secret> {
     let admin_url = std::env::var("CLM_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
@@ -47,7 +47,7 @@ pub async fn fresh_postgres_database(prefix: &str) -> Option<Secret> {
         Err(_) => return unreachable("PostgreSQL", "connection timed out"),
     };
     let name = format!(
-        "{prefix}_{}",
+        "clm_test_{prefix}_{}",
         uuid::Uuid::now_v7()
             .simple()
             .to_string()
