@@ -6,12 +6,14 @@
 //! twice.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use clm_eventlog::ShardFilter;
+use clm_eventlog::consumer::cursors::KnownCursors;
 use clm_eventlog::consumer::{ConsumeError, Projection};
+use clm_eventlog::customer_events::{self, CustomerLogChange};
 use clm_proto::identity as identity_pb;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::touchpoint as touchpoint_pb;
@@ -20,7 +22,6 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::scorer::{ProfileChange, Scorer, profile_of};
-use crate::store::CursorMove;
 
 /// The name the touchpoint log consumer saves its cursors under.
 pub const TOUCHPOINTS_CONSUMER: &str = "touchpoints.log";
@@ -30,53 +31,6 @@ const TOUCHPOINTS_PER_TRANSACTION: usize = 1000;
 
 /// The name the customer event log consumer saves its cursor under.
 pub const CUSTOMERS_CONSUMER: &str = "identity.customer_events";
-
-/// The cursors this process read or wrote last, per shard: the expected
-/// value of the next save.
-#[derive(Default)]
-struct KnownCursors(Mutex<HashMap<(u32, u32), String>>);
-
-impl KnownCursors {
-    fn get(&self, shard: ShardFilter) -> String {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(shard.index, shard.count))
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn set(&self, shard: ShardFilter, cursor: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((shard.index, shard.count), cursor.to_owned());
-    }
-
-    async fn load(
-        &self,
-        scorer: &Scorer,
-        consumer: &str,
-        shard: ShardFilter,
-    ) -> Result<String, ConsumeError> {
-        let cursor = scorer
-            .store()
-            .saved_cursor(consumer, shard)
-            .await
-            .map_err(ConsumeError::new)?;
-        self.set(shard, &cursor);
-        Ok(cursor)
-    }
-
-    fn next_move(&self, consumer: &'static str, shard: ShardFilter, cursor: &str) -> CursorMove {
-        CursorMove {
-            consumer,
-            shard,
-            expected: self.get(shard),
-            new: cursor.to_owned(),
-        }
-    }
-}
 
 /// Folds touchpoints into features and evaluates.
 pub struct TouchpointProjection {
@@ -99,9 +53,13 @@ impl Projection for TouchpointProjection {
     type Entry = touchpoint_pb::TouchpointLogEntry;
 
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
-        self.cursors
-            .load(&self.scorer, TOUCHPOINTS_CONSUMER, shard)
+        let cursor = self
+            .scorer
+            .store()
+            .saved_cursor(TOUCHPOINTS_CONSUMER, shard)
             .await
+            .map_err(ConsumeError::new)?;
+        Ok(self.cursors.loaded(shard, cursor))
     }
 
     fn max_batch(&self) -> usize {
@@ -217,21 +175,20 @@ impl Wanted {
 }
 
 fn wanted(event: &identity_pb::CustomerEvent) -> Option<Wanted> {
-    use identity_pb::customer_event::Change;
-    let id = Uuid::try_parse(&event.customer_id).ok()?;
-    match event.change.as_ref()? {
-        // An anonymous customer has no profile facts to read.
-        Change::Created(created) if created.anonymous => None,
-        Change::Created(_) | Change::Updated(_) => Some(Wanted::Profile(id)),
-        // A merge is logged for both customers; act on the survivor's copy.
-        // Identity gave the survivor what it lacked of the merged profile.
-        Change::Merged(merged) if merged.survivor_id == event.customer_id => Some(Wanted::Merged {
-            merged: Uuid::try_parse(&merged.merged_id).ok()?,
-            survivor: id,
-        }),
-        Change::Erased(_) => Some(Wanted::Erased(id)),
-        _ => None,
-    }
+    // Identity gave the survivor of a merge what it lacked of the merged
+    // profile, so the survivor's profile is read with it.
+    Some(match customer_events::change_of(event)? {
+        CustomerLogChange::Profile { customer_id } => Wanted::Profile(customer_id),
+        CustomerLogChange::Merged {
+            merged_id,
+            survivor_id,
+            ..
+        } => Wanted::Merged {
+            merged: merged_id,
+            survivor: survivor_id,
+        },
+        CustomerLogChange::Erased { customer_id, .. } => Wanted::Erased(customer_id),
+    })
 }
 
 #[async_trait]
@@ -239,9 +196,13 @@ impl Projection for CustomerEventProjection {
     type Entry = identity_pb::CustomerEvent;
 
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
-        self.cursors
-            .load(&self.scorer, CUSTOMERS_CONSUMER, shard)
+        let cursor = self
+            .scorer
+            .store()
+            .saved_cursor(CUSTOMERS_CONSUMER, shard)
             .await
+            .map_err(ConsumeError::new)?;
+        Ok(self.cursors.loaded(shard, cursor))
     }
 
     async fn apply(

@@ -165,18 +165,7 @@ pub struct CustomerWrite {
     pub position_changed: bool,
 }
 
-/// A consumer's cursor moving from `expected` to `new`.
-#[derive(Debug, Clone)]
-pub struct CursorMove {
-    /// The consumer's name.
-    pub consumer: &'static str,
-    /// Its shard.
-    pub shard: ShardFilter,
-    /// The cursor it read from (empty: none saved).
-    pub expected: String,
-    /// The cursor after the batch.
-    pub new: String,
-}
+pub use clm_eventlog::consumer::cursors::CursorMove;
 
 /// A rescore's progress after one page.
 #[derive(Debug, Clone, Copy)]

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use clm_eventlog::ShardFilter;
+use clm_eventlog::consumer::cursors::KnownCursors;
 use clm_eventlog::consumer::{ConsumeError, Projection};
+use clm_eventlog::customer_events::{self, CustomerLogChange};
 use clm_proto::identity as identity_pb;
-use uuid::Uuid;
 
 use crate::model::{CustomerChange, Merge};
 use crate::resolver::IdentityResolver;
@@ -23,39 +23,40 @@ pub const CONSUMER_NAME: &str = "identity.customer_events";
 pub struct TouchpointCustomerProjection {
     store: Arc<dyn TouchpointStore>,
     resolver: IdentityResolver,
+    cursors: KnownCursors,
 }
 
 impl TouchpointCustomerProjection {
     /// A projection into `store` that also clears `resolver`'s cache.
     pub fn new(store: Arc<dyn TouchpointStore>, resolver: IdentityResolver) -> Self {
-        Self { store, resolver }
+        Self {
+            store,
+            resolver,
+            cursors: KnownCursors::default(),
+        }
     }
 }
 
-/// The change an identity event asks of the touchpoint store, if any.
+/// The change an identity event asks of the touchpoint store, if any:
+/// merges and erasures (touchpoints keep no profile).
 pub fn change_of(event: &identity_pb::CustomerEvent) -> Option<CustomerChange> {
-    let at = event
-        .occur_time
-        .as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .unwrap_or_else(Utc::now);
-    match event.change.as_ref()? {
-        // A merge is logged once for each customer; act on the survivor's copy.
-        identity_pb::customer_event::Change::Merged(merged)
-            if merged.survivor_id == event.customer_id =>
-        {
-            Some(CustomerChange::Merged(Merge {
-                merge_id: Uuid::try_parse(&merged.merge_id).ok()?,
-                merged_id: Uuid::try_parse(&merged.merged_id).ok()?,
-                survivor_id: Uuid::try_parse(&merged.survivor_id).ok()?,
-                merged_at: at,
-            }))
-        }
-        identity_pb::customer_event::Change::Erased(_) => Some(CustomerChange::Erased {
-            customer_id: Uuid::try_parse(&event.customer_id).ok()?,
+    match customer_events::change_of(event)? {
+        CustomerLogChange::Merged {
+            merge_id,
+            merged_id,
+            survivor_id,
+            at,
+        } => Some(CustomerChange::Merged(Merge {
+            merge_id,
+            merged_id,
+            survivor_id,
+            merged_at: at,
+        })),
+        CustomerLogChange::Erased { customer_id, at } => Some(CustomerChange::Erased {
+            customer_id,
             erased_at: at,
         }),
-        _ => None,
+        CustomerLogChange::Profile { .. } => None,
     }
 }
 
@@ -64,10 +65,12 @@ impl Projection for TouchpointCustomerProjection {
     type Entry = identity_pb::CustomerEvent;
 
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
-        self.store
+        let cursor = self
+            .store
             .saved_cursor(CONSUMER_NAME, shard)
             .await
-            .map_err(ConsumeError::new)
+            .map_err(ConsumeError::new)?;
+        Ok(self.cursors.loaded(shard, cursor))
     }
 
     async fn apply(
@@ -77,10 +80,12 @@ impl Projection for TouchpointCustomerProjection {
         shard: ShardFilter,
     ) -> Result<(), ConsumeError> {
         let changes: Vec<CustomerChange> = batch.iter().filter_map(change_of).collect();
+        let change = self.cursors.next_move(CONSUMER_NAME, shard, cursor);
         self.store
-            .apply_customer_changes(&changes, CONSUMER_NAME, shard, cursor)
+            .apply_customer_changes(&changes, &change)
             .await
             .map_err(ConsumeError::new)?;
+        self.cursors.set(shard, cursor);
         for change in &changes {
             match change {
                 CustomerChange::Merged(merge) => self.resolver.forget(merge.merged_id),

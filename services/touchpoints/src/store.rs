@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use clm_eventlog::consumer::cursors::CursorMove;
 use clm_eventlog::{Cursor, ShardFilter};
 use clm_platform::db::{DbErrorKind, EmbeddedMigration, Pools, ServiceMigrations};
 use tokio::sync::watch;
@@ -72,9 +73,7 @@ pub trait TouchpointStore: Send + Sync + 'static {
     async fn apply_customer_changes(
         &self,
         changes: &[CustomerChange],
-        consumer: &str,
-        shard: ShardFilter,
-        cursor: &str,
+        cursor: &CursorMove,
     ) -> Result<(), StoreError>;
     /// The cursor a consumer saved.
     async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError>;

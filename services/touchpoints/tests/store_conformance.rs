@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Duration as TimeDelta, SubsecRound as _, Utc};
+use clm_eventlog::consumer::cursors::CursorMove;
 use clm_eventlog::{Cursor, ShardFilter, shard_of};
 use clm_platform::Secret;
 use clm_platform::db;
 use clm_touchpoints::model::{
     CustomerChange, LogEntry, Merge, Money, Stored, TimelineQuery, Touchpoint,
 };
-use clm_touchpoints::store::{self, TouchpointStore};
+use clm_touchpoints::store::{self, StoreError, TouchpointStore};
 use uuid::Uuid;
 
 struct Backend {
@@ -71,6 +72,16 @@ fn touchpoint(event_id: &str, customer_id: Uuid, kind: &str, minutes_ago: i64) -
             micros: 19_990_000,
         }),
         cost: None,
+    }
+}
+
+/// The move of the test consumer's cursor from `expected` to `new`.
+fn moved(expected: &str, new: &str) -> CursorMove {
+    CursorMove {
+        consumer: "test",
+        shard: ShardFilter::ALL,
+        expected: expected.to_owned(),
+        new: new.to_owned(),
     }
 }
 
@@ -258,12 +269,7 @@ async fn merges_rekey_and_erasures_strip(backend: Backend) {
     });
     backend
         .store
-        .apply_customer_changes(
-            std::slice::from_ref(&merge),
-            "test",
-            ShardFilter::ALL,
-            "0-7",
-        )
+        .apply_customer_changes(std::slice::from_ref(&merge), &moved("", "0-7"))
         .await
         .unwrap();
     assert_eq!(
@@ -274,10 +280,17 @@ async fn merges_rekey_and_erasures_strip(backend: Backend) {
             .unwrap(),
         "0-7"
     );
+    // A second writer that read the cursor before it moved cannot apply
+    // the batch again.
+    let stale = backend
+        .store
+        .apply_customer_changes(std::slice::from_ref(&merge), &moved("", "0-7"))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
     // Applying the same merge again (a redelivery) changes nothing.
     backend
         .store
-        .apply_customer_changes(&[merge], "test", ShardFilter::ALL, "0-8")
+        .apply_customer_changes(&[merge], &moved("0-7", "0-8"))
         .await
         .unwrap();
     let timeline = backend
@@ -305,9 +318,7 @@ async fn merges_rekey_and_erasures_strip(backend: Backend) {
                 customer_id: survivor,
                 erased_at: now(),
             }],
-            "test",
-            ShardFilter::ALL,
-            "0-9",
+            &moved("0-8", "0-9"),
         )
         .await
         .unwrap();

@@ -167,8 +167,79 @@ where
 
 /// The cursor table every consumer keeps in its own database:
 /// `log_cursors (consumer, shard_index, shard_count, cursor, updated_at)`.
+///
+/// A cursor is only ever saved by a compare-and-set on the value the
+/// consumer read ([`CursorMove`]), inside the transaction of the state
+/// derived from the batch: a crash, a retry or a second replica that read
+/// the same cursor can never apply an entry twice, because its save finds
+/// the cursor already moved and its transaction rolls back.
 pub mod cursors {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
     use super::*;
+
+    /// A consumer's cursor moving from `expected` to `new`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct CursorMove {
+        /// The consumer's name.
+        pub consumer: &'static str,
+        /// Its shard.
+        pub shard: ShardFilter,
+        /// The cursor it read from (empty: none saved).
+        pub expected: String,
+        /// The cursor after the batch.
+        pub new: String,
+    }
+
+    /// The save found the cursor moved by another writer since it was read.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("the cursor of {0} moved since it was read: another writer applied the batch")]
+    pub struct CursorMoved(pub String);
+
+    /// What a consumer process last read or saved, per shard: the expected
+    /// value of its next save.
+    #[derive(Debug, Default)]
+    pub struct KnownCursors(Mutex<HashMap<(u32, u32), String>>);
+
+    impl KnownCursors {
+        /// Remembers `cursor` as read or saved for `shard`.
+        pub fn set(&self, shard: ShardFilter, cursor: &str) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((shard.index, shard.count), cursor.to_owned());
+        }
+
+        /// Remembers and returns the cursor just loaded for `shard`.
+        pub fn loaded(&self, shard: ShardFilter, cursor: String) -> String {
+            self.set(shard, &cursor);
+            cursor
+        }
+
+        /// The move of `consumer`'s cursor on `shard` to `cursor`, from what
+        /// was last read or saved.
+        pub fn next_move(
+            &self,
+            consumer: &'static str,
+            shard: ShardFilter,
+            cursor: &str,
+        ) -> CursorMove {
+            let expected = self
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(shard.index, shard.count))
+                .cloned()
+                .unwrap_or_default();
+            CursorMove {
+                consumer,
+                shard,
+                expected,
+                new: cursor.to_owned(),
+            }
+        }
+    }
 
     /// The cursor saved for `consumer` and `shard` (empty when none).
     pub async fn load(
@@ -198,44 +269,80 @@ pub mod cursors {
         Ok(cursor.unwrap_or_default())
     }
 
-    /// Saves the cursor inside the caller's PostgreSQL transaction.
-    pub async fn save_postgres(
+    /// Moves the cursor inside the caller's PostgreSQL transaction; `Ok(Err)`
+    /// when another writer moved it first (roll the transaction back).
+    pub async fn move_postgres(
         tx: &mut sqlx::PgConnection,
-        consumer: &str,
-        shard: ShardFilter,
-        cursor: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) VALUES ($1, $2, $3, $4, now()) \
-             ON CONFLICT (consumer, shard_index, shard_count) DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()",
-        )
-        .bind(consumer)
-        .bind(shard.index as i32)
-        .bind(shard.count as i32)
-        .bind(cursor)
-        .execute(tx)
-        .await?;
-        Ok(())
+        cursor: &CursorMove,
+    ) -> Result<Result<(), CursorMoved>, sqlx::Error> {
+        let moved = if cursor.expected.is_empty() {
+            sqlx::query(
+                "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) \
+                 VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
+            )
+            .bind(cursor.consumer)
+            .bind(cursor.shard.index as i32)
+            .bind(cursor.shard.count as i32)
+            .bind(&cursor.new)
+            .execute(&mut *tx)
+            .await?
+        } else {
+            sqlx::query(
+                "UPDATE log_cursors SET cursor = $4, updated_at = now() \
+                 WHERE consumer = $1 AND shard_index = $2 AND shard_count = $3 AND cursor = $5",
+            )
+            .bind(cursor.consumer)
+            .bind(cursor.shard.index as i32)
+            .bind(cursor.shard.count as i32)
+            .bind(&cursor.new)
+            .bind(&cursor.expected)
+            .execute(&mut *tx)
+            .await?
+        };
+        Ok(outcome(moved.rows_affected(), cursor))
     }
 
-    /// Saves the cursor inside the caller's SQLite transaction.
-    pub async fn save_sqlite(
+    /// Moves the cursor inside the caller's SQLite transaction; `Ok(Err)`
+    /// when another writer moved it first (roll the transaction back).
+    pub async fn move_sqlite(
         tx: &mut sqlx::SqliteConnection,
-        consumer: &str,
-        shard: ShardFilter,
-        cursor: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-             ON CONFLICT (consumer, shard_index, shard_count) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
-        )
-        .bind(consumer)
-        .bind(shard.index)
-        .bind(shard.count)
-        .bind(cursor)
-        .bind(chrono::Utc::now().timestamp_micros())
-        .execute(tx)
-        .await?;
-        Ok(())
+        cursor: &CursorMove,
+    ) -> Result<Result<(), CursorMoved>, sqlx::Error> {
+        let now = chrono::Utc::now().timestamp_micros();
+        let moved = if cursor.expected.is_empty() {
+            sqlx::query(
+                "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            )
+            .bind(cursor.consumer)
+            .bind(cursor.shard.index)
+            .bind(cursor.shard.count)
+            .bind(&cursor.new)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+        } else {
+            sqlx::query(
+                "UPDATE log_cursors SET cursor = ?4, updated_at = ?5 \
+                 WHERE consumer = ?1 AND shard_index = ?2 AND shard_count = ?3 AND cursor = ?6",
+            )
+            .bind(cursor.consumer)
+            .bind(cursor.shard.index)
+            .bind(cursor.shard.count)
+            .bind(&cursor.new)
+            .bind(now)
+            .bind(&cursor.expected)
+            .execute(&mut *tx)
+            .await?
+        };
+        Ok(outcome(moved.rows_affected(), cursor))
+    }
+
+    fn outcome(rows: u64, cursor: &CursorMove) -> Result<(), CursorMoved> {
+        if rows == 1 {
+            Ok(())
+        } else {
+            Err(CursorMoved(cursor.consumer.to_owned()))
+        }
     }
 }

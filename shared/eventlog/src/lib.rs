@@ -28,6 +28,7 @@
 //! PostgreSQL an index on `(txid, seq)`.
 
 pub mod consumer;
+pub mod customer_events;
 pub mod sources;
 
 use std::fmt;

@@ -159,39 +159,10 @@ const RESCORE_COLUMNS: &str = "id, model_version, state, trigger_kind, done_coun
      changed_count, rate_per_second, create_time, start_time, end_time, error, resume_after";
 
 async fn move_cursor(tx: &mut SqliteConnection, cursor: &CursorMove) -> Result<(), StoreError> {
-    let now = micros(Utc::now());
-    let moved = if cursor.expected.is_empty() {
-        sqlx::query(
-            "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-        )
-        .bind(cursor.consumer)
-        .bind(cursor.shard.index)
-        .bind(cursor.shard.count)
-        .bind(&cursor.new)
-        .bind(now)
-        .execute(&mut *tx)
+    cursors::move_sqlite(tx, cursor)
         .await
-    } else {
-        sqlx::query(
-            "UPDATE log_cursors SET cursor = ?4, updated_at = ?5 \
-             WHERE consumer = ?1 AND shard_index = ?2 AND shard_count = ?3 AND cursor = ?6",
-        )
-        .bind(cursor.consumer)
-        .bind(cursor.shard.index)
-        .bind(cursor.shard.count)
-        .bind(&cursor.new)
-        .bind(now)
-        .bind(&cursor.expected)
-        .execute(&mut *tx)
-        .await
-    }
-    .map_err(StoreError::from_db)?;
-    if moved.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::CursorMoved(cursor.consumer.to_owned()))
-    }
+        .map_err(StoreError::from_db)?
+        .map_err(|moved| StoreError::CursorMoved(moved.0))
 }
 
 /// Rows per multi-row statement (SQLite allows 32,766 parameters).

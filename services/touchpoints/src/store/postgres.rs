@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use clm_eventlog::consumer::cursors;
+use clm_eventlog::consumer::cursors::{self, CursorMove};
 use clm_eventlog::{Cursor, ShardFilter, shard_of};
 use clm_platform::db::{DbErrorKind, Pools};
 use sqlx::postgres::{PgPool, PgRow};
@@ -516,9 +516,7 @@ impl TouchpointStore for PostgresTouchpointStore {
     async fn apply_customer_changes(
         &self,
         changes: &[CustomerChange],
-        consumer: &str,
-        shard: ShardFilter,
-        cursor: &str,
+        cursor: &CursorMove,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
         let mut buckets: Vec<i64> = changes
@@ -621,9 +619,10 @@ impl TouchpointStore for PostgresTouchpointStore {
             .map_err(StoreError::from_db)?;
             appended = true;
         }
-        cursors::save_postgres(&mut tx, consumer, shard, cursor)
+        cursors::move_postgres(&mut tx, cursor)
             .await
-            .map_err(StoreError::from_db)?;
+            .map_err(StoreError::from_db)?
+            .map_err(|moved| StoreError::Conflict(moved.to_string()))?;
         tx.commit().await.map_err(StoreError::from_db)?;
         if erases {
             self.vacuum.erased();

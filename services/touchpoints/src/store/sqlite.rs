@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use clm_eventlog::consumer::cursors;
+use clm_eventlog::consumer::cursors::{self, CursorMove};
 use clm_eventlog::{Cursor, ShardFilter, shard_of};
 use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
 use clm_platform::db::{Pools, SqlitePools};
@@ -360,9 +360,7 @@ impl TouchpointStore for SqliteTouchpointStore {
     async fn apply_customer_changes(
         &self,
         changes: &[CustomerChange],
-        consumer: &str,
-        shard: ShardFilter,
-        cursor: &str,
+        cursor: &CursorMove,
     ) -> Result<(), StoreError> {
         let mut tx = self
             .pools
@@ -459,9 +457,10 @@ impl TouchpointStore for SqliteTouchpointStore {
             .map_err(StoreError::from_db)?;
             appended = true;
         }
-        cursors::save_sqlite(&mut tx, consumer, shard, cursor)
+        cursors::move_sqlite(&mut tx, cursor)
             .await
-            .map_err(StoreError::from_db)?;
+            .map_err(StoreError::from_db)?
+            .map_err(|moved| StoreError::Conflict(moved.to_string()))?;
         tx.commit().await.map_err(StoreError::from_db)?;
         if erases {
             // The stripped properties are zeroed in the file (secure_delete);
