@@ -2,18 +2,17 @@
 //! requests, calls the [`CustomerDirectory`], converts the answers. No
 //! business rule lives here.
 
+use clm_eventlog::serving::{LogResponses, log_position, respond};
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use clm_eventlog::{Cursor, ShardFilter};
 use clm_platform::error::Violations;
 use clm_platform::server::Shutdown;
 use clm_platform::time::FactTimes;
 use clm_platform::{FieldViolation, Limits, paging, validate};
 use clm_proto::common as common_pb;
 use clm_proto::identity as pb;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
@@ -520,8 +519,7 @@ fn lifecycle(
     })
 }
 
-type EventStream =
-    Pin<Box<dyn Stream<Item = Result<pb::StreamCustomerEventsResponse, Status>> + Send + 'static>>;
+type EventStream = LogResponses<pb::StreamCustomerEventsResponse>;
 
 #[tonic::async_trait]
 impl pb::customer_service_server::CustomerService for CustomerGrpc {
@@ -964,24 +962,15 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
         request: Request<pb::StreamCustomerEventsRequest>,
     ) -> Result<Response<Self::StreamCustomerEventsStream>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        let after = violations.check(Cursor::parse("after_cursor", &request.after_cursor));
-        let shard = request.shard.unwrap_or_default();
-        let shard = violations.check(ShardFilter::new("shard", shard.index, shard.count));
-        let (after, shard) = done(violations, || (after, shard))?;
+        let (after, shard) = log_position(&request.after_cursor, request.shard)?;
         let stream = self
             .directory
-            .events(
-                after.expect("validated"),
-                shard.expect("validated"),
-                request.stop_at_end,
-                self.shutdown.clone(),
-            )
+            .events(after, shard, request.stop_at_end, self.shutdown.clone())
             .map(|batch| {
                 batch
                     .map(|events| pb::StreamCustomerEventsResponse { events })
                     .map_err(Status::from)
             });
-        Ok(Response::new(Box::pin(clm_eventlog::read_ahead(stream, 2))))
+        Ok(Response::new(respond(stream)))
     }
 }

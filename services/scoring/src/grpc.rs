@@ -1,10 +1,9 @@
 //! `clm.scoring.v1.LifecycleService` over the scorer and the store.
 
-use std::pin::Pin;
+use clm_eventlog::serving::{LogResponses, log_position, respond};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use clm_eventlog::{Cursor, ShardFilter};
 use clm_platform::error::{FieldViolation, StatusBuilder, Violations};
 use clm_platform::server::Shutdown;
 use clm_platform::{paging, validate};
@@ -12,7 +11,7 @@ use clm_proto::scoring as pb;
 use clm_proto::scoring::lifecycle_service_server::LifecycleService;
 use clm_proto::touchpoint as touchpoint_pb;
 use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::StreamExt as _;
 use prost::Message as _;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
@@ -191,8 +190,7 @@ fn top_touchpoints(
     contributions
 }
 
-type TransitionStream =
-    Pin<Box<dyn Stream<Item = Result<pb::StreamTransitionsResponse, Status>> + Send + 'static>>;
+type TransitionStream = LogResponses<pb::StreamTransitionsResponse>;
 
 #[tonic::async_trait]
 impl LifecycleService for LifecycleGrpc {
@@ -338,13 +336,7 @@ impl LifecycleService for LifecycleGrpc {
         request: Request<pb::StreamTransitionsRequest>,
     ) -> Result<Response<Self::StreamTransitionsStream>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        let after = violations.check(Cursor::parse("after_cursor", &request.after_cursor));
-        let shard = request.shard.unwrap_or_default();
-        let shard = violations.check(ShardFilter::new("shard", shard.index, shard.count));
-        let (after, shard) = done(violations, || {
-            (after.expect("validated"), shard.expect("validated"))
-        })?;
+        let (after, shard) = log_position(&request.after_cursor, request.shard)?;
         let stream = self
             .scorer
             .store()
@@ -371,7 +363,7 @@ impl LifecycleService for LifecycleGrpc {
                     .collect::<Result<Vec<_>, Status>>()?;
                 Ok(pb::StreamTransitionsResponse { entries })
             });
-        Ok(Response::new(Box::pin(clm_eventlog::read_ahead(stream, 2))))
+        Ok(Response::new(respond(stream)))
     }
 
     async fn evaluate(

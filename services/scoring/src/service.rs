@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
-use clm_eventlog::sources::{IdentityEventSource, TouchpointLogSource};
+use clm_eventlog::sources::{CustomerEvents, GrpcLogSource, TouchpointLog};
 use clm_platform::server::Shutdown;
 use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
@@ -168,7 +168,7 @@ impl Configured for ScoringConfig {
                 index,
                 count: config.log_shards,
             };
-            let source = TouchpointLogSource::new(touchpoints.clone());
+            let source = GrpcLogSource::<TouchpointLog>::new(touchpoints.clone());
             let projection = TouchpointProjection::new(scorer.clone());
             tasks.spawn(
                 format!("scoring.touchpoints[{index}/{}]", config.log_shards),
@@ -188,7 +188,7 @@ impl Configured for ScoringConfig {
         }
         let customers =
             CustomerEventProjection::new(scorer.clone(), identity.clone(), config.call_timeout);
-        let events = IdentityEventSource::new(identity.clone());
+        let events = GrpcLogSource::<CustomerEvents>::new(identity.clone());
         tasks.spawn(CUSTOMERS_CONSUMER, move |stop| async move {
             consumer::run(
                 CUSTOMERS_CONSUMER,

@@ -1,19 +1,19 @@
 //! `clm.touchpoint.v1.TouchpointService` over gRPC: validates and converts
 //! requests, calls [`TouchpointIngest`] and the store, converts answers.
 
+use clm_eventlog::serving::{LogResponses, log_position, respond};
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
-use clm_eventlog::{Cursor, ShardFilter, TailOptions, tail_batches};
+use clm_eventlog::{Cursor, TailOptions, tail_batches};
 use clm_platform::error::Violations;
 use clm_platform::server::Shutdown;
 use clm_platform::time::{FactTimes, from_timestamp, to_timestamp};
 use clm_platform::{FieldViolation, Limits, StatusBuilder, paging, validate};
 use clm_proto::common as common_pb;
 use clm_proto::touchpoint as pb;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::StreamExt as _;
 use prost::Message as _;
 use tonic::{Code, Request, Response, Status, Streaming};
 use uuid::Uuid;
@@ -472,8 +472,7 @@ fn type_filter(violations: &mut Violations, field: &str, types: &[String]) {
     }
 }
 
-type LogStream =
-    Pin<Box<dyn Stream<Item = Result<pb::StreamTouchpointLogResponse, Status>> + Send + 'static>>;
+type LogStream = LogResponses<pb::StreamTouchpointLogResponse>;
 
 #[tonic::async_trait]
 impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
@@ -726,14 +725,7 @@ impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
         request: Request<pb::StreamTouchpointLogRequest>,
     ) -> Result<Response<Self::StreamTouchpointLogStream>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        let after = violations.check(Cursor::parse("after_cursor", &request.after_cursor));
-        let shard = request.shard.unwrap_or_default();
-        let shard = violations.check(ShardFilter::new("shard", shard.index, shard.count));
-        violations
-            .into_result()
-            .map_err(|v| StatusBuilder::invalid_argument(&v))?;
-        let (after, shard) = (after.expect("validated"), shard.expect("validated"));
+        let (after, shard) = log_position(&request.after_cursor, request.shard)?;
         let store = self.ingest.store().clone();
         let reader = move |cursor: Cursor| {
             let store = store.clone();
@@ -767,6 +759,6 @@ impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
             Ok(pb::StreamTouchpointLogResponse { entries })
         });
         // Read and convert the next batches while tonic encodes and sends.
-        Ok(Response::new(Box::pin(clm_eventlog::read_ahead(stream, 2))))
+        Ok(Response::new(respond(stream)))
     }
 }

@@ -23,7 +23,7 @@ use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 
 use crate::grpc::TouchpointGrpc;
-use clm_eventlog::sources::IdentityEventSource;
+use clm_eventlog::sources::{CustomerEvents, GrpcLogSource};
 
 use crate::identity_events::TouchpointCustomerProjection;
 use crate::ingest::TouchpointIngest;
@@ -139,7 +139,7 @@ impl Configured for TouchpointsConfig {
             .spawn(identity_events::CONSUMER_NAME, move |stop| async move {
                 consumer::run(
                     identity_events::CONSUMER_NAME,
-                    IdentityEventSource::new(events_channel),
+                    GrpcLogSource::<CustomerEvents>::new(events_channel),
                     projection,
                     ShardFilter::ALL,
                     Backoff::default(),

@@ -29,6 +29,7 @@
 
 pub mod consumer;
 pub mod customer_events;
+pub mod serving;
 pub mod sources;
 
 use std::fmt;

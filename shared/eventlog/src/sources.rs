@@ -1,12 +1,19 @@
-//! The logs of the clm services as [`LogSource`]s, read over gRPC: the
-//! identity service's customer event log and the touchpoint log.
+//! The logs of the clm services as [`LogSource`]s, read over gRPC. Every
+//! log RPC has the same shape (`after_cursor`, `shard`, `stop_at_end` in;
+//! a stream of batches of entries that carry their cursor out), so one
+//! source serves them all: a log is a [`ServedLog`] type naming its RPC and
+//! messages.
+
+use std::marker::PhantomData;
 
 use async_trait::async_trait;
 use clm_proto::common::LogShard;
-use clm_proto::identity::customer_service_client::CustomerServiceClient;
-use clm_proto::identity::{CustomerEvent, StreamCustomerEventsRequest};
-use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
-use clm_proto::touchpoint::{StreamTouchpointLogRequest, TouchpointLogEntry};
+use clm_proto::identity::{
+    CustomerEvent, StreamCustomerEventsRequest, StreamCustomerEventsResponse,
+};
+use clm_proto::touchpoint::{
+    StreamTouchpointLogRequest, StreamTouchpointLogResponse, TouchpointLogEntry,
+};
 use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
 use tonic::transport::Channel;
@@ -14,137 +21,146 @@ use tonic::transport::Channel;
 use crate::ShardFilter;
 use crate::consumer::{ConsumeError, LogSource, Positioned};
 
+/// A log a clm service streams over gRPC.
+pub trait ServedLog: Send + Sync + 'static {
+    /// The request message of its RPC.
+    type Request: prost::Message + Send + Sync + 'static;
+    /// One message of the response stream: a batch of entries.
+    type Batch: prost::Message + Default + Send + 'static;
+    /// One entry.
+    type Entry: Send + 'static;
+    /// The RPC's path: `/<package>.<Service>/<Method>`.
+    const PATH: &'static str;
+    /// The log's name in errors.
+    const NAME: &'static str;
+
+    /// The request for a live stream of the entries after `after_cursor`
+    /// (empty: from the start) on `shard`.
+    fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request;
+    /// The entries of a batch.
+    fn entries(batch: Self::Batch) -> Vec<Self::Entry>;
+    /// The cursor that resumes after `entry`.
+    fn cursor(entry: &Self::Entry) -> &str;
+}
+
+/// Any [`ServedLog`], read over a channel to the service that serves it.
+pub struct GrpcLogSource<L> {
+    channel: Channel,
+    log: PhantomData<fn() -> L>,
+}
+
+impl<L> GrpcLogSource<L> {
+    /// A source on a channel to the service serving the log.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            log: PhantomData,
+        }
+    }
+}
+
 type Batches<E> = BoxStream<'static, Result<Vec<Positioned<E>>, ConsumeError>>;
 
-/// Turns a gRPC stream of batches into positioned entries.
-fn positioned<R, E>(
-    what: &'static str,
-    stream: tonic::Streaming<R>,
-    entries: fn(R) -> Vec<E>,
-    cursor: fn(&E) -> &str,
-) -> Batches<E>
-where
-    R: Send + 'static,
-    E: Send + 'static,
-{
-    stream
-        .map(move |batch| {
-            batch
-                .map(|batch| {
-                    entries(batch)
-                        .into_iter()
-                        .map(|entry| Positioned {
-                            cursor: cursor(&entry).to_owned(),
-                            entry,
-                        })
-                        .collect()
-                })
-                .map_err(|status| ConsumeError::new(format!("{what}: {}", status.message())))
-        })
-        .boxed()
-}
+#[async_trait]
+impl<L: ServedLog> LogSource for GrpcLogSource<L> {
+    type Entry = L::Entry;
 
-fn shard_of(shard: ShardFilter) -> Option<LogShard> {
-    Some(LogShard {
-        index: shard.index,
-        count: shard.count,
-    })
-}
-
-/// The identity customer event log.
-pub struct IdentityEventSource {
-    client: CustomerServiceClient<Channel>,
-}
-
-impl IdentityEventSource {
-    /// A source on a channel to the identity service.
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            client: CustomerServiceClient::new(channel),
-        }
+    async fn open(
+        &self,
+        after: &str,
+        shard: ShardFilter,
+    ) -> Result<Batches<L::Entry>, ConsumeError> {
+        let request = L::request(
+            after.to_owned(),
+            Some(LogShard {
+                index: shard.index,
+                count: shard.count,
+            }),
+        );
+        let cannot_open = |message: &dyn std::fmt::Display| {
+            ConsumeError::new(format!("cannot open the {}: {message}", L::NAME))
+        };
+        let mut client = tonic::client::Grpc::new(self.channel.clone());
+        client.ready().await.map_err(|err| cannot_open(&err))?;
+        let stream = client
+            .server_streaming(
+                tonic::Request::new(request),
+                http::uri::PathAndQuery::from_static(L::PATH),
+                tonic_prost::ProstCodec::<L::Request, L::Batch>::default(),
+            )
+            .await
+            .map_err(|status| cannot_open(&status.message()))?
+            .into_inner();
+        Ok(stream
+            .map(|batch| {
+                batch
+                    .map(|batch| {
+                        L::entries(batch)
+                            .into_iter()
+                            .map(|entry| Positioned {
+                                cursor: L::cursor(&entry).to_owned(),
+                                entry,
+                            })
+                            .collect()
+                    })
+                    .map_err(|status| {
+                        ConsumeError::new(format!("{}: {}", L::NAME, status.message()))
+                    })
+            })
+            .boxed())
     }
 }
 
-#[async_trait]
-impl LogSource for IdentityEventSource {
+/// The identity service's customer event log.
+pub struct CustomerEvents;
+
+impl ServedLog for CustomerEvents {
+    type Request = StreamCustomerEventsRequest;
+    type Batch = StreamCustomerEventsResponse;
     type Entry = CustomerEvent;
+    const PATH: &'static str = "/clm.identity.v1.CustomerService/StreamCustomerEvents";
+    const NAME: &'static str = "customer event log";
 
-    async fn open(
-        &self,
-        after: &str,
-        shard: ShardFilter,
-    ) -> Result<Batches<CustomerEvent>, ConsumeError> {
-        let request = StreamCustomerEventsRequest {
-            after_cursor: after.to_owned(),
-            shard: shard_of(shard),
+    fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request {
+        StreamCustomerEventsRequest {
+            after_cursor,
+            shard,
             stop_at_end: false,
-        };
-        let stream = self
-            .client
-            .clone()
-            .stream_customer_events(request)
-            .await
-            .map_err(|status| {
-                ConsumeError::new(format!(
-                    "cannot open the customer event log: {}",
-                    status.message()
-                ))
-            })?
-            .into_inner();
-        Ok(positioned(
-            "customer event log",
-            stream,
-            |batch| batch.events,
-            |event| &event.cursor,
-        ))
-    }
-}
-
-/// The touchpoint log.
-pub struct TouchpointLogSource {
-    client: TouchpointServiceClient<Channel>,
-}
-
-impl TouchpointLogSource {
-    /// A source on a channel to the touchpoints service.
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            client: TouchpointServiceClient::new(channel),
         }
     }
+
+    fn entries(batch: Self::Batch) -> Vec<Self::Entry> {
+        batch.events
+    }
+
+    fn cursor(entry: &Self::Entry) -> &str {
+        &entry.cursor
+    }
 }
 
-#[async_trait]
-impl LogSource for TouchpointLogSource {
-    type Entry = TouchpointLogEntry;
+/// The touchpoints service's touchpoint log.
+pub struct TouchpointLog;
 
-    async fn open(
-        &self,
-        after: &str,
-        shard: ShardFilter,
-    ) -> Result<Batches<TouchpointLogEntry>, ConsumeError> {
-        let request = StreamTouchpointLogRequest {
-            after_cursor: after.to_owned(),
-            shard: shard_of(shard),
+impl ServedLog for TouchpointLog {
+    type Request = StreamTouchpointLogRequest;
+    type Batch = StreamTouchpointLogResponse;
+    type Entry = TouchpointLogEntry;
+    const PATH: &'static str = "/clm.touchpoint.v1.TouchpointService/StreamTouchpointLog";
+    const NAME: &'static str = "touchpoint log";
+
+    fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request {
+        StreamTouchpointLogRequest {
+            after_cursor,
+            shard,
             stop_at_end: false,
-        };
-        let stream = self
-            .client
-            .clone()
-            .stream_touchpoint_log(request)
-            .await
-            .map_err(|status| {
-                ConsumeError::new(format!(
-                    "cannot open the touchpoint log: {}",
-                    status.message()
-                ))
-            })?
-            .into_inner();
-        Ok(positioned(
-            "touchpoint log",
-            stream,
-            |batch| batch.entries,
-            |entry| &entry.cursor,
-        ))
+        }
+    }
+
+    fn entries(batch: Self::Batch) -> Vec<Self::Entry> {
+        batch.entries
+    }
+
+    fn cursor(entry: &Self::Entry) -> &str {
+        &entry.cursor
     }
 }
