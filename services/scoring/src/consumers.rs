@@ -14,11 +14,11 @@ use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::cursors::KnownCursors;
 use clm_eventlog::consumer::{ConsumeError, Projection};
 use clm_eventlog::customer_events::{self, CustomerLogChange};
+use clm_platform::service::PeerChannel;
 use clm_proto::identity as identity_pb;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::touchpoint as touchpoint_pb;
 use futures_util::StreamExt as _;
-use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::scorer::{ProfileChange, Scorer, profile_of};
@@ -86,14 +86,14 @@ impl Projection for TouchpointProjection {
 /// identity (the log carries no personal data).
 pub struct CustomerEventProjection {
     scorer: Arc<Scorer>,
-    identity: CustomerServiceClient<Channel>,
+    identity: CustomerServiceClient<PeerChannel>,
     timeout: Duration,
     cursors: KnownCursors,
 }
 
 impl CustomerEventProjection {
     /// A projection through `scorer`, reading profiles over `identity`.
-    pub fn new(scorer: Arc<Scorer>, identity: Channel, timeout: Duration) -> Self {
+    pub fn new(scorer: Arc<Scorer>, identity: PeerChannel, timeout: Duration) -> Self {
         Self {
             scorer,
             identity: CustomerServiceClient::new(identity),

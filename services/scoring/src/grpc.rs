@@ -6,6 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use clm_platform::error::{FieldViolation, StatusBuilder, Violations};
 use clm_platform::server::Shutdown;
+use clm_platform::service::PeerChannel;
 use clm_platform::{paging, validate};
 use clm_proto::scoring as pb;
 use clm_proto::scoring::lifecycle_service_server::LifecycleService;
@@ -14,7 +15,6 @@ use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
 use futures_util::StreamExt as _;
 use prost::Message as _;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
@@ -34,7 +34,7 @@ const EXPLAIN_TOUCHPOINTS: i32 = 1000;
 #[derive(Clone)]
 pub struct LifecycleGrpc {
     scorer: Arc<Scorer>,
-    touchpoints: TouchpointServiceClient<Channel>,
+    touchpoints: TouchpointServiceClient<PeerChannel>,
     rescore_wake: Arc<Notify>,
     shutdown: Shutdown,
 }
@@ -43,7 +43,7 @@ impl LifecycleGrpc {
     /// The service over `scorer`, reading timelines from touchpoints.
     pub fn new(
         scorer: Arc<Scorer>,
-        touchpoints: Channel,
+        touchpoints: PeerChannel,
         rescore_wake: Arc<Notify>,
         shutdown: Shutdown,
     ) -> Self {

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clm_platform::server::Shutdown;
+use clm_platform::service::PeerChannel;
 use clm_proto::identity as identity_pb;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use futures_util::StreamExt as _;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::evaluate::LifecycleSnapshot;
@@ -41,7 +41,7 @@ const SCORE_IDLE_CHECK: Duration = Duration::from_millis(100);
 /// The snapshot pusher.
 pub struct Pusher {
     store: Arc<dyn ScoringStore>,
-    client: CustomerServiceClient<Channel>,
+    client: CustomerServiceClient<PeerChannel>,
     timeout: Duration,
     concurrency: usize,
     score_interval: Duration,
@@ -63,7 +63,7 @@ impl Pusher {
     /// changed at most every `score_interval`.
     pub fn new(
         store: Arc<dyn ScoringStore>,
-        channel: Channel,
+        channel: PeerChannel,
         timeout: Duration,
         concurrency: usize,
         score_interval: Duration,

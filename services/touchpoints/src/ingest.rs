@@ -357,8 +357,10 @@ mod tests {
             .unwrap();
         crate::store::MIGRATIONS.run(&pools).await.unwrap();
         // Nothing listens there: the call fails, after its batch started.
-        let resolver =
-            IdentityResolver::new("http://127.0.0.1:9", Duration::from_millis(200)).unwrap();
+        let resolver = IdentityResolver::new(
+            clm_platform::service::peer_channel("http://127.0.0.1:9").unwrap(),
+            Duration::from_millis(200),
+        );
         let ingest = TouchpointIngest::new(crate::store::open(pools), resolver).with_group_commit();
         let now = Utc::now();
         let candidate = Candidate {

@@ -130,9 +130,9 @@ impl Configured for TouchpointsConfig {
             .await?;
         let store = store::open(pools);
         let identity_url = context.peers.url(IDENTITY)?;
-        let resolver = IdentityResolver::new(&identity_url, self.identity_timeout)
-            .map_err(|err| anyhow::anyhow!("CLM_IDENTITY_URL: {err}"))?;
-        let events_channel = context.peers.channel(IDENTITY)?;
+        let identity = context.peers.channel(IDENTITY)?;
+        let resolver = IdentityResolver::new(identity.clone(), self.identity_timeout);
+        let events_channel = identity;
         let projection = TouchpointCustomerProjection::new(store.clone(), resolver.clone());
         context
             .tasks

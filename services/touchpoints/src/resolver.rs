@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use clm_platform::service::PeerChannel;
 use clm_proto::common as common_pb;
 use clm_proto::identity as identity_pb;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
-use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
 /// How a batch names a customer.
@@ -103,7 +103,7 @@ const MAX_PER_CALL: usize = 1000;
 /// Resolves references through the identity service.
 #[derive(Clone)]
 pub struct IdentityResolver {
-    client: CustomerServiceClient<Channel>,
+    client: CustomerServiceClient<PeerChannel>,
     /// The customer that identity keys resolved to. References by id are
     /// not cached: identity is asked by id either way.
     cache: moka::sync::Cache<String, Uuid>,
@@ -111,21 +111,17 @@ pub struct IdentityResolver {
 }
 
 impl IdentityResolver {
-    /// A resolver for the identity service at `url` (connected lazily).
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|err| format!("{url:?} is not a valid URL: {err}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(timeout)
-            .tcp_nodelay(true);
-        Ok(Self {
-            client: CustomerServiceClient::new(endpoint.connect_lazy()),
+    /// A resolver asking the identity service on `channel`, each call
+    /// within `timeout`.
+    pub fn new(channel: PeerChannel, timeout: Duration) -> Self {
+        Self {
+            client: CustomerServiceClient::new(channel),
             cache: moka::sync::Cache::builder()
                 .max_capacity(200_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
             timeout,
-        })
+        }
     }
 
     /// Forgets what is cached about a customer (after a merge or erasure).
@@ -250,7 +246,6 @@ impl IdentityResolver {
                     .collect(),
             });
             request.set_timeout(self.timeout);
-            clm_platform::telemetry::inject_context(&mut request);
             let response = self
                 .client
                 .clone()

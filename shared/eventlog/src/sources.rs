@@ -7,6 +7,7 @@
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
+use clm_platform::service::PeerChannel;
 use clm_proto::common::LogShard;
 use clm_proto::identity::{
     CustomerEvent, StreamCustomerEventsRequest, StreamCustomerEventsResponse,
@@ -16,7 +17,6 @@ use clm_proto::touchpoint::{
 };
 use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
-use tonic::transport::Channel;
 
 use crate::ShardFilter;
 use crate::consumer::{ConsumeError, LogSource, Positioned};
@@ -45,13 +45,13 @@ pub trait ServedLog: Send + Sync + 'static {
 
 /// Any [`ServedLog`], read over a channel to the service that serves it.
 pub struct GrpcLogSource<L> {
-    channel: Channel,
+    channel: PeerChannel,
     log: PhantomData<fn() -> L>,
 }
 
 impl<L> GrpcLogSource<L> {
     /// A source on a channel to the service serving the log.
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: PeerChannel) -> Self {
         Self {
             channel,
             log: PhantomData,

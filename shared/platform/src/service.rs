@@ -21,6 +21,8 @@ use async_trait::async_trait;
 use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{ConfigError, Env, PlatformConfig};
@@ -169,16 +171,42 @@ impl Peers {
         }
     }
 
-    /// A channel to `service`, connected on first use: Nagle off, a short
-    /// connect timeout, reconnecting by itself.
-    pub fn channel(&self, service: &str) -> anyhow::Result<Channel> {
+    /// A channel to `service` (see [`peer_channel`]).
+    pub fn channel(&self, service: &str) -> anyhow::Result<PeerChannel> {
         let url = self.url(service)?;
-        Ok(Endpoint::from_shared(url.clone())
-            .map_err(|err| anyhow::anyhow!("{}: {url:?}: {err}", url_variable(service)))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy())
+        peer_channel(&url).map_err(|err| anyhow::anyhow!("{}: {err}", url_variable(service)))
     }
+}
+
+/// A channel from one clm service to another. Every call on it carries the
+/// trace context of the span it is made in, so the callee's work joins the
+/// caller's trace.
+pub type PeerChannel = InterceptedService<Channel, Outgoing>;
+
+/// What every call between services gets on its way out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outgoing;
+
+impl Interceptor for Outgoing {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        crate::telemetry::inject_context(&mut request);
+        Ok(request)
+    }
+}
+
+/// The one way a service dials another: a channel to `url` (an http(s) URL
+/// with a host), connected on first use, Nagle off, a short connect
+/// timeout, reconnecting by itself, tracing every call.
+pub fn peer_channel(url: &str) -> anyhow::Result<PeerChannel> {
+    check_url(url).map_err(anyhow::Error::msg)?;
+    let channel = Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, Outgoing))
 }
 
 /// Checks that `url` is an `http://` or `https://` URL with a host, as a
@@ -391,6 +419,37 @@ mod tests {
             .await;
         assert_eq!(*order.lock().unwrap(), ["consumer", "pusher", "sweep"]);
         assert_eq!(late, ["stuck"]);
+    }
+
+    #[test]
+    fn calls_between_services_carry_the_callers_trace() {
+        use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("caller");
+            let _entered = span.enter();
+            let trace_id = span.context().span().span_context().trace_id();
+            let request = Outgoing.call(tonic::Request::new(())).unwrap();
+            let traceparent = request
+                .metadata()
+                .get("traceparent")
+                .expect("the call carries a traceparent")
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(
+                traceparent.contains(&trace_id.to_string()),
+                "{traceparent} is not in trace {trace_id}"
+            );
+        });
     }
 
     struct Fake(&'static str, &'static [&'static str]);
