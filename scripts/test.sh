@@ -160,6 +160,11 @@ step "build the clm binary for the end-to-end tests"
 cargo build --locked -p clm
 step "cargo nextest"
 "${NEXTEST[@]}" run --workspace --locked --no-fail-fast
+# nextest does not run doctests; the documentation must also build clean.
+step "doctests"
+cargo test --workspace --locked --doc
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --locked --no-deps
 
 # --- deployment ---------------------------------------------------------------------------------
 step "Helm chart, kustomize overlays, rendered pods"

@@ -483,7 +483,7 @@ impl CustomerDirectory {
     /// Resolves the references of one ResolveCustomers call: one outcome per
     /// reference, in order. Identical references (the same id, or the same set
     /// of keys) are resolved once and share their outcome; distinct ones are
-    /// resolved [`REFERENCE_CONCURRENCY`] at a time. A failure of the request
+    /// resolved 16 at a time. A failure of the request
     /// (an unknown or erased customer, a suppressed key, a conflict) is the
     /// outcome of its reference; a database outage fails the whole call.
     pub async fn resolve_references(

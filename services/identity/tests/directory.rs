@@ -765,7 +765,8 @@ async fn a_database_outage_fails_the_whole_batch(backend: Backend) {
     assert!(matches!(err, IdentityError::Unavailable(_)), "{err:?}");
 }
 
-on_both_backends!(
+clm_platform::on_both_backends!(
+    sqlite: crate::support::sqlite, postgres: crate::support::postgres;
     a_batch_of_references_resolves_each_once,
     a_large_batch_of_new_keys_creates_each_customer,
     a_database_outage_fails_the_whole_batch,

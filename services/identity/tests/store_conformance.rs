@@ -493,7 +493,8 @@ async fn the_event_log_is_ordered_sharded_and_live(backend: Backend) {
     assert_eq!(caught_up.len(), 1, "stop_at_end ends after the last batch");
 }
 
-on_both_backends!(
+clm_platform::on_both_backends!(
+    sqlite: crate::support::sqlite, postgres: crate::support::postgres;
     a_customer_round_trips,
     a_stale_version_changes_nothing,
     a_key_belongs_to_one_customer,

@@ -69,28 +69,3 @@ pub fn directory(backend: &Backend, cache: Arc<VersionedCache>) -> Arc<CustomerD
         KeyHasher::new(b"test-hash-key-0123456789"),
     ))
 }
-
-/// Runs each listed test function against SQLite and PostgreSQL.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let backend = $crate::support::sqlite().await;
-                    super::$name(backend).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let Some(backend) = $crate::support::postgres().await else { return };
-                    super::$name(backend).await;
-                }
-            )*
-        }
-    };
-}

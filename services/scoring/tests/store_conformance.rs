@@ -768,29 +768,8 @@ async fn retracted_transitions_leave_the_list_and_are_logged(backend: Backend) {
     ));
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::sqlite().await).await;
-                }
-            )*
-        }
-        mod postgres_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::$name(backend).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+clm_platform::on_both_backends!(
+    sqlite: super::sqlite, postgres: super::postgres;
     customers_are_written_with_a_version_check,
     the_cursor_moves_only_from_the_value_read,
     transitions_are_listed_and_logged,

@@ -487,29 +487,8 @@ async fn every_field_is_kept_whether_or_not_the_batch_holds_a_duplicate(backend:
     assert_eq!(log_when(backend.store.as_ref(), 4).await.len(), 4);
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::sqlite().await).await;
-                }
-            )*
-        }
-        mod postgres_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::$name(backend).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+clm_platform::on_both_backends!(
+    sqlite: super::sqlite, postgres: super::postgres;
     an_event_id_is_stored_once,
     concurrent_overlapping_batches_store_each_event_once,
     the_timeline_is_newest_first_filtered_and_paged,

@@ -169,7 +169,7 @@ where
 /// `log_cursors (consumer, shard_index, shard_count, cursor, updated_at)`.
 ///
 /// A cursor is only ever saved by a compare-and-set on the value the
-/// consumer read ([`CursorMove`]), inside the transaction of the state
+/// consumer read ([`CursorMove`](cursors::CursorMove)), inside the transaction of the state
 /// derived from the batch: a crash, a retry or a second replica that read
 /// the same cursor can never apply an entry twice, because its save finds
 /// the cursor already moved and its transaction rolls back.

@@ -14,6 +14,7 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
 pub mod validate;

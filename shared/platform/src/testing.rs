@@ -85,3 +85,38 @@ pub async fn redis_url() -> Option<Secret> {
         Err(_) => unreachable("Redis", "connection timed out"),
     }
 }
+
+/// Runs each listed test function, `async fn name(backend: Backend)`,
+/// against SQLite and against PostgreSQL: `sqlite` and `postgres` name the
+/// functions that make a backend (`postgres` returns an `Option`, `None`
+/// only outside CI when no server runs). The tests land in the modules
+/// `sqlite_store` and `postgres_store`.
+///
+/// ```text
+/// clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres;
+///     an_event_id_is_stored_once,
+///     merges_rekey_and_erasures_strip,
+/// );
+/// ```
+#[macro_export]
+macro_rules! on_both_backends {
+    (sqlite: $sqlite:path, postgres: $postgres:path; $($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(backend) = $postgres().await else { return };
+                    super::$name(backend).await;
+                }
+            )*
+        }
+    };
+}

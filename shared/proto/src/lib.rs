@@ -69,7 +69,14 @@ pub mod vocabulary {
     }
 }
 
-/// The `clm.*` protobuf packages.
+/// The `clm.*` protobuf packages. Their doc comments are the contract's
+/// comments, written for every language's readers (`custom.<name>`), not as
+/// rustdoc markup.
+#[allow(
+    rustdoc::invalid_html_tags,
+    rustdoc::bare_urls,
+    rustdoc::broken_intra_doc_links
+)]
 pub mod clm {
     /// Messages shared by every service.
     pub mod common {
