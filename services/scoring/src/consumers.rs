@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clm_eventlog::ShardFilter;
-use clm_eventlog::consumer::cursors::KnownCursors;
+use clm_eventlog::consumer::cursors::CursorMove;
 use clm_eventlog::consumer::{ConsumeError, Projection};
 use clm_eventlog::customer_events::{self, CustomerLogChange};
 use clm_platform::service::PeerChannel;
@@ -35,16 +35,12 @@ pub const CUSTOMERS_CONSUMER: &str = "identity.customer_events";
 /// Folds touchpoints into features and evaluates.
 pub struct TouchpointProjection {
     scorer: Arc<Scorer>,
-    cursors: KnownCursors,
 }
 
 impl TouchpointProjection {
     /// A projection through `scorer`.
     pub fn new(scorer: Arc<Scorer>) -> Self {
-        Self {
-            scorer,
-            cursors: KnownCursors::default(),
-        }
+        Self { scorer }
     }
 }
 
@@ -52,14 +48,16 @@ impl TouchpointProjection {
 impl Projection for TouchpointProjection {
     type Entry = touchpoint_pb::TouchpointLogEntry;
 
+    fn cursor_name(&self) -> &'static str {
+        TOUCHPOINTS_CONSUMER
+    }
+
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
-        let cursor = self
-            .scorer
+        self.scorer
             .store()
             .saved_cursor(TOUCHPOINTS_CONSUMER, shard)
             .await
-            .map_err(ConsumeError::new)?;
-        Ok(self.cursors.loaded(shard, cursor))
+            .map_err(ConsumeError::new)
     }
 
     fn max_batch(&self) -> usize {
@@ -69,15 +67,13 @@ impl Projection for TouchpointProjection {
     async fn apply(
         &self,
         batch: Vec<Self::Entry>,
-        cursor: &str,
-        shard: ShardFilter,
+        cursor: &CursorMove,
     ) -> Result<(), ConsumeError> {
-        let change = self.cursors.next_move(TOUCHPOINTS_CONSUMER, shard, cursor);
+        let change = cursor.clone();
         self.scorer
             .apply_touchpoints(&batch, change)
             .await
             .map_err(ConsumeError::new)?;
-        self.cursors.set(shard, cursor);
         Ok(())
     }
 }
@@ -88,7 +84,6 @@ pub struct CustomerEventProjection {
     scorer: Arc<Scorer>,
     identity: CustomerServiceClient<PeerChannel>,
     timeout: Duration,
-    cursors: KnownCursors,
 }
 
 impl CustomerEventProjection {
@@ -98,7 +93,6 @@ impl CustomerEventProjection {
             scorer,
             identity: CustomerServiceClient::new(identity),
             timeout,
-            cursors: KnownCursors::default(),
         }
     }
 
@@ -195,21 +189,22 @@ fn wanted(event: &identity_pb::CustomerEvent) -> Option<Wanted> {
 impl Projection for CustomerEventProjection {
     type Entry = identity_pb::CustomerEvent;
 
+    fn cursor_name(&self) -> &'static str {
+        CUSTOMERS_CONSUMER
+    }
+
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
-        let cursor = self
-            .scorer
+        self.scorer
             .store()
             .saved_cursor(CUSTOMERS_CONSUMER, shard)
             .await
-            .map_err(ConsumeError::new)?;
-        Ok(self.cursors.loaded(shard, cursor))
+            .map_err(ConsumeError::new)
     }
 
     async fn apply(
         &self,
         batch: Vec<Self::Entry>,
-        cursor: &str,
-        shard: ShardFilter,
+        cursor: &CursorMove,
     ) -> Result<(), ConsumeError> {
         let wanted: Vec<Wanted> = batch.iter().filter_map(wanted).collect();
         let to_read: HashSet<Uuid> = wanted.iter().filter_map(Wanted::profile_to_read).collect();
@@ -218,12 +213,11 @@ impl Projection for CustomerEventProjection {
             .into_iter()
             .filter_map(|w| w.into_change(&profiles))
             .collect();
-        let change = self.cursors.next_move(CUSTOMERS_CONSUMER, shard, cursor);
+        let change = cursor.clone();
         self.scorer
             .apply_customer_changes(&changes, change)
             .await
             .map_err(ConsumeError::new)?;
-        self.cursors.set(shard, cursor);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use clm_eventlog::ShardFilter;
-use clm_eventlog::consumer::cursors::KnownCursors;
+use clm_eventlog::consumer::cursors::CursorMove;
 use clm_eventlog::consumer::{ConsumeError, Projection};
 use clm_eventlog::customer_events::{self, CustomerLogChange};
 use clm_proto::identity as identity_pb;
@@ -23,17 +23,12 @@ pub const CONSUMER_NAME: &str = "identity.customer_events";
 pub struct TouchpointCustomerProjection {
     store: Arc<dyn TouchpointStore>,
     resolver: IdentityResolver,
-    cursors: KnownCursors,
 }
 
 impl TouchpointCustomerProjection {
     /// A projection into `store` that also clears `resolver`'s cache.
     pub fn new(store: Arc<dyn TouchpointStore>, resolver: IdentityResolver) -> Self {
-        Self {
-            store,
-            resolver,
-            cursors: KnownCursors::default(),
-        }
+        Self { store, resolver }
     }
 }
 
@@ -64,28 +59,27 @@ pub fn change_of(event: &identity_pb::CustomerEvent) -> Option<CustomerChange> {
 impl Projection for TouchpointCustomerProjection {
     type Entry = identity_pb::CustomerEvent;
 
+    fn cursor_name(&self) -> &'static str {
+        CONSUMER_NAME
+    }
+
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
-        let cursor = self
-            .store
+        self.store
             .saved_cursor(CONSUMER_NAME, shard)
             .await
-            .map_err(ConsumeError::new)?;
-        Ok(self.cursors.loaded(shard, cursor))
+            .map_err(ConsumeError::new)
     }
 
     async fn apply(
         &self,
         batch: Vec<Self::Entry>,
-        cursor: &str,
-        shard: ShardFilter,
+        cursor: &CursorMove,
     ) -> Result<(), ConsumeError> {
         let changes: Vec<CustomerChange> = batch.iter().filter_map(change_of).collect();
-        let change = self.cursors.next_move(CONSUMER_NAME, shard, cursor);
         self.store
-            .apply_customer_changes(&changes, &change)
+            .apply_customer_changes(&changes, cursor)
             .await
             .map_err(ConsumeError::new)?;
-        self.cursors.set(shard, cursor);
         for change in &changes {
             match change {
                 CustomerChange::Merged(merge) => self.resolver.forget(merge.merged_id),

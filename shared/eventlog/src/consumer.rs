@@ -56,6 +56,9 @@ pub trait Projection: Send + Sync + 'static {
     /// The entry type.
     type Entry: Send + 'static;
 
+    /// The name its cursors are saved under in `log_cursors`.
+    fn cursor_name(&self) -> &'static str;
+
     /// The cursor saved with the state (empty: nothing consumed yet).
     async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError>;
 
@@ -67,12 +70,14 @@ pub trait Projection: Send + Sync + 'static {
         usize::MAX
     }
 
-    /// Applies a batch and saves `cursor` (the last entry's) atomically.
+    /// Applies a batch and moves the cursor (from the one read to the
+    /// batch's last entry's) in the same transaction, by compare-and-set
+    /// ([`cursors::move_postgres`], [`cursors::move_sqlite`]): when the
+    /// cursor is no longer the one read, nothing is applied.
     async fn apply(
         &self,
         batch: Vec<Self::Entry>,
-        cursor: &str,
-        shard: ShardFilter,
+        cursor: &cursors::CursorMove,
     ) -> Result<(), ConsumeError>;
 }
 
@@ -138,7 +143,7 @@ where
     S: LogSource,
     P: Projection<Entry = S::Entry>,
 {
-    let cursor = projection.saved_cursor(shard).await?;
+    let mut cursor = projection.saved_cursor(shard).await?;
     let mut stream = source.open(&cursor, shard).await?;
     loop {
         let batch = tokio::select! {
@@ -155,9 +160,16 @@ where
         while !batch.is_empty() {
             let rest = batch.split_off(batch.len().min(projection.max_batch().max(1)));
             let last = batch.last().map(|p| p.cursor.clone()).unwrap_or_default();
+            let moved = cursors::CursorMove {
+                consumer: projection.cursor_name(),
+                shard,
+                expected: std::mem::take(&mut cursor),
+                new: last,
+            };
             projection
-                .apply(batch.into_iter().map(|p| p.entry).collect(), &last, shard)
+                .apply(batch.into_iter().map(|p| p.entry).collect(), &moved)
                 .await?;
+            cursor = moved.new;
             batch = rest;
         }
         // A batch went through: the next failure starts with a short wait.
@@ -174,9 +186,6 @@ where
 /// the same cursor can never apply an entry twice, because its save finds
 /// the cursor already moved and its transaction rolls back.
 pub mod cursors {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-
     use super::*;
 
     /// A consumer's cursor moving from `expected` to `new`.
@@ -196,50 +205,6 @@ pub mod cursors {
     #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
     #[error("the cursor of {0} moved since it was read: another writer applied the batch")]
     pub struct CursorMoved(pub String);
-
-    /// What a consumer process last read or saved, per shard: the expected
-    /// value of its next save.
-    #[derive(Debug, Default)]
-    pub struct KnownCursors(Mutex<HashMap<(u32, u32), String>>);
-
-    impl KnownCursors {
-        /// Remembers `cursor` as read or saved for `shard`.
-        pub fn set(&self, shard: ShardFilter, cursor: &str) {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((shard.index, shard.count), cursor.to_owned());
-        }
-
-        /// Remembers and returns the cursor just loaded for `shard`.
-        pub fn loaded(&self, shard: ShardFilter, cursor: String) -> String {
-            self.set(shard, &cursor);
-            cursor
-        }
-
-        /// The move of `consumer`'s cursor on `shard` to `cursor`, from what
-        /// was last read or saved.
-        pub fn next_move(
-            &self,
-            consumer: &'static str,
-            shard: ShardFilter,
-            cursor: &str,
-        ) -> CursorMove {
-            let expected = self
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&(shard.index, shard.count))
-                .cloned()
-                .unwrap_or_default();
-            CursorMove {
-                consumer,
-                shard,
-                expected,
-                new: cursor.to_owned(),
-            }
-        }
-    }
 
     /// The cursor saved for `consumer` and `shard` (empty when none).
     pub async fn load(

@@ -89,7 +89,6 @@ mod tests {
             merge_id: merge.to_string(),
             merged_id: merged.to_string(),
             survivor_id: survivor.to_string(),
-            ..Default::default()
         });
         assert_eq!(change_of(&event(merged, change.clone())), None);
         assert_eq!(
@@ -106,12 +105,7 @@ mod tests {
     #[test]
     fn profiles_erasures_and_what_asks_nothing() {
         let ada = Uuid::now_v7();
-        let created = |anonymous| {
-            Change::Created(CustomerCreated {
-                anonymous,
-                ..Default::default()
-            })
-        };
+        let created = |anonymous| Change::Created(CustomerCreated { anonymous });
         let profile = Some(CustomerLogChange::Profile { customer_id: ada });
         assert_eq!(change_of(&event(ada, created(false))), profile);
         assert_eq!(change_of(&event(ada, created(true))), None);

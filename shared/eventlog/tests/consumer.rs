@@ -4,6 +4,7 @@
 
 #![allow(missing_docs)]
 
+use clm_eventlog::consumer::cursors::CursorMove;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -78,22 +79,25 @@ struct Summing {
 impl Projection for Summing {
     type Entry = u64;
 
+    fn cursor_name(&self) -> &'static str {
+        "summing"
+    }
+
     async fn saved_cursor(&self, _shard: ShardFilter) -> Result<String, ConsumeError> {
         Ok(self.state.lock().await.1.clone())
     }
 
-    async fn apply(
-        &self,
-        batch: Vec<u64>,
-        cursor: &str,
-        _shard: ShardFilter,
-    ) -> Result<(), ConsumeError> {
+    async fn apply(&self, batch: Vec<u64>, cursor: &CursorMove) -> Result<(), ConsumeError> {
         if self.attempts.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
             return Err(ConsumeError::new("crashed before commit"));
         }
         let mut state = self.state.lock().await;
+        // The save is a compare-and-set on the cursor the consumer read.
+        if state.1 != cursor.expected {
+            return Err(ConsumeError::new("the cursor moved"));
+        }
         state.0 += batch.iter().sum::<u64>();
-        state.1 = cursor.to_owned();
+        state.1 = cursor.new.clone();
         Ok(())
     }
 }
