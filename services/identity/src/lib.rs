@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use clm_platform::cache::{VersionedCache, backend_from_config};
 use clm_platform::db::DatabaseKind;
-use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
+use clm_platform::service::{Configured, Service, ServiceInfo, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 
 use crate::directory::CustomerDirectory;
@@ -84,28 +84,8 @@ impl IdentityConfig {
 pub struct Identity;
 
 impl Service for Identity {
-    fn name(&self) -> &'static str {
-        SERVICE_NAME
-    }
-
-    fn about(&self) -> &'static str {
-        "Customer profiles and identities"
-    }
-
-    fn grpc_services(&self) -> &'static [&'static str] {
-        &["clm.identity.v1.CustomerService"]
-    }
-
-    fn calls(&self) -> &'static [&'static str] {
-        &[]
-    }
-
-    fn smoke_call(&self) -> SmokeCall {
-        SmokeCall {
-            service: "clm.identity.v1.CustomerService",
-            method: "ListCustomers",
-            request: r#"{"page_size": 10}"#,
-        }
+    fn info(&self) -> &'static ServiceInfo {
+        &INFO
     }
 
     fn configure(
@@ -116,6 +96,19 @@ impl Service for Identity {
         Ok(Box::new(IdentityConfig::from_env(platform, env)?))
     }
 }
+
+/// What the binary and the deploy manifests know of this service.
+const INFO: ServiceInfo = ServiceInfo {
+    name: SERVICE_NAME,
+    about: "Customer profiles and identities",
+    grpc_services: &["clm.identity.v1.CustomerService"],
+    calls: &[],
+    smoke_call: SmokeCall {
+        service: "clm.identity.v1.CustomerService",
+        method: "ListCustomers",
+        request: r#"{"page_size": 10}"#,
+    },
+};
 
 #[async_trait]
 impl Configured for IdentityConfig {

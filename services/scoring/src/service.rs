@@ -11,7 +11,7 @@ use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
 use clm_eventlog::sources::{CustomerEvents, GrpcLogSource, TouchpointLog};
 use clm_platform::server::Shutdown;
-use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
+use clm_platform::service::{Configured, Service, ServiceInfo, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 use clm_proto::scoring as pb;
 use tokio::sync::Notify;
@@ -99,29 +99,8 @@ const TOUCHPOINTS: &str = "touchpoints";
 pub struct Scoring;
 
 impl Service for Scoring {
-    fn name(&self) -> &'static str {
-        SERVICE_NAME
-    }
-
-    fn about(&self) -> &'static str {
-        "Lifecycle stages, scores, models and transitions"
-    }
-
-    fn grpc_services(&self) -> &'static [&'static str] {
-        &["clm.scoring.v1.LifecycleService"]
-    }
-
-    fn calls(&self) -> &'static [&'static str] {
-        &[TOUCHPOINTS, IDENTITY]
-    }
-
-    fn smoke_call(&self) -> SmokeCall {
-        // A fresh database already holds the default model.
-        SmokeCall {
-            service: "clm.scoring.v1.LifecycleService",
-            method: "ListModels",
-            request: r#"{"page_size": 10}"#,
-        }
+    fn info(&self) -> &'static ServiceInfo {
+        &INFO
     }
 
     fn configure(
@@ -132,6 +111,20 @@ impl Service for Scoring {
         Ok(Box::new(ScoringConfig::from_env(platform, env)?))
     }
 }
+
+/// What the binary and the deploy manifests know of this service.
+const INFO: ServiceInfo = ServiceInfo {
+    name: SERVICE_NAME,
+    about: "Lifecycle stages, scores, models and transitions",
+    grpc_services: &["clm.scoring.v1.LifecycleService"],
+    calls: &[TOUCHPOINTS, IDENTITY],
+    // A fresh database already holds the default model.
+    smoke_call: SmokeCall {
+        service: "clm.scoring.v1.LifecycleService",
+        method: "ListModels",
+        request: r#"{"page_size": 10}"#,
+    },
+};
 
 #[async_trait]
 impl Configured for ScoringConfig {

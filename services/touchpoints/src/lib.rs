@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
-use clm_platform::service::{Configured, Service, SmokeCall, StartContext};
+use clm_platform::service::{Configured, Service, ServiceInfo, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 
 use crate::grpc::TouchpointGrpc;
@@ -72,30 +72,8 @@ impl TouchpointsConfig {
 pub struct Touchpoints;
 
 impl Service for Touchpoints {
-    fn name(&self) -> &'static str {
-        SERVICE_NAME
-    }
-
-    fn about(&self) -> &'static str {
-        "Interactions, timelines and the touchpoint log"
-    }
-
-    fn grpc_services(&self) -> &'static [&'static str] {
-        &["clm.touchpoint.v1.TouchpointService"]
-    }
-
-    fn calls(&self) -> &'static [&'static str] {
-        &[IDENTITY]
-    }
-
-    fn smoke_call(&self) -> SmokeCall {
-        // Any valid UUID works on an empty database: no touchpoints, an
-        // empty count, and no call to identity.
-        SmokeCall {
-            service: "clm.touchpoint.v1.TouchpointService",
-            method: "CountTouchpoints",
-            request: r#"{"customer_id": "0190c2a8-1b2c-7d3e-8f40-516273849506"}"#,
-        }
+    fn info(&self) -> &'static ServiceInfo {
+        &INFO
     }
 
     fn configure(
@@ -106,6 +84,21 @@ impl Service for Touchpoints {
         Ok(Box::new(TouchpointsConfig::from_env(platform, env)?))
     }
 }
+
+/// What the binary and the deploy manifests know of this service.
+const INFO: ServiceInfo = ServiceInfo {
+    name: SERVICE_NAME,
+    about: "Interactions, timelines and the touchpoint log",
+    grpc_services: &["clm.touchpoint.v1.TouchpointService"],
+    calls: &[IDENTITY],
+    // Any valid UUID works on an empty database: no touchpoints, an empty
+    // count, and no call to identity.
+    smoke_call: SmokeCall {
+        service: "clm.touchpoint.v1.TouchpointService",
+        method: "CountTouchpoints",
+        request: r#"{"customer_id": "0190c2a8-1b2c-7d3e-8f40-516273849506"}"#,
+    },
+};
 
 /// The service that resolves customers and whose log touchpoints follows.
 const IDENTITY: &str = "identity";

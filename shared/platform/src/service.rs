@@ -40,27 +40,56 @@ pub struct SmokeCall {
     pub request: &'static str,
 }
 
-/// A service of the binary.
-pub trait Service: Send + Sync + 'static {
+/// What the binary, the deploy manifests and `clm services` know of a
+/// service without starting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceInfo {
     /// Its name in `clm serve <name>`, `clm migrate <name>`, its
     /// `CLM_<NAME>_*` settings (`CLM_<NAME>_URL` is where callers reach it)
     /// and its entry in the Helm chart.
-    fn name(&self) -> &'static str;
+    pub name: &'static str,
     /// What it does, in a line.
-    fn about(&self) -> &'static str;
+    pub about: &'static str,
     /// The gRPC services it serves, fully qualified; health probes check
     /// the first.
-    fn grpc_services(&self) -> &'static [&'static str];
+    pub grpc_services: &'static [&'static str],
     /// The services it calls, by name.
-    fn calls(&self) -> &'static [&'static str];
+    pub calls: &'static [&'static str],
     /// A call that shows it works, on an empty database.
-    fn smoke_call(&self) -> SmokeCall;
+    pub smoke_call: SmokeCall,
+}
+
+/// A service of the binary.
+pub trait Service: Send + Sync + 'static {
+    /// What it is.
+    fn info(&self) -> &'static ServiceInfo;
     /// Reads and checks its settings; opens nothing.
     fn configure(
         &self,
         platform: &PlatformConfig,
         env: &Env,
     ) -> Result<Box<dyn Configured>, ConfigError>;
+
+    /// Its name ([`ServiceInfo::name`]).
+    fn name(&self) -> &'static str {
+        self.info().name
+    }
+    /// What it does ([`ServiceInfo::about`]).
+    fn about(&self) -> &'static str {
+        self.info().about
+    }
+    /// Its gRPC services ([`ServiceInfo::grpc_services`]).
+    fn grpc_services(&self) -> &'static [&'static str] {
+        self.info().grpc_services
+    }
+    /// The services it calls ([`ServiceInfo::calls`]).
+    fn calls(&self) -> &'static [&'static str] {
+        self.info().calls
+    }
+    /// Its smoke call ([`ServiceInfo::smoke_call`]).
+    fn smoke_call(&self) -> SmokeCall {
+        self.info().smoke_call
+    }
 }
 
 /// A service with its settings read, ready to migrate or start.
@@ -452,27 +481,28 @@ mod tests {
         });
     }
 
-    struct Fake(&'static str, &'static [&'static str]);
+    struct Fake(&'static ServiceInfo);
 
-    impl Service for Fake {
-        fn name(&self) -> &'static str {
-            self.0
-        }
-        fn about(&self) -> &'static str {
-            ""
-        }
-        fn grpc_services(&self) -> &'static [&'static str] {
-            &[]
-        }
-        fn calls(&self) -> &'static [&'static str] {
-            self.1
-        }
-        fn smoke_call(&self) -> SmokeCall {
-            SmokeCall {
+    const fn info(name: &'static str, calls: &'static [&'static str]) -> ServiceInfo {
+        ServiceInfo {
+            name,
+            about: "",
+            grpc_services: &[],
+            calls,
+            smoke_call: SmokeCall {
                 service: "",
                 method: "",
                 request: "{}",
-            }
+            },
+        }
+    }
+
+    static IDENTITY: ServiceInfo = info("identity", &[]);
+    static TOUCHPOINTS: ServiceInfo = info("touchpoints", &["identity"]);
+
+    impl Service for Fake {
+        fn info(&self) -> &'static ServiceInfo {
+            self.0
         }
         fn configure(
             &self,
@@ -485,22 +515,21 @@ mod tests {
 
     #[test]
     fn callees_are_here_or_at_their_url_or_a_named_error() {
-        let identity = Fake("identity", &[]);
-        let touchpoints = Fake("touchpoints", &["identity"]);
+        let (identity, touchpoints) = (&Fake(&IDENTITY), &Fake(&TOUCHPOINTS));
         let env = Env::from_pairs([("CLM_TOUCHPOINTS_URL", "http://elsewhere:1")]);
-        let here = Peers::configure(&[&identity, &touchpoints], &env)
+        let here = Peers::configure(&[identity, touchpoints], &env)
             .unwrap()
             .served_at("0.0.0.0:7".parse().unwrap());
         assert_eq!(here.url("identity").unwrap(), "http://127.0.0.1:7");
-        let err = Peers::configure(&[&touchpoints], &env).unwrap_err();
+        let err = Peers::configure(&[touchpoints], &env).unwrap_err();
         assert!(err.to_string().contains("CLM_IDENTITY_URL"), "{err}");
         for bad in ["not a url", "x", "clm-identity:50051", "ftp://clm-identity"] {
             let env = Env::from_pairs([("CLM_IDENTITY_URL", bad)]);
-            let err = Peers::configure(&[&touchpoints], &env).unwrap_err();
+            let err = Peers::configure(&[touchpoints], &env).unwrap_err();
             assert!(err.to_string().contains("not a valid URL"), "{bad}: {err}");
         }
         let env = Env::from_pairs([("CLM_IDENTITY_URL", "http://clm-identity:50051")]);
-        let remote = Peers::configure(&[&touchpoints], &env).unwrap();
+        let remote = Peers::configure(&[touchpoints], &env).unwrap();
         assert_eq!(remote.url("identity").unwrap(), "http://clm-identity:50051");
     }
 }
