@@ -262,9 +262,34 @@ struct StatusRewriteService<S> {
 static DATABASE_UNAVAILABLE_ANSWERS: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
 
+tokio::task_local! {
+    /// When the caller of the call being served gives up (its
+    /// `grpc-timeout`), for the calls this one makes in turn.
+    static CALLER_DEADLINE: tokio::time::Instant;
+}
+
+/// The deadline of the call this code serves, when its caller set one; the
+/// calls it makes to other services carry what is left of it
+/// ([`crate::service::PeerChannel`]).
+pub fn caller_deadline() -> Option<tokio::time::Instant> {
+    CALLER_DEADLINE.try_with(|deadline| *deadline).ok()
+}
+
+/// Runs `future` (the serving of one call) with `deadline` as the caller's.
+pub fn with_caller_deadline<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    future: F,
+) -> impl std::future::Future<Output = F::Output> {
+    CALLER_DEADLINE.scope(deadline, future)
+}
+
 /// The caller's deadline (`grpc-timeout`: up to 8 digits and a unit).
 fn caller_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let raw = headers.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit.
+pub(crate) fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
     let value: u64 = digits.parse().ok()?;
     Some(match unit {
@@ -351,7 +376,15 @@ where
         // in this process, cannot.
         let budget = (!self.database_wait.is_zero() && crate::db::watches_databases())
             .then(|| call_budget(request.headers(), self.database_wait));
+        let deadline =
+            caller_timeout(request.headers()).map(|timeout| tokio::time::Instant::now() + timeout);
         let response = self.inner.call(request);
+        let response = async move {
+            match deadline {
+                Some(deadline) => with_caller_deadline(deadline, response).await,
+                None => response.await,
+            }
+        };
         Box::pin(async move {
             let response = match budget {
                 Some(budget) => within_budget(response, budget, &rewrite.path).await?,
@@ -729,8 +762,9 @@ mod tests {
         assert!(server_side.nodelay().unwrap());
     }
 
-    /// A gRPC service that answers nothing, standing for a service whose
-    /// background task dies.
+    /// A gRPC service that serves nothing: it stands for a service whose
+    /// background task dies, and answers every call FAILED_PRECONDITION
+    /// saying how long was left of the caller's deadline as it served it.
     #[derive(Clone)]
     struct Unserved;
 
@@ -741,7 +775,9 @@ mod tests {
     impl tower::Service<http::Request<tonic::body::Body>> for Unserved {
         type Response = http::Response<tonic::body::Body>;
         type Error = std::convert::Infallible;
-        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        type Future = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+        >;
 
         fn poll_ready(
             &mut self,
@@ -751,7 +787,14 @@ mod tests {
         }
 
         fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
-            std::future::ready(Ok(tonic::Status::unimplemented("unserved").into_http()))
+            Box::pin(async {
+                let left = caller_deadline().map(|deadline| {
+                    deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .as_millis()
+                });
+                Ok(tonic::Status::failed_precondition(format!("left {left:?}")).into_http())
+            })
         }
     }
 
@@ -766,6 +809,66 @@ mod tests {
             .await
             .map(|response| response.into_inner().status)
             .unwrap_or(-1)
+    }
+
+    #[tokio::test]
+    async fn a_call_is_served_knowing_its_callers_deadline() {
+        let config = PlatformConfig::from_env(&crate::Env::from_pairs([(
+            "CLM_SHUTDOWN_DELAY_SECONDS",
+            "0",
+        )]))
+        .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut mounted = Mounted::new();
+        mounted.add(Unserved);
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            let tasks = crate::service::Tasks::new();
+            async move { serve(&config, listener, mounted, tasks, shutdown).await }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        let call = |timeout: Option<Duration>| {
+            let mut client = tonic::client::Grpc::new(channel.clone());
+            async move {
+                let mut request =
+                    tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+                if let Some(timeout) = timeout {
+                    request.set_timeout(timeout);
+                }
+                client.ready().await.unwrap();
+                client
+                    .unary::<_, tonic_health::pb::HealthCheckResponse, _>(
+                        request,
+                        http::uri::PathAndQuery::from_static("/clm.test.v1.Unserved/Any"),
+                        tonic_prost::ProstCodec::default(),
+                    )
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let mut answer = call(None).await;
+        for _ in 0..50 {
+            if answer.code() == tonic::Code::FailedPrecondition {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            answer = call(None).await;
+        }
+        assert_eq!(answer.message(), "left None");
+        let answer = call(Some(Duration::from_secs(2))).await;
+        let left: u128 = answer
+            .message()
+            .strip_prefix("left Some(")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or_else(|| panic!("{answer:?}"));
+        assert!((1000..=2000).contains(&left), "{left} ms left of 2 s");
+        shutdown.trigger_immediately();
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -209,7 +209,8 @@ impl Peers {
 
 /// A channel from one clm service to another. Every call on it carries the
 /// trace context of the span it is made in, so the callee's work joins the
-/// caller's trace.
+/// caller's trace, and at most what is left of the deadline of the call
+/// being served, so a callee never works for a caller that gave up.
 pub type PeerChannel = InterceptedService<Channel, Outgoing>;
 
 /// What every call between services gets on its way out.
@@ -222,6 +223,20 @@ impl Interceptor for Outgoing {
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
         crate::telemetry::inject_context(&mut request);
+        if let Some(deadline) = crate::server::caller_deadline() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(tonic::Status::deadline_exceeded(
+                    "the deadline of the call being served has passed",
+                ));
+            }
+            let own = request
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|value| value.to_str().ok())
+                .and_then(crate::server::parse_grpc_timeout);
+            request.set_timeout(own.map_or(left, |own| own.min(left)));
+        }
         Ok(request)
     }
 }
@@ -479,6 +494,46 @@ mod tests {
                 "{traceparent} is not in trace {trace_id}"
             );
         });
+    }
+
+    fn timeout_of(request: &tonic::Request<()>) -> Option<Duration> {
+        crate::server::parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+    }
+
+    #[tokio::test]
+    async fn calls_between_services_carry_what_is_left_of_the_callers_deadline() {
+        let mut own = tonic::Request::new(());
+        own.set_timeout(Duration::from_secs(5));
+        // Not serving a call: the call's own timeout, or none.
+        assert_eq!(
+            timeout_of(&Outgoing.call(own).unwrap()),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            timeout_of(&Outgoing.call(tonic::Request::new(())).unwrap()),
+            None
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        crate::server::with_caller_deadline(deadline, async {
+            let mut own = tonic::Request::new(());
+            own.set_timeout(Duration::from_secs(5));
+            let left = timeout_of(&Outgoing.call(own).unwrap()).unwrap();
+            assert!(left <= Duration::from_millis(300), "{left:?}");
+            assert!(left > Duration::from_millis(100), "{left:?}");
+            let mut shorter = tonic::Request::new(());
+            shorter.set_timeout(Duration::from_millis(50));
+            assert_eq!(
+                timeout_of(&Outgoing.call(shorter).unwrap()),
+                Some(Duration::from_millis(50))
+            );
+        })
+        .await;
+        let passed = tokio::time::Instant::now() - Duration::from_millis(1);
+        crate::server::with_caller_deadline(passed, async {
+            let status = Outgoing.call(tonic::Request::new(())).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        })
+        .await;
     }
 
     struct Fake(&'static ServiceInfo);
