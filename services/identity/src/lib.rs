@@ -113,8 +113,7 @@ const INFO: ServiceInfo = ServiceInfo {
 #[async_trait]
 impl Configured for IdentityConfig {
     async fn migrate(&self) -> anyhow::Result<()> {
-        store::MIGRATIONS.open(&self.database_url, 2, true).await?;
-        Ok(())
+        store::MIGRATIONS.apply(&self.database_url).await
     }
 
     async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {

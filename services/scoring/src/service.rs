@@ -129,8 +129,7 @@ const INFO: ServiceInfo = ServiceInfo {
 #[async_trait]
 impl Configured for ScoringConfig {
     async fn migrate(&self) -> anyhow::Result<()> {
-        store::MIGRATIONS.open(&self.database_url, 2, true).await?;
-        Ok(())
+        store::MIGRATIONS.apply(&self.database_url).await
     }
 
     /// Connects, migrates when asked to, installs the default model, starts

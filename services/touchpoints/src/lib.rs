@@ -106,8 +106,7 @@ const IDENTITY: &str = "identity";
 #[async_trait]
 impl Configured for TouchpointsConfig {
     async fn migrate(&self) -> anyhow::Result<()> {
-        store::MIGRATIONS.open(&self.database_url, 2, true).await?;
-        Ok(())
+        store::MIGRATIONS.apply(&self.database_url).await
     }
 
     /// Connects, migrates when asked to, starts the identity event consumer

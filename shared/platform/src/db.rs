@@ -412,6 +412,12 @@ impl ServiceMigrations {
 }
 
 impl ServiceMigrations {
+    /// Applies the migrations to a service's database (`clm migrate`).
+    pub async fn apply(&self, url: &Secret) -> anyhow::Result<()> {
+        self.open(url, 2, true).await?;
+        Ok(())
+    }
+
     /// Opens a service's database for serving: applies the migrations when
     /// `migrate` is set (`CLM_MIGRATE_ON_START`), otherwise checks that they
     /// were applied (by `clm migrate`), so a service never runs against a

@@ -798,6 +798,34 @@ mod tests {
         }
     }
 
+    /// Serves `mounted` and `tasks` on a free port with no shutdown delay:
+    /// a channel to it, its shutdown, and the serving task.
+    async fn serve_for_test(
+        mounted: Mounted,
+        tasks: crate::service::Tasks,
+    ) -> (
+        tonic::transport::Channel,
+        Shutdown,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let config = PlatformConfig::from_env(&crate::Env::from_pairs([(
+            "CLM_SHUTDOWN_DELAY_SECONDS",
+            "0",
+        )]))
+        .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { serve(&config, listener, mounted, tasks, shutdown).await }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        (channel, shutdown, server)
+    }
+
     async fn health_of(
         client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
         service: &str,
@@ -813,24 +841,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_is_served_knowing_its_callers_deadline() {
-        let config = PlatformConfig::from_env(&crate::Env::from_pairs([(
-            "CLM_SHUTDOWN_DELAY_SECONDS",
-            "0",
-        )]))
-        .unwrap();
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let address = listener.local_addr().unwrap();
         let mut mounted = Mounted::new();
         mounted.add(Unserved);
-        let shutdown = Shutdown::new();
-        let server = tokio::spawn({
-            let shutdown = shutdown.clone();
-            let tasks = crate::service::Tasks::new();
-            async move { serve(&config, listener, mounted, tasks, shutdown).await }
-        });
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
-            .connect_lazy();
+        let (channel, shutdown, server) =
+            serve_for_test(mounted, crate::service::Tasks::new()).await;
         let call = |timeout: Option<Duration>| {
             let mut client = tonic::client::Grpc::new(channel.clone());
             async move {
@@ -873,13 +887,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_background_task_turns_its_service_and_the_process_not_serving() {
-        let config = PlatformConfig::from_env(&crate::Env::from_pairs([(
-            "CLM_SHUTDOWN_DELAY_SECONDS",
-            "0",
-        )]))
-        .unwrap();
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let address = listener.local_addr().unwrap();
         let mut mounted = Mounted::new();
         mounted.for_service("broken").add(Unserved);
         let mut tasks = crate::service::Tasks::new();
@@ -890,14 +897,7 @@ mod tests {
                 let _ = failed.await;
                 anyhow::bail!("its log is gone")
             });
-        let shutdown = Shutdown::new();
-        let server = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { serve(&config, listener, mounted, tasks, shutdown).await }
-        });
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .unwrap()
-            .connect_lazy();
+        let (channel, shutdown, server) = serve_for_test(mounted, tasks).await;
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
         let serving = ServingStatus::Serving as i32;
         let not_serving = ServingStatus::NotServing as i32;
