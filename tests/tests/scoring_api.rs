@@ -1689,3 +1689,141 @@ async fn a_live_trickle_and_a_replay_give_the_same_history_on_postgres() {
     )
     .await;
 }
+
+/// How long a scoring replica's shard lease lasts in the replica tests.
+const LEASE_MS: u64 = 2000;
+
+/// A scoring replica on `database` dividing 8 shards with the others.
+async fn scoring_replica(upstream: &ClmServer, database: &clm_platform::Secret) -> ClmServer {
+    ClmServer::start(
+        &["serve", "scoring"],
+        &[
+            ("CLM_SCORING_DATABASE_URL", database.expose().to_owned()),
+            ("CLM_IDENTITY_URL", upstream.endpoint()),
+            ("CLM_TOUCHPOINTS_URL", upstream.endpoint()),
+            ("CLM_SCORING_LOG_SHARDS", "8".to_owned()),
+            ("CLM_SHARD_LEASE_MS", LEASE_MS.to_string()),
+        ],
+    )
+    .await
+    .expect("start a scoring replica")
+}
+
+/// The shards of the scoring database's touchpoint log each process (by
+/// pid) holds an unexpired lease on.
+async fn lease_holders(database: &clm_platform::Secret) -> BTreeMap<u32, Vec<i32>> {
+    use sqlx::Connection as _;
+    let mut connection = sqlx::PgConnection::connect(database.expose())
+        .await
+        .expect("connect to the scoring database");
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT owner, shard_index FROM scoring.shard_leases \
+         WHERE lease_group = 'scoring.shards' AND shard_count = 8 AND owner <> '' \
+           AND expires_at > clock_timestamp() ORDER BY shard_index",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("read the shard leases");
+    let mut holders: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
+    for (owner, shard) in rows {
+        // The owner is "<host>/<pid>/<instance>".
+        let pid = owner
+            .split('/')
+            .nth(1)
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("an owner without a pid: {owner}"));
+        holders.entry(pid).or_default().push(shard);
+    }
+    holders
+}
+
+/// Waits until exactly `replicas` hold every one of the 8 shards, each
+/// its fair share; returns how long that took.
+async fn split_among(database: &clm_platform::Secret, replicas: &[&ClmServer]) -> Duration {
+    let started = tokio::time::Instant::now();
+    let pids: Vec<u32> = replicas.iter().map(|r| r.pid()).collect();
+    let share = 8_usize.div_ceil(pids.len());
+    let mut last = BTreeMap::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        last = lease_holders(database).await;
+        let held: usize = last.values().map(Vec::len).sum();
+        let fair = last.len() == pids.len()
+            && pids.iter().all(|pid| {
+                last.get(pid)
+                    .is_some_and(|shards| shards.len() <= share && shards.len() + 1 >= share)
+            });
+        if held == 8 && fair {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the 8 shards were never split among {pids:?}: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_split_the_shards_and_take_over_from_a_killed_or_frozen_one() {
+    let Some(upstream_db) = clm_platform::testing::fresh_postgres_database("scoring_replicas").await
+    else {
+        return;
+    };
+    let scoring_db = clm_platform::testing::fresh_postgres_database("scoring_replicas")
+        .await
+        .expect("a second database");
+    let upstream = ClmServer::start(
+        &["serve", "identity", "touchpoints"],
+        &[("CLM_DATABASE_URL", upstream_db.expose().to_owned())],
+    )
+    .await
+    .expect("start clm");
+    let mut clients = Clients {
+        identity: CustomerServiceClient::new(upstream.channel().await),
+        touchpoints: TouchpointServiceClient::new(upstream.channel().await),
+        scoring: LifecycleServiceClient::new(upstream.channel().await),
+    };
+    let first = scoring_replica(&upstream, &scoring_db).await;
+    let second = scoring_replica(&upstream, &scoring_db).await;
+    let third = scoring_replica(&upstream, &scoring_db).await;
+    split_among(&scoring_db, &[&first, &second, &third]).await;
+    let mut scoring = LifecycleServiceClient::new(first.channel().await);
+    // `history` names touchpoints by customer and round, so a longer
+    // history of the same customers only adds the later rounds.
+    let customers = record_history(&mut clients, 30, 10).await;
+    caught_up(&mut scoring, &customers, 30 * 10).await;
+
+    // SIGKILL: the killed replica's shards are taken over once its leases
+    // expire (a lease and the third of one between renewals at most).
+    let mut third = third;
+    third.signal("KILL");
+    third.wait_exit(Duration::from_secs(10)).await.expect("killed");
+    let taken_over = split_among(&scoring_db, &[&first, &second]).await;
+    let bound = Duration::from_millis(LEASE_MS + LEASE_MS / 3 + 1000);
+    assert!(
+        taken_over <= bound,
+        "the killed replica's shards were taken over after {taken_over:?}"
+    );
+    record_history(&mut clients, 30, 20).await;
+    caught_up(&mut scoring, &customers, 30 * 20).await;
+
+    // SIGSTOP past the lease: the frozen replica's shards go to the other,
+    // touchpoints keep flowing, and after SIGCONT it finds its leases
+    // taken: it commits nothing under them and takes its share again.
+    second.signal("STOP");
+    split_among(&scoring_db, &[&first]).await;
+    record_history(&mut clients, 30, 30).await;
+    caught_up(&mut scoring, &customers, 30 * 30).await;
+    second.signal("CONT");
+    split_among(&scoring_db, &[&first, &second]).await;
+    record_history(&mut clients, 30, 40).await;
+    caught_up(&mut scoring, &customers, 30 * 40).await;
+    let mut other = LifecycleServiceClient::new(second.channel().await);
+    caught_up(&mut other, &customers, 30 * 40).await;
+    assert!(
+        second.log().contains("shard lease lost"),
+        "the frozen replica did not notice it lost its leases:\n{}",
+        second.log()
+    );
+    // Every customer's first transition is recorded once.
+    for (_, transitions) in states_of(&mut scoring, &customers).await {
+        assert_eq!(transitions.iter().filter(|t| t.from_stage == 0).count(), 1);
+    }
+}

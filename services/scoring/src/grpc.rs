@@ -23,7 +23,7 @@ use crate::model::{DecayedWeights, Model};
 use crate::model_proto::{timestamp_from_proto, timestamp_to_proto};
 use crate::rescore;
 use crate::scorer::{Scorer, ScoringError};
-use crate::store::{Activation, CustomerRecord, ModelInsert, StoreError, TransitionQuery};
+use crate::store::{Activation, CustomerRecord, Fence, ModelInsert, StoreError, TransitionQuery};
 use crate::validation::ModelViolation;
 
 /// The newest touchpoints an explanation looks at for its top contributors
@@ -371,9 +371,11 @@ impl LifecycleService for LifecycleGrpc {
         request: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::EvaluateResponse>, Status> {
         let id = customer_id("customer_id", &request.get_ref().customer_id)?;
+        // A call made for a caller is served by any replica, whoever owns
+        // the customer's shard: its write is checked by version alone.
         let mut evaluated = self
             .scorer
-            .evaluate_now(&[id], pb::TransitionCause::Evaluate, false)
+            .evaluate_now(&[id], pb::TransitionCause::Evaluate, false, &Fence::Sole)
             .await
             .map_err(scoring_status)?;
         let evaluated = evaluated.remove(&id).ok_or_else(|| not_found(id))?;

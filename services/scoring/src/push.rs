@@ -25,6 +25,8 @@ use futures_util::StreamExt as _;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use clm_eventlog::leases::ShardLease;
+
 use crate::evaluate::LifecycleSnapshot;
 use crate::store::ScoringStore;
 
@@ -38,9 +40,10 @@ const IDLE_CHECK: Duration = Duration::from_secs(2);
 /// interval is shorter.
 const SCORE_IDLE_CHECK: Duration = Duration::from_millis(100);
 
-/// The snapshot pusher.
+/// The snapshot pusher of one shard of customers.
 pub struct Pusher {
     store: Arc<dyn ScoringStore>,
+    lease: ShardLease,
     client: CustomerServiceClient<PeerChannel>,
     timeout: Duration,
     concurrency: usize,
@@ -58,11 +61,12 @@ enum Changes {
 }
 
 impl Pusher {
-    /// A pusher to the identity service on `channel`, sending up to
-    /// `concurrency` calls at once, and snapshots whose scores alone
-    /// changed at most every `score_interval`.
+    /// A pusher of the customers of the shard `lease` holds to the identity
+    /// service on `channel`, sending up to `concurrency` calls at once, and
+    /// snapshots whose scores alone changed at most every `score_interval`.
     pub fn new(
         store: Arc<dyn ScoringStore>,
+        lease: ShardLease,
         channel: PeerChannel,
         timeout: Duration,
         concurrency: usize,
@@ -70,6 +74,7 @@ impl Pusher {
     ) -> Self {
         Self {
             store,
+            lease,
             client: CustomerServiceClient::new(channel),
             timeout,
             concurrency: concurrency.max(1),
@@ -149,7 +154,7 @@ impl Pusher {
             }
         }
         self.store
-            .mark_pushed(&done)
+            .mark_pushed(&done, &self.lease.fence)
             .await
             .map_err(|err| err.to_string())?;
         match failure {
@@ -198,13 +203,13 @@ impl Pusher {
         let position = changes == Changes::Position;
         let mut pending = self
             .store
-            .unpushed(ROUND, position, *after)
+            .unpushed(ROUND, position, *after, self.lease.shard)
             .await
             .map_err(|err| err.to_string())?;
         if pending.is_empty() && after.is_some() {
             pending = self
                 .store
-                .unpushed(ROUND, position, None)
+                .unpushed(ROUND, position, None, self.lease.shard)
                 .await
                 .map_err(|err| err.to_string())?;
         }

@@ -2,12 +2,19 @@
 //! as a long-running operation whose progress is stored with each page, so
 //! a restarted process resumes where it stopped and any replica can report
 //! it.
+//!
+//! A rescore is divided by shard like the rest of the background work: the
+//! owner of each shard lease rescores that shard's customers, with the
+//! shard's own progress, and the rescore has succeeded when every shard
+//! has finished.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use clm_eventlog::ShardFilter;
+use clm_eventlog::leases::ShardLease;
 use clm_platform::server::Shutdown;
 use clm_proto::scoring as proto;
 use tokio::sync::{Notify, mpsc};
@@ -122,12 +129,29 @@ impl Rate {
     }
 }
 
-/// Runs pending rescores one after the other until `shutdown`.
-pub async fn run_worker(scorer: Arc<Scorer>, wake: Arc<Notify>, shutdown: Shutdown) {
+/// Runs the shard `lease` holds of pending rescores, one after the other,
+/// until `shutdown`.
+pub async fn run_worker(
+    scorer: Arc<Scorer>,
+    wake: Arc<Notify>,
+    lease: ShardLease,
+    shutdown: Shutdown,
+) {
     loop {
-        match scorer.store().rescore_to_run().await {
-            Ok(Some(rescore)) => {
-                if let Err(err) = run_one(&scorer, &rescore, &shutdown).await {
+        let shard = lease.shard;
+        let to_run = match scorer.store().rescore_to_run().await {
+            Ok(Some(rescore)) => match scorer.store().rescore_shard(rescore.id, shard).await {
+                // This shard is done; the others finish the rescore.
+                Ok((_, true)) => Ok(None),
+                Ok((after, false)) => Ok(Some((rescore, after))),
+                Err(err) => Err(err),
+            },
+            Ok(None) => Ok(None),
+            Err(err) => Err(err),
+        };
+        match to_run {
+            Ok(Some((rescore, after))) => {
+                if let Err(err) = run_one(&scorer, &rescore, after, &lease, &shutdown).await {
                     tracing::error!(rescore = %rescore.id, error = %err, "rescore failed");
                     let _ = scorer
                         .store()
@@ -155,20 +179,31 @@ pub async fn run_worker(scorer: Arc<Scorer>, wake: Arc<Notify>, shutdown: Shutdo
     }
 }
 
-/// Reads pages of customers after `after` into `pages` until the end.
+/// The page size of a shard: the rescore's pages divided among the shards.
+fn page_of(shard: ShardFilter) -> u32 {
+    (PAGE / shard.count.max(1)).max(SHARD_PAGE_MIN)
+}
+
+/// The smallest page of a shard.
+const SHARD_PAGE_MIN: u32 = 1000;
+
+/// Reads pages of the customers of `shard` after `after` into `pages`
+/// until the end.
 fn spawn_reader(
     store: Arc<dyn ScoringStore>,
     mut after: Option<Uuid>,
+    shard: ShardFilter,
     pages: mpsc::Sender<Result<Vec<CustomerRecord>, StoreError>>,
 ) -> tokio::task::JoinHandle<()> {
+    let size = page_of(shard);
     tokio::spawn(async move {
         loop {
-            let page = store.customers_after(after, PAGE).await;
+            let page = store.customers_after(after, size, shard).await;
             let last = match &page {
                 Ok(page) => page.last().map(|record| record.customer_id),
                 Err(_) => None,
             };
-            let full = page.as_ref().is_ok_and(|page| page.len() as u32 == PAGE);
+            let full = page.as_ref().is_ok_and(|page| page.len() as u32 == size);
             if pages.send(page).await.is_err() || !full {
                 return;
             }
@@ -206,14 +241,17 @@ fn spawn_evaluator(
     })
 }
 
-/// Runs one rescore: pages are read, evaluated and written in a pipeline,
-/// so the database reads, the evaluation on every core and the writes
-/// overlap.
+/// Runs one shard of a rescore from after `after`: pages are read,
+/// evaluated and written in a pipeline, so the database reads, the
+/// evaluation on every core and the writes overlap.
 async fn run_one(
     scorer: &Arc<Scorer>,
     rescore: &RescoreRow,
+    after: Option<Uuid>,
+    lease: &ShardLease,
     shutdown: &Shutdown,
 ) -> Result<(), ScoringError> {
+    let shard = lease.shard;
     let model = scorer
         .compiled(&rescore.model_version)
         .await?
@@ -227,14 +265,14 @@ async fn run_one(
             "",
         )
         .await?;
-    tracing::info!(rescore = %rescore.id, model = %rescore.model_version, total = rescore.total_count, "rescore running");
-    let mut done = rescore.done_count;
-    let mut resumed_from = rescore.resume_after;
+    tracing::info!(rescore = %rescore.id, model = %rescore.model_version, total = rescore.total_count, shard = shard.index, shards = shard.count, "rescore running");
+    let mut done = 0;
+    let mut resumed_from = after;
     let mut rate = Rate::default();
     rate.add(Instant::now(), done);
     let (page_sender, pages) = mpsc::channel(2);
     let (evaluated_sender, mut evaluated) = mpsc::channel(1);
-    let reader = spawn_reader(store.clone(), rescore.resume_after, page_sender);
+    let reader = spawn_reader(store.clone(), after, shard, page_sender);
     let evaluator = spawn_evaluator(scorer.clone(), model.clone(), pages, evaluated_sender);
     let outcome = async {
         while let Some(page) = evaluated.recv().await {
@@ -257,7 +295,9 @@ async fn run_one(
                         rate_per_second: per_second,
                         resume_after: last,
                         resumed_from,
+                        shard,
                     },
+                    &lease.fence,
                 )
                 .await;
             match written {
@@ -275,15 +315,19 @@ async fn run_one(
     reader.abort();
     evaluator.abort();
     if outcome? {
-        store
-            .set_rescore_state(
-                rescore.id,
-                proto::RescoreState::Succeeded as i32,
-                Utc::now(),
-                "",
-            )
-            .await?;
-        tracing::info!(rescore = %rescore.id, done, "rescore succeeded");
+        match store
+            .finish_rescore_shard(rescore.id, shard, resumed_from, Utc::now(), &lease.fence)
+            .await
+        {
+            Ok(true) => tracing::info!(rescore = %rescore.id, "rescore succeeded"),
+            Ok(false) => {
+                tracing::info!(rescore = %rescore.id, shard = shard.index, done, "rescore shard finished")
+            }
+            Err(StoreError::RescoreStopped) => {
+                tracing::info!(rescore = %rescore.id, "rescore cancelled, or run by another replica");
+            }
+            Err(err) => return Err(err.into()),
+        }
     }
     Ok(())
 }

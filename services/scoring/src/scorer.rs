@@ -24,7 +24,8 @@ use crate::features::{ProfileFacts, TouchpointFacts};
 use crate::fold;
 use crate::model_proto::timestamp_to_proto;
 use crate::store::{
-    ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Input, ScoringStore, StoreError,
+    ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Fence, Input, ScoringStore,
+    StoreError,
 };
 
 /// How often a process re-reads which model is active (another replica may
@@ -121,8 +122,9 @@ pub struct Scorer {
     clock: Clock,
     active: Mutex<Option<ActiveModel>>,
     compiled: Mutex<HashMap<String, Arc<CompiledModel>>>,
-    /// Woken after every write that changed a snapshot (for the pusher).
-    changed: Arc<Notify>,
+    /// Woken after every write that changed a snapshot, one per shard the
+    /// pushers are divided into.
+    changed: Vec<Arc<Notify>>,
 }
 
 impl Scorer {
@@ -133,8 +135,17 @@ impl Scorer {
             clock,
             active: Mutex::new(None),
             compiled: Mutex::new(HashMap::new()),
-            changed: Arc::new(Notify::new()),
+            changed: vec![Arc::new(Notify::new())],
         }
+    }
+
+    /// The same, with the pushers divided into `shards` shards, each woken
+    /// by writes to its own customers.
+    pub fn with_push_shards(mut self, shards: u32) -> Self {
+        self.changed = (0..shards.max(1))
+            .map(|_| Arc::new(Notify::new()))
+            .collect();
+        self
     }
 
     /// The store.
@@ -147,9 +158,15 @@ impl Scorer {
         self.clock.now()
     }
 
-    /// Notified after each write that changed a customer's snapshot.
-    pub fn changed(&self) -> Arc<Notify> {
-        self.changed.clone()
+    /// Notified after each write that changed the snapshot of a customer of
+    /// `shard` (one of the push shards, or all when there is one).
+    pub fn changed(&self, shard: clm_eventlog::ShardFilter) -> Arc<Notify> {
+        let index = if shard.count as usize == self.changed.len() {
+            shard.index as usize
+        } else {
+            0
+        };
+        self.changed[index].clone()
     }
 
     /// A stored model, compiled (cached by version: models are immutable).
@@ -436,6 +453,7 @@ impl Scorer {
         ids: &[Uuid],
         cause: proto::TransitionCause,
         only_due: bool,
+        fence: &Fence,
     ) -> Result<HashMap<Uuid, Evaluated>, ScoringError> {
         let retry = if cause == proto::TransitionCause::Evaluate {
             Retry::AFew
@@ -486,7 +504,11 @@ impl Scorer {
                     (asked, evaluated)
                 })
                 .collect();
-            self.commit(&work.into_changes()).await?;
+            self.commit(&ChangeSet {
+                fence: fence.clone(),
+                ..work.into_changes()
+            })
+            .await?;
             Ok(result)
         })
         .await
@@ -509,6 +531,7 @@ impl Scorer {
         model: &Arc<CompiledModel>,
         page: EvaluatedPage,
         progress: crate::store::RescoreProgress,
+        fence: &Fence,
     ) -> Result<i64, ScoringError> {
         let mut parts = std::collections::VecDeque::from([page]);
         let mut resumed_from = progress.resumed_from;
@@ -525,6 +548,7 @@ impl Scorer {
                 resumed_from,
                 ..progress
             });
+            part.changes.fence = fence.clone();
             match self.commit(&part.changes).await {
                 Ok(()) => {
                     resumed_from = Some(last);
@@ -574,8 +598,13 @@ impl Scorer {
 
     async fn commit(&self, changes: &ChangeSet) -> Result<(), ScoringError> {
         self.store.commit(changes).await?;
-        if !changes.customers.is_empty() {
-            self.changed.notify_one();
+        let shards = self.changed.len();
+        let mut woken = vec![false; shards];
+        for write in &changes.customers {
+            let shard = clm_eventlog::shard_of(Some(write.record.customer_id)) as usize % shards;
+            if !std::mem::replace(&mut woken[shard], true) {
+                self.changed[shard].notify_one();
+            }
         }
         Ok(())
     }
@@ -965,6 +994,7 @@ impl Work {
             transitions: self.transitions,
             cursor: None,
             rescore: None,
+            fence: Fence::Sole,
             // Each customer's once, in fold order without duplicate keys
             // (see `Scorer::settle`).
             inputs: self.kept_inputs,
@@ -1094,6 +1124,7 @@ mod tests {
             shard: clm_eventlog::ShardFilter::ALL,
             expected: String::new(),
             new: "1".to_owned(),
+            fence: Default::default(),
         };
         scorer
             .apply_touchpoints(&[recorded(id, late)], cursor)
@@ -1117,6 +1148,7 @@ mod tests {
                 shard: clm_eventlog::ShardFilter::ALL,
                 expected: (n - 1).to_string(),
                 new: n.to_string(),
+                fence: Default::default(),
             };
             scorer
                 .apply_touchpoints(&[recorded(new, at)], cursor)

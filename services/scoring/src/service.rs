@@ -9,9 +9,13 @@ use async_trait::async_trait;
 use chrono::Utc;
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
+use clm_eventlog::leases::{self, LeaseGroup, ShardLease};
 use clm_eventlog::sources::{CustomerEvents, GrpcLogSource, TouchpointLog};
+use clm_platform::db::Pools;
 use clm_platform::server::Shutdown;
-use clm_platform::service::{Configured, Service, ServiceInfo, SmokeCall, StartContext};
+use clm_platform::service::{
+    Configured, PeerChannel, Service, ServiceInfo, SmokeCall, StartContext,
+};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 use clm_proto::scoring as pb;
 use tokio::sync::Notify;
@@ -52,6 +56,9 @@ pub struct ScoringConfig {
     pub call_timeout: Duration,
     /// Database connections (`CLM_SCORING_DB_CONNECTIONS`, default 16).
     pub max_connections: u32,
+    /// How long a replica's lease on a shard lasts without renewal
+    /// (`CLM_SHARD_LEASE_MS`, see [`leases::lease_time`]).
+    pub lease_time: Duration,
     /// Where "now" comes from (`CLM_SCORING_CLOCK_FILE`: testing only).
     pub clock: Clock,
 }
@@ -82,6 +89,7 @@ impl ScoringConfig {
                 60_000,
             )?),
             max_connections: env.bounded_or("CLM_SCORING_DB_CONNECTIONS", 16, 1, 1000)? as u32,
+            lease_time: leases::lease_time(env)?,
             clock: match env.string("CLM_SCORING_CLOCK_FILE") {
                 Some(path) => Clock::File(PathBuf::from(path)),
                 None => Clock::System,
@@ -132,9 +140,10 @@ impl Configured for ScoringConfig {
         store::MIGRATIONS.apply(&self.database_url).await
     }
 
-    /// Connects, migrates when asked to, installs the default model, starts
-    /// the consumers, the pusher, the sweep and the rescore worker (and
-    /// stops them in that order), and mounts the service.
+    /// Connects, migrates when asked to, installs the default model, takes
+    /// its share of the shard leases (the touchpoint log consumer, the
+    /// sweep, the pusher and the rescore worker of each shard held) and
+    /// of the customer event log consumer, and mounts the service.
     async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {
         let config = *self;
         let platform = context.platform;
@@ -145,78 +154,89 @@ impl Configured for ScoringConfig {
                 platform.migrate_on_start,
             )
             .await?;
-        let store = store::open(pools);
+        let store = store::open(pools.clone());
         store
             .install_default(&default_model(), Utc::now())
             .await
             .map_err(|err| anyhow::anyhow!("cannot install the default model: {err}"))?;
-        let scorer = Arc::new(Scorer::new(store.clone(), config.clock.clone()));
+        // On PostgreSQL every replica takes a share of the shards, and the
+        // sweep, the pusher and rescore pages of a shard go with its log
+        // consumer; on SQLite the one process owns every shard and runs
+        // those once, over all customers.
+        let divided = matches!(pools, Pools::Postgres(_));
+        let push_shards = if divided { config.log_shards } else { 1 };
+        let scorer = Arc::new(
+            Scorer::new(store.clone(), config.clock.clone()).with_push_shards(push_shards),
+        );
         let identity = context.peers.channel(IDENTITY)?;
         let touchpoints = context.peers.channel(TOUCHPOINTS)?;
         let tasks = &mut *context.tasks;
-
-        for index in 0..config.log_shards {
-            let shard = ShardFilter {
-                index,
-                count: config.log_shards,
-            };
-            let source = GrpcLogSource::<TouchpointLog>::new(touchpoints.clone());
-            let projection = TouchpointProjection::new(scorer.clone());
-            tasks.spawn(
-                format!("scoring.touchpoints[{index}/{}]", config.log_shards),
-                move |stop| async move {
-                    consumer::run(
-                        "scoring.touchpoints",
-                        source,
-                        projection,
-                        shard,
-                        Backoff::default(),
-                        stop,
-                    )
-                    .await;
-                    Ok(())
-                },
-            );
-        }
-        let customers =
-            CustomerEventProjection::new(scorer.clone(), identity.clone(), config.call_timeout);
-        let events = GrpcLogSource::<CustomerEvents>::new(identity.clone());
-        tasks.spawn(CUSTOMERS_CONSUMER, move |stop| async move {
-            consumer::run(
-                CUSTOMERS_CONSUMER,
-                events,
-                customers,
-                ShardFilter::ALL,
-                Backoff::default(),
+        let rescore_wake = Arc::new(Notify::new());
+        let shard_work = ShardWork {
+            scorer: scorer.clone(),
+            identity: identity.clone(),
+            touchpoints: touchpoints.clone(),
+            rescore_wake: rescore_wake.clone(),
+            config: config.clone(),
+            divided,
+        };
+        let group = LeaseGroup {
+            name: SHARDS_GROUP,
+            shards: config.log_shards,
+            lease_time: config.lease_time,
+        };
+        let leased = pools.clone();
+        tasks.spawn(SHARDS_GROUP, move |stop| {
+            leases::run(
+                leased,
+                group,
+                move |lease, stop| shard_work.clone().run(lease, stop),
                 stop,
             )
-            .await;
-            Ok(())
         });
-        let pusher = Pusher::new(
-            store.clone(),
-            identity,
-            config.call_timeout,
-            config.push_concurrency,
-            config.score_push_interval,
-        );
-        let changed = scorer.changed();
-        tasks.spawn("scoring.push", move |stop| async move {
-            pusher.run(changed, stop).await;
-            Ok(())
+        let (scorer_, identity_, timeout) = (scorer.clone(), identity.clone(), config.call_timeout);
+        let customers_group = LeaseGroup {
+            name: CUSTOMERS_CONSUMER,
+            shards: 1,
+            lease_time: config.lease_time,
+        };
+        tasks.spawn(CUSTOMERS_CONSUMER, move |stop| {
+            leases::run(
+                pools,
+                customers_group,
+                move |lease, stop| {
+                    let projection =
+                        CustomerEventProjection::new(scorer_.clone(), identity_.clone(), timeout);
+                    let events = GrpcLogSource::<CustomerEvents>::new(identity_.clone());
+                    async move {
+                        consumer::run(
+                            CUSTOMERS_CONSUMER,
+                            events,
+                            projection,
+                            lease,
+                            Backoff::default(),
+                            stop,
+                        )
+                        .await;
+                        Ok(())
+                    }
+                },
+                stop,
+            )
         });
-        let swept = scorer.clone();
-        let poll = config.sweep_poll;
-        tasks.spawn("scoring.sweep", move |stop| async move {
-            sweep(swept, poll, stop).await;
-            Ok(())
-        });
-        let rescore_wake = Arc::new(Notify::new());
-        let (rescorer, wake) = (scorer.clone(), rescore_wake.clone());
-        tasks.spawn("scoring.rescore", move |stop| async move {
-            rescore::run_worker(rescorer, wake, stop).await;
-            Ok(())
-        });
+        if !divided {
+            let work = ShardWork {
+                scorer: scorer.clone(),
+                identity,
+                touchpoints: touchpoints.clone(),
+                rescore_wake: rescore_wake.clone(),
+                config: config.clone(),
+                divided,
+            };
+            tasks.spawn("scoring.customers", move |stop| {
+                work.customers(ShardLease::sole(ShardFilter::ALL), stop)
+            });
+        }
         let grpc = LifecycleGrpc::new(scorer, touchpoints, rescore_wake, context.shutdown.clone());
         context.mounted.add(clm_platform::limited!(
             clm_proto::scoring::lifecycle_service_server::LifecycleServiceServer::new(grpc),
@@ -227,15 +247,90 @@ impl Configured for ScoringConfig {
     }
 }
 
-/// Evaluates customers whose next evaluation time has passed, so that time
-/// alone moves them (AT_RISK, CHURNED, tenure).
-async fn sweep(scorer: Arc<Scorer>, poll: Duration, shutdown: Shutdown) {
+/// The lease group the touchpoint log shards (and the customers' sweep,
+/// pushes and rescore pages with them) are divided in.
+const SHARDS_GROUP: &str = "scoring.shards";
+
+/// What runs on one shard of the scoring service.
+#[derive(Clone)]
+struct ShardWork {
+    scorer: Arc<Scorer>,
+    identity: PeerChannel,
+    touchpoints: PeerChannel,
+    rescore_wake: Arc<Notify>,
+    config: ScoringConfig,
+    /// Whether the customers' work is divided by shard too (PostgreSQL).
+    divided: bool,
+}
+
+impl ShardWork {
+    /// The touchpoint log consumer of the shard, and when the work is
+    /// divided, the sweep, the pusher and rescore pages of its customers;
+    /// until `stop`.
+    async fn run(self, lease: ShardLease, stop: Shutdown) -> anyhow::Result<()> {
+        let shard = lease.shard;
+        let source = GrpcLogSource::<TouchpointLog>::new(self.touchpoints.clone());
+        let projection = TouchpointProjection::new(self.scorer.clone());
+        let consume = consumer::run(
+            "scoring.touchpoints",
+            source,
+            projection,
+            lease.clone(),
+            Backoff::default(),
+            stop.clone(),
+        );
+        if self.divided {
+            let (_, customers) = tokio::join!(consume, self.customers(lease, stop));
+            customers
+        } else {
+            consume.await;
+            tracing::debug!(shard = shard.index, "touchpoint log consumer stopped");
+            Ok(())
+        }
+    }
+
+    /// The sweep, the pusher and rescore pages of the customers of the
+    /// shard `lease` holds, until `stop`.
+    async fn customers(self, lease: ShardLease, stop: Shutdown) -> anyhow::Result<()> {
+        let config = &self.config;
+        let shards = lease.shard.count.max(1) as usize;
+        let pusher = Pusher::new(
+            self.scorer.store().clone(),
+            lease.clone(),
+            self.identity.clone(),
+            config.call_timeout,
+            config.push_concurrency.div_ceil(shards),
+            config.score_push_interval,
+        );
+        let changed = self.scorer.changed(lease.shard);
+        tokio::join!(
+            pusher.run(changed, stop.clone()),
+            sweep(&self.scorer, config.sweep_poll, &lease, stop.clone()),
+            rescore::run_worker(
+                self.scorer.clone(),
+                self.rescore_wake.clone(),
+                lease.clone(),
+                stop
+            ),
+        );
+        Ok(())
+    }
+}
+
+/// Evaluates the customers of the shard `lease` holds whose next
+/// evaluation time has passed, so that time alone moves them (AT_RISK,
+/// CHURNED, tenure).
+async fn sweep(scorer: &Scorer, poll: Duration, lease: &ShardLease, shutdown: Shutdown) {
     loop {
         let now = scorer.now();
-        let evaluated = match scorer.store().due_customers(now, SWEEP_BATCH).await {
+        let evaluated = match scorer
+            .store()
+            .due_customers(now, SWEEP_BATCH, lease.shard)
+            .await
+        {
             Ok(due) if due.is_empty() => 0,
             Ok(due) => match scorer
-                .evaluate_now(&due, pb::TransitionCause::Sweep, true)
+                .evaluate_now(&due, pb::TransitionCause::Sweep, true, &lease.fence)
                 .await
             {
                 Ok(done) => due.len().max(done.len()),

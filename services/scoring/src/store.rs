@@ -35,6 +35,10 @@ pub enum StoreError {
     /// saved cursor.
     #[error("the consumer cursor moved: {0}")]
     CursorMoved(String),
+    /// The shard lease the write was made under is no longer held: another
+    /// replica owns the shard now.
+    #[error("{0}")]
+    LeaseLost(String),
     /// The rescore being written is no longer running (cancelled), or
     /// another worker advanced it.
     #[error("the rescore is no longer running here")]
@@ -56,6 +60,16 @@ impl StoreError {
                 Self::Conflict(err.to_string())
             }
             _ => Self::Internal(err.to_string()),
+        }
+    }
+}
+
+impl From<clm_eventlog::consumer::cursors::NotMoved> for StoreError {
+    fn from(not_moved: clm_eventlog::consumer::cursors::NotMoved) -> Self {
+        use clm_eventlog::consumer::cursors::NotMoved;
+        match not_moved {
+            NotMoved::CursorMoved(consumer) => Self::CursorMoved(consumer),
+            NotMoved::LeaseLost(lost) => Self::LeaseLost(lost.to_string()),
         }
     }
 }
@@ -166,6 +180,7 @@ pub struct CustomerWrite {
 }
 
 pub use clm_eventlog::consumer::cursors::CursorMove;
+pub use clm_eventlog::leases::Fence;
 
 /// A rescore's progress after one page.
 #[derive(Debug, Clone, Copy)]
@@ -184,6 +199,9 @@ pub struct RescoreProgress {
     /// fails unless the stored progress is there, so two workers never
     /// count one rescore twice.
     pub resumed_from: Option<Uuid>,
+    /// The shard of customers the page belongs to: each shard of a rescore
+    /// keeps its own progress.
+    pub shard: ShardFilter,
 }
 
 /// What one unit of work writes, atomically.
@@ -197,6 +215,9 @@ pub struct ChangeSet {
     pub cursor: Option<CursorMove>,
     /// The rescore progress to record, checked to be still running.
     pub rescore: Option<RescoreProgress>,
+    /// The shard lease the writes are made under, checked last (a cursor
+    /// move checks its own).
+    pub fence: Fence,
     /// Inputs to keep, by customer, each key once: a kept input with the
     /// same key is replaced.
     pub inputs: Vec<(Uuid, Input)>,
@@ -309,14 +330,25 @@ pub trait ScoringStore: Send + Sync + 'static {
     /// `RescoreStopped` when the rescore is no longer running; then nothing
     /// is written.
     async fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError>;
-    /// Up to `limit` customers (not merged) whose next evaluation is due at
-    /// `now`, earliest first.
-    async fn due_customers(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>, StoreError>;
-    /// Up to `limit` evaluated, unmerged customers after `after`, by id.
+    /// Up to `limit` customers (not merged) of `shard` whose next evaluation
+    /// is due at `now`, earliest first.
+    ///
+    /// The `shard` arguments divide the work among the replicas of a
+    /// PostgreSQL database; on SQLite one process does all of it and only
+    /// [`ShardFilter::ALL`] is served.
+    async fn due_customers(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        shard: ShardFilter,
+    ) -> Result<Vec<Uuid>, StoreError>;
+    /// Up to `limit` evaluated, unmerged customers of `shard` after
+    /// `after`, by id.
     async fn customers_after(
         &self,
         after: Option<Uuid>,
         limit: u32,
+        shard: ShardFilter,
     ) -> Result<Vec<CustomerRecord>, StoreError>;
     /// How many evaluated, unmerged customers there are.
     async fn count_scored(&self) -> Result<i64, StoreError>;
@@ -329,9 +361,10 @@ pub trait ScoringStore: Send + Sync + 'static {
         limit: u32,
         position: bool,
         after: Option<Uuid>,
+        shard: ShardFilter,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
-    /// Records that identity received these versions.
-    async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError>;
+    /// Records that identity received these versions, under `fence`.
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fence: &Fence) -> Result<(), StoreError>;
 
     /// Stores a model unless its version exists.
     async fn insert_model(&self, model: &Model) -> Result<ModelInsert, StoreError>;
@@ -363,6 +396,24 @@ pub trait ScoringStore: Send + Sync + 'static {
     async fn rescore(&self, id: Option<Uuid>) -> Result<Option<RescoreRow>, StoreError>;
     /// The oldest pending or running rescore.
     async fn rescore_to_run(&self) -> Result<Option<RescoreRow>, StoreError>;
+    /// Records that `shard` of a running rescore is done, its last page
+    /// having ended at `resume_after`; when every shard is, the rescore
+    /// has succeeded (returned true). Fails with `RescoreStopped` when the
+    /// rescore is no longer running or the shard's progress moved.
+    async fn finish_rescore_shard(
+        &self,
+        id: Uuid,
+        shard: ShardFilter,
+        resume_after: Option<Uuid>,
+        at: DateTime<Utc>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError>;
+    /// Where `shard` of a rescore stands: (resume after, finished).
+    async fn rescore_shard(
+        &self,
+        id: Uuid,
+        shard: ShardFilter,
+    ) -> Result<(Option<Uuid>, bool), StoreError>;
     /// Sets a rescore's state (and start or end time, error).
     async fn set_rescore_state(
         &self,
@@ -415,6 +466,12 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
             description: "customer inputs kept, so histories can be derived again",
             sql: include_str!("../migrations/postgres/0003_customer_inputs.sql"),
         },
+        clm_eventlog::kit::postgres_migration(4),
+        EmbeddedMigration {
+            version: 5,
+            description: "customers carry their shard; rescore progress per shard",
+            sql: include_str!("../migrations/postgres/0005_shards.sql"),
+        },
     ],
     sqlite: &[
         EmbeddedMigration {
@@ -426,6 +483,12 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
             version: 2,
             description: "customer inputs kept, so histories can be derived again",
             sql: include_str!("../migrations/sqlite/0002_customer_inputs.sql"),
+        },
+        clm_eventlog::kit::sqlite_migration(3),
+        EmbeddedMigration {
+            version: 4,
+            description: "rescore progress per shard",
+            sql: include_str!("../migrations/sqlite/0004_rescore_shards.sql"),
         },
     ],
 };

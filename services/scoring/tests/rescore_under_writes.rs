@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
+use clm_eventlog::ShardFilter;
+use clm_eventlog::leases::ShardLease;
 use clm_platform::Secret;
 use clm_platform::db;
 use clm_platform::server::Shutdown;
@@ -107,7 +109,9 @@ fn spawn_writer(
     })
 }
 
-async fn a_rescore_finishes_under_concurrent_writes(store: Arc<dyn ScoringStore>) {
+/// Rescores with one worker per shard of `shards` (a PostgreSQL store
+/// divides its customers by shard; SQLite has one).
+async fn a_rescore_finishes_under_concurrent_writes(store: Arc<dyn ScoringStore>, shards: u32) {
     let ids = seed(&store).await;
     let mut second = default_model();
     second.version = "rescore-under-writes-2".into();
@@ -118,11 +122,20 @@ async fn a_rescore_finishes_under_concurrent_writes(store: Arc<dyn ScoringStore>
     let scorer = Arc::new(Scorer::new(store.clone(), Clock::System));
     let shutdown = Shutdown::new();
     let wake = Arc::new(Notify::new());
-    let worker = tokio::spawn(clm_scoring::rescore::run_worker(
-        scorer.clone(),
-        wake.clone(),
-        shutdown.clone(),
-    ));
+    let workers: Vec<_> = (0..shards)
+        .map(|index| {
+            let lease = ShardLease::sole(ShardFilter {
+                index,
+                count: shards,
+            });
+            tokio::spawn(clm_scoring::rescore::run_worker(
+                scorer.clone(),
+                wake.clone(),
+                lease,
+                shutdown.clone(),
+            ))
+        })
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
     let writer = spawn_writer(store.clone(), ids, stop.clone(), writes.clone());
@@ -138,7 +151,7 @@ async fn a_rescore_finishes_under_concurrent_writes(store: Arc<dyn ScoringStore>
     else {
         panic!("the second model was not activated");
     };
-    wake.notify_one();
+    wake.notify_waiters();
     let finished = tokio::time::timeout(
         Duration::from_secs(600),
         clm_scoring::rescore::until_ended(store.as_ref(), rescore.id, Duration::from_millis(100)),
@@ -150,7 +163,9 @@ async fn a_rescore_finishes_under_concurrent_writes(store: Arc<dyn ScoringStore>
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     shutdown.trigger();
-    worker.await.unwrap();
+    for worker in workers {
+        worker.await.unwrap();
+    }
     assert!(
         writes.load(Ordering::Relaxed) > 100,
         "the writer kept writing during the rescore"
@@ -170,7 +185,7 @@ async fn on_sqlite() {
     let url = Secret::new(format!("sqlite://{}/scoring.db", dir.path().display()));
     let pools = db::connect(&url, "scoring", 4).await.unwrap();
     store::MIGRATIONS.run(&pools).await.unwrap();
-    a_rescore_finishes_under_concurrent_writes(store::open(pools)).await;
+    a_rescore_finishes_under_concurrent_writes(store::open(pools), 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,5 +195,5 @@ async fn on_postgres() {
     };
     let pools = db::connect(&url, "scoring", 8).await.unwrap();
     store::MIGRATIONS.run(&pools).await.unwrap();
-    a_rescore_finishes_under_concurrent_writes(store::open(pools)).await;
+    a_rescore_finishes_under_concurrent_writes(store::open(pools), 4).await;
 }

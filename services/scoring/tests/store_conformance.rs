@@ -11,7 +11,7 @@ use clm_platform::Secret;
 use clm_platform::db;
 use clm_proto::scoring as pb;
 use clm_scoring::store::{
-    self, Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Input,
+    self, Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Fence, Input,
     ModelInsert, RescoreProgress, RescoreRow, ScoringStore, StoreError, TransitionQuery,
 };
 use clm_scoring::timestamp_to_proto;
@@ -203,6 +203,7 @@ async fn the_cursor_moves_only_from_the_value_read(backend: Backend) {
             shard,
             expected: expected.to_owned(),
             new: new.to_owned(),
+            fence: Default::default(),
         }),
         ..ChangeSet::default()
     };
@@ -446,6 +447,7 @@ async fn rescores_record_progress_until_stopped(backend: Backend) {
             rate_per_second: 2.5,
             resume_after: last,
             resumed_from: None,
+            shard: ShardFilter::ALL,
         }),
         ..ChangeSet::default()
     };
@@ -462,6 +464,13 @@ async fn rescores_record_progress_until_stopped(backend: Backend) {
     assert_eq!((running.done_count, running.changed_count), (4, 1));
     assert_eq!(running.resume_after, Some(last));
     assert!(running.start_time.is_some());
+    assert_eq!(
+        store
+            .rescore_shard(first.id, ShardFilter::ALL)
+            .await
+            .unwrap(),
+        (Some(last), false)
+    );
     store
         .set_rescore_state(first.id, pb::RescoreState::Cancelled as i32, now(), "")
         .await
@@ -475,6 +484,7 @@ async fn rescores_record_progress_until_stopped(backend: Backend) {
                 rate_per_second: 1.0,
                 resume_after: last,
                 resumed_from: Some(last),
+                shard: ShardFilter::ALL,
             }),
             ..ChangeSet::default()
         })
@@ -524,13 +534,22 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         })
         .await
         .unwrap();
-    assert_eq!(store.due_customers(at, 10).await.unwrap(), [early, late]);
-    assert_eq!(store.due_customers(at, 1).await.unwrap(), [early]);
+    assert_eq!(
+        store.due_customers(at, 10, ShardFilter::ALL).await.unwrap(),
+        [early, late]
+    );
+    assert_eq!(
+        store.due_customers(at, 1, ShardFilter::ALL).await.unwrap(),
+        [early]
+    );
     assert_eq!(store.count_scored().await.unwrap(), 3);
     let mut scored: Vec<Uuid> = Vec::new();
     let mut after = None;
     loop {
-        let page = store.customers_after(after, 2).await.unwrap();
+        let page = store
+            .customers_after(after, 2, ShardFilter::ALL)
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
         after = Some(last.customer_id);
         scored.extend(page.iter().map(|r| r.customer_id));
@@ -542,19 +561,26 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         "by id, without merged or unscored customers"
     );
 
-    let pending = store.unpushed(100, true, None).await.unwrap();
+    let pending = store
+        .unpushed(100, true, None, ShardFilter::ALL)
+        .await
+        .unwrap();
     let pushed: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
     assert_eq!(
         pushed, expected,
         "every customer's first snapshot is a new position; only snapshots are pushed, in id order"
     );
     assert!(
-        store.unpushed(100, false, None).await.unwrap().is_empty(),
+        store
+            .unpushed(100, false, None, ShardFilter::ALL)
+            .await
+            .unwrap()
+            .is_empty(),
         "none of them has a change of scores alone"
     );
     // A round goes on after where the previous one ended.
     let after_first: Vec<Uuid> = store
-        .unpushed(1, true, Some(expected[0]))
+        .unpushed(1, true, Some(expected[0]), ShardFilter::ALL)
         .await
         .unwrap()
         .iter()
@@ -563,17 +589,32 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
     assert_eq!(after_first, [expected[1]]);
     assert!(
         store
-            .unpushed(100, true, Some(expected[2]))
+            .unpushed(100, true, Some(expected[2]), ShardFilter::ALL)
             .await
             .unwrap()
             .is_empty()
     );
     store
-        .mark_pushed(&pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>())
+        .mark_pushed(
+            &pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
+            &Fence::Sole,
+        )
         .await
         .unwrap();
-    assert!(store.unpushed(100, true, None).await.unwrap().is_empty());
-    assert!(store.unpushed(100, false, None).await.unwrap().is_empty());
+    assert!(
+        store
+            .unpushed(100, true, None, ShardFilter::ALL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .unpushed(100, false, None, ShardFilter::ALL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A newer write needs a new push; marking an older version does not
     // hide it. A change of scores alone is not a change of position.
     let mut again = store.load_customers(&[late]).await.unwrap()[&late].clone();
@@ -588,9 +629,18 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         })
         .await
         .unwrap();
-    store.mark_pushed(&[(late, 1)]).await.unwrap();
-    assert!(store.unpushed(100, true, None).await.unwrap().is_empty());
-    let pending = store.unpushed(100, false, None).await.unwrap();
+    store.mark_pushed(&[(late, 1)], &Fence::Sole).await.unwrap();
+    assert!(
+        store
+            .unpushed(100, true, None, ShardFilter::ALL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let pending = store
+        .unpushed(100, false, None, ShardFilter::ALL)
+        .await
+        .unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!((pending[0].0, pending[0].1), (late, 2));
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
+use clm_eventlog::leases::{self, LeaseGroup};
 use clm_platform::service::{Configured, Service, ServiceInfo, SmokeCall, StartContext};
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 
@@ -44,6 +44,9 @@ pub struct TouchpointsConfig {
     pub identity_timeout: Duration,
     /// Database connections (`CLM_TOUCHPOINTS_DB_CONNECTIONS`, default 16).
     pub max_connections: u32,
+    /// How long a replica's lease on the customer event log consumer lasts
+    /// without renewal (`CLM_SHARD_LEASE_MS`, see [`leases::lease_time`]).
+    pub lease_time: Duration,
 }
 
 impl TouchpointsConfig {
@@ -64,6 +67,7 @@ impl TouchpointsConfig {
                 60_000,
             )?),
             max_connections: env.bounded_or("CLM_TOUCHPOINTS_DB_CONNECTIONS", 16, 1, 1000)? as u32,
+            lease_time: leases::lease_time(env)?,
         })
     }
 }
@@ -120,25 +124,46 @@ impl Configured for TouchpointsConfig {
                 platform.migrate_on_start,
             )
             .await?;
-        let store = store::open(pools);
+        let store = store::open(pools.clone());
         let identity_url = context.peers.url(IDENTITY)?;
         let identity = context.peers.channel(IDENTITY)?;
         let resolver = IdentityResolver::new(identity.clone(), self.identity_timeout);
         let events_channel = identity;
-        let projection = TouchpointCustomerProjection::new(store.clone(), resolver.clone());
+        let (projected, projection_resolver) = (store.clone(), resolver.clone());
+        // One replica at a time follows the log: its changes touch every
+        // shard of touchpoints.
+        let group = LeaseGroup {
+            name: identity_events::CONSUMER_NAME,
+            shards: 1,
+            lease_time: self.lease_time,
+        };
         context
             .tasks
-            .spawn(identity_events::CONSUMER_NAME, move |stop| async move {
-                consumer::run(
-                    identity_events::CONSUMER_NAME,
-                    GrpcLogSource::<CustomerEvents>::new(events_channel),
-                    projection,
-                    ShardFilter::ALL,
-                    Backoff::default(),
+            .spawn(identity_events::CONSUMER_NAME, move |stop| {
+                leases::run(
+                    pools,
+                    group,
+                    move |lease, stop| {
+                        let projection = TouchpointCustomerProjection::new(
+                            projected.clone(),
+                            projection_resolver.clone(),
+                        );
+                        let source = GrpcLogSource::<CustomerEvents>::new(events_channel.clone());
+                        async move {
+                            consumer::run(
+                                identity_events::CONSUMER_NAME,
+                                source,
+                                projection,
+                                lease,
+                                Backoff::default(),
+                                stop,
+                            )
+                            .await;
+                            Ok(())
+                        }
+                    },
                     stop,
                 )
-                .await;
-                Ok(())
             });
         let ingest = TouchpointIngest::new(store, resolver).with_group_commit();
         let grpc = TouchpointGrpc::new(

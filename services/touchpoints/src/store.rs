@@ -84,16 +84,22 @@ pub trait TouchpointStore: Send + Sync + 'static {
 /// The migrations of the touchpoints database.
 pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
     schema: "touchpoints",
-    postgres: &[EmbeddedMigration {
-        version: 1,
-        description: "touchpoints, log changes, merged and erased customers, consumer cursors",
-        sql: include_str!("../migrations/postgres/0001_touchpoints.sql"),
-    }],
-    sqlite: &[EmbeddedMigration {
-        version: 1,
-        description: "touchpoints, log changes, merged and erased customers, consumer cursors",
-        sql: include_str!("../migrations/sqlite/0001_touchpoints.sql"),
-    }],
+    postgres: &[
+        EmbeddedMigration {
+            version: 1,
+            description: "touchpoints, log changes, merged and erased customers, consumer cursors",
+            sql: include_str!("../migrations/postgres/0001_touchpoints.sql"),
+        },
+        clm_eventlog::kit::postgres_migration(2),
+    ],
+    sqlite: &[
+        EmbeddedMigration {
+            version: 1,
+            description: "touchpoints, log changes, merged and erased customers, consumer cursors",
+            sql: include_str!("../migrations/sqlite/0001_touchpoints.sql"),
+        },
+        clm_eventlog::kit::sqlite_migration(2),
+    ],
 };
 
 /// Opens the store for an open database.

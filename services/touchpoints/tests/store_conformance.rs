@@ -82,6 +82,7 @@ fn moved(expected: &str, new: &str) -> CursorMove {
         shard: ShardFilter::ALL,
         expected: expected.to_owned(),
         new: new.to_owned(),
+        fence: Default::default(),
     }
 }
 

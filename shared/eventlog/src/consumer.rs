@@ -14,6 +14,7 @@ use futures_util::stream::BoxStream;
 use rand::Rng as _;
 
 use crate::ShardFilter;
+use crate::leases::ShardLease;
 
 /// A failure of a source or a projection; the consumer logs it and retries.
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +100,14 @@ impl Default for Backoff {
     }
 }
 
-/// Runs a consumer until `shutdown`: reads from `source` after the saved
-/// cursor and applies every batch to `projection`.
+/// Runs a consumer of the shard `lease` holds until `shutdown`: reads from
+/// `source` after the saved cursor and applies every batch to `projection`,
+/// each cursor move fenced by the lease.
 pub async fn run<S, P>(
     name: &str,
     source: S,
     projection: P,
-    shard: ShardFilter,
+    lease: ShardLease,
     backoff: Backoff,
     shutdown: Shutdown,
 ) where
@@ -114,7 +116,7 @@ pub async fn run<S, P>(
 {
     let mut wait = backoff.initial;
     while !shutdown.is_triggered() {
-        match consume_until_failure(&source, &projection, shard, &shutdown, &mut wait, backoff)
+        match consume_until_failure(&source, &projection, &lease, &shutdown, &mut wait, backoff)
             .await
         {
             Ok(()) => return,
@@ -134,7 +136,7 @@ pub async fn run<S, P>(
 async fn consume_until_failure<S, P>(
     source: &S,
     projection: &P,
-    shard: ShardFilter,
+    lease: &ShardLease,
     shutdown: &Shutdown,
     wait: &mut Duration,
     backoff: Backoff,
@@ -143,6 +145,7 @@ where
     S: LogSource,
     P: Projection<Entry = S::Entry>,
 {
+    let shard = lease.shard;
     let mut cursor = projection.saved_cursor(shard).await?;
     let mut stream = source.open(&cursor, shard).await?;
     loop {
@@ -165,6 +168,7 @@ where
                 shard,
                 expected: std::mem::take(&mut cursor),
                 new: last,
+                fence: lease.fence.clone(),
             };
             projection
                 .apply(batch.into_iter().map(|p| p.entry).collect(), &moved)
@@ -184,9 +188,13 @@ where
 /// consumer read ([`CursorMove`](cursors::CursorMove)), inside the transaction of the state
 /// derived from the batch: a crash, a retry or a second replica that read
 /// the same cursor can never apply an entry twice, because its save finds
-/// the cursor already moved and its transaction rolls back.
+/// the cursor already moved and its transaction rolls back. The same save
+/// checks the shard lease the consumer holds ([`Fence`]), so a replica that
+/// lost its shard commits nothing more of it. Save last in the
+/// transaction: the lease row stays share-locked until the commit.
 pub mod cursors {
     use super::*;
+    pub use crate::leases::{Fence, LeaseLost};
 
     /// A consumer's cursor moving from `expected` to `new`.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,12 +207,21 @@ pub mod cursors {
         pub expected: String,
         /// The cursor after the batch.
         pub new: String,
+        /// The lease the move is made under.
+        pub fence: Fence,
     }
 
-    /// The save found the cursor moved by another writer since it was read.
+    /// Why a cursor was not moved; roll the transaction back either way.
     #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-    #[error("the cursor of {0} moved since it was read: another writer applied the batch")]
-    pub struct CursorMoved(pub String);
+    pub enum NotMoved {
+        /// Another writer moved the cursor since it was read (it applied
+        /// the batch).
+        #[error("the cursor of {0} moved since it was read: another writer applied the batch")]
+        CursorMoved(String),
+        /// The consumer's shard lease is no longer held.
+        #[error(transparent)]
+        LeaseLost(#[from] LeaseLost),
+    }
 
     /// The cursor saved for `consumer` and `shard` (empty when none).
     pub async fn load(
@@ -234,12 +251,13 @@ pub mod cursors {
         Ok(cursor.unwrap_or_default())
     }
 
-    /// Moves the cursor inside the caller's PostgreSQL transaction; `Ok(Err)`
-    /// when another writer moved it first (roll the transaction back).
+    /// Moves the cursor inside the caller's PostgreSQL transaction, as its
+    /// last statement before the commit; `Ok(Err)` when another writer moved
+    /// it first or the lease is lost (roll the transaction back).
     pub async fn move_postgres(
         tx: &mut sqlx::PgConnection,
         cursor: &CursorMove,
-    ) -> Result<Result<(), CursorMoved>, sqlx::Error> {
+    ) -> Result<Result<(), NotMoved>, sqlx::Error> {
         let moved = if cursor.expected.is_empty() {
             sqlx::query(
                 "INSERT INTO log_cursors (consumer, shard_index, shard_count, cursor, updated_at) \
@@ -264,15 +282,23 @@ pub mod cursors {
             .execute(&mut *tx)
             .await?
         };
-        Ok(outcome(moved.rows_affected(), cursor))
+        if let Err(moved) = outcome(moved.rows_affected(), cursor) {
+            return Ok(Err(moved));
+        }
+        Ok(cursor
+            .fence
+            .check_postgres(tx)
+            .await?
+            .map_err(NotMoved::from))
     }
 
     /// Moves the cursor inside the caller's SQLite transaction; `Ok(Err)`
-    /// when another writer moved it first (roll the transaction back).
+    /// when another writer moved it first (roll the transaction back). One
+    /// process owns every shard of a SQLite database: there is no lease.
     pub async fn move_sqlite(
         tx: &mut sqlx::SqliteConnection,
         cursor: &CursorMove,
-    ) -> Result<Result<(), CursorMoved>, sqlx::Error> {
+    ) -> Result<Result<(), NotMoved>, sqlx::Error> {
         let now = chrono::Utc::now().timestamp_micros();
         let moved = if cursor.expected.is_empty() {
             sqlx::query(
@@ -303,11 +329,11 @@ pub mod cursors {
         Ok(outcome(moved.rows_affected(), cursor))
     }
 
-    fn outcome(rows: u64, cursor: &CursorMove) -> Result<(), CursorMoved> {
+    fn outcome(rows: u64, cursor: &CursorMove) -> Result<(), NotMoved> {
         if rows == 1 {
             Ok(())
         } else {
-            Err(CursorMoved(cursor.consumer.to_owned()))
+            Err(NotMoved::CursorMoved(cursor.consumer.to_owned()))
         }
     }
 }

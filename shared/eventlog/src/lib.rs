@@ -29,8 +29,38 @@
 
 pub mod consumer;
 pub mod customer_events;
+pub mod leases;
 pub mod serving;
 pub mod sources;
+
+/// The tables every service that follows logs or divides work by shard
+/// keeps: `log_cursors` ([`consumer::cursors`]) and, on PostgreSQL,
+/// `shard_leases`, `lease_members` ([`leases`]) and `clm_shard_of(uuid)`,
+/// the shard of a customer as [`shard_of`] computes it, for tables that
+/// divide their rows by shard. A service lists them among its migrations
+/// at the version it chooses.
+pub mod kit {
+    use clm_platform::db::EmbeddedMigration;
+
+    /// The kit's tables on PostgreSQL, as migration `version`.
+    pub const fn postgres_migration(version: i64) -> EmbeddedMigration {
+        EmbeddedMigration {
+            version,
+            description: "log cursors, shard leases and clm_shard_of",
+            sql: include_str!("kit_postgres.sql"),
+        }
+    }
+
+    /// The kit's tables on SQLite (the cursors: one process owns every
+    /// shard), as migration `version`.
+    pub const fn sqlite_migration(version: i64) -> EmbeddedMigration {
+        EmbeddedMigration {
+            version,
+            description: "log cursors",
+            sql: include_str!("kit_sqlite.sql"),
+        }
+    }
+}
 
 use std::fmt;
 use std::sync::Arc;

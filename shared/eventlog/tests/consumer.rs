@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff, ConsumeError, LogSource, Positioned, Projection};
+use clm_eventlog::leases::ShardLease;
 use clm_platform::server::Shutdown;
 use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
@@ -115,7 +116,7 @@ async fn failures_anywhere_neither_lose_nor_double_count() {
         "test",
         source,
         projection.clone(),
-        ShardFilter::ALL,
+        ShardLease::sole(ShardFilter::ALL),
         Backoff {
             initial: Duration::from_millis(1),
             max: Duration::from_millis(10),

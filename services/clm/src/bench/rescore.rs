@@ -166,6 +166,7 @@ async fn measure(args: &RescoreBenchArgs, url: &str, engine: &str) -> anyhow::Re
     let worker = tokio::spawn(clm_scoring::rescore::run_worker(
         scorer.clone(),
         wake.clone(),
+        clm_eventlog::leases::ShardLease::sole(clm_eventlog::ShardFilter::ALL),
         shutdown.clone(),
     ));
     eprintln!("activating {} and rescoring every customer", second.version);

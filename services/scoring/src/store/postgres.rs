@@ -14,7 +14,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{
-    Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Input, ModelInsert,
+    Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fence, Input, ModelInsert,
     RescoreRow, ScoringStore, StoreError, TRANSITION_LOG_TABLE, TransitionQuery, decode_fact,
     decode_features, decode_model, decode_snapshot, decode_transition, encode_fact,
     encode_features, encode_model, encode_snapshot, log_entries,
@@ -30,6 +30,7 @@ const MODELS_LOCK: i64 = 0x636c_6d73;
 const PENDING: i16 = proto::RescoreState::Pending as i16;
 const RUNNING: i16 = proto::RescoreState::Running as i16;
 const CANCELLED: i16 = proto::RescoreState::Cancelled as i16;
+const SUCCEEDED: i16 = proto::RescoreState::Succeeded as i16;
 
 /// The scoring state in PostgreSQL.
 pub struct PostgresScoringStore {
@@ -130,7 +131,21 @@ async fn move_cursor(tx: &mut PgConnection, cursor: &CursorMove) -> Result<(), S
     cursors::move_postgres(tx, cursor)
         .await
         .map_err(StoreError::from_db)?
-        .map_err(|moved| StoreError::CursorMoved(moved.0))
+        .map_err(StoreError::from)
+}
+
+/// Checks the shard lease, last before the commit.
+async fn check_fence(tx: &mut PgConnection, fence: &Fence) -> Result<(), StoreError> {
+    fence
+        .check_postgres(tx)
+        .await
+        .map_err(StoreError::from_db)?
+        .map_err(|lost| StoreError::LeaseLost(lost.to_string()))
+}
+
+/// `$count` = 1 or the row's shard is `$index` of `$count`.
+fn shard_condition(count: usize, index: usize) -> String {
+    format!("(${count} = 1 OR c.shard % ${count} = ${index})")
 }
 
 /// Plans the rest of the transaction with key lookups in the order of the
@@ -424,32 +439,19 @@ impl ScoringStore for PostgresScoringStore {
                 .await
                 .map_err(StoreError::from_db)?;
         }
-        if let Some(cursor) = &changes.cursor {
-            move_cursor(&mut tx, cursor).await?;
-        }
-        if let Some(progress) = &changes.rescore {
-            let updated = sqlx::query(
-                "UPDATE rescores SET done_count = done_count + $2, changed_count = changed_count + $3, \
-                   rate_per_second = $4, resume_after = $5 \
-                 WHERE id = $1 AND state = $6 AND resume_after IS NOT DISTINCT FROM $7",
-            )
-            .bind(progress.id)
-            .bind(progress.done)
-            .bind(progress.changed)
-            .bind(progress.rate_per_second)
-            .bind(progress.resume_after)
-            .bind(RUNNING)
-            .bind(progress.resumed_from)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
-            if updated.rows_affected() != 1 {
-                return Err(StoreError::RescoreStopped);
-            }
-        }
         write_customers(&mut tx, changes).await?;
         write_inputs(&mut tx, changes).await?;
         write_transitions(&mut tx, &self.log, changes).await?;
+        // Last, so the rows every shard's rescore pages share (the
+        // rescore's sums) and the lease row are locked only until the
+        // commit.
+        if let Some(progress) = &changes.rescore {
+            record_rescore_page(&mut tx, progress).await?;
+        }
+        match &changes.cursor {
+            Some(cursor) => move_cursor(&mut tx, cursor).await?,
+            None => check_fence(&mut tx, &changes.fence).await?,
+        }
         tx.commit().await.map_err(StoreError::from_db)?;
         if !changes.forgotten_profiles.is_empty() {
             self.vacuum.erased();
@@ -460,13 +462,21 @@ impl ScoringStore for PostgresScoringStore {
         Ok(())
     }
 
-    async fn due_customers(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT customer_id FROM customers WHERE next_due_at IS NOT NULL AND next_due_at <= $1 \
-             ORDER BY next_due_at LIMIT $2",
-        )
+    async fn due_customers(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        shard: ShardFilter,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar(&format!(
+            "SELECT customer_id FROM customers c WHERE next_due_at IS NOT NULL AND next_due_at <= $1 \
+               AND {} ORDER BY next_due_at LIMIT $2",
+            shard_condition(3, 4)
+        ))
         .bind(now)
         .bind(i64::from(limit))
+        .bind(shard.count as i32)
+        .bind(shard.index as i32)
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from_db)
@@ -476,18 +486,22 @@ impl ScoringStore for PostgresScoringStore {
         &self,
         after: Option<Uuid>,
         limit: u32,
+        shard: ShardFilter,
     ) -> Result<Vec<CustomerRecord>, StoreError> {
         // A range scan of the primary key from `after` (the nil id sorts
-        // before every other).
+        // before every other), skipping the other shards' rows.
         let rows = sqlx::query(&format!(
             "SELECT {CUSTOMER_COLUMNS} FROM customers c \
              LEFT JOIN customer_features f ON f.customer_id = c.customer_id \
              WHERE c.customer_id > $1 AND c.merged_into IS NULL \
-               AND c.snapshot IS NOT NULL \
-             ORDER BY c.customer_id LIMIT $2"
+               AND c.snapshot IS NOT NULL AND {} \
+             ORDER BY c.customer_id LIMIT $2",
+            shard_condition(3, 4)
         ))
         .bind(after.unwrap_or(Uuid::nil()))
         .bind(i64::from(limit))
+        .bind(shard.count as i32)
+        .bind(shard.index as i32)
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from_db)?;
@@ -508,11 +522,20 @@ impl ScoringStore for PostgresScoringStore {
         limit: u32,
         position: bool,
         after: Option<Uuid>,
+        shard: ShardFilter,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
         // A range of the partial index, in its order.
         let mut query = QueryBuilder::<Postgres>::new(
             "SELECT customer_id, version, snapshot, merged_into FROM customers WHERE ",
         );
+        if shard.count > 1 {
+            query
+                .push("shard % ")
+                .push_bind(shard.count as i32)
+                .push(" = ")
+                .push_bind(shard.index as i32)
+                .push(" AND ");
+        }
         query.push(if position {
             "pushed_version < position_version"
         } else {
@@ -546,14 +569,15 @@ impl ScoringStore for PostgresScoringStore {
                 _ => nothing.push((id, version)),
             }
         }
-        self.mark_pushed(&nothing).await?;
+        self.mark_pushed(&nothing, &Fence::Sole).await?;
         Ok(out)
     }
 
-    async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fence: &Fence) -> Result<(), StoreError> {
         if pushed.is_empty() {
             return Ok(());
         }
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
         let ids: Vec<Uuid> = pushed.iter().map(|p| p.0).collect();
         let versions: Vec<i64> = pushed.iter().map(|p| p.1).collect();
         // Rows a writer holds are skipped, not waited for: they are pushed
@@ -567,10 +591,11 @@ impl ScoringStore for PostgresScoringStore {
         )
         .bind(&ids)
         .bind(&versions)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
-        Ok(())
+        check_fence(&mut tx, fence).await?;
+        tx.commit().await.map_err(StoreError::from_db)
     }
 
     async fn insert_model(&self, model: &Model) -> Result<ModelInsert, StoreError> {
@@ -778,6 +803,72 @@ impl ScoringStore for PostgresScoringStore {
             .map_err(StoreError::from_db)
     }
 
+    async fn finish_rescore_shard(
+        &self,
+        id: Uuid,
+        shard: ShardFilter,
+        resume_after: Option<Uuid>,
+        at: DateTime<Utc>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let finished = sqlx::query(
+            "INSERT INTO rescore_shards (rescore_id, shard_index, shard_count, resume_after, finished) \
+             SELECT $1, $2, $3, $4, TRUE FROM rescores WHERE id = $1 AND state = $5 \
+             ON CONFLICT (rescore_id, shard_count, shard_index) DO UPDATE \
+               SET finished = TRUE, rate_per_second = 0 \
+               WHERE rescore_shards.resume_after IS NOT DISTINCT FROM EXCLUDED.resume_after \
+                 AND NOT rescore_shards.finished",
+        )
+        .bind(id)
+        .bind(shard.index as i32)
+        .bind(shard.count as i32)
+        .bind(resume_after)
+        .bind(RUNNING)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if finished.rows_affected() != 1 {
+            return Err(StoreError::RescoreStopped);
+        }
+        let succeeded = sqlx::query(
+            "UPDATE rescores SET state = $2, end_time = $3, rate_per_second = 0 \
+             WHERE id = $1 AND state = $4 AND (SELECT count(*) FROM rescore_shards \
+               WHERE rescore_id = $1 AND shard_count = $5 AND finished) = $5",
+        )
+        .bind(id)
+        .bind(SUCCEEDED)
+        .bind(at)
+        .bind(RUNNING)
+        .bind(i64::from(shard.count))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?
+        .rows_affected()
+            == 1;
+        check_fence(&mut tx, fence).await?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(succeeded)
+    }
+
+    async fn rescore_shard(
+        &self,
+        id: Uuid,
+        shard: ShardFilter,
+    ) -> Result<(Option<Uuid>, bool), StoreError> {
+        let row: Option<(Option<Uuid>, bool)> = sqlx::query_as(
+            "SELECT resume_after, finished FROM rescore_shards \
+             WHERE rescore_id = $1 AND shard_index = $2 AND shard_count = $3",
+        )
+        .bind(id)
+        .bind(shard.index as i32)
+        .bind(shard.count as i32)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        Ok(row.unwrap_or((None, false)))
+    }
+
     async fn set_rescore_state(
         &self,
         id: Uuid,
@@ -895,6 +986,64 @@ impl ScoringStore for PostgresScoringStore {
             .await
             .map_err(|err| StoreError::Unavailable(err.0))
     }
+}
+
+/// Records a rescore page's progress: the shard's, checked to start where
+/// its last page ended, and the sums on the rescore, checked to be running.
+async fn record_rescore_page(
+    tx: &mut PgConnection,
+    progress: &super::RescoreProgress,
+) -> Result<(), StoreError> {
+    let shard = progress.shard;
+    let moved = match progress.resumed_from {
+        None => sqlx::query(
+            "INSERT INTO rescore_shards (rescore_id, shard_index, shard_count, resume_after, rate_per_second) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(progress.id)
+        .bind(shard.index as i32)
+        .bind(shard.count as i32)
+        .bind(progress.resume_after)
+        .bind(progress.rate_per_second)
+        .execute(&mut *tx)
+        .await,
+        Some(from) => sqlx::query(
+            "UPDATE rescore_shards SET resume_after = $4, rate_per_second = $5 \
+             WHERE rescore_id = $1 AND shard_index = $2 AND shard_count = $3 \
+               AND resume_after = $6 AND NOT finished",
+        )
+        .bind(progress.id)
+        .bind(shard.index as i32)
+        .bind(shard.count as i32)
+        .bind(progress.resume_after)
+        .bind(progress.rate_per_second)
+        .bind(from)
+        .execute(&mut *tx)
+        .await,
+    }
+    .map_err(StoreError::from_db)?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::RescoreStopped);
+    }
+    let updated = sqlx::query(
+        "UPDATE rescores SET done_count = done_count + $2, changed_count = changed_count + $3, \
+           rate_per_second = (SELECT COALESCE(sum(rate_per_second), 0) FROM rescore_shards \
+                              WHERE rescore_id = $1 AND NOT finished), \
+           resume_after = $4 \
+         WHERE id = $1 AND state = $5",
+    )
+    .bind(progress.id)
+    .bind(progress.done)
+    .bind(progress.changed)
+    .bind(progress.resume_after)
+    .bind(RUNNING)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from_db)?;
+    if updated.rows_affected() != 1 {
+        return Err(StoreError::RescoreStopped);
+    }
+    Ok(())
 }
 
 /// Serialises model activations and rescore starts for the transaction.

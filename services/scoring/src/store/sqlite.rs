@@ -17,7 +17,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    Activation, ChangeSet, CursorMove, CustomerRecord, Input, ModelInsert, RescoreRow,
+    Activation, ChangeSet, CursorMove, CustomerRecord, Fence, Input, ModelInsert, RescoreRow,
     ScoringStore, StoreError, TRANSITION_LOG_TABLE, TransitionQuery, decode_fact, decode_features,
     decode_model, decode_snapshot, decode_transition, encode_fact, encode_features, encode_model,
     encode_snapshot, log_entries,
@@ -31,6 +31,7 @@ type MergedInto = String;
 const PENDING: i32 = proto::RescoreState::Pending as i32;
 const RUNNING: i32 = proto::RescoreState::Running as i32;
 const CANCELLED: i32 = proto::RescoreState::Cancelled as i32;
+const SUCCEEDED: i32 = proto::RescoreState::Succeeded as i32;
 
 /// The scoring state in a SQLite file.
 pub struct SqliteScoringStore {
@@ -162,7 +163,83 @@ async fn move_cursor(tx: &mut SqliteConnection, cursor: &CursorMove) -> Result<(
     cursors::move_sqlite(tx, cursor)
         .await
         .map_err(StoreError::from_db)?
-        .map_err(|moved| StoreError::CursorMoved(moved.0))
+        .map_err(StoreError::from)
+}
+
+/// One process owns every shard of a SQLite database: its background work
+/// is not divided, and a request for part of it is a bug.
+fn whole(shard: ShardFilter) -> Result<(), StoreError> {
+    if shard == ShardFilter::ALL {
+        Ok(())
+    } else {
+        Err(StoreError::Internal(format!(
+            "a SQLite store does not divide its customers by shard (asked for shard {} of {})",
+            shard.index, shard.count
+        )))
+    }
+}
+
+/// A fence on SQLite, where one process owns every shard.
+fn sole(fence: &Fence) -> Result<(), StoreError> {
+    match fence {
+        Fence::Sole => Ok(()),
+        Fence::Lease { .. } => Err(StoreError::Internal(
+            "a SQLite store has no shard leases".to_owned(),
+        )),
+    }
+}
+
+/// Records a rescore page's progress (see the PostgreSQL store).
+async fn record_rescore_page(
+    tx: &mut SqliteConnection,
+    progress: &super::RescoreProgress,
+) -> Result<(), StoreError> {
+    whole(progress.shard)?;
+    let id = progress.id.to_string();
+    let moved = match progress.resumed_from {
+        None => sqlx::query(
+            "INSERT INTO rescore_shards (rescore_id, shard_index, shard_count, resume_after, rate_per_second) \
+             VALUES (?1, 0, 1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )
+        .bind(&id)
+        .bind(progress.resume_after.to_string())
+        .bind(progress.rate_per_second)
+        .execute(&mut *tx)
+        .await,
+        Some(from) => sqlx::query(
+            "UPDATE rescore_shards SET resume_after = ?2, rate_per_second = ?3 \
+             WHERE rescore_id = ?1 AND shard_index = 0 AND shard_count = 1 \
+               AND resume_after = ?4 AND NOT finished",
+        )
+        .bind(&id)
+        .bind(progress.resume_after.to_string())
+        .bind(progress.rate_per_second)
+        .bind(from.to_string())
+        .execute(&mut *tx)
+        .await,
+    }
+    .map_err(StoreError::from_db)?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::RescoreStopped);
+    }
+    let updated = sqlx::query(
+        "UPDATE rescores SET done_count = done_count + ?2, changed_count = changed_count + ?3, \
+           rate_per_second = ?4, resume_after = ?5 \
+         WHERE id = ?1 AND state = ?6",
+    )
+    .bind(&id)
+    .bind(progress.done)
+    .bind(progress.changed)
+    .bind(progress.rate_per_second)
+    .bind(progress.resume_after.to_string())
+    .bind(RUNNING)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from_db)?;
+    if updated.rows_affected() != 1 {
+        return Err(StoreError::RescoreStopped);
+    }
+    Ok(())
 }
 
 /// Rows per multi-row statement (SQLite allows 32,766 parameters).
@@ -344,28 +421,12 @@ impl ScoringStore for SqliteScoringStore {
             .begin()
             .await
             .map_err(StoreError::from_db)?;
+        sole(&changes.fence)?;
         if let Some(cursor) = &changes.cursor {
             move_cursor(&mut tx, cursor).await?;
         }
         if let Some(progress) = &changes.rescore {
-            let updated = sqlx::query(
-                "UPDATE rescores SET done_count = done_count + ?2, changed_count = changed_count + ?3, \
-                   rate_per_second = ?4, resume_after = ?5 \
-                 WHERE id = ?1 AND state = ?6 AND resume_after IS ?7",
-            )
-            .bind(progress.id.to_string())
-            .bind(progress.done)
-            .bind(progress.changed)
-            .bind(progress.rate_per_second)
-            .bind(progress.resume_after.to_string())
-            .bind(RUNNING)
-            .bind(progress.resumed_from.map(|id| id.to_string()))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
-            if updated.rows_affected() != 1 {
-                return Err(StoreError::RescoreStopped);
-            }
+            record_rescore_page(&mut tx, progress).await?;
         }
         write_customers(&mut tx, changes).await?;
         write_inputs(&mut tx, changes).await?;
@@ -384,7 +445,13 @@ impl ScoringStore for SqliteScoringStore {
         Ok(())
     }
 
-    async fn due_customers(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>, StoreError> {
+    async fn due_customers(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        shard: ShardFilter,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        whole(shard)?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT customer_id FROM customers WHERE next_due_at IS NOT NULL AND next_due_at <= ?1 \
              ORDER BY next_due_at LIMIT ?2",
@@ -403,7 +470,9 @@ impl ScoringStore for SqliteScoringStore {
         &self,
         after: Option<Uuid>,
         limit: u32,
+        shard: ShardFilter,
     ) -> Result<Vec<CustomerRecord>, StoreError> {
+        whole(shard)?;
         // A range scan of the primary key from `after` (the nil id sorts
         // before every other).
         let rows = sqlx::query(&format!(
@@ -435,7 +504,9 @@ impl ScoringStore for SqliteScoringStore {
         limit: u32,
         position: bool,
         after: Option<Uuid>,
+        shard: ShardFilter,
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
+        whole(shard)?;
         // A range of the partial index, in its order (UUID strings sort as
         // the UUIDs do).
         let mut query = QueryBuilder::<Sqlite>::new(
@@ -476,11 +547,12 @@ impl ScoringStore for SqliteScoringStore {
                 _ => nothing.push((id, version)),
             }
         }
-        self.mark_pushed(&nothing).await?;
+        self.mark_pushed(&nothing, &Fence::Sole).await?;
         Ok(out)
     }
 
-    async fn mark_pushed(&self, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fence: &Fence) -> Result<(), StoreError> {
+        sole(fence)?;
         if pushed.is_empty() {
             return Ok(());
         }
@@ -717,6 +789,78 @@ impl ScoringStore for SqliteScoringStore {
             .map(rescore_from_row)
             .transpose()
             .map_err(StoreError::from_db)
+    }
+
+    async fn finish_rescore_shard(
+        &self,
+        id: Uuid,
+        shard: ShardFilter,
+        resume_after: Option<Uuid>,
+        at: DateTime<Utc>,
+        fence: &Fence,
+    ) -> Result<bool, StoreError> {
+        whole(shard)?;
+        sole(fence)?;
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let finished = sqlx::query(
+            "INSERT INTO rescore_shards (rescore_id, shard_index, shard_count, resume_after, finished) \
+             SELECT ?1, 0, 1, ?2, 1 FROM rescores WHERE id = ?1 AND state = ?3 \
+             ON CONFLICT (rescore_id, shard_count, shard_index) DO UPDATE \
+               SET finished = 1, rate_per_second = 0 \
+               WHERE rescore_shards.resume_after IS excluded.resume_after \
+                 AND NOT rescore_shards.finished",
+        )
+        .bind(id.to_string())
+        .bind(resume_after.map(|id| id.to_string()))
+        .bind(RUNNING)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if finished.rows_affected() != 1 {
+            return Err(StoreError::RescoreStopped);
+        }
+        sqlx::query(
+            "UPDATE rescores SET state = ?2, end_time = ?3, rate_per_second = 0 \
+             WHERE id = ?1 AND state = ?4",
+        )
+        .bind(id.to_string())
+        .bind(SUCCEEDED)
+        .bind(micros(at))
+        .bind(RUNNING)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(true)
+    }
+
+    async fn rescore_shard(
+        &self,
+        id: Uuid,
+        shard: ShardFilter,
+    ) -> Result<(Option<Uuid>, bool), StoreError> {
+        whole(shard)?;
+        let row: Option<(Option<String>, bool)> = sqlx::query_as(
+            "SELECT resume_after, finished FROM rescore_shards \
+             WHERE rescore_id = ?1 AND shard_index = 0 AND shard_count = 1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        let Some((after, finished)) = row else {
+            return Ok((None, false));
+        };
+        let after = after
+            .map(|id| Uuid::try_parse(&id))
+            .transpose()
+            .map_err(|err| StoreError::Corrupt(format!("rescore_shards.resume_after: {err}")))?;
+        Ok((after, finished))
     }
 
     async fn set_rescore_state(
