@@ -1762,7 +1762,8 @@ async fn split_among(database: &clm_platform::Secret, replicas: &[&ClmServer]) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_split_the_shards_and_take_over_from_a_killed_or_frozen_one() {
-    let Some(upstream_db) = clm_platform::testing::fresh_postgres_database("scoring_replicas").await
+    let Some(upstream_db) =
+        clm_platform::testing::fresh_postgres_database("scoring_replicas").await
     else {
         return;
     };
@@ -1794,7 +1795,10 @@ async fn replicas_split_the_shards_and_take_over_from_a_killed_or_frozen_one() {
     // expire (a lease and the third of one between renewals at most).
     let mut third = third;
     third.signal("KILL");
-    third.wait_exit(Duration::from_secs(10)).await.expect("killed");
+    third
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("killed");
     let taken_over = split_among(&scoring_db, &[&first, &second]).await;
     let bound = Duration::from_millis(LEASE_MS + LEASE_MS / 3 + 1000);
     assert!(

@@ -11,6 +11,12 @@
 //! seeing the stage is one sample. The sample includes the whole path:
 //! ingest, the touchpoint log, the scoring consumer, the evaluation, the
 //! push to identity, identity's cache.
+//!
+//! It runs once per count of `--scoring-replicas` (default 1 and 2), each on
+//! a fresh database: the first process serves every service, and each
+//! further replica is a `clm serve scoring` process on the same database,
+//! taking its share of the shard leases. Each run reports where the shards
+//! were at its end.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -59,20 +65,67 @@ pub struct LifecycleBenchArgs {
     /// fresh database; the URL names the database to connect to for that.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     admin_database_url: String,
-    /// Print the figures as one JSON object.
+    /// Scoring replicas of each run, comma-separated: the first serves
+    /// every service, the others scoring alone on the same database.
+    #[arg(long, value_delimiter = ',', default_value = "1,2",
+          value_parser = clap::value_parser!(u32).range(1..=REPLICA_LABELS.len() as i64))]
+    scoring_replicas: Vec<u32>,
+    /// Print the figures as JSON, an object per run.
     #[arg(long)]
     json: bool,
 }
 
+/// The names of the scoring replicas' processes (the first serves every
+/// service).
+const REPLICA_LABELS: [&str; 4] = ["all", "scoring-2", "scoring-3", "scoring-4"];
+
 /// Runs the benchmark.
 pub async fn run(args: LifecycleBenchArgs) -> anyhow::Result<()> {
-    let database = TemporaryDatabase::create(&args.admin_database_url, "lifecycle").await?;
-    let outcome = measure(&args, &database.url).await;
-    let dropped = database.drop().await;
-    let report = outcome?;
-    dropped?;
-    println!("{report}");
+    let mut reports = Vec::new();
+    for &replicas in &args.scoring_replicas {
+        let database = TemporaryDatabase::create(&args.admin_database_url, "lifecycle").await?;
+        let outcome = measure(&args, &database.url, replicas).await;
+        let dropped = database.drop().await;
+        let report = outcome?;
+        dropped?;
+        if !args.json {
+            println!("{report}");
+        }
+        reports.push(report);
+    }
+    if args.json {
+        println!("[{}]", reports.join(","));
+    }
     Ok(())
+}
+
+/// Where the scoring shards are: each process's label and the shards it
+/// holds an unexpired lease on.
+async fn shard_distribution(
+    database_url: &str,
+    processes: &[(&'static str, Option<u32>)],
+) -> anyhow::Result<Vec<(&'static str, Vec<i32>)>> {
+    use sqlx::Connection as _;
+    let mut connection = sqlx::PgConnection::connect(database_url).await?;
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT owner, shard_index FROM scoring.shard_leases \
+         WHERE lease_group = 'scoring.shards' AND owner <> '' \
+           AND expires_at > clock_timestamp() ORDER BY shard_index",
+    )
+    .fetch_all(&mut connection)
+    .await?;
+    Ok(processes
+        .iter()
+        .map(|(label, pid)| {
+            let pid = pid.map(|pid| pid.to_string());
+            let shards = rows
+                .iter()
+                .filter(|(owner, _)| owner.split('/').nth(1) == pid.as_deref())
+                .map(|(_, shard)| *shard)
+                .collect();
+            (*label, shards)
+        })
+        .collect())
 }
 
 fn by_id(customer_id: &str) -> Option<CustomerReference> {
@@ -186,7 +239,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Result<String> {
+async fn measure(
+    args: &LifecycleBenchArgs,
+    database_url: &str,
+    replicas: u32,
+) -> anyhow::Result<String> {
     let run_id = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let data_dir = tempfile::tempdir()?;
     let spec = ServerSpec::this_binary(
@@ -194,8 +251,24 @@ async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Resul
         database_url,
         &["identity", "touchpoints", "scoring"],
     )?;
-    eprintln!("starting identity, touchpoints and scoring on a fresh PostgreSQL database");
-    let mut server = ServerProcess::start("lifecycle", &spec).await?;
+    eprintln!(
+        "starting identity, touchpoints and scoring on a fresh PostgreSQL database, \
+         with {replicas} scoring replica(s) in all"
+    );
+    let mut server = ServerProcess::start(REPLICA_LABELS[0], &spec).await?;
+    let mut more = Vec::new();
+    for label in &REPLICA_LABELS[1..replicas as usize] {
+        let endpoint = format!("http://{}", server.address());
+        let replica = ServerSpec {
+            services: &["scoring"],
+            env: vec![
+                ("CLM_IDENTITY_URL".to_owned(), endpoint.clone()),
+                ("CLM_TOUCHPOINTS_URL".to_owned(), endpoint),
+            ],
+            ..spec.clone()
+        };
+        more.push(ServerProcess::start(label, &replica).await?);
+    }
     let channels = load::connect_channels(&server.address().to_string(), 4).await?;
     let probes_total = (u64::from(args.probes) * args.seconds) as usize;
     eprintln!(
@@ -234,6 +307,9 @@ async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Resul
     );
     tokio::time::sleep(WARM_UP).await;
     server.ensure_running("the warm-up")?;
+    for replica in &mut more {
+        replica.ensure_running("the warm-up")?;
+    }
 
     eprintln!("measuring for {} s: {} probes/s", args.seconds, args.probes);
     let stored_before = stored.load(Ordering::Relaxed);
@@ -257,7 +333,21 @@ async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Resul
     stop.notify_one();
     load.await.context("the load generator panicked")??;
     server.ensure_running("the measurement")?;
+    for replica in &mut more {
+        replica.ensure_running("the measurement")?;
+    }
     latencies.sort();
+    let processes: Vec<(&'static str, Option<u32>)> = std::iter::once(&server)
+        .chain(&more)
+        .zip(REPLICA_LABELS)
+        .map(|(process, label)| (label, process.pid()))
+        .collect();
+    let shards = shard_distribution(database_url, &processes).await?;
+    let shards_text = shards
+        .iter()
+        .map(|(label, shards)| format!("{label}: {shards:?}"))
+        .collect::<Vec<_>>()
+        .join("; ");
 
     let ingest_rate = stored_during as f64 / sent_for.as_secs_f64();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -270,6 +360,8 @@ async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Resul
     let met = p99 <= Duration::from_secs(1) && ingest_rate >= f64::from(args.rate) * 0.95;
     Ok(if args.json {
         json!({
+            "scoring_replicas": replicas,
+            "shards": shards.iter().map(|(label, shards)| json!({"process": label, "shards": shards})).collect::<Vec<_>>(),
             "target_rate": args.rate, "ingest_rate": ingest_rate, "probes": latencies.len(),
             "p50_ms": ms(p50), "p90_ms": ms(p90), "p99_ms": ms(p99), "max_ms": ms(max),
             "target_met": met,
@@ -277,7 +369,8 @@ async fn measure(args: &LifecycleBenchArgs, database_url: &str) -> anyhow::Resul
         .to_string()
     } else {
         format!(
-            "clm bench lifecycle: touchpoint -> stage on GetCustomer, PostgreSQL, all services in one process\n\
+            "clm bench lifecycle: touchpoint -> stage on GetCustomer, PostgreSQL, \
+             {replicas} scoring replica(s) (shards held: {shards_text})\n\
              background ingest {ingest_rate:.0} touchpoints/s (asked {}), {} probes over {:.1} s\n\
              latency p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
              (target p99 <= 1000 ms at 10,000 events/s: {})",

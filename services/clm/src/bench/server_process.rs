@@ -53,6 +53,8 @@ pub struct ServerSpec {
     pub redis_url: Option<String>,
     /// The services it runs (`clm serve <services>`).
     pub services: &'static [&'static str],
+    /// More variables to set (e.g. where the services it calls are).
+    pub env: Vec<(String, String)>,
 }
 
 impl ServerSpec {
@@ -70,6 +72,7 @@ impl ServerSpec {
             database_url: database_url.to_owned(),
             redis_url: None,
             services,
+            env: Vec::new(),
         })
     }
 }
@@ -131,6 +134,7 @@ impl ServerProcess {
         if let Some(redis_url) = &spec.redis_url {
             command.env("CLM_REDIS_URL", redis_url);
         }
+        command.envs(spec.env.iter().map(|(name, value)| (name, value)));
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start {}", spec.executable.display()))?;
@@ -193,6 +197,11 @@ impl ServerProcess {
     /// Where the server listens.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     async fn wait_until_serving(&self) -> anyhow::Result<()> {
@@ -298,6 +307,7 @@ mod tests {
             database_url: "sqlite://unused.db".into(),
             redis_url: None,
             services: &["identity"],
+            env: Vec::new(),
         };
         let Err(err) = ServerProcess::start("a", &spec).await else {
             panic!("the fake server cannot start");
