@@ -1,7 +1,8 @@
 //! The identity service's errors and their exhaustive mapping to gRPC
 //! statuses with `google.rpc` details.
 
-use clm_platform::{FieldViolation, StatusBuilder};
+use clm_platform::FieldViolation;
+use clm_platform::error::reasons;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -90,34 +91,7 @@ impl From<StoreError> for IdentityError {
     }
 }
 
-/// The `ErrorInfo` reason of a malformed reference in a batch call
-/// (ResolveCustomers): the reference fails, the rest of the batch does not.
-pub const INVALID_REFERENCE: &str = "INVALID_REFERENCE";
-
-/// How an [`IdentityError`] is told to a caller: the one mapping behind both
-/// the unary statuses and the per-reference outcomes of ResolveCustomers, so
-/// that both carry the same codes, reasons and messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ErrorReport {
-    /// INVALID_ARGUMENT naming every bad field (a `google.rpc.BadRequest`).
-    BadRequest(Vec<FieldViolation>),
-    /// A failure the caller can act on, with an `ErrorInfo` reason.
-    Reason {
-        /// The `google.rpc.Code`.
-        code: Code,
-        /// The UPPER_SNAKE_CASE reason callers match on.
-        reason: &'static str,
-        /// What went wrong, for people.
-        message: String,
-        /// Ids that help (`ErrorInfo` metadata).
-        metadata: Vec<(&'static str, String)>,
-    },
-    /// The database is unreachable: UNAVAILABLE, the caller may retry.
-    Unavailable(String),
-    /// A bug or a broken database: INTERNAL; the detail is logged, never
-    /// returned.
-    Internal(String),
-}
+pub use clm_platform::error::{ErrorReport, reasons::INVALID_REFERENCE};
 
 impl IdentityError {
     /// True when the database failed (unreachable or broken) rather than the
@@ -140,28 +114,18 @@ impl IdentityError {
 
     /// How this error is told to a caller.
     pub fn report(self) -> ErrorReport {
-        let reason = |code: Code,
-                      reason: &'static str,
-                      message: String,
-                      metadata: &[(&'static str, String)]| {
-            ErrorReport::Reason {
-                code,
-                reason,
-                message,
-                metadata: metadata.to_vec(),
-            }
-        };
+        let reason = ErrorReport::reason;
         match self {
             Self::InvalidArgument(violations) => ErrorReport::BadRequest(violations),
             Self::NotFound(id) => reason(
                 Code::NotFound,
-                "CUSTOMER_NOT_FOUND",
+                reasons::CUSTOMER_NOT_FOUND,
                 format!("customer {id} not found"),
                 &[("customer_id", id.to_string())],
             ),
             Self::KeyTaken { field } => reason(
                 Code::AlreadyExists,
-                "IDENTITY_KEY_TAKEN",
+                reasons::IDENTITY_KEY_TAKEN,
                 format!("{field}: the identity key belongs to another customer"),
                 &[("field", field)],
             ),
@@ -171,7 +135,7 @@ impl IdentityError {
                 current,
             } => reason(
                 Code::Aborted,
-                "VERSION_CONFLICT",
+                reasons::VERSION_CONFLICT,
                 format!(
                     "customer {customer_id} is at version {current}, not the expected {expected}: read it again and retry"
                 ),
@@ -188,11 +152,11 @@ impl IdentityError {
             } => {
                 let (reason_code, message) = match merged_into {
                     Some(into) => (
-                        "CUSTOMER_MERGED",
+                        reasons::CUSTOMER_MERGED,
                         format!("customer {customer_id} was merged into {into}"),
                     ),
                     None => (
-                        "CUSTOMER_ERASED",
+                        reasons::CUSTOMER_ERASED,
                         format!("customer {customer_id} is {state}"),
                     ),
                 };
@@ -217,7 +181,7 @@ impl IdentityError {
                     .join(",");
                 reason(
                     Code::FailedPrecondition,
-                    "IDENTITY_CONFLICT",
+                    reasons::IDENTITY_CONFLICT,
                     format!(
                         "the identity keys belong to different identified customers ({ids}); set allow_merge to merge them"
                     ),
@@ -226,7 +190,7 @@ impl IdentityError {
             }
             Self::Suppressed { field } => reason(
                 Code::FailedPrecondition,
-                "IDENTITY_KEY_SUPPRESSED",
+                reasons::IDENTITY_KEY_SUPPRESSED,
                 format!(
                     "{field}: the identity key belonged to an erased customer; record a GRANTED consent to use it again"
                 ),
@@ -238,39 +202,18 @@ impl IdentityError {
             )]),
             Self::Contended(id) => reason(
                 Code::Aborted,
-                "CONTENDED",
+                reasons::CONTENDED,
                 "the customer changed concurrently too many times, retry".to_owned(),
                 &[("customer_id", id.to_string())],
             ),
-            Self::Unavailable(detail) => ErrorReport::Unavailable(detail),
-            Self::Internal(detail) => ErrorReport::Internal(detail),
-        }
-    }
-}
-
-impl From<ErrorReport> for Status {
-    fn from(report: ErrorReport) -> Self {
-        match report {
-            ErrorReport::BadRequest(violations) => StatusBuilder::invalid_argument(&violations),
-            ErrorReport::Reason {
-                code,
-                reason,
-                message,
-                metadata,
-            } => {
-                let metadata: Vec<(&str, &str)> = metadata
-                    .iter()
-                    .map(|(key, value)| (*key, value.as_str()))
-                    .collect();
-                StatusBuilder::with_reason(code, message, reason, &metadata)
-            }
-            ErrorReport::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "customer database unavailable");
-                StatusBuilder::unavailable("the customer database")
-            }
-            ErrorReport::Internal(detail) => {
-                StatusBuilder::internal("handling a customer request", &detail)
-            }
+            Self::Unavailable(detail) => ErrorReport::Unavailable {
+                what: "the customer database",
+                detail,
+            },
+            Self::Internal(detail) => ErrorReport::Internal {
+                context: "handling a customer request",
+                detail,
+            },
         }
     }
 }

@@ -417,7 +417,7 @@ fn resolved_reference(outcome: ReferenceOutcome) -> Result<pb::ResolvedReference
                 ..pb::ResolvedReference::default()
             }),
             ErrorReport::BadRequest(violations) => Ok(invalid_reference(&violations)),
-            outage @ (ErrorReport::Unavailable(_) | ErrorReport::Internal(_)) => {
+            outage @ (ErrorReport::Unavailable { .. } | ErrorReport::Internal { .. }) => {
                 Err(Status::from(outage))
             }
         },

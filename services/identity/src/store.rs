@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::EventLog;
-use clm_platform::db::{DbErrorKind, EmbeddedMigration, Pools, ServiceMigrations};
+use clm_platform::db::{DbFailure, EmbeddedMigration, Pools, ServiceMigrations};
 use uuid::Uuid;
 
 use crate::keys::IdentityKey;
@@ -47,13 +47,13 @@ pub enum StoreError {
 impl StoreError {
     /// Maps a database error that has no more specific meaning here.
     pub fn from_db(err: sqlx::Error) -> Self {
-        match clm_platform::db::classify(&err) {
-            DbErrorKind::Unavailable => Self::Unavailable(err.to_string()),
+        match clm_platform::db::failure_of(&err) {
+            DbFailure::Unavailable => Self::Unavailable(err.to_string()),
             // A lost race is reported as a conflict so the caller retries.
-            DbErrorKind::Retryable => Self::VersionConflict {
+            DbFailure::Conflict => Self::VersionConflict {
                 customer_id: Uuid::nil(),
             },
-            _ => Self::Internal(err.to_string()),
+            DbFailure::Internal => Self::Internal(err.to_string()),
         }
     }
 }

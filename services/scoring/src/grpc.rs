@@ -4,7 +4,7 @@ use clm_eventlog::serving::{LogResponses, log_position, respond};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use clm_platform::error::{FieldViolation, StatusBuilder, Violations};
+use clm_platform::error::{ErrorReport, FieldViolation, StatusBuilder, Violations, reasons};
 use clm_platform::server::Shutdown;
 use clm_platform::service::PeerChannel;
 use clm_platform::{paging, validate};
@@ -93,28 +93,52 @@ fn not_found(id: Uuid) -> Status {
     StatusBuilder::with_reason(
         Code::NotFound,
         format!("customer {id} has no lifecycle: the service has not seen a touchpoint of theirs"),
-        "CUSTOMER_NOT_SCORED",
+        reasons::CUSTOMER_NOT_SCORED,
         &[("customer_id", &id.to_string())],
     )
 }
 
 fn store_status(err: StoreError) -> Status {
-    match err {
-        StoreError::Unavailable(_) => StatusBuilder::unavailable("the scoring database"),
-        StoreError::Conflict(_) => StatusBuilder::with_reason(
-            Code::Aborted,
-            "the customer changed concurrently; retry",
-            "CONCURRENT_CHANGE",
-            &[],
-        ),
-        other => StatusBuilder::internal("accessing the scoring database", &other),
-    }
+    store_report(err).into()
 }
 
 fn scoring_status(err: ScoringError) -> Status {
+    scoring_report(err).into()
+}
+
+/// How a store failure is told to a caller.
+fn store_report(err: StoreError) -> ErrorReport {
+    let internal = |detail: String| ErrorReport::Internal {
+        context: "accessing the scoring database",
+        detail,
+    };
     match err {
-        ScoringError::Store(err) => store_status(err),
-        other => StatusBuilder::internal("scoring", &other),
+        StoreError::Unavailable(detail) => ErrorReport::Unavailable {
+            what: "the scoring database",
+            detail,
+        },
+        StoreError::Conflict(_) => ErrorReport::reason(
+            Code::Aborted,
+            reasons::CONCURRENT_CHANGE,
+            "the customer changed concurrently; retry",
+            &[],
+        ),
+        // The background writers' outcomes: a call never meets them.
+        err @ (StoreError::CursorMoved(_)
+        | StoreError::LeaseLost(_)
+        | StoreError::RescoreStopped) => internal(err.to_string()),
+        StoreError::Corrupt(detail) | StoreError::Internal(detail) => internal(detail),
+    }
+}
+
+/// How a scoring failure is told to a caller.
+fn scoring_report(err: ScoringError) -> ErrorReport {
+    match err {
+        ScoringError::Store(err) => store_report(err),
+        err @ (ScoringError::BadModel(_) | ScoringError::NoActiveModel) => ErrorReport::Internal {
+            context: "scoring",
+            detail: err.to_string(),
+        },
     }
 }
 
@@ -421,7 +445,7 @@ impl LifecycleService for LifecycleGrpc {
                         "model version {} exists with other content; models are immutable, choose a new version",
                         model.version
                     ),
-                    "MODEL_VERSION_EXISTS",
+                    reasons::MODEL_VERSION_EXISTS,
                     &[("version", &model.version)],
                 ));
             }
@@ -496,7 +520,7 @@ impl LifecycleService for LifecycleGrpc {
                     "the active model is {active:?}, not {:?} as expected",
                     request.expected_active_version
                 ),
-                "ACTIVE_MODEL_CHANGED",
+                reasons::ACTIVE_MODEL_CHANGED,
                 &[("active_version", &active)],
             )),
             Activation::AlreadyActive(model) => Ok(Response::new(pb::ActivateModelResponse {
@@ -613,7 +637,7 @@ impl LifecycleService for LifecycleGrpc {
                         Some(id) => format!("rescore {id} does not exist"),
                         None => "no rescore has run yet".to_owned(),
                     },
-                    "RESCORE_NOT_FOUND",
+                    reasons::RESCORE_NOT_FOUND,
                     &[],
                 )
             })?;
@@ -631,7 +655,7 @@ fn model_not_found(version: &str) -> Status {
         } else {
             format!("model version {version:?} does not exist")
         },
-        "MODEL_NOT_FOUND",
+        reasons::MODEL_NOT_FOUND,
         &[("version", version)],
     )
 }

@@ -280,7 +280,11 @@ impl ShardWork {
             stop.clone(),
         );
         if self.divided {
-            let (_, customers) = tokio::join!(consume, self.customers(lease, stop));
+            // Tasks of their own, so a batch being evaluated never holds up
+            // the shard's pushes.
+            let consumer = tokio::spawn(consume);
+            let customers = self.customers(lease, stop).await;
+            consumer.await?;
             customers
         } else {
             consume.await;
@@ -303,16 +307,25 @@ impl ShardWork {
             config.score_push_interval,
         );
         let changed = self.scorer.changed(lease.shard);
-        tokio::join!(
-            pusher.run(changed, stop.clone()),
-            sweep(&self.scorer, config.sweep_poll, &lease, stop.clone()),
-            rescore::run_worker(
+        let (scorer, poll, swept, sweep_stop) = (
+            self.scorer.clone(),
+            config.sweep_poll,
+            lease.clone(),
+            stop.clone(),
+        );
+        let tasks = [
+            tokio::spawn(pusher.run(changed, stop.clone())),
+            tokio::spawn(async move { sweep(&scorer, poll, &swept, sweep_stop).await }),
+            tokio::spawn(rescore::run_worker(
                 self.scorer.clone(),
                 self.rescore_wake.clone(),
-                lease.clone(),
-                stop
-            ),
-        );
+                lease,
+                stop,
+            )),
+        ];
+        for task in tasks {
+            task.await?;
+        }
         Ok(())
     }
 }

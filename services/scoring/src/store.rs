@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::{EventLog, ShardFilter};
-use clm_platform::db::{DbErrorKind, EmbeddedMigration, Pools, ServiceMigrations};
+use clm_platform::db::{DbFailure, EmbeddedMigration, Pools, ServiceMigrations};
 use clm_proto::scoring as proto;
 use prost::Message as _;
 use uuid::Uuid;
@@ -54,12 +54,10 @@ pub enum StoreError {
 impl StoreError {
     /// Maps a database error.
     pub fn from_db(err: sqlx::Error) -> Self {
-        match clm_platform::db::classify(&err) {
-            DbErrorKind::Unavailable => Self::Unavailable(err.to_string()),
-            DbErrorKind::Retryable | DbErrorKind::UniqueViolation(_) => {
-                Self::Conflict(err.to_string())
-            }
-            _ => Self::Internal(err.to_string()),
+        match clm_platform::db::failure_of(&err) {
+            DbFailure::Unavailable => Self::Unavailable(err.to_string()),
+            DbFailure::Conflict => Self::Conflict(err.to_string()),
+            DbFailure::Internal => Self::Internal(err.to_string()),
         }
     }
 }

@@ -829,3 +829,139 @@ clm_platform::on_both_backends!(
     inputs_are_kept_replaced_moved_and_forgotten,
     retracted_transitions_leave_the_list_and_are_logged,
 );
+
+/// On PostgreSQL the sweep, the pusher and rescore pages of a shard read
+/// only that shard's customers, and a rescore succeeds once every shard has
+/// finished.
+#[tokio::test]
+async fn postgres_divides_customers_and_rescores_by_shard() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    let store = backend.store;
+    let at = now();
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    store
+        .commit(&ChangeSet {
+            customers: ids
+                .iter()
+                .map(|id| {
+                    write(record(
+                        *id,
+                        LifecycleStage::Reach,
+                        Some(at - TimeDelta::hours(1)),
+                    ))
+                })
+                .collect(),
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    let shard_of = |id: &Uuid| clm_eventlog::shard_of(Some(*id)) as u32 % 4;
+    let mut seen = Vec::new();
+    for index in 0..4 {
+        let shard = ShardFilter { index, count: 4 };
+        let due = store.due_customers(at, 100, shard).await.unwrap();
+        let page = store.customers_after(None, 100, shard).await.unwrap();
+        let pending = store.unpushed(100, true, None, shard).await.unwrap();
+        assert!(
+            due.iter().all(|id| shard_of(id) == index),
+            "due of shard {index}"
+        );
+        assert_eq!(
+            page.iter().map(|r| r.customer_id).collect::<Vec<_>>(),
+            {
+                let mut mine: Vec<Uuid> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| shard_of(id) == index)
+                    .collect();
+                mine.sort();
+                mine
+            },
+            "scored customers of shard {index}"
+        );
+        assert!(pending.iter().all(|(id, _, _)| shard_of(id) == index));
+        seen.extend(due);
+    }
+    seen.sort();
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(seen, all, "every due customer is in exactly one shard");
+
+    let (rescore, _) = store.start_rescore(rescore_row("m", 40)).await.unwrap();
+    store
+        .set_rescore_state(rescore.id, pb::RescoreState::Running as i32, now(), "")
+        .await
+        .unwrap();
+    let shards = [
+        ShardFilter { index: 0, count: 2 },
+        ShardFilter { index: 1, count: 2 },
+    ];
+    let last = ids[0];
+    store
+        .commit(&ChangeSet {
+            rescore: Some(RescoreProgress {
+                id: rescore.id,
+                done: 3,
+                changed: 0,
+                rate_per_second: 1.0,
+                resume_after: last,
+                resumed_from: None,
+                shard: shards[0],
+            }),
+            ..ChangeSet::default()
+        })
+        .await
+        .unwrap();
+    // A shard finishes only from where its progress stands.
+    let stale = store
+        .finish_rescore_shard(rescore.id, shards[0], None, now(), &Fence::Sole)
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::RescoreStopped)),
+        "{stale:?}"
+    );
+    assert!(
+        !store
+            .finish_rescore_shard(rescore.id, shards[0], Some(last), now(), &Fence::Sole)
+            .await
+            .unwrap(),
+        "one shard of two done"
+    );
+    assert_eq!(
+        store.rescore_shard(rescore.id, shards[0]).await.unwrap(),
+        (Some(last), true)
+    );
+    assert_eq!(
+        store
+            .rescore(Some(rescore.id))
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        pb::RescoreState::Running as i32
+    );
+    // A shard without customers finishes from nothing.
+    assert!(
+        store
+            .finish_rescore_shard(rescore.id, shards[1], None, now(), &Fence::Sole)
+            .await
+            .unwrap(),
+        "every shard done"
+    );
+    let ended = store.rescore(Some(rescore.id)).await.unwrap().unwrap();
+    assert_eq!(ended.state, pb::RescoreState::Succeeded as i32);
+    assert_eq!(ended.done_count, 3);
+}
+
+/// One process owns every shard of a SQLite store: asking it for part of
+/// the work is refused rather than answered wrongly.
+#[tokio::test]
+async fn sqlite_serves_only_the_whole() {
+    let store = sqlite().await.store;
+    let half = ShardFilter { index: 0, count: 2 };
+    assert!(store.due_customers(now(), 10, half).await.is_err());
+    assert!(store.customers_after(None, 10, half).await.is_err());
+    assert!(store.unpushed(10, true, None, half).await.is_err());
+}

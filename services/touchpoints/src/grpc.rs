@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use clm_eventlog::{Cursor, TailOptions, tail_batches};
-use clm_platform::error::Violations;
+use clm_platform::error::{ErrorReport, Violations, reasons};
 use clm_platform::server::Shutdown;
 use clm_platform::time::{FactTimes, from_timestamp, to_timestamp};
 use clm_platform::{FieldViolation, Limits, StatusBuilder, paging, validate};
@@ -357,47 +357,61 @@ fn violations_to_proto(violations: &[Violation]) -> Vec<pb::FieldViolation> {
 }
 
 fn ingest_error(err: IngestError) -> Status {
-    match err {
-        IngestError::IdentityUnavailable(cause) => {
-            tracing::warn!(error = %cause, "identity unavailable, touchpoints refused");
-            StatusBuilder::unavailable("the identity service")
-        }
-        IngestError::Store(err) => store_error(err),
-    }
+    ingest_report(err).into()
 }
 
 fn store_error(err: StoreError) -> Status {
+    store_report(err).into()
+}
+
+/// How an ingest failure is told to the caller.
+fn ingest_report(err: IngestError) -> ErrorReport {
     match err {
-        StoreError::Unavailable(detail) => {
-            tracing::warn!(error = %detail, "touchpoint database unavailable");
-            StatusBuilder::unavailable("the touchpoint database")
+        IngestError::IdentityUnavailable(cause) => ErrorReport::Unavailable {
+            what: "the identity service",
+            detail: cause.to_string(),
+        },
+        IngestError::Store(err) => store_report(err),
+    }
+}
+
+/// How a store failure is told to the caller.
+fn store_report(err: StoreError) -> ErrorReport {
+    match err {
+        StoreError::Unavailable(detail) => ErrorReport::Unavailable {
+            what: "the touchpoint database",
+            detail,
+        },
+        StoreError::Conflict(detail) => {
+            tracing::debug!(%detail, "a touchpoint batch lost a race");
+            ErrorReport::reason(
+                Code::Aborted,
+                reasons::CONTENDED,
+                "the batch lost a race with a concurrent change, retry",
+                &[],
+            )
         }
-        StoreError::Conflict(detail) => StatusBuilder::with_reason(
-            Code::Aborted,
-            format!("the batch lost a race with a concurrent change, retry: {detail}"),
-            "CONTENDED",
-            &[],
-        ),
-        StoreError::Internal(detail) => {
-            StatusBuilder::internal("handling a touchpoint request", &detail)
-        }
+        StoreError::Internal(detail) => ErrorReport::Internal {
+            context: "handling a touchpoint request",
+            detail,
+        },
     }
 }
 
 /// A single rejected touchpoint as the status a unary call returns.
 fn rejection_status(violations: &[Violation]) -> Status {
     let customer_refusal = violations.iter().find(|v| {
-        matches!(
-            v.reason.as_str(),
-            "CUSTOMER_NOT_FOUND"
-                | "CUSTOMER_ERASED"
-                | "IDENTITY_KEY_SUPPRESSED"
-                | "IDENTITY_CONFLICT"
-        )
+        [
+            reasons::CUSTOMER_NOT_FOUND,
+            reasons::CUSTOMER_ERASED,
+            reasons::IDENTITY_KEY_SUPPRESSED,
+            reasons::IDENTITY_CONFLICT,
+        ]
+        .contains(&v.reason.as_str())
     });
     match customer_refusal {
         Some(v) => StatusBuilder::with_reason(
-            if v.reason == "CUSTOMER_NOT_FOUND" {
+            if v.reason == reasons::CUSTOMER_NOT_FOUND {
                 Code::NotFound
             } else {
                 Code::FailedPrecondition

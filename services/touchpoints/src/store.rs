@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::consumer::cursors::CursorMove;
 use clm_eventlog::{Cursor, ShardFilter};
-use clm_platform::db::{DbErrorKind, EmbeddedMigration, Pools, ServiceMigrations};
+use clm_platform::db::{DbFailure, EmbeddedMigration, Pools, ServiceMigrations};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -33,10 +33,10 @@ pub enum StoreError {
 impl StoreError {
     /// Maps a database error.
     pub fn from_db(err: sqlx::Error) -> Self {
-        match clm_platform::db::classify(&err) {
-            DbErrorKind::Unavailable => Self::Unavailable(err.to_string()),
-            DbErrorKind::Retryable => Self::Conflict(err.to_string()),
-            _ => Self::Internal(err.to_string()),
+        match clm_platform::db::failure_of(&err) {
+            DbFailure::Unavailable => Self::Unavailable(err.to_string()),
+            DbFailure::Conflict => Self::Conflict(err.to_string()),
+            DbFailure::Internal => Self::Internal(err.to_string()),
         }
     }
 }

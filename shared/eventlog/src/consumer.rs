@@ -191,7 +191,7 @@ where
 /// the cursor already moved and its transaction rolls back. The same save
 /// checks the shard lease the consumer holds ([`Fence`]), so a replica that
 /// lost its shard commits nothing more of it. Save last in the
-/// transaction: the lease row stays share-locked until the commit.
+/// transaction: the shard's lock is held until the commit.
 pub mod cursors {
     use super::*;
     pub use crate::leases::{Fence, LeaseLost};

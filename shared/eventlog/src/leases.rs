@@ -20,11 +20,15 @@
 //!   notification wakes the other replicas, so a rolling deploy moves the
 //!   shards without waiting for the leases to expire.
 //! - Every write under a lease checks its token, last in the transaction
-//!   ([`Fence::check_postgres`]): the lease row is read `FOR SHARE` with the
-//!   owner, the token and an expiry in the future. A replica that was paused
-//!   past its lease and taken over finds the token moved and rolls back, and
-//!   a takeover waits for any commit already under way, so no write is ever
-//!   made under two tokens at once.
+//!   ([`Fence::check_postgres`]): it takes the shard's advisory lock shared
+//!   (in memory, nothing written) and reads the lease row for the owner,
+//!   the token and an expiry in the future. A take holds the same lock
+//!   exclusively while it moves the token, so it waits for any commit
+//!   already under way, and a check after it sees the new token: a replica
+//!   that was paused past its lease and taken over rolls back, and no write
+//!   is ever made under two tokens at once. A writer frozen between its
+//!   check and its commit keeps the lock only until PostgreSQL ends its idle
+//!   transaction (after a lease time); until then the shard is not taken.
 //!
 //! All times are the database's clock, so the replicas' clocks need not
 //! agree. On SQLite there is one process: it owns every shard, with no
@@ -87,8 +91,8 @@ pub struct LeaseLost {
 impl Fence {
     /// Checks, inside the caller's PostgreSQL transaction and as its last
     /// statement before the commit, that the lease is still held; `Ok(Err)`
-    /// when it is not (roll the transaction back). The lease row stays
-    /// share-locked until the commit, so a takeover waits for it.
+    /// when it is not (roll the transaction back). The shard's advisory lock
+    /// stays held, shared, until the commit, so a take waits for it.
     pub async fn check_postgres(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -102,28 +106,43 @@ impl Fence {
         else {
             return Ok(Ok(()));
         };
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM shard_leases \
-             WHERE lease_group = $1 AND shard_index = $2 AND shard_count = $3 \
-               AND owner = $4 AND token = $5 AND expires_at > clock_timestamp() \
-             FOR SHARE",
-        )
+        let held: bool = sqlx::query_scalar(&format!(
+            "SELECT set_config('idle_in_transaction_session_timeout', $6, true) IS NOT NULL \
+               AND {} IS NOT NULL \
+               AND EXISTS (SELECT 1 FROM shard_leases \
+                 WHERE lease_group = $1 AND shard_index = $2 AND shard_count = $3 \
+                   AND owner = $4 AND token = $5 AND expires_at > clock_timestamp())",
+            shard_lock("pg_advisory_xact_lock_shared", "$1", "$2", "$3")
+        ))
         .bind(*group)
         .bind(shard.index as i32)
         .bind(shard.count as i32)
         .bind(&**owner)
         .bind(*token)
-        .fetch_optional(&mut *tx)
+        .bind(IDLE_IN_CHECK_MS.to_string())
+        .fetch_one(&mut *tx)
         .await?;
         Ok(match held {
-            Some(_) => Ok(()),
-            None => Err(LeaseLost {
+            true => Ok(()),
+            false => Err(LeaseLost {
                 group,
                 index: shard.index,
                 count: shard.count,
             }),
         })
     }
+}
+
+/// How long a transaction may sit idle after its lease check before
+/// PostgreSQL ends it (releasing the shard's lock): only a frozen writer
+/// waits that long between its check and its commit.
+const IDLE_IN_CHECK_MS: u64 = 5_000;
+
+/// A call of the advisory lock function `function` on the lock of a shard:
+/// the group (with the schema, since advisory locks span the database) and
+/// the shard, from the SQL expressions given.
+fn shard_lock(function: &str, group: &str, index: &str, count: &str) -> String {
+    format!("{function}(hashtext(current_schema() || '/' || {group}), {count} * 4096 + {index})")
 }
 
 /// A shard held by this replica, handed to the work run on it.
@@ -412,18 +431,25 @@ impl Keeper {
             self.give_back(&excess).await?;
             tracing::info!(group = name, shards = ?excess, replicas, "shards handed to a joining replica");
         } else if held.len() < share {
-            let taken: Vec<(i32, i64)> = sqlx::query_as(
+            // A take holds the shard's lock exclusively until it commits:
+            // it waits for no writer (a shard a writer is committing under
+            // is tried again next round), and a writer's check after it
+            // sees the new token.
+            let taken: Vec<(i32, i64)> = sqlx::query_as(&format!(
                 "WITH free AS ( \
                    SELECT shard_index FROM shard_leases \
                    WHERE lease_group = $1 AND shard_count = $2 \
                      AND (owner = '' OR expires_at <= clock_timestamp()) \
-                   ORDER BY shard_index LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                   ORDER BY shard_index FOR UPDATE SKIP LOCKED), \
+                 locked AS ( \
+                   SELECT shard_index FROM free WHERE {} LIMIT $3) \
                  UPDATE shard_leases l SET owner = $4, token = l.token + 1, \
                    expires_at = clock_timestamp() + $5 * interval '1 millisecond' \
-                 FROM free WHERE l.lease_group = $1 AND l.shard_count = $2 \
-                   AND l.shard_index = free.shard_index \
+                 FROM locked WHERE l.lease_group = $1 AND l.shard_count = $2 \
+                   AND l.shard_index = locked.shard_index \
                  RETURNING l.shard_index, l.token",
-            )
+                shard_lock("pg_try_advisory_xact_lock", "$1", "free.shard_index", "$2")
+            ))
             .bind(name)
             .bind(count)
             .bind((share - held.len()) as i64)

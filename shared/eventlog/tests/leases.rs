@@ -242,10 +242,20 @@ async fn a_write_under_a_lease_taken_over_is_refused() {
     assert_eq!(check(old.clone()).await, Ok(()));
 
     // The holder stops renewing (a process frozen or cut off) while a
-    // second replica waits: it takes the shard once the lease expires.
+    // second replica waits. A commit of the holder's that checked its
+    // lease in time holds the take back until it ends, however long; then
+    // the shard is taken.
     paused.handle.abort();
     board.lock().unwrap().running.clear();
+    let mut in_flight = pool.begin().await.unwrap();
+    assert_eq!(old.check_postgres(&mut in_flight).await.unwrap(), Ok(()));
     let taker = replica(&pools, group, 2, &board);
+    tokio::time::sleep(group.lease_time * 3).await;
+    assert!(
+        held(&board).is_empty(),
+        "the shard was taken while a commit under the old lease was under way"
+    );
+    in_flight.commit().await.unwrap();
     until(
         "the second replica takes the shard",
         Duration::from_secs(10),

@@ -496,6 +496,33 @@ pub enum DbErrorKind {
     Other,
 }
 
+/// What a store makes of a database error it has no more specific meaning
+/// for: the one policy of every store. Map the specific cases (a key
+/// taken, a duplicate to fall back from) with [`classify`] first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFailure {
+    /// The database cannot be reached: UNAVAILABLE, the caller retries
+    /// later.
+    Unavailable,
+    /// The transaction lost a race (a serialization failure, a deadlock, a
+    /// busy SQLite file, or a unique violation between two writers of the
+    /// same new row): read again and retry.
+    Conflict,
+    /// Anything else: a bug or a broken database, INTERNAL.
+    Internal,
+}
+
+/// The [`DbFailure`] of a database error.
+pub fn failure_of(err: &sqlx::Error) -> DbFailure {
+    match classify(err) {
+        DbErrorKind::Unavailable => DbFailure::Unavailable,
+        DbErrorKind::Retryable | DbErrorKind::UniqueViolation(_) => DbFailure::Conflict,
+        DbErrorKind::NotFound | DbErrorKind::ForeignKeyViolation | DbErrorKind::Other => {
+            DbFailure::Internal
+        }
+    }
+}
+
 /// Classifies a database error.
 pub fn classify(err: &sqlx::Error) -> DbErrorKind {
     match err {

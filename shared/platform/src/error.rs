@@ -190,9 +190,127 @@ impl StatusBuilder {
         Self::with_reason(
             Code::Unavailable,
             format!("{what} is unavailable, retry later"),
-            "DEPENDENCY_UNAVAILABLE",
+            reasons::DEPENDENCY_UNAVAILABLE,
             &[("dependency", what)],
         )
+    }
+}
+
+/// The `ErrorInfo` reasons of every clm service, one constant each, so that
+/// a service that relays another's refusal (touchpoints relays identity's)
+/// matches the same constant the other sends. Callers match on these
+/// strings: they never change once released.
+pub mod reasons {
+    /// UNAVAILABLE: a database or another service is down; retry later.
+    pub const DEPENDENCY_UNAVAILABLE: &str = "DEPENDENCY_UNAVAILABLE";
+    /// NOT_FOUND: no customer has this id.
+    pub const CUSTOMER_NOT_FOUND: &str = "CUSTOMER_NOT_FOUND";
+    /// FAILED_PRECONDITION: the customer was merged into another.
+    pub const CUSTOMER_MERGED: &str = "CUSTOMER_MERGED";
+    /// FAILED_PRECONDITION: the customer was erased.
+    pub const CUSTOMER_ERASED: &str = "CUSTOMER_ERASED";
+    /// ALREADY_EXISTS: an identity key belongs to another customer.
+    pub const IDENTITY_KEY_TAKEN: &str = "IDENTITY_KEY_TAKEN";
+    /// FAILED_PRECONDITION: the keys belong to different identified customers.
+    pub const IDENTITY_CONFLICT: &str = "IDENTITY_CONFLICT";
+    /// FAILED_PRECONDITION: the key belonged to an erased customer.
+    pub const IDENTITY_KEY_SUPPRESSED: &str = "IDENTITY_KEY_SUPPRESSED";
+    /// ABORTED: the record is not at the expected version; read it again.
+    pub const VERSION_CONFLICT: &str = "VERSION_CONFLICT";
+    /// ABORTED: the change lost a race with concurrent changes; retry.
+    pub const CONTENDED: &str = "CONTENDED";
+    /// A malformed reference in a batch call (its item fails, not the batch).
+    pub const INVALID_REFERENCE: &str = "INVALID_REFERENCE";
+    /// NOT_FOUND: scoring has not seen a touchpoint of the customer.
+    pub const CUSTOMER_NOT_SCORED: &str = "CUSTOMER_NOT_SCORED";
+    /// ABORTED: scoring's state of the customer changed meanwhile; retry.
+    pub const CONCURRENT_CHANGE: &str = "CONCURRENT_CHANGE";
+    /// ALREADY_EXISTS: a different model has this version.
+    pub const MODEL_VERSION_EXISTS: &str = "MODEL_VERSION_EXISTS";
+    /// NOT_FOUND: no model has this version.
+    pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
+    /// FAILED_PRECONDITION: another model is active than the one expected.
+    pub const ACTIVE_MODEL_CHANGED: &str = "ACTIVE_MODEL_CHANGED";
+    /// NOT_FOUND: no rescore has this id.
+    pub const RESCORE_NOT_FOUND: &str = "RESCORE_NOT_FOUND";
+}
+
+/// How a service error is told to a caller: every error enum of a service
+/// turns into one of these by an exhaustive match (its `report`), and this
+/// into the `Status`, so codes, reasons and detail handling are decided in
+/// one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorReport {
+    /// INVALID_ARGUMENT naming every bad field (a `google.rpc.BadRequest`).
+    BadRequest(Vec<FieldViolation>),
+    /// A failure the caller can act on, with an `ErrorInfo` reason.
+    Reason {
+        /// The `google.rpc.Code`.
+        code: Code,
+        /// The UPPER_SNAKE_CASE reason callers match on ([`reasons`]).
+        reason: &'static str,
+        /// What went wrong, for people.
+        message: String,
+        /// Ids that help (`ErrorInfo` metadata).
+        metadata: Vec<(&'static str, String)>,
+    },
+    /// A dependency is unreachable: UNAVAILABLE, the caller may retry. The
+    /// detail is logged, never returned.
+    Unavailable {
+        /// What is down, as the caller is told ("the scoring database").
+        what: &'static str,
+        /// Why, for the log.
+        detail: String,
+    },
+    /// A bug or a broken database: INTERNAL. The detail is logged, never
+    /// returned.
+    Internal {
+        /// What was being done ("handling a touchpoint request").
+        context: &'static str,
+        /// Why, for the log.
+        detail: String,
+    },
+}
+
+impl ErrorReport {
+    /// A failure with a reason.
+    pub fn reason(
+        code: Code,
+        reason: &'static str,
+        message: impl Into<String>,
+        metadata: &[(&'static str, String)],
+    ) -> Self {
+        Self::Reason {
+            code,
+            reason,
+            message: message.into(),
+            metadata: metadata.to_vec(),
+        }
+    }
+}
+
+impl From<ErrorReport> for Status {
+    fn from(report: ErrorReport) -> Self {
+        match report {
+            ErrorReport::BadRequest(violations) => StatusBuilder::invalid_argument(&violations),
+            ErrorReport::Reason {
+                code,
+                reason,
+                message,
+                metadata,
+            } => {
+                let metadata: Vec<(&str, &str)> = metadata
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str()))
+                    .collect();
+                StatusBuilder::with_reason(code, message, reason, &metadata)
+            }
+            ErrorReport::Unavailable { what, detail } => {
+                tracing::warn!(error = %detail, "{what} unavailable");
+                StatusBuilder::unavailable(what)
+            }
+            ErrorReport::Internal { context, detail } => StatusBuilder::internal(context, &detail),
+        }
     }
 }
 

@@ -443,7 +443,7 @@ impl ScoringStore for PostgresScoringStore {
         write_inputs(&mut tx, changes).await?;
         write_transitions(&mut tx, &self.log, changes).await?;
         // Last, so the rows every shard's rescore pages share (the
-        // rescore's sums) and the lease row are locked only until the
+        // rescore's sums) and the shard's lock are held only until the
         // commit.
         if let Some(progress) = &changes.rescore {
             record_rescore_page(&mut tx, progress).await?;
