@@ -25,7 +25,8 @@ use futures_util::StreamExt as _;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use clm_eventlog::leases::ShardLease;
+use clm_eventlog::ShardFilter;
+use clm_eventlog::leases::{Fence, HeldShards};
 
 use crate::evaluate::LifecycleSnapshot;
 use crate::store::ScoringStore;
@@ -40,10 +41,10 @@ const IDLE_CHECK: Duration = Duration::from_secs(2);
 /// interval is shorter.
 const SCORE_IDLE_CHECK: Duration = Duration::from_millis(100);
 
-/// The snapshot pusher of one shard of customers.
+/// The snapshot pusher of the customers of the shards a replica holds.
 pub struct Pusher {
     store: Arc<dyn ScoringStore>,
-    lease: ShardLease,
+    held: HeldShards,
     client: CustomerServiceClient<PeerChannel>,
     timeout: Duration,
     concurrency: usize,
@@ -61,12 +62,13 @@ enum Changes {
 }
 
 impl Pusher {
-    /// A pusher of the customers of the shard `lease` holds to the identity
-    /// service on `channel`, sending up to `concurrency` calls at once, and
-    /// snapshots whose scores alone changed at most every `score_interval`.
+    /// A pusher of the customers of the shards in `held` (read again every
+    /// round) to the identity service on `channel`, sending up to
+    /// `concurrency` calls at once, and snapshots whose scores alone
+    /// changed at most every `score_interval`.
     pub fn new(
         store: Arc<dyn ScoringStore>,
-        lease: ShardLease,
+        held: HeldShards,
         channel: PeerChannel,
         timeout: Duration,
         concurrency: usize,
@@ -74,7 +76,7 @@ impl Pusher {
     ) -> Self {
         Self {
             store,
-            lease,
+            held,
             client: CustomerServiceClient::new(channel),
             timeout,
             concurrency: concurrency.max(1),
@@ -134,7 +136,10 @@ impl Pusher {
     /// where the next round starts); returns how many snapshots identity
     /// received.
     async fn round(&self, changes: Changes, after: &mut Option<Uuid>) -> Result<usize, String> {
-        let pending = self.next_pending(changes, after).await?;
+        let leases = self.held.leases();
+        let shards: Vec<ShardFilter> = leases.iter().map(|lease| lease.shard).collect();
+        let fences: Vec<Fence> = leases.into_iter().map(|lease| lease.fence).collect();
+        let pending = self.next_pending(changes, after, &shards).await?;
         if pending.is_empty() {
             return Ok(0);
         }
@@ -154,7 +159,7 @@ impl Pusher {
             }
         }
         self.store
-            .mark_pushed(&done, &self.lease.fence)
+            .mark_pushed(&done, &fences)
             .await
             .map_err(|err| err.to_string())?;
         match failure {
@@ -199,17 +204,18 @@ impl Pusher {
         &self,
         changes: Changes,
         after: &mut Option<Uuid>,
+        shards: &[ShardFilter],
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, String> {
         let position = changes == Changes::Position;
         let mut pending = self
             .store
-            .unpushed(ROUND, position, *after, self.lease.shard)
+            .unpushed(ROUND, position, *after, shards)
             .await
             .map_err(|err| err.to_string())?;
         if pending.is_empty() && after.is_some() {
             pending = self
                 .store
-                .unpushed(ROUND, position, None, self.lease.shard)
+                .unpushed(ROUND, position, None, shards)
                 .await
                 .map_err(|err| err.to_string())?;
         }

@@ -122,9 +122,8 @@ pub struct Scorer {
     clock: Clock,
     active: Mutex<Option<ActiveModel>>,
     compiled: Mutex<HashMap<String, Arc<CompiledModel>>>,
-    /// Woken after every write that changed a snapshot, one per shard the
-    /// pushers are divided into.
-    changed: Vec<Arc<Notify>>,
+    /// Woken after every write that changed a snapshot (for the pusher).
+    changed: Arc<Notify>,
 }
 
 impl Scorer {
@@ -135,17 +134,8 @@ impl Scorer {
             clock,
             active: Mutex::new(None),
             compiled: Mutex::new(HashMap::new()),
-            changed: vec![Arc::new(Notify::new())],
+            changed: Arc::new(Notify::new()),
         }
-    }
-
-    /// The same, with the pushers divided into `shards` shards, each woken
-    /// by writes to its own customers.
-    pub fn with_push_shards(mut self, shards: u32) -> Self {
-        self.changed = (0..shards.max(1))
-            .map(|_| Arc::new(Notify::new()))
-            .collect();
-        self
     }
 
     /// The store.
@@ -158,15 +148,9 @@ impl Scorer {
         self.clock.now()
     }
 
-    /// Notified after each write that changed the snapshot of a customer of
-    /// `shard` (one of the push shards, or all when there is one).
-    pub fn changed(&self, shard: clm_eventlog::ShardFilter) -> Arc<Notify> {
-        let index = if shard.count as usize == self.changed.len() {
-            shard.index as usize
-        } else {
-            0
-        };
-        self.changed[index].clone()
+    /// Notified after each write that changed a customer's snapshot.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
     }
 
     /// A stored model, compiled (cached by version: models are immutable).
@@ -598,13 +582,8 @@ impl Scorer {
 
     async fn commit(&self, changes: &ChangeSet) -> Result<(), ScoringError> {
         self.store.commit(changes).await?;
-        let shards = self.changed.len();
-        let mut woken = vec![false; shards];
-        for write in &changes.customers {
-            let shard = clm_eventlog::shard_of(Some(write.record.customer_id)) as usize % shards;
-            if !std::mem::replace(&mut woken[shard], true) {
-                self.changed[shard].notify_one();
-            }
+        if !changes.customers.is_empty() {
+            self.changed.notify_one();
         }
         Ok(())
     }

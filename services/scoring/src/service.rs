@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
-use clm_eventlog::leases::{self, LeaseGroup, ShardLease};
+use clm_eventlog::leases::{self, HeldShards, LeaseGroup, ShardLease};
 use clm_eventlog::sources::{CustomerEvents, GrpcLogSource, TouchpointLog};
 use clm_platform::db::Pools;
 use clm_platform::server::Shutdown;
@@ -159,22 +159,18 @@ impl Configured for ScoringConfig {
             .install_default(&default_model(), Utc::now())
             .await
             .map_err(|err| anyhow::anyhow!("cannot install the default model: {err}"))?;
-        // On PostgreSQL every replica takes a share of the shards, and the
-        // sweep, the pusher and rescore pages of a shard go with its log
-        // consumer; on SQLite the one process owns every shard and runs
-        // those once, over all customers.
+        // On PostgreSQL every replica takes a share of the shards: the sweep
+        // and rescore pages of a shard go with its log consumer, and one
+        // pusher covers the shards held. On SQLite the one process owns
+        // every shard and runs those once, over all customers.
         let divided = matches!(pools, Pools::Postgres(_));
-        let push_shards = if divided { config.log_shards } else { 1 };
-        let scorer = Arc::new(
-            Scorer::new(store.clone(), config.clock.clone()).with_push_shards(push_shards),
-        );
+        let scorer = Arc::new(Scorer::new(store.clone(), config.clock.clone()));
         let identity = context.peers.channel(IDENTITY)?;
         let touchpoints = context.peers.channel(TOUCHPOINTS)?;
         let tasks = &mut *context.tasks;
         let rescore_wake = Arc::new(Notify::new());
         let shard_work = ShardWork {
             scorer: scorer.clone(),
-            identity: identity.clone(),
             touchpoints: touchpoints.clone(),
             rescore_wake: rescore_wake.clone(),
             config: config.clone(),
@@ -186,10 +182,17 @@ impl Configured for ScoringConfig {
             lease_time: config.lease_time,
         };
         let leased = pools.clone();
+        let held = if divided {
+            HeldShards::default()
+        } else {
+            HeldShards::fixed([ShardLease::sole(ShardFilter::ALL)])
+        };
+        let tracked = held.clone();
         tasks.spawn(SHARDS_GROUP, move |stop| {
-            leases::run(
+            leases::run_tracked(
                 leased,
                 group,
+                tracked,
                 move |lease, stop| shard_work.clone().run(lease, stop),
                 stop,
             )
@@ -224,10 +227,22 @@ impl Configured for ScoringConfig {
                 stop,
             )
         });
+        let pusher = Pusher::new(
+            store.clone(),
+            held,
+            identity.clone(),
+            config.call_timeout,
+            config.push_concurrency,
+            config.score_push_interval,
+        );
+        let changed = scorer.changed();
+        tasks.spawn("scoring.push", move |stop| async move {
+            pusher.run(changed, stop).await;
+            Ok(())
+        });
         if !divided {
             let work = ShardWork {
                 scorer: scorer.clone(),
-                identity,
                 touchpoints: touchpoints.clone(),
                 rescore_wake: rescore_wake.clone(),
                 config: config.clone(),
@@ -255,7 +270,6 @@ const SHARDS_GROUP: &str = "scoring.shards";
 #[derive(Clone)]
 struct ShardWork {
     scorer: Arc<Scorer>,
-    identity: PeerChannel,
     touchpoints: PeerChannel,
     rescore_wake: Arc<Notify>,
     config: ScoringConfig,
@@ -293,20 +307,10 @@ impl ShardWork {
         }
     }
 
-    /// The sweep, the pusher and rescore pages of the customers of the
-    /// shard `lease` holds, until `stop`.
+    /// The sweep and rescore pages of the customers of the shard `lease`
+    /// holds, until `stop`.
     async fn customers(self, lease: ShardLease, stop: Shutdown) -> anyhow::Result<()> {
         let config = &self.config;
-        let shards = lease.shard.count.max(1) as usize;
-        let pusher = Pusher::new(
-            self.scorer.store().clone(),
-            lease.clone(),
-            self.identity.clone(),
-            config.call_timeout,
-            config.push_concurrency.div_ceil(shards),
-            config.score_push_interval,
-        );
-        let changed = self.scorer.changed(lease.shard);
         let (scorer, poll, swept, sweep_stop) = (
             self.scorer.clone(),
             config.sweep_poll,
@@ -314,7 +318,6 @@ impl ShardWork {
             stop.clone(),
         );
         let tasks = [
-            tokio::spawn(pusher.run(changed, stop.clone())),
             tokio::spawn(async move { sweep(&scorer, poll, &swept, sweep_stop).await }),
             tokio::spawn(rescore::run_worker(
                 self.scorer.clone(),

@@ -350,8 +350,9 @@ pub trait ScoringStore: Send + Sync + 'static {
     ) -> Result<Vec<CustomerRecord>, StoreError>;
     /// How many evaluated, unmerged customers there are.
     async fn count_scored(&self) -> Result<i64, StoreError>;
-    /// Up to `limit` customers after `after`, in id order, whose latest
-    /// snapshot identity has not received: (id, version, snapshot). With
+    /// Up to `limit` customers of `shards` (all of one count) after
+    /// `after`, in id order, whose latest snapshot identity has not
+    /// received: (id, version, snapshot). With
     /// `position`, those whose stage, acquisition status or health changed
     /// since; otherwise those whose scores alone changed.
     async fn unpushed(
@@ -359,10 +360,12 @@ pub trait ScoringStore: Send + Sync + 'static {
         limit: u32,
         position: bool,
         after: Option<Uuid>,
-        shard: ShardFilter,
+        shards: &[ShardFilter],
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError>;
-    /// Records that identity received these versions, under `fence`.
-    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fence: &Fence) -> Result<(), StoreError>;
+    /// Records that identity received these versions, under `fences` (of
+    /// the shards the pusher holds).
+    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fences: &[Fence])
+    -> Result<(), StoreError>;
 
     /// Stores a model unless its version exists.
     async fn insert_model(&self, model: &Model) -> Result<ModelInsert, StoreError>;

@@ -562,7 +562,7 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
     );
 
     let pending = store
-        .unpushed(100, true, None, ShardFilter::ALL)
+        .unpushed(100, true, None, &[ShardFilter::ALL])
         .await
         .unwrap();
     let pushed: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
@@ -572,7 +572,7 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
     );
     assert!(
         store
-            .unpushed(100, false, None, ShardFilter::ALL)
+            .unpushed(100, false, None, &[ShardFilter::ALL])
             .await
             .unwrap()
             .is_empty(),
@@ -580,7 +580,7 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
     );
     // A round goes on after where the previous one ended.
     let after_first: Vec<Uuid> = store
-        .unpushed(1, true, Some(expected[0]), ShardFilter::ALL)
+        .unpushed(1, true, Some(expected[0]), &[ShardFilter::ALL])
         .await
         .unwrap()
         .iter()
@@ -589,28 +589,25 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
     assert_eq!(after_first, [expected[1]]);
     assert!(
         store
-            .unpushed(100, true, Some(expected[2]), ShardFilter::ALL)
+            .unpushed(100, true, Some(expected[2]), &[ShardFilter::ALL])
             .await
             .unwrap()
             .is_empty()
     );
     store
-        .mark_pushed(
-            &pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
-            &Fence::Sole,
-        )
+        .mark_pushed(&pending.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(), &[])
         .await
         .unwrap();
     assert!(
         store
-            .unpushed(100, true, None, ShardFilter::ALL)
+            .unpushed(100, true, None, &[ShardFilter::ALL])
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         store
-            .unpushed(100, false, None, ShardFilter::ALL)
+            .unpushed(100, false, None, &[ShardFilter::ALL])
             .await
             .unwrap()
             .is_empty()
@@ -629,16 +626,16 @@ async fn due_scored_and_unpushed_customers_are_found(backend: Backend) {
         })
         .await
         .unwrap();
-    store.mark_pushed(&[(late, 1)], &Fence::Sole).await.unwrap();
+    store.mark_pushed(&[(late, 1)], &[]).await.unwrap();
     assert!(
         store
-            .unpushed(100, true, None, ShardFilter::ALL)
+            .unpushed(100, true, None, &[ShardFilter::ALL])
             .await
             .unwrap()
             .is_empty()
     );
     let pending = store
-        .unpushed(100, false, None, ShardFilter::ALL)
+        .unpushed(100, false, None, &[ShardFilter::ALL])
         .await
         .unwrap();
     assert_eq!(pending.len(), 1);
@@ -863,7 +860,7 @@ async fn postgres_divides_customers_and_rescores_by_shard() {
         let shard = ShardFilter { index, count: 4 };
         let due = store.due_customers(at, 100, shard).await.unwrap();
         let page = store.customers_after(None, 100, shard).await.unwrap();
-        let pending = store.unpushed(100, true, None, shard).await.unwrap();
+        let pending = store.unpushed(100, true, None, &[shard]).await.unwrap();
         assert!(
             due.iter().all(|id| shard_of(id) == index),
             "due of shard {index}"
@@ -884,6 +881,18 @@ async fn postgres_divides_customers_and_rescores_by_shard() {
         assert!(pending.iter().all(|(id, _, _)| shard_of(id) == index));
         seen.extend(due);
     }
+    // The pusher reads the shards a replica holds in one scan.
+    let two = [
+        ShardFilter { index: 0, count: 4 },
+        ShardFilter { index: 2, count: 4 },
+    ];
+    let pending = store.unpushed(100, true, None, &two).await.unwrap();
+    assert!(!pending.is_empty());
+    assert!(
+        pending
+            .iter()
+            .all(|(id, _, _)| [0, 2].contains(&shard_of(id)))
+    );
     seen.sort();
     let mut all = ids.clone();
     all.sort();
@@ -963,5 +972,40 @@ async fn sqlite_serves_only_the_whole() {
     let half = ShardFilter { index: 0, count: 2 };
     assert!(store.due_customers(now(), 10, half).await.is_err());
     assert!(store.customers_after(None, 10, half).await.is_err());
-    assert!(store.unpushed(10, true, None, half).await.is_err());
+    assert!(store.unpushed(10, true, None, &[half]).await.is_err());
+}
+
+/// Customers stored before they carried their shard get it from the
+/// migration, as shard_of computes it.
+#[tokio::test]
+async fn postgres_gives_customers_stored_earlier_their_shard() {
+    let Some(url) = clm_platform::testing::fresh_postgres_database("scoring").await else {
+        return;
+    };
+    let pools = db::connect(&url, "scoring", 2).await.unwrap();
+    let before_shards = db::ServiceMigrations {
+        postgres: &store::MIGRATIONS.postgres[..4],
+        ..store::MIGRATIONS
+    };
+    before_shards.run(&pools).await.unwrap();
+    let db::Pools::Postgres(pool) = &pools else {
+        unreachable!("a PostgreSQL database")
+    };
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    sqlx::query(
+        "INSERT INTO customers (customer_id, version) SELECT id, 1 FROM UNNEST($1::uuid[]) AS id",
+    )
+    .bind(&ids)
+    .execute(pool)
+    .await
+    .unwrap();
+    store::MIGRATIONS.run(&pools).await.unwrap();
+    for id in ids {
+        let shard: i32 = sqlx::query_scalar("SELECT shard FROM customers WHERE customer_id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(shard, clm_eventlog::shard_of(Some(id)));
+    }
 }

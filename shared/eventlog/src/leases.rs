@@ -202,7 +202,27 @@ where
     W: Fn(ShardLease, Shutdown) -> F + Send + Sync + 'static,
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let mut running = Running::default();
+    run_tracked(pools, group, HeldShards::default(), work, stop).await
+}
+
+/// [`run`], keeping `held` up to date with the shards whose work runs, for
+/// work of this replica that covers all of them at once (a scan that
+/// would cost as much per shard as for all).
+pub async fn run_tracked<W, F>(
+    pools: Pools,
+    group: LeaseGroup,
+    held: HeldShards,
+    work: W,
+    stop: Shutdown,
+) -> anyhow::Result<()>
+where
+    W: Fn(ShardLease, Shutdown) -> F + Send + Sync + 'static,
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut running = Running {
+        shards: BTreeMap::new(),
+        held,
+    };
     match pools {
         Pools::Sqlite(_) => {
             for index in 0..group.shards {
@@ -226,10 +246,44 @@ where
     }
 }
 
+/// The shards a replica holds now, as [`run_tracked`] keeps them.
+#[derive(Debug, Clone, Default)]
+pub struct HeldShards(Arc<std::sync::Mutex<BTreeMap<u32, ShardLease>>>);
+
+impl HeldShards {
+    /// Holds `leases` for good (one process that owns all the work).
+    pub fn fixed(leases: impl IntoIterator<Item = ShardLease>) -> Self {
+        let held = Self::default();
+        for lease in leases {
+            held.insert(lease);
+        }
+        held
+    }
+
+    /// The leases held now, by shard.
+    pub fn leases(&self) -> Vec<ShardLease> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, ShardLease>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, lease: ShardLease) {
+        self.lock().insert(lease.shard.index, lease);
+    }
+
+    fn remove(&self, index: u32) {
+        self.lock().remove(&index);
+    }
+}
+
 /// The work running on held shards.
-#[derive(Default)]
 struct Running {
     shards: BTreeMap<u32, (ShardLease, Shutdown, JoinHandle<anyhow::Result<()>>)>,
+    held: HeldShards,
 }
 
 impl Running {
@@ -240,6 +294,7 @@ impl Running {
     {
         let stop = Shutdown::new();
         let handle = tokio::spawn(work(lease.clone(), stop.clone()));
+        self.held.insert(lease.clone());
         self.shards.insert(lease.shard.index, (lease, stop, handle));
     }
 
@@ -253,6 +308,7 @@ impl Running {
                 .map(|(index, _)| *index)
             {
                 let (lease, _, handle) = self.shards.remove(&index).expect("present");
+                self.held.remove(index);
                 let shard = lease.shard;
                 return Err(match handle.await {
                     Ok(Err(err)) => {
@@ -276,6 +332,7 @@ impl Running {
 
     /// Stops the work of `index` and waits for it (at most `patience`).
     async fn stop(&mut self, index: u32, patience: Duration) {
+        self.held.remove(index);
         if let Some((_, stop, handle)) = self.shards.remove(&index) {
             stop.trigger();
             wait_or_abort(handle, patience).await;
@@ -284,6 +341,9 @@ impl Running {
 
     async fn stop_all(&mut self, patience: Duration) {
         let all = std::mem::take(&mut self.shards);
+        for index in all.keys() {
+            self.held.remove(*index);
+        }
         for (_, stop, _) in all.values() {
             stop.trigger();
         }

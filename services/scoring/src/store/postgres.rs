@@ -176,11 +176,12 @@ async fn write_customers(tx: &mut PgConnection, changes: &ChangeSet) -> Result<(
         .partition(|write| write.record.version == 0);
     if !inserts.is_empty() {
         let mut query = QueryBuilder::<Postgres>::new(
-            "INSERT INTO customers (customer_id, merged_into, snapshot, next_due_at, version, position_version) ",
+            "INSERT INTO customers (customer_id, shard, merged_into, snapshot, next_due_at, version, position_version) ",
         );
         query.push_values(&inserts, |mut row, write| {
             let record = &write.record;
             row.push_bind(record.customer_id)
+                .push_bind(clm_eventlog::shard_of(Some(record.customer_id)))
                 .push_bind(record.merged_into)
                 .push_bind(encode_snapshot(record.snapshot.as_ref()))
                 .push_bind(record.next_due_at)
@@ -522,19 +523,26 @@ impl ScoringStore for PostgresScoringStore {
         limit: u32,
         position: bool,
         after: Option<Uuid>,
-        shard: ShardFilter,
+        shards: &[ShardFilter],
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
-        // A range of the partial index, in its order.
+        let Some(count) = shards.first().map(|shard| shard.count) else {
+            return Ok(Vec::new());
+        };
+        // A range of the partial index, in its order. One scan for all the
+        // shards held: the index holds every shard's rows (and the dead
+        // entries of rows updated since), so a scan per shard would cost
+        // as much as one for all, times the shards.
         let mut query = QueryBuilder::<Postgres>::new(
             "SELECT customer_id, version, snapshot, merged_into FROM customers WHERE ",
         );
-        if shard.count > 1 {
+        if count > 1 && shards.len() < count as usize {
+            let indices: Vec<i32> = shards.iter().map(|shard| shard.index as i32).collect();
             query
                 .push("shard % ")
-                .push_bind(shard.count as i32)
-                .push(" = ")
-                .push_bind(shard.index as i32)
-                .push(" AND ");
+                .push_bind(count as i32)
+                .push(" = ANY(")
+                .push_bind(indices)
+                .push(") AND ");
         }
         query.push(if position {
             "pushed_version < position_version"
@@ -569,11 +577,15 @@ impl ScoringStore for PostgresScoringStore {
                 _ => nothing.push((id, version)),
             }
         }
-        self.mark_pushed(&nothing, &Fence::Sole).await?;
+        self.mark_pushed(&nothing, &[]).await?;
         Ok(out)
     }
 
-    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fence: &Fence) -> Result<(), StoreError> {
+    async fn mark_pushed(
+        &self,
+        pushed: &[(Uuid, i64)],
+        fences: &[Fence],
+    ) -> Result<(), StoreError> {
         if pushed.is_empty() {
             return Ok(());
         }
@@ -594,7 +606,9 @@ impl ScoringStore for PostgresScoringStore {
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
-        check_fence(&mut tx, fence).await?;
+        for fence in fences {
+            check_fence(&mut tx, fence).await?;
+        }
         tx.commit().await.map_err(StoreError::from_db)
     }
 

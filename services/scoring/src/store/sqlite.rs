@@ -504,9 +504,13 @@ impl ScoringStore for SqliteScoringStore {
         limit: u32,
         position: bool,
         after: Option<Uuid>,
-        shard: ShardFilter,
+        shards: &[ShardFilter],
     ) -> Result<Vec<(Uuid, i64, LifecycleSnapshot)>, StoreError> {
-        whole(shard)?;
+        if shards != [ShardFilter::ALL] {
+            return Err(StoreError::Internal(
+                "a SQLite store does not divide its customers by shard".to_owned(),
+            ));
+        }
         // A range of the partial index, in its order (UUID strings sort as
         // the UUIDs do).
         let mut query = QueryBuilder::<Sqlite>::new(
@@ -547,12 +551,16 @@ impl ScoringStore for SqliteScoringStore {
                 _ => nothing.push((id, version)),
             }
         }
-        self.mark_pushed(&nothing, &Fence::Sole).await?;
+        self.mark_pushed(&nothing, &[]).await?;
         Ok(out)
     }
 
-    async fn mark_pushed(&self, pushed: &[(Uuid, i64)], fence: &Fence) -> Result<(), StoreError> {
-        sole(fence)?;
+    async fn mark_pushed(
+        &self,
+        pushed: &[(Uuid, i64)],
+        fences: &[Fence],
+    ) -> Result<(), StoreError> {
+        fences.iter().try_for_each(sole)?;
         if pushed.is_empty() {
             return Ok(());
         }
