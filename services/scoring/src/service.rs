@@ -142,8 +142,9 @@ impl Configured for ScoringConfig {
 
     /// Connects, migrates when asked to, installs the default model, takes
     /// its share of the shard leases (the touchpoint log consumer, the
-    /// sweep, the pusher and the rescore worker of each shard held) and
-    /// of the customer event log consumer, and mounts the service.
+    /// sweep and the rescore worker of each shard held, and one pusher for
+    /// the shards held) and of the customer event log consumer, and mounts
+    /// the service.
     async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {
         let config = *self;
         let platform = context.platform;
@@ -263,7 +264,7 @@ impl Configured for ScoringConfig {
 }
 
 /// The lease group the touchpoint log shards (and the customers' sweep,
-/// pushes and rescore pages with them) are divided in.
+/// rescore pages and pushes with them) are divided in.
 const SHARDS_GROUP: &str = "scoring.shards";
 
 /// What runs on one shard of the scoring service.
@@ -279,7 +280,7 @@ struct ShardWork {
 
 impl ShardWork {
     /// The touchpoint log consumer of the shard, and when the work is
-    /// divided, the sweep, the pusher and rescore pages of its customers;
+    /// divided, the sweep and rescore pages of its customers;
     /// until `stop`.
     async fn run(self, lease: ShardLease, stop: Shutdown) -> anyhow::Result<()> {
         let shard = lease.shard;
