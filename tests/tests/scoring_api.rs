@@ -1119,16 +1119,25 @@ async fn states_of(
 /// The scoring service alone, following `upstream`'s identity and
 /// touchpoints, on its own PostgreSQL database.
 async fn scoring_alone(upstream: &ClmServer, database: &clm_platform::Secret) -> ClmServer {
-    ClmServer::start(
-        &["serve", "scoring"],
-        &[
-            ("CLM_SCORING_DATABASE_URL", database.expose().to_owned()),
-            ("CLM_IDENTITY_URL", upstream.endpoint()),
-            ("CLM_TOUCHPOINTS_URL", upstream.endpoint()),
-        ],
-    )
-    .await
-    .expect("start clm serve scoring")
+    scoring_with(upstream, database, &[]).await
+}
+
+/// `clm serve scoring` on `database`, calling `upstream`, with `more`
+/// settings.
+async fn scoring_with(
+    upstream: &ClmServer,
+    database: &clm_platform::Secret,
+    more: &[(&str, String)],
+) -> ClmServer {
+    let mut env = vec![
+        ("CLM_SCORING_DATABASE_URL", database.expose().to_owned()),
+        ("CLM_IDENTITY_URL", upstream.endpoint()),
+        ("CLM_TOUCHPOINTS_URL", upstream.endpoint()),
+    ];
+    env.extend(more.iter().cloned());
+    ClmServer::start(&["serve", "scoring"], &env)
+        .await
+        .expect("start clm serve scoring")
 }
 
 /// A mixed history for `count` anonymous customers over the last days.
@@ -1695,33 +1704,25 @@ const LEASE_MS: u64 = 2000;
 
 /// A scoring replica on `database` dividing 8 shards with the others.
 async fn scoring_replica(upstream: &ClmServer, database: &clm_platform::Secret) -> ClmServer {
-    ClmServer::start(
-        &["serve", "scoring"],
-        &[
-            ("CLM_SCORING_DATABASE_URL", database.expose().to_owned()),
-            ("CLM_IDENTITY_URL", upstream.endpoint()),
-            ("CLM_TOUCHPOINTS_URL", upstream.endpoint()),
-            ("CLM_SCORING_LOG_SHARDS", "8".to_owned()),
-            ("CLM_SHARD_LEASE_MS", LEASE_MS.to_string()),
-        ],
-    )
-    .await
-    .expect("start a scoring replica")
+    let lease = [
+        ("CLM_SCORING_LOG_SHARDS", "8".to_owned()),
+        ("CLM_SHARD_LEASE_MS", LEASE_MS.to_string()),
+        // Three replicas beside the other tests: leave PostgreSQL
+        // connections for them.
+        ("CLM_SCORING_DB_CONNECTIONS", "4".to_owned()),
+    ];
+    scoring_with(upstream, database, &lease).await
 }
 
 /// The shards of the scoring database's touchpoint log each process (by
 /// pid) holds an unexpired lease on.
-async fn lease_holders(database: &clm_platform::Secret) -> BTreeMap<u32, Vec<i32>> {
-    use sqlx::Connection as _;
-    let mut connection = sqlx::PgConnection::connect(database.expose())
-        .await
-        .expect("connect to the scoring database");
+async fn lease_holders(connection: &mut sqlx::PgConnection) -> BTreeMap<u32, Vec<i32>> {
     let rows: Vec<(String, i32)> = sqlx::query_as(
         "SELECT owner, shard_index FROM scoring.shard_leases \
          WHERE lease_group = 'scoring.shards' AND shard_count = 8 AND owner <> '' \
            AND expires_at > clock_timestamp() ORDER BY shard_index",
     )
-    .fetch_all(&mut connection)
+    .fetch_all(connection)
     .await
     .expect("read the shard leases");
     let mut holders: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
@@ -1740,12 +1741,16 @@ async fn lease_holders(database: &clm_platform::Secret) -> BTreeMap<u32, Vec<i32
 /// Waits until exactly `replicas` hold every one of the 8 shards, each
 /// its fair share; returns how long that took.
 async fn split_among(database: &clm_platform::Secret, replicas: &[&ClmServer]) -> Duration {
+    use sqlx::Connection as _;
+    let mut connection = sqlx::PgConnection::connect(database.expose())
+        .await
+        .expect("connect to the scoring database");
     let started = tokio::time::Instant::now();
     let pids: Vec<u32> = replicas.iter().map(|r| r.pid()).collect();
     let share = 8_usize.div_ceil(pids.len());
     let mut last = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(30) {
-        last = lease_holders(database).await;
+        last = lease_holders(&mut connection).await;
         let held: usize = last.values().map(Vec::len).sum();
         let fair = last.len() == pids.len()
             && pids.iter().all(|pid| {

@@ -183,12 +183,14 @@ impl Configured for ScoringConfig {
             lease_time: config.lease_time,
         };
         let leased = pools.clone();
+        // The pusher covers the shards held on PostgreSQL, and every
+        // customer at once on SQLite (whose store does not divide them).
+        let tracked = HeldShards::default();
         let held = if divided {
-            HeldShards::default()
+            tracked.clone()
         } else {
             HeldShards::fixed([ShardLease::sole(ShardFilter::ALL)])
         };
-        let tracked = held.clone();
         tasks.spawn(SHARDS_GROUP, move |stop| {
             leases::run_tracked(
                 leased,
@@ -205,26 +207,17 @@ impl Configured for ScoringConfig {
             lease_time: config.lease_time,
         };
         tasks.spawn(CUSTOMERS_CONSUMER, move |stop| {
-            leases::run(
+            consumer::run_leased(
+                CUSTOMERS_CONSUMER,
                 pools,
                 customers_group,
-                move |lease, stop| {
-                    let projection =
-                        CustomerEventProjection::new(scorer_.clone(), identity_.clone(), timeout);
-                    let events = GrpcLogSource::<CustomerEvents>::new(identity_.clone());
-                    async move {
-                        consumer::run(
-                            CUSTOMERS_CONSUMER,
-                            events,
-                            projection,
-                            lease,
-                            Backoff::default(),
-                            stop,
-                        )
-                        .await;
-                        Ok(())
-                    }
+                move || {
+                    (
+                        GrpcLogSource::<CustomerEvents>::new(identity_.clone()),
+                        CustomerEventProjection::new(scorer_.clone(), identity_.clone(), timeout),
+                    )
                 },
+                Backoff::default(),
                 stop,
             )
         });

@@ -140,28 +140,20 @@ impl Configured for TouchpointsConfig {
         context
             .tasks
             .spawn(identity_events::CONSUMER_NAME, move |stop| {
-                leases::run(
+                consumer::run_leased(
+                    identity_events::CONSUMER_NAME,
                     pools,
                     group,
-                    move |lease, stop| {
-                        let projection = TouchpointCustomerProjection::new(
-                            projected.clone(),
-                            projection_resolver.clone(),
-                        );
-                        let source = GrpcLogSource::<CustomerEvents>::new(events_channel.clone());
-                        async move {
-                            consumer::run(
-                                identity_events::CONSUMER_NAME,
-                                source,
-                                projection,
-                                lease,
-                                Backoff::default(),
-                                stop,
-                            )
-                            .await;
-                            Ok(())
-                        }
+                    move || {
+                        (
+                            GrpcLogSource::<CustomerEvents>::new(events_channel.clone()),
+                            TouchpointCustomerProjection::new(
+                                projected.clone(),
+                                projection_resolver.clone(),
+                            ),
+                        )
                     },
+                    Backoff::default(),
                     stop,
                 )
             });

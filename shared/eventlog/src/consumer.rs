@@ -133,6 +133,37 @@ pub async fn run<S, P>(
     }
 }
 
+/// Runs a consumer on each shard of `group` this replica holds
+/// ([`leases::run`](crate::leases::run)): `make` gives the source and the
+/// projection of a shard when its lease is taken. Until `shutdown`.
+pub async fn run_leased<S, P, M>(
+    name: &'static str,
+    pools: Pools,
+    group: crate::leases::LeaseGroup,
+    make: M,
+    backoff: Backoff,
+    shutdown: Shutdown,
+) -> anyhow::Result<()>
+where
+    S: LogSource,
+    P: Projection<Entry = S::Entry>,
+    M: Fn() -> (S, P) + Send + Sync + 'static,
+{
+    crate::leases::run(
+        pools,
+        group,
+        move |lease, stop| {
+            let (source, projection) = make();
+            async move {
+                run(name, source, projection, lease, backoff, stop).await;
+                Ok(())
+            }
+        },
+        shutdown,
+    )
+    .await
+}
+
 async fn consume_until_failure<S, P>(
     source: &S,
     projection: &P,
