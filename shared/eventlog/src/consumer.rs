@@ -220,7 +220,7 @@ where
 /// derived from the batch: a crash, a retry or a second replica that read
 /// the same cursor can never apply an entry twice, because its save finds
 /// the cursor already moved and its transaction rolls back. The same save
-/// checks the shard lease the consumer holds ([`Fence`]), so a replica that
+/// checks the shard lease the consumer holds ([`Fence`](crate::leases::Fence)), so a replica that
 /// lost its shard commits nothing more of it. Save last in the
 /// transaction: the shard's lock is held until the commit.
 pub mod cursors {
