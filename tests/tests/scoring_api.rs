@@ -1118,6 +1118,22 @@ async fn states_of(
 
 /// The scoring service alone, following `upstream`'s identity and
 /// touchpoints, on its own PostgreSQL database.
+/// `clm serve identity touchpoints` on `database`, and clients of it.
+async fn identity_and_touchpoints(database: &clm_platform::Secret) -> (ClmServer, Clients) {
+    let upstream = ClmServer::start(
+        &["serve", "identity", "touchpoints"],
+        &[("CLM_DATABASE_URL", database.expose().to_owned())],
+    )
+    .await
+    .expect("start clm");
+    let clients = Clients {
+        identity: CustomerServiceClient::new(upstream.channel().await),
+        touchpoints: TouchpointServiceClient::new(upstream.channel().await),
+        scoring: LifecycleServiceClient::new(upstream.channel().await),
+    };
+    (upstream, clients)
+}
+
 async fn scoring_alone(upstream: &ClmServer, database: &clm_platform::Secret) -> ClmServer {
     scoring_with(upstream, database, &[]).await
 }
@@ -1270,17 +1286,7 @@ async fn a_consumer_killed_mid_batch_counts_nothing_twice() {
     let scoring_db = clm_platform::testing::fresh_postgres_database("scoring_crash")
         .await
         .expect("a second database");
-    let upstream = ClmServer::start(
-        &["serve", "identity", "touchpoints"],
-        &[("CLM_DATABASE_URL", upstream_db.expose().to_owned())],
-    )
-    .await
-    .expect("start clm");
-    let mut clients = Clients {
-        identity: CustomerServiceClient::new(upstream.channel().await),
-        touchpoints: TouchpointServiceClient::new(upstream.channel().await),
-        scoring: LifecycleServiceClient::new(upstream.channel().await),
-    };
+    let (upstream, mut clients) = identity_and_touchpoints(&upstream_db).await;
     let customers = record_history(&mut clients, 40, 50).await;
     // Kill the consumer with SIGKILL while it works through the log, again
     // and again, then let it finish.
@@ -1775,17 +1781,7 @@ async fn replicas_split_the_shards_and_take_over_from_a_killed_or_frozen_one() {
     let scoring_db = clm_platform::testing::fresh_postgres_database("scoring_replicas")
         .await
         .expect("a second database");
-    let upstream = ClmServer::start(
-        &["serve", "identity", "touchpoints"],
-        &[("CLM_DATABASE_URL", upstream_db.expose().to_owned())],
-    )
-    .await
-    .expect("start clm");
-    let mut clients = Clients {
-        identity: CustomerServiceClient::new(upstream.channel().await),
-        touchpoints: TouchpointServiceClient::new(upstream.channel().await),
-        scoring: LifecycleServiceClient::new(upstream.channel().await),
-    };
+    let (upstream, mut clients) = identity_and_touchpoints(&upstream_db).await;
     let first = scoring_replica(&upstream, &scoring_db).await;
     let second = scoring_replica(&upstream, &scoring_db).await;
     let third = scoring_replica(&upstream, &scoring_db).await;
