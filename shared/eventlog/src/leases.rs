@@ -97,38 +97,67 @@ impl Fence {
         &self,
         tx: &mut sqlx::PgConnection,
     ) -> Result<Result<(), LeaseLost>, sqlx::Error> {
-        let Fence::Lease {
-            group,
-            shard,
-            owner,
-            token,
-        } = self
-        else {
+        Self::check_all_postgres(std::slice::from_ref(self), tx).await
+    }
+
+    /// [`check_postgres`](Self::check_postgres) for several leases at once,
+    /// in one statement: `Ok(Err)` names the first one no longer held.
+    pub async fn check_all_postgres(
+        fences: &[Fence],
+        tx: &mut sqlx::PgConnection,
+    ) -> Result<Result<(), LeaseLost>, sqlx::Error> {
+        let leases: Vec<(&'static str, ShardFilter, &str, i64)> = fences
+            .iter()
+            .filter_map(|fence| match fence {
+                Fence::Sole => None,
+                Fence::Lease {
+                    group,
+                    shard,
+                    owner,
+                    token,
+                } => Some((*group, *shard, &**owner, *token)),
+            })
+            .collect();
+        if leases.is_empty() {
             return Ok(Ok(()));
-        };
-        let held: bool = sqlx::query_scalar(&format!(
-            "SELECT set_config('idle_in_transaction_session_timeout', $6, true) IS NOT NULL \
+        }
+        // The whole test, lock included, is one expression evaluated for
+        // every lease, so each lock is taken whatever the plan.
+        let lost: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT min(f.n)::int \
+             FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::bigint[]) \
+               WITH ORDINALITY AS f(lease_group, shard_index, shard_count, owner, token, n) \
+             WHERE NOT (set_config('idle_in_transaction_session_timeout', $6, true) IS NOT NULL \
                AND {} IS NOT NULL \
-               AND EXISTS (SELECT 1 FROM shard_leases \
-                 WHERE lease_group = $1 AND shard_index = $2 AND shard_count = $3 \
-                   AND owner = $4 AND token = $5 AND expires_at > clock_timestamp())",
-            shard_lock("pg_advisory_xact_lock_shared", "$1", "$2", "$3")
+               AND EXISTS (SELECT 1 FROM shard_leases l \
+                 WHERE l.lease_group = f.lease_group AND l.shard_index = f.shard_index \
+                   AND l.shard_count = f.shard_count AND l.owner = f.owner AND l.token = f.token \
+                   AND l.expires_at > clock_timestamp()))",
+            shard_lock(
+                "pg_advisory_xact_lock_shared",
+                "f.lease_group",
+                "f.shard_index",
+                "f.shard_count"
+            )
         ))
-        .bind(*group)
-        .bind(shard.index as i32)
-        .bind(shard.count as i32)
-        .bind(&**owner)
-        .bind(*token)
+        .bind(leases.iter().map(|l| l.0).collect::<Vec<_>>())
+        .bind(leases.iter().map(|l| l.1.index as i32).collect::<Vec<_>>())
+        .bind(leases.iter().map(|l| l.1.count as i32).collect::<Vec<_>>())
+        .bind(leases.iter().map(|l| l.2).collect::<Vec<_>>())
+        .bind(leases.iter().map(|l| l.3).collect::<Vec<_>>())
         .bind(IDLE_IN_CHECK_MS.to_string())
         .fetch_one(&mut *tx)
         .await?;
-        Ok(match held {
-            true => Ok(()),
-            false => Err(LeaseLost {
-                group,
-                index: shard.index,
-                count: shard.count,
-            }),
+        Ok(match lost {
+            None => Ok(()),
+            Some(n) => {
+                let (group, shard, _, _) = leases[n as usize - 1];
+                Err(LeaseLost {
+                    group,
+                    index: shard.index,
+                    count: shard.count,
+                })
+            }
         })
     }
 }

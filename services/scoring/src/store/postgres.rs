@@ -134,10 +134,9 @@ async fn move_cursor(tx: &mut PgConnection, cursor: &CursorMove) -> Result<(), S
         .map_err(StoreError::from)
 }
 
-/// Checks the shard lease, last before the commit.
-async fn check_fence(tx: &mut PgConnection, fence: &Fence) -> Result<(), StoreError> {
-    fence
-        .check_postgres(tx)
+/// Checks the shard leases, last before the commit.
+async fn check_fences(tx: &mut PgConnection, fences: &[Fence]) -> Result<(), StoreError> {
+    Fence::check_all_postgres(fences, tx)
         .await
         .map_err(StoreError::from_db)?
         .map_err(|lost| StoreError::LeaseLost(lost.to_string()))
@@ -451,7 +450,7 @@ impl ScoringStore for PostgresScoringStore {
         }
         match &changes.cursor {
             Some(cursor) => move_cursor(&mut tx, cursor).await?,
-            None => check_fence(&mut tx, &changes.fence).await?,
+            None => check_fences(&mut tx, std::slice::from_ref(&changes.fence)).await?,
         }
         tx.commit().await.map_err(StoreError::from_db)?;
         if !changes.forgotten_profiles.is_empty() {
@@ -606,9 +605,7 @@ impl ScoringStore for PostgresScoringStore {
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
-        for fence in fences {
-            check_fence(&mut tx, fence).await?;
-        }
+        check_fences(&mut tx, fences).await?;
         tx.commit().await.map_err(StoreError::from_db)
     }
 
@@ -860,7 +857,7 @@ impl ScoringStore for PostgresScoringStore {
         .map_err(StoreError::from_db)?
         .rows_affected()
             == 1;
-        check_fence(&mut tx, fence).await?;
+        check_fences(&mut tx, std::slice::from_ref(fence)).await?;
         tx.commit().await.map_err(StoreError::from_db)?;
         Ok(succeeded)
     }
