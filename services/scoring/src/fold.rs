@@ -18,11 +18,11 @@
 //! replaced.
 
 use chrono::{DateTime, Utc};
-use clm_proto::scoring as proto;
 use clm_proto::touchpoint::Channel;
 
 use crate::compiled_model::CompiledModel;
 use crate::features::{Money, TouchpointFacts};
+use crate::history::{Cause, RecordedTransition};
 use crate::scorer::evaluate_record;
 use crate::store::{CustomerRecord, Fact, Input};
 
@@ -58,7 +58,7 @@ pub fn catch_up(
     record: &mut CustomerRecord,
     until: DateTime<Utc>,
     inclusive: bool,
-    out: &mut Vec<proto::Transition>,
+    out: &mut Vec<RecordedTransition>,
 ) {
     for _ in 0..MAX_DUE_EVALUATIONS {
         let Some(due) = record.next_due_at else {
@@ -67,13 +67,7 @@ pub fn catch_up(
         if due > until || (due == until && !inclusive) {
             return;
         }
-        out.extend(evaluate_record(
-            model,
-            record,
-            due,
-            proto::TransitionCause::Sweep,
-            "",
-        ));
+        out.extend(evaluate_record(model, record, due, Cause::Sweep, None));
         if record.next_due_at.is_some_and(|next| next <= due) {
             // Not a step forward: leave it to the sweep rather than spin.
             return;
@@ -89,7 +83,7 @@ pub fn fold(
     record: &mut CustomerRecord,
     inputs: &[Input],
     now: DateTime<Utc>,
-) -> Vec<proto::Transition> {
+) -> Vec<RecordedTransition> {
     let mut out = Vec::new();
     for group in inputs.chunk_by(|a, b| a.at == b.at) {
         let at = group[0].at;
@@ -128,19 +122,13 @@ pub fn fold(
                 model,
                 record,
                 at,
-                proto::TransitionCause::Touchpoint,
-                touchpoint_id,
+                Cause::Touchpoint,
+                Some(touchpoint_id),
             ));
         } else if profile_changed && record.snapshot.is_some() {
             // The profile feeds fit rules: customers already scored are
             // evaluated; others wait for a touchpoint.
-            out.extend(evaluate_record(
-                model,
-                record,
-                at,
-                proto::TransitionCause::Profile,
-                "",
-            ));
+            out.extend(evaluate_record(model, record, at, Cause::Profile, None));
         }
     }
     catch_up(model, record, now, true, &mut out);
@@ -151,9 +139,9 @@ pub fn fold(
 #[derive(Debug, Default)]
 pub struct Rederived {
     /// Transitions of the old history that the new one does not make.
-    pub retracted: Vec<proto::Transition>,
+    pub retracted: Vec<RecordedTransition>,
     /// Transitions of the new history that the old one did not make.
-    pub added: Vec<proto::Transition>,
+    pub added: Vec<RecordedTransition>,
 }
 
 /// Derives `record`'s history again from all its `inputs` (in arrival
@@ -165,7 +153,7 @@ pub fn rederive(
     model: &CompiledModel,
     record: &mut CustomerRecord,
     mut inputs: Vec<Input>,
-    mut old: Vec<proto::Transition>,
+    mut old: Vec<RecordedTransition>,
     now: DateTime<Utc>,
 ) -> Rederived {
     in_fold_order(&mut inputs);
@@ -189,31 +177,20 @@ pub fn rederive(
             model,
             &mut fresh,
             floor,
-            proto::TransitionCause::Sweep,
-            "",
+            Cause::Sweep,
+            None,
         ));
     }
     *record = fresh;
     let kept = old
         .iter()
         .zip(&derived)
-        .take_while(|(old, new)| same_move(old, new))
+        .take_while(|(old, new)| old.same_move(new))
         .count();
     Rederived {
         retracted: old.split_off(kept),
         added: derived.split_off(kept),
     }
-}
-
-/// True when two transitions record the same move (ids and record times
-/// aside).
-fn same_move(a: &proto::Transition, b: &proto::Transition) -> bool {
-    let bare = |t: &proto::Transition| proto::Transition {
-        id: String::new(),
-        record_time: None,
-        ..t.clone()
-    };
-    bare(a) == bare(b)
 }
 
 #[cfg(test)]
@@ -259,13 +236,12 @@ mod tests {
         .collect()
     }
 
-    fn moves(transitions: &[proto::Transition]) -> Vec<(i64, i32, i32)> {
+    type Move = (i64, Option<crate::LifecycleStage>, Option<crate::Health>);
+
+    fn moves(transitions: &[RecordedTransition]) -> Vec<Move> {
         transitions
             .iter()
-            .map(|t| {
-                let at = crate::timestamp_from_proto(t.transition_time.as_ref().unwrap()).unwrap();
-                ((at - day(0)).num_days(), t.to_stage, t.to_health)
-            })
+            .map(|t| ((t.at - day(0)).num_days(), t.to.stage, t.to.health))
             .collect()
     }
 
@@ -280,7 +256,7 @@ mod tests {
         // One input per call, each late against what the sweep derived
         // up to now: the history is derived again each time.
         let mut trickle = CustomerRecord::new(id);
-        let mut history: Vec<proto::Transition> = Vec::new();
+        let mut history: Vec<RecordedTransition> = Vec::new();
         let mut kept = Vec::new();
         for input in backfill() {
             kept.push(input);
@@ -297,7 +273,11 @@ mod tests {
         assert_eq!(trickle.next_due_at, batch.next_due_at);
         // The purchase on day 20 converts, at its own time.
         assert!(
-            moves(&all).contains(&(20, clm_proto::common::LifecycleStage::Conversion as i32, 1)),
+            moves(&all).contains(&(
+                20,
+                Some(crate::LifecycleStage::Conversion),
+                Some(crate::Health::Active)
+            )),
             "{:?}",
             moves(&all)
         );
@@ -308,16 +288,12 @@ mod tests {
         let model = model();
         let mut record = CustomerRecord::new(Uuid::now_v7());
         let history = fold(&model, &mut record, &backfill(), day(400));
-        let sweeps: Vec<_> = history
-            .iter()
-            .filter(|t| t.cause == proto::TransitionCause::Sweep as i32)
-            .collect();
+        let sweeps: Vec<_> = history.iter().filter(|t| t.cause == Cause::Sweep).collect();
         // A long gap between the purchases leaves the customer at risk
         // before the second, at a due time, not at the time of folding.
         assert!(!sweeps.is_empty());
         for sweep in sweeps {
-            let at = crate::timestamp_from_proto(sweep.transition_time.as_ref().unwrap()).unwrap();
-            assert!(at < day(400));
+            assert!(sweep.at < day(400));
         }
     }
 
@@ -355,9 +331,10 @@ mod tests {
         let kept = old.len() - again.retracted.len();
         assert!(kept > 0, "the history before the late input stays");
         for retracted in &again.retracted {
-            let at =
-                crate::timestamp_from_proto(retracted.transition_time.as_ref().unwrap()).unwrap();
-            assert!(at >= day(140), "only moves at or after the late input go");
+            assert!(
+                retracted.at >= day(140),
+                "only moves at or after the late input go"
+            );
         }
     }
 }

@@ -19,6 +19,7 @@ use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 use crate::compiled_model::CompiledModel;
+use crate::history::{Cause, RecordedTransition};
 use crate::model::{DecayedWeights, Model};
 use crate::model_proto::{timestamp_from_proto, timestamp_to_proto};
 use crate::rescore;
@@ -85,6 +86,7 @@ impl LifecycleGrpc {
             .store()
             .last_transition(id)
             .await
+            .map(|transition| transition.as_ref().map(RecordedTransition::to_proto))
             .map_err(store_status)
     }
 }
@@ -321,7 +323,7 @@ impl LifecycleService for LifecycleGrpc {
             ))
             .flatten();
         let limit = done(violations, || limit.expect("validated"))?;
-        let mut transitions = self
+        let mut recorded = self
             .scorer
             .store()
             .list_transitions(&TransitionQuery {
@@ -333,22 +335,15 @@ impl LifecycleService for LifecycleGrpc {
             })
             .await
             .map_err(store_status)?;
-        let next_page_token = if transitions.len() > limit as usize {
-            transitions.truncate(limit as usize);
-            let last = transitions.last().expect("a full page");
-            let position = (
-                last.transition_time
-                    .as_ref()
-                    .and_then(timestamp_from_proto)
-                    .unwrap_or_default(),
-                Uuid::try_parse(&last.id).unwrap_or_default(),
-            );
-            paging::encode(filter, &position)
+        let next_page_token = if recorded.len() > limit as usize {
+            recorded.truncate(limit as usize);
+            let last = recorded.last().expect("a full page");
+            paging::encode(filter, &(last.at, last.id))
         } else {
             String::new()
         };
         Ok(Response::new(pb::ListTransitionsResponse {
-            transitions,
+            transitions: recorded.iter().map(RecordedTransition::to_proto).collect(),
             next_page_token,
         }))
     }
@@ -399,17 +394,21 @@ impl LifecycleService for LifecycleGrpc {
         // the customer's shard: its write is checked by version alone.
         let mut evaluated = self
             .scorer
-            .evaluate_now(&[id], pb::TransitionCause::Evaluate, false, &Fence::Sole)
+            .evaluate_now(&[id], Cause::Evaluate, false, &Fence::Sole)
             .await
             .map_err(scoring_status)?;
         let evaluated = evaluated.remove(&id).ok_or_else(|| not_found(id))?;
-        let last_transition = match &evaluated.transition {
+        let transition = evaluated
+            .transition
+            .as_ref()
+            .map(RecordedTransition::to_proto);
+        let last_transition = match &transition {
             Some(transition) => Some(transition.clone()),
             None => self.last_transition(evaluated.record.customer_id).await?,
         };
         Ok(Response::new(pb::EvaluateResponse {
             lifecycle: Some(lifecycle_message(&evaluated.record, last_transition)),
-            transition: evaluated.transition,
+            transition,
         }))
     }
 

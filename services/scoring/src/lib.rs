@@ -41,6 +41,7 @@ pub mod feature_map;
 mod features;
 pub mod fold;
 pub mod grpc;
+pub mod history;
 mod lifecycle;
 mod literal_keys;
 mod model;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clm_proto::identity as identity_pb;
-use clm_proto::scoring as proto;
 use clm_proto::touchpoint as touchpoint_pb;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -22,7 +21,7 @@ use crate::clock::Clock;
 use crate::compiled_model::CompiledModel;
 use crate::features::{ProfileFacts, TouchpointFacts};
 use crate::fold;
-use crate::model_proto::timestamp_to_proto;
+use crate::history::{Cause, RecordedTransition};
 use crate::store::{
     ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Fence, Input, ScoringStore,
     StoreError,
@@ -108,7 +107,7 @@ pub struct Evaluated {
     /// The customer's record after the evaluation.
     pub record: CustomerRecord,
     /// The transition it recorded.
-    pub transition: Option<proto::Transition>,
+    pub transition: Option<RecordedTransition>,
 }
 
 struct ActiveModel {
@@ -435,11 +434,11 @@ impl Scorer {
     pub async fn evaluate_now(
         &self,
         ids: &[Uuid],
-        cause: proto::TransitionCause,
+        cause: Cause,
         only_due: bool,
         fence: &Fence,
     ) -> Result<HashMap<Uuid, Evaluated>, ScoringError> {
-        let retry = if cause == proto::TransitionCause::Evaluate {
+        let retry = if cause == Cause::Evaluate {
             Retry::AFew
         } else {
             Retry::UntilDone
@@ -463,16 +462,16 @@ impl Scorer {
                 }
                 if !work.dirty.contains(&target) {
                     work.catch_up(target, &model, now);
-                    if cause != proto::TransitionCause::Sweep {
-                        work.evaluate(target, &model, now, cause, "", false);
+                    if cause != Cause::Sweep {
+                        work.evaluate(target, &model, now, cause, None, false);
                     }
                 }
                 targets.push((*id, target));
             }
-            let transitions: HashMap<Uuid, proto::Transition> = work
+            let transitions: HashMap<Uuid, RecordedTransition> = work
                 .transitions
                 .iter()
-                .filter_map(|t| Some((Uuid::try_parse(&t.customer_id).ok()?, t.clone())))
+                .map(|t| (t.customer_id, t.clone()))
                 .collect();
             let result = targets
                 .into_iter()
@@ -677,7 +676,7 @@ pub fn evaluate_page(
     let ids = records.iter().map(|record| record.customer_id).collect();
     records.retain(|record| record.merged_into.is_none());
     let outcomes = map_on_every_core(&mut records, |_, record| {
-        evaluate_record(model, record, now, proto::TransitionCause::Rescore, "")
+        evaluate_record(model, record, now, Cause::Rescore, None)
     });
     let mut transitions = Vec::new();
     let customers = records
@@ -710,21 +709,22 @@ pub fn evaluate_record(
     model: &CompiledModel,
     record: &mut CustomerRecord,
     at: DateTime<Utc>,
-    cause: proto::TransitionCause,
-    touchpoint_id: &str,
-) -> Option<proto::Transition> {
+    cause: Cause,
+    touchpoint_id: Option<&str>,
+) -> Option<RecordedTransition> {
     let previous = record.snapshot.as_ref();
     let state = previous.map(|s| s.state).unwrap_or_default();
     let at = previous.map_or(at, |s| s.evaluated_at.max(at));
     let evaluation = model.evaluate(&record.features, &state, at);
     let transition = evaluation.transition.as_ref().map(|transition| {
-        let mut message = transition.to_proto(&evaluation.snapshot);
-        message.id = Uuid::now_v7().to_string();
-        message.customer_id = record.customer_id.to_string();
-        message.cause = cause as i32;
-        message.touchpoint_id = touchpoint_id.to_owned();
-        message.record_time = Some(timestamp_to_proto(Utc::now()));
-        message
+        RecordedTransition::new(
+            record.customer_id,
+            transition,
+            evaluation.snapshot.clone(),
+            cause,
+            touchpoint_id,
+            Utc::now(),
+        )
     });
     record.snapshot = Some(evaluation.snapshot);
     record.next_due_at = evaluation.next_evaluation_at;
@@ -739,7 +739,7 @@ struct Work {
     features_changed: HashSet<Uuid>,
     position_changed: HashSet<Uuid>,
     order: Vec<Uuid>,
-    transitions: Vec<proto::Transition>,
+    transitions: Vec<RecordedTransition>,
     /// Inputs gathered and not yet folded, by customer, in arrival order.
     pending: Vec<(Uuid, Vec<Input>)>,
     /// Where each customer's inputs are in `pending`.
@@ -758,7 +758,7 @@ struct Work {
     /// Customers whose profile inputs are deleted.
     forgotten: HashSet<Uuid>,
     /// Transitions retracted.
-    retracted: Vec<proto::Transition>,
+    retracted: Vec<RecordedTransition>,
 }
 
 impl Work {
@@ -823,7 +823,7 @@ impl Work {
         }
     }
 
-    fn record_transitions(&mut self, id: Uuid, transitions: Vec<proto::Transition>) {
+    fn record_transitions(&mut self, id: Uuid, transitions: Vec<RecordedTransition>) {
         if !transitions.is_empty() {
             self.position_changed.insert(id);
             self.transitions.extend(transitions);
@@ -852,8 +852,8 @@ impl Work {
         id: Uuid,
         model: &CompiledModel,
         at: DateTime<Utc>,
-        cause: proto::TransitionCause,
-        touchpoint_id: &str,
+        cause: Cause,
+        touchpoint_id: Option<&str>,
         features_changed: bool,
     ) {
         self.touch(id, features_changed);
@@ -939,14 +939,7 @@ impl Work {
         record.inputs_kept = false;
         record.features.merge(&taken);
         if had_history || record.snapshot.is_some() {
-            self.evaluate(
-                survivor,
-                model,
-                now,
-                proto::TransitionCause::Merge,
-                "",
-                true,
-            );
+            self.evaluate(survivor, model, now, Cause::Merge, None, true);
         } else {
             self.touch(survivor, true);
         }
@@ -989,6 +982,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::model_proto::timestamp_to_proto;
 
     async fn scorer() -> (Scorer, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -1077,13 +1071,7 @@ mod tests {
             revenue: None,
         });
         let evaluated = start + chrono::Duration::days(10);
-        evaluate_record(
-            &model,
-            &mut old,
-            evaluated,
-            proto::TransitionCause::Touchpoint,
-            "",
-        );
+        evaluate_record(&model, &mut old, evaluated, Cause::Touchpoint, None);
         scorer
             .store()
             .commit(&ChangeSet {

@@ -17,13 +17,13 @@ use clm_platform::service::{
     Configured, PeerChannel, Service, ServiceInfo, SmokeCall, StartContext,
 };
 use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
-use clm_proto::scoring as pb;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::consumers::{CUSTOMERS_CONSUMER, CustomerEventProjection, TouchpointProjection};
 use crate::default_model::default_model;
 use crate::grpc::LifecycleGrpc;
+use crate::history::Cause;
 use crate::push::Pusher;
 use crate::rescore;
 use crate::scorer::Scorer;
@@ -340,7 +340,7 @@ async fn sweep(scorer: &Scorer, poll: Duration, lease: &ShardLease, shutdown: Sh
         {
             Ok(due) if due.is_empty() => 0,
             Ok(due) => match scorer
-                .evaluate_now(&due, pb::TransitionCause::Sweep, true, &lease.fence)
+                .evaluate_now(&due, Cause::Sweep, true, &lease.fence)
                 .await
             {
                 Ok(done) => due.len().max(done.len()),

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::evaluate::LifecycleSnapshot;
 use crate::features::CustomerFeatures;
+use crate::history::RecordedTransition;
 use crate::model::Model;
 
 /// Why a store call failed.
@@ -208,7 +209,7 @@ pub struct ChangeSet {
     /// Customers, each checked against the version read.
     pub customers: Vec<CustomerWrite>,
     /// Transitions to record and append to the transition log.
-    pub transitions: Vec<proto::Transition>,
+    pub transitions: Vec<RecordedTransition>,
     /// The consumer cursor to move, checked against the one read.
     pub cursor: Option<CursorMove>,
     /// The rescore progress to record, checked to be still running.
@@ -227,7 +228,7 @@ pub struct ChangeSet {
     pub forgotten_profiles: Vec<Uuid>,
     /// Transitions no longer in their customer's history: deleted, and a
     /// retraction appended to the transition log.
-    pub retracted: Vec<proto::Transition>,
+    pub retracted: Vec<RecordedTransition>,
 }
 
 impl ChangeSet {
@@ -428,18 +429,18 @@ pub trait ScoringStore: Send + Sync + 'static {
     async fn last_transition(
         &self,
         customer_id: Uuid,
-    ) -> Result<Option<proto::Transition>, StoreError>;
+    ) -> Result<Option<RecordedTransition>, StoreError>;
     /// Transitions in ListTransitions order.
     async fn list_transitions(
         &self,
         query: &TransitionQuery,
-    ) -> Result<Vec<proto::Transition>, StoreError>;
+    ) -> Result<Vec<RecordedTransition>, StoreError>;
     /// Every transition of these customers, each customer's in
     /// ListTransitions order (customers without any are left out).
     async fn customer_transitions(
         &self,
         ids: &[Uuid],
-    ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError>;
+    ) -> Result<HashMap<Uuid, Vec<RecordedTransition>>, StoreError>;
     /// The kept inputs of these customers, in no particular order.
     async fn load_inputs(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Input>>, StoreError>;
     /// The transition log.
@@ -555,8 +556,17 @@ pub(crate) fn decode_snapshot(raw: Option<&[u8]>) -> Result<Option<LifecycleSnap
         .transpose()
 }
 
-pub(crate) fn decode_transition(raw: &[u8]) -> Result<proto::Transition, StoreError> {
-    proto::Transition::decode(raw).map_err(|err| StoreError::Corrupt(format!("transition: {err}")))
+/// A transition as stored: its `clm.scoring.v1.Transition` message, the
+/// form the transition log carries too.
+pub(crate) fn encode_transition(transition: &RecordedTransition) -> Vec<u8> {
+    transition.to_proto().encode_to_vec()
+}
+
+pub(crate) fn decode_transition(raw: &[u8]) -> Result<RecordedTransition, StoreError> {
+    let message = proto::Transition::decode(raw)
+        .map_err(|err| StoreError::Corrupt(format!("transition: {err}")))?;
+    RecordedTransition::from_proto(&message)
+        .map_err(|err| StoreError::Corrupt(format!("transition {}: {err}", message.id)))
 }
 
 pub(crate) fn encode_model(model: &Model) -> Vec<u8> {
@@ -623,18 +633,17 @@ pub(crate) fn log_entries(changes: &ChangeSet, now: DateTime<Utc>) -> Vec<LogEnt
     use proto::transition_log_entry::Change;
     let retractions = changes.retracted.iter().map(|transition| {
         let retracted = proto::TransitionRetracted {
-            transition: Some(transition.clone()),
+            transition: Some(transition.to_proto()),
         };
-        let now = crate::model_proto::timestamp_to_proto(now);
         (
             RETRACTION_KIND,
             transition,
-            Some(now),
+            now,
             Change::Retracted(retracted),
         )
     });
     let transitions = changes.transitions.iter().map(|transition| {
-        let change = Change::Transition(transition.clone());
+        let change = Change::Transition(transition.to_proto());
         (TRANSITION_KIND, transition, transition.record_time, change)
     });
     retractions
@@ -644,14 +653,14 @@ pub(crate) fn log_entries(changes: &ChangeSet, now: DateTime<Utc>) -> Vec<LogEnt
             let entry = proto::TransitionLogEntry {
                 cursor: String::new(),
                 entry_id: event_id.to_string(),
-                customer_id: transition.customer_id.clone(),
-                commit_time,
+                customer_id: transition.customer_id.to_string(),
+                commit_time: Some(crate::model_proto::timestamp_to_proto(commit_time)),
                 change: Some(change),
             };
             LogEntry {
                 kind,
                 event_id,
-                customer_id: Uuid::try_parse(&transition.customer_id).ok(),
+                customer_id: Some(transition.customer_id),
                 payload: entry.encode_to_vec(),
             }
         })

@@ -17,6 +17,7 @@ use clm_platform::db;
 use clm_platform::server::Shutdown;
 use clm_proto::scoring as pb;
 use clm_scoring::clock::Clock;
+use clm_scoring::history::Cause;
 use clm_scoring::scorer::{Scorer, evaluate_record};
 use clm_scoring::store::{
     self, Activation, ChangeSet, CustomerRecord, CustomerWrite, ScoringStore,
@@ -45,13 +46,7 @@ async fn seed(store: &Arc<dyn ScoringStore>) -> Vec<Uuid> {
                     features: clm_scoring::bench::typical_customer(index as u64, 5, now),
                     ..CustomerRecord::new(*id)
                 };
-                evaluate_record(
-                    &model,
-                    &mut record,
-                    now,
-                    pb::TransitionCause::Touchpoint,
-                    "",
-                );
+                evaluate_record(&model, &mut record, now, Cause::Touchpoint, None);
                 CustomerWrite {
                     record,
                     features_changed: true,

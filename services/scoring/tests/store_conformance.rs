@@ -10,11 +10,11 @@ use clm_eventlog::{Cursor, ShardFilter};
 use clm_platform::Secret;
 use clm_platform::db;
 use clm_proto::scoring as pb;
+use clm_scoring::history::{Cause, RecordedTransition, Standing};
 use clm_scoring::store::{
     self, Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fact, Fence, Input,
     ModelInsert, RescoreProgress, RescoreRow, ScoringStore, StoreError, TransitionQuery,
 };
-use clm_scoring::timestamp_to_proto;
 use clm_scoring::{
     CustomerFeatures, LifecycleSnapshot, LifecycleStage, LifecycleState, ProfileFacts, Scores,
     TouchpointFacts, default_model,
@@ -89,20 +89,36 @@ fn write(record: CustomerRecord) -> CustomerWrite {
     }
 }
 
-fn transition(customer: Uuid, at: DateTime<Utc>) -> pb::Transition {
-    pb::Transition {
-        id: Uuid::now_v7().to_string(),
-        customer_id: customer.to_string(),
-        to_stage: pb_stage(LifecycleStage::Reach),
-        transition_time: Some(timestamp_to_proto(at)),
+fn transition(customer: Uuid, at: DateTime<Utc>) -> RecordedTransition {
+    let reach = LifecycleState {
+        stage: Some(LifecycleStage::Reach),
+        stage_entered_at: Some(at),
+        ..LifecycleState::default()
+    };
+    RecordedTransition {
+        id: Uuid::now_v7(),
+        customer_id: customer,
+        from: Standing::default(),
+        to: Standing::from(&reach),
+        at,
         model_version: "builtin-1".to_owned(),
-        record_time: Some(timestamp_to_proto(at)),
-        ..pb::Transition::default()
+        stage_rule: Some("first_touch".to_owned()),
+        health_rule: None,
+        reason: "stage rule 'first_touch' matched".to_owned(),
+        cause: Cause::Touchpoint,
+        touchpoint_id: Some(Uuid::now_v7().to_string()),
+        snapshot: LifecycleSnapshot {
+            state: reach,
+            scores: Scores {
+                engagement: 1.5,
+                lead: 0.0,
+                health: 100.0,
+            },
+            model_version: "builtin-1".to_owned(),
+            evaluated_at: at,
+        },
+        record_time: at,
     }
-}
-
-fn pb_stage(stage: LifecycleStage) -> i32 {
-    stage.to_proto() as i32
 }
 
 fn rescore_row(model: &str, total: i64) -> RescoreRow {
@@ -124,7 +140,7 @@ fn rescore_row(model: &str, total: i64) -> RescoreRow {
 }
 
 /// Up to ten of a customer's transitions, as ListTransitions lists them.
-async fn listed_for(store: &dyn ScoringStore, customer: Uuid) -> Vec<pb::Transition> {
+async fn listed_for(store: &dyn ScoringStore, customer: Uuid) -> Vec<RecordedTransition> {
     store
         .list_transitions(&TransitionQuery {
             customer_id: Some(customer),
@@ -240,7 +256,7 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
     let store = backend.store;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     let base = now() - TimeDelta::days(10);
-    let transitions: Vec<pb::Transition> = (0..6)
+    let transitions: Vec<RecordedTransition> = (0..6)
         .map(|i| transition(if i % 2 == 0 { a } else { b }, base + TimeDelta::days(i)))
         .collect();
     store
@@ -262,7 +278,7 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(of_a.len(), 3);
-    assert!(of_a.iter().all(|t| t.customer_id == a.to_string()));
+    assert!(of_a.iter().all(|t| t.customer_id == a));
     let window = store
         .list_transitions(&query(
             None,
@@ -273,8 +289,8 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
         ))
         .await
         .unwrap();
-    let ids: Vec<&str> = window.iter().map(|t| t.id.as_str()).collect();
-    let expected: Vec<&str> = transitions[1..4].iter().map(|t| t.id.as_str()).collect();
+    let ids: Vec<Uuid> = window.iter().map(|t| t.id).collect();
+    let expected: Vec<Uuid> = transitions[1..4].iter().map(|t| t.id).collect();
     assert_eq!(
         ids, expected,
         "oldest first, start inclusive, end exclusive"
@@ -285,10 +301,7 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
         .await
         .unwrap();
     let last = first.last().unwrap();
-    let position = (
-        clm_scoring::timestamp_from_proto(last.transition_time.as_ref().unwrap()).unwrap(),
-        Uuid::try_parse(&last.id).unwrap(),
-    );
+    let position = (last.at, last.id);
     let rest = store
         .list_transitions(&query(None, None, None, Some(position), 4))
         .await
@@ -323,14 +336,11 @@ async fn transitions_are_listed_and_logged(backend: Backend) {
             <pb::TransitionLogEntry as prost::Message>::decode(entry.payload.as_slice()).unwrap();
         match decoded.change {
             Some(pb::transition_log_entry::Change::Transition(logged)) => {
-                assert_eq!(&logged, transition)
+                assert_eq!(logged, transition.to_proto())
             }
             other => panic!("not a transition: {other:?}"),
         }
-        assert_eq!(
-            entry.customer_id.map(|id| id.to_string()),
-            Some(transition.customer_id.clone())
-        );
+        assert_eq!(entry.customer_id, Some(transition.customer_id));
     }
 }
 
@@ -807,11 +817,11 @@ async fn retracted_transitions_leave_the_list_and_are_logged(backend: Backend) {
     assert_eq!(changes.len(), 4);
     assert!(matches!(
         &changes[2],
-        pb::transition_log_entry::Change::Retracted(r) if r.transition.as_ref() == Some(&gone)
+        pb::transition_log_entry::Change::Retracted(r) if r.transition == Some(gone.to_proto())
     ));
     assert!(matches!(
         &changes[3],
-        pb::transition_log_entry::Change::Transition(t) if *t == replacement
+        pb::transition_log_entry::Change::Transition(t) if *t == replacement.to_proto()
     ));
 }
 

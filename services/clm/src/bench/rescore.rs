@@ -15,6 +15,7 @@ use clm_platform::db;
 use clm_platform::server::Shutdown;
 use clm_proto::scoring as pb;
 use clm_scoring::clock::Clock;
+use clm_scoring::history::Cause;
 use clm_scoring::scorer::{Scorer, evaluate_record, map_on_every_core};
 use clm_scoring::store::{
     self, Activation, ChangeSet, CustomerRecord, CustomerWrite, ScoringStore,
@@ -81,7 +82,7 @@ fn generate(
             features: clm_scoring::bench::typical_customer(seed + index as u64, touchpoints, now),
             ..CustomerRecord::new(*id)
         };
-        evaluate_record(model, &mut record, now, pb::TransitionCause::Touchpoint, "");
+        evaluate_record(model, &mut record, now, Cause::Touchpoint, None);
         record
     })
 }

@@ -8,7 +8,6 @@ use clm_eventlog::consumer::cursors;
 use clm_eventlog::{EventLog, ShardFilter};
 use clm_platform::db::Pools;
 use clm_proto::scoring as proto;
-use prost::Message as _;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
@@ -17,9 +16,10 @@ use super::{
     Activation, ChangeSet, CursorMove, CustomerRecord, CustomerWrite, Fence, Input, ModelInsert,
     RescoreRow, ScoringStore, StoreError, TRANSITION_LOG_TABLE, TransitionQuery, decode_fact,
     decode_features, decode_model, decode_snapshot, decode_transition, encode_fact,
-    encode_features, encode_model, encode_snapshot, log_entries,
+    encode_features, encode_model, encode_snapshot, encode_transition, log_entries,
 };
 use crate::evaluate::LifecycleSnapshot;
+use crate::history::RecordedTransition;
 use crate::model::Model;
 
 /// The merged_into column as read.
@@ -330,15 +330,8 @@ async fn write_transitions(
     log: &EventLog,
     changes: &ChangeSet,
 ) -> Result<(), StoreError> {
-    let id_of = |t: &proto::Transition| {
-        Uuid::try_parse(&t.id).map_err(|err| StoreError::Internal(format!("transition id: {err}")))
-    };
     if !changes.retracted.is_empty() {
-        let ids = changes
-            .retracted
-            .iter()
-            .map(id_of)
-            .collect::<Result<Vec<Uuid>, _>>()?;
+        let ids: Vec<Uuid> = changes.retracted.iter().map(|t| t.id).collect();
         sqlx::query("DELETE FROM transitions WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
@@ -352,19 +345,10 @@ async fn write_transitions(
         let mut times = Vec::with_capacity(transitions.len());
         let mut bodies = Vec::with_capacity(transitions.len());
         for transition in transitions {
-            ids.push(id_of(transition)?);
-            customers.push(
-                Uuid::try_parse(&transition.customer_id)
-                    .map_err(|err| StoreError::Internal(format!("transition customer: {err}")))?,
-            );
-            times.push(
-                transition
-                    .transition_time
-                    .as_ref()
-                    .and_then(crate::timestamp_from_proto)
-                    .unwrap_or_default(),
-            );
-            bodies.push(transition.encode_to_vec());
+            ids.push(transition.id);
+            customers.push(transition.customer_id);
+            times.push(transition.at);
+            bodies.push(encode_transition(transition));
         }
         sqlx::query(
             "INSERT INTO transitions (id, customer_id, transition_time, body) \
@@ -911,7 +895,7 @@ impl ScoringStore for PostgresScoringStore {
     async fn last_transition(
         &self,
         customer_id: Uuid,
-    ) -> Result<Option<proto::Transition>, StoreError> {
+    ) -> Result<Option<RecordedTransition>, StoreError> {
         let body: Option<Vec<u8>> = sqlx::query_scalar(
             "SELECT body FROM transitions WHERE customer_id = $1 \
              ORDER BY transition_time DESC, id DESC LIMIT 1",
@@ -926,7 +910,7 @@ impl ScoringStore for PostgresScoringStore {
     async fn list_transitions(
         &self,
         query: &TransitionQuery,
-    ) -> Result<Vec<proto::Transition>, StoreError> {
+    ) -> Result<Vec<RecordedTransition>, StoreError> {
         // Only the conditions given, so the planner sees an index range.
         let mut sql = QueryBuilder::<Postgres>::new("SELECT body FROM transitions WHERE TRUE");
         if let Some(customer) = query.customer_id {
@@ -958,7 +942,7 @@ impl ScoringStore for PostgresScoringStore {
     async fn customer_transitions(
         &self,
         ids: &[Uuid],
-    ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError> {
+    ) -> Result<HashMap<Uuid, Vec<RecordedTransition>>, StoreError> {
         let rows = self
             .rows_of(
                 "SELECT customer_id, body FROM transitions WHERE customer_id = ANY($1) \

@@ -11,7 +11,6 @@ use clm_eventlog::{EventLog, ShardFilter};
 use clm_platform::db::sqlite_columns::{time as time_column, uuid as uuid_column};
 use clm_platform::db::{Pools, SqlitePools};
 use clm_proto::scoring as proto;
-use prost::Message as _;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
@@ -20,9 +19,10 @@ use super::{
     Activation, ChangeSet, CursorMove, CustomerRecord, Fence, Input, ModelInsert, RescoreRow,
     ScoringStore, StoreError, TRANSITION_LOG_TABLE, TransitionQuery, decode_fact, decode_features,
     decode_model, decode_snapshot, decode_transition, encode_fact, encode_features, encode_model,
-    encode_snapshot, log_entries,
+    encode_snapshot, encode_transition, log_entries,
 };
 use crate::evaluate::LifecycleSnapshot;
+use crate::history::RecordedTransition;
 use crate::model::Model;
 
 /// The merged_into column as read.
@@ -363,24 +363,19 @@ async fn write_transitions(
 ) -> Result<(), StoreError> {
     for transition in &changes.retracted {
         sqlx::query("DELETE FROM transitions WHERE id = ?1")
-            .bind(&transition.id)
+            .bind(transition.id.to_string())
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
     }
     for transition in &changes.transitions {
-        let time = transition
-            .transition_time
-            .as_ref()
-            .and_then(crate::timestamp_from_proto)
-            .unwrap_or_default();
         sqlx::query(
             "INSERT INTO transitions (id, customer_id, transition_time, body) VALUES (?1, ?2, ?3, ?4)",
         )
-        .bind(&transition.id)
-        .bind(&transition.customer_id)
-        .bind(micros(time))
-        .bind(transition.encode_to_vec())
+        .bind(transition.id.to_string())
+        .bind(transition.customer_id.to_string())
+        .bind(micros(transition.at))
+        .bind(encode_transition(transition))
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_db)?;
@@ -902,7 +897,7 @@ impl ScoringStore for SqliteScoringStore {
     async fn last_transition(
         &self,
         customer_id: Uuid,
-    ) -> Result<Option<proto::Transition>, StoreError> {
+    ) -> Result<Option<RecordedTransition>, StoreError> {
         let body: Option<Vec<u8>> = sqlx::query_scalar(
             "SELECT body FROM transitions WHERE customer_id = ?1 \
              ORDER BY transition_time DESC, id DESC LIMIT 1",
@@ -917,7 +912,7 @@ impl ScoringStore for SqliteScoringStore {
     async fn list_transitions(
         &self,
         query: &TransitionQuery,
-    ) -> Result<Vec<proto::Transition>, StoreError> {
+    ) -> Result<Vec<RecordedTransition>, StoreError> {
         // Only the conditions given, so the planner sees an index range.
         let mut sql = QueryBuilder::<Sqlite>::new("SELECT body FROM transitions WHERE 1");
         if let Some(customer) = query.customer_id {
@@ -951,7 +946,7 @@ impl ScoringStore for SqliteScoringStore {
     async fn customer_transitions(
         &self,
         ids: &[Uuid],
-    ) -> Result<HashMap<Uuid, Vec<proto::Transition>>, StoreError> {
+    ) -> Result<HashMap<Uuid, Vec<RecordedTransition>>, StoreError> {
         let rows = self
             .rows_of(
                 "SELECT customer_id, body FROM transitions WHERE customer_id IN ({ids}) \
