@@ -19,7 +19,7 @@ use prost::Message as _;
 use rand::Rng as _;
 use uuid::Uuid;
 
-use crate::convert::{customer_to_proto, lifecycle_to_proto};
+use crate::convert::lifecycle_to_proto;
 use crate::error::IdentityError;
 use crate::keys::{IdentityKey, KeyHasher, KeyKind};
 use crate::model::{
@@ -35,6 +35,24 @@ const MAX_MERGE_HOPS: usize = 16;
 /// once: enough to overlap database round trips, few enough to leave
 /// connections for other calls.
 const REFERENCE_CONCURRENCY: usize = 16;
+
+/// The cache's namespace: customer records, as [`cache_entry`] encodes them.
+/// The suffix changes with the encoding, so that replicas of two versions
+/// never read each other's entries.
+pub const CACHE_NAMESPACE: &str = "clm:identity:customer:v2";
+
+/// A customer as the hot-profile cache keeps it: the whole record, as JSON.
+fn cache_entry(customer: &Customer) -> Versioned {
+    Versioned {
+        version: customer.version,
+        bytes: serde_json::to_vec(customer).expect("a customer serializes"),
+    }
+}
+
+fn from_cache(bytes: &[u8]) -> Result<Customer, IdentityError> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| IdentityError::Internal(format!("undecodable cached customer: {err}")))
+}
 
 mod changes;
 mod lifecycle;
@@ -84,11 +102,9 @@ impl CustomerDirectory {
 
     async fn cache_committed(&self, customers: &[&Customer]) {
         for customer in customers {
-            let value = Versioned {
-                version: customer.version,
-                bytes: customer_to_proto(customer).encode_to_vec(),
-            };
-            self.cache.store(&customer.id.to_string(), &value).await;
+            self.cache
+                .store(&customer.id.to_string(), &cache_entry(customer))
+                .await;
         }
     }
 
@@ -144,21 +160,26 @@ impl CustomerDirectory {
 
     /// A customer as served by GetCustomer: from the cache when hot. A merged
     /// customer points at its final survivor.
-    pub async fn get(&self, id: Uuid) -> Result<pb::Customer, IdentityError> {
+    pub async fn get(&self, id: Uuid) -> Result<Customer, IdentityError> {
         let mut customer = self
             .get_cached(id)
             .await?
             .ok_or(IdentityError::NotFound(id))?;
-        if customer.merged_into_id.is_empty() {
+        let CustomerState::Merged { into } = customer.state else {
             return Ok(customer);
-        }
-        let (survivor_id, survivor) = self.final_survivor(id, customer.clone()).await?;
-        // The chain ends at a customer that was never merged, or, when a pointer
-        // leads nowhere or the chain is too long, at the last pointer read.
-        customer.merged_into_id = if survivor.merged_into_id.is_empty() {
-            survivor_id.to_string()
-        } else {
-            survivor.merged_into_id
+        };
+        let Some(next) = self.get_cached(into).await? else {
+            return Ok(customer);
+        };
+        let (survivor_id, survivor) = self.final_survivor(into, next).await?;
+        // The chain ends at a customer that was never merged, or, when a
+        // pointer leads nowhere or the chain is too long, at the last
+        // pointer read.
+        customer.state = CustomerState::Merged {
+            into: match survivor.state {
+                CustomerState::Merged { into } => into,
+                _ => survivor_id,
+            },
         };
         Ok(customer)
     }
@@ -171,40 +192,31 @@ impl CustomerDirectory {
     async fn final_survivor(
         &self,
         id: Uuid,
-        customer: pb::Customer,
-    ) -> Result<(Uuid, pb::Customer), IdentityError> {
+        customer: Customer,
+    ) -> Result<(Uuid, Customer), IdentityError> {
         let mut current = (id, customer);
         for _ in 0..MAX_MERGE_HOPS {
-            let Ok(next_id) = Uuid::try_parse(&current.1.merged_into_id) else {
+            let CustomerState::Merged { into } = current.1.state else {
                 break;
             };
-            match self.get_cached(next_id).await? {
-                Some(next) => current = (next_id, next),
+            match self.get_cached(into).await? {
+                Some(next) => current = (into, next),
                 None => break,
             }
         }
         Ok(current)
     }
 
-    async fn get_cached(&self, id: Uuid) -> Result<Option<pb::Customer>, IdentityError> {
+    async fn get_cached(&self, id: Uuid) -> Result<Option<Customer>, IdentityError> {
         let store = &self.store;
         let cached = self
             .cache
             .get_or_load(&id.to_string(), || async move {
                 let customer = store.get(id).await?;
-                Ok::<_, StoreError>(customer.map(|c| Versioned {
-                    version: c.version,
-                    bytes: customer_to_proto(&c).encode_to_vec(),
-                }))
+                Ok::<_, StoreError>(customer.as_ref().map(cache_entry))
             })
             .await?;
-        cached
-            .map(|value| {
-                pb::Customer::decode(value.bytes.as_slice()).map_err(|err| {
-                    IdentityError::Internal(format!("undecodable cached customer: {err}"))
-                })
-            })
-            .transpose()
+        cached.map(|value| from_cache(&value.bytes)).transpose()
     }
 
     /// Creates a customer (CreateCustomer).
@@ -428,5 +440,64 @@ impl CustomerDirectory {
                     })
                     .collect()
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Lifecycle;
+
+    #[test]
+    fn a_cache_entry_reads_back_as_the_whole_record() {
+        let now = Utc::now();
+        let mut customer = Customer::new(now);
+        customer.profile.given_name = "Ada".to_owned();
+        customer
+            .profile
+            .attributes
+            .insert("tier".to_owned(), "gold".to_owned());
+        customer.profile.consents.push(Consent {
+            purpose: "email_marketing".to_owned(),
+            status: ConsentStatus::Granted,
+            source: "signup".to_owned(),
+            recorded_at: now,
+        });
+        // Keys of several kinds, interleaved: their order is kept.
+        customer.keys = vec![
+            IdentityKey {
+                kind: KeyKind::Anonymous,
+                value: "cookie-1".to_owned(),
+            },
+            IdentityKey {
+                kind: KeyKind::Email,
+                value: "ada@example.com".to_owned(),
+            },
+            IdentityKey::external("crm", "42"),
+        ];
+        customer.lifecycle = Some(Lifecycle {
+            stage: 2,
+            acquisition_status: 0,
+            health: 1,
+            engagement_score: 12.5,
+            lead_score: 0.0,
+            health_score: 99.0,
+            model_version: "builtin-1".to_owned(),
+            stage_entered_at: Some(now),
+            health_entered_at: None,
+            evaluated_at: now,
+        });
+        customer.erased_at = Some(now);
+        customer.state = CustomerState::Merged {
+            into: Uuid::now_v7(),
+        };
+        customer.version = 7;
+        let entry = cache_entry(&customer);
+        assert_eq!(entry.version, 7);
+        assert_eq!(from_cache(&entry.bytes).unwrap(), customer);
+        assert!(matches!(
+            from_cache(b"\x0a\x03abc"),
+            Err(IdentityError::Internal(_))
+        ));
     }
 }

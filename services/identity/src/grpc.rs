@@ -172,7 +172,7 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
             .map_err(|v| IdentityError::InvalidArgument(vec![v]))?;
         let customer = self.directory.get(id).await?;
         Ok(Response::new(pb::GetCustomerResponse {
-            customer: Some(customer),
+            customer: Some(customer_to_proto(&customer)),
         }))
     }
 

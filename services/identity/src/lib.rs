@@ -128,7 +128,7 @@ impl Configured for IdentityConfig {
         let backend = backend_from_config(platform)?;
         let cache = Arc::new(VersionedCache::new(
             backend,
-            "clm:identity:customer:v1",
+            directory::CACHE_NAMESPACE,
             platform.cache_ttl,
         ));
         tracing::info!(cache = cache.backend_name(), "identity service ready");

@@ -17,9 +17,8 @@ use clm_identity::directory::{
 use clm_identity::error::IdentityError;
 use clm_identity::keys::{IdentityKey, KeyKind};
 use clm_identity::model::{Consent, ConsentStatus, Lifecycle, Profile};
-use clm_identity::model::{Customer, MergeRecord};
+use clm_identity::model::{Customer, CustomerState, MergeRecord};
 use clm_identity::store::{ChangeSet, CustomerStore, ListQuery, StoreError};
-use clm_proto::identity as pb;
 use support::Backend;
 use uuid::Uuid;
 
@@ -115,8 +114,12 @@ async fn an_anonymous_profile_is_merged_into_the_identified_one(backend: Backend
     assert_eq!(signed_up.merged_ids, vec![visitor.customer.id]);
     assert!(signed_up.customer.keys.contains(&cookie("cookie-1").key));
     let pointer = directory.get(visitor.customer.id).await.unwrap();
-    assert_eq!(pointer.state(), pb::CustomerState::Merged);
-    assert_eq!(pointer.merged_into_id, known.customer.id.to_string());
+    assert_eq!(
+        pointer.state,
+        CustomerState::Merged {
+            into: known.customer.id
+        }
+    );
 }
 
 async fn two_identified_customers_merge_only_when_allowed(backend: Backend) {
@@ -186,8 +189,8 @@ async fn merge_then_get_points_at_the_survivor(backend: Backend) {
         .unwrap();
     // Warm the cache with the merged customer's pre-merge state.
     assert_eq!(
-        directory.get(merged.id).await.unwrap().state(),
-        pb::CustomerState::Active
+        directory.get(merged.id).await.unwrap().state,
+        CustomerState::Active
     );
 
     let (after, record) = directory
@@ -207,10 +210,9 @@ async fn merge_then_get_points_at_the_survivor(backend: Backend) {
     assert_eq!(after.keys.len(), 3);
 
     let pointer = directory.get(merged.id).await.unwrap();
-    assert_eq!(pointer.state(), pb::CustomerState::Merged);
-    assert_eq!(pointer.merged_into_id, survivor.id.to_string());
+    assert_eq!(pointer.state, CustomerState::Merged { into: survivor.id });
     assert!(
-        pointer.emails.is_empty(),
+        pointer.keys.is_empty(),
         "the merged record keeps no personal data"
     );
 
@@ -236,8 +238,8 @@ async fn merge_then_get_points_at_the_survivor(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        directory.get(merged.id).await.unwrap().merged_into_id,
-        third.id.to_string()
+        directory.get(merged.id).await.unwrap().state,
+        CustomerState::Merged { into: third.id }
     );
 
     assert!(matches!(
@@ -271,11 +273,15 @@ async fn an_erased_email_is_suppressed_until_consent(backend: Backend) {
     assert_eq!(erased.suppressed_keys, 2);
     let tombstone = directory.get(ada.id).await.unwrap();
     assert_eq!(
-        tombstone.state(),
-        pb::CustomerState::Erased,
+        tombstone.state,
+        CustomerState::Erased,
         "the cache shows the erasure"
     );
-    assert!(tombstone.emails.is_empty() && tombstone.anonymous_ids.is_empty());
+    assert!(tombstone.keys.is_empty());
+    assert!(
+        tombstone.erased_at.is_some(),
+        "the cache keeps the erasure time"
+    );
 
     let err = directory
         .resolve(resolve(vec![email("erase-me@example.com")]))
@@ -336,7 +342,10 @@ async fn a_stale_version_is_aborted(backend: Backend) {
     assert!(
         matches!(err, IdentityError::VersionConflict { expected, current, .. } if expected == ada.version && current == first.version)
     );
-    assert_eq!(directory.get(ada.id).await.unwrap().given_name, "One");
+    assert_eq!(
+        directory.get(ada.id).await.unwrap().profile.given_name,
+        "One"
+    );
 }
 
 async fn a_read_after_a_write_is_never_stale(backend: Backend) {
@@ -363,7 +372,10 @@ async fn a_read_after_a_write_is_never_stale(backend: Backend) {
             )
             .await
             .unwrap();
-        assert_eq!(directory.get(ada.id).await.unwrap().given_name, name);
+        assert_eq!(
+            directory.get(ada.id).await.unwrap().profile.given_name,
+            name
+        );
     }
     assert!(directory.cache().counts().hits >= 20);
 }
@@ -406,7 +418,7 @@ async fn a_read_after_a_write_through_redis_is_never_stale(backend: Backend) {
                 .await
                 .unwrap();
             assert_eq!(
-                directory.get(ada.id).await.unwrap().given_name,
+                directory.get(ada.id).await.unwrap().profile.given_name,
                 name,
                 "client-side cache: {client_side}"
             );

@@ -91,31 +91,23 @@ impl CustomerDirectory {
             .await?
             .ok_or(IdentityError::NotFound(id))?;
         let (survivor_id, survivor) = self.final_survivor(id, customer).await?;
-        match survivor.state() {
-            pb::CustomerState::Active => Ok(ReferencedCustomer {
+        match survivor.state {
+            CustomerState::Active => Ok(ReferencedCustomer {
                 customer_id: survivor_id,
                 created: false,
             }),
-            pb::CustomerState::Erased => Err(IdentityError::NotActive {
+            CustomerState::Erased => Err(IdentityError::NotActive {
                 customer_id: survivor_id,
                 state: "erased",
                 merged_into: None,
             }),
             // The chain of merges broke off (a pointer that leads nowhere or
             // too many hops): say where it ended.
-            pb::CustomerState::Merged => match Uuid::try_parse(&survivor.merged_into_id) {
-                Ok(into) => Err(IdentityError::NotActive {
-                    customer_id: survivor_id,
-                    state: "merged",
-                    merged_into: Some(into),
-                }),
-                Err(_) => Err(IdentityError::Internal(format!(
-                    "customer {survivor_id} is merged into an unreadable id"
-                ))),
-            },
-            pb::CustomerState::Unspecified => Err(IdentityError::Internal(format!(
-                "customer {survivor_id} has no state"
-            ))),
+            CustomerState::Merged { into } => Err(IdentityError::NotActive {
+                customer_id: survivor_id,
+                state: "merged",
+                merged_into: Some(into),
+            }),
         }
     }
 
