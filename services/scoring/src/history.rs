@@ -2,7 +2,7 @@
 //! acquisition status or health, with what caused it and the snapshot after
 //! it. These are the values the scorer derives, the store keeps and the gRPC
 //! layer serves; their protobuf form (`clm.scoring.v1.Transition`) is made
-//! and read in [`evaluation_proto`](crate::evaluation_proto) only.
+//! and read in the crate's `evaluation_proto` module only.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
