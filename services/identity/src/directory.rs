@@ -36,7 +36,7 @@ const MAX_MERGE_HOPS: usize = 16;
 /// connections for other calls.
 const REFERENCE_CONCURRENCY: usize = 16;
 
-/// The cache's namespace: customer records, as [`cache_entry`] encodes them.
+/// The cache's namespace: customer records, each the whole record as JSON.
 /// The suffix changes with the encoding, so that replicas of two versions
 /// never read each other's entries.
 pub const CACHE_NAMESPACE: &str = "clm:identity:customer:v2";
