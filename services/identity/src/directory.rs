@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use clm_eventlog::{Cursor, ShardFilter};
-use clm_platform::cache::{Versioned, VersionedCache};
+use clm_platform::cache::VersionedCache;
 use clm_platform::server::Shutdown;
 use clm_proto::identity as pb;
 use futures_util::{Stream, StreamExt as _};
@@ -25,34 +25,15 @@ use crate::keys::{IdentityKey, KeyHasher, KeyKind};
 use crate::model::{
     Consent, ConsentStatus, Customer, CustomerState, Lifecycle, MergeRecord, Profile,
 };
+use crate::profiles::HotProfiles;
 use crate::store::{ChangeSet, CustomerStore, ListQuery, LogEvent, StoreError};
 
 /// How often an operation re-reads and retries after losing a race.
 const MAX_ATTEMPTS: u32 = 8;
-/// How many merge pointers are followed to find the final survivor.
-const MAX_MERGE_HOPS: usize = 16;
 /// How many distinct references of one ResolveCustomers call are resolved at
 /// once: enough to overlap database round trips, few enough to leave
 /// connections for other calls.
 const REFERENCE_CONCURRENCY: usize = 16;
-
-/// The cache's namespace: customer records, each the whole record as JSON.
-/// The suffix changes with the encoding, so that replicas of two versions
-/// never read each other's entries.
-pub const CACHE_NAMESPACE: &str = "clm:identity:customer:v2";
-
-/// A customer as the hot-profile cache keeps it: the whole record, as JSON.
-fn cache_entry(customer: &Customer) -> Versioned {
-    Versioned {
-        version: customer.version,
-        bytes: serde_json::to_vec(customer).expect("a customer serializes"),
-    }
-}
-
-fn from_cache(bytes: &[u8]) -> Result<Customer, IdentityError> {
-    serde_json::from_slice(bytes)
-        .map_err(|err| IdentityError::Internal(format!("undecodable cached customer: {err}")))
-}
 
 mod changes;
 mod lifecycle;
@@ -65,7 +46,7 @@ pub use requests::*;
 /// Customer profiles, their identities and their cache.
 pub struct CustomerDirectory {
     store: Arc<dyn CustomerStore>,
-    cache: Arc<VersionedCache>,
+    profiles: HotProfiles,
     hasher: KeyHasher,
 }
 
@@ -84,8 +65,8 @@ impl CustomerDirectory {
         hasher: KeyHasher,
     ) -> Self {
         Self {
+            profiles: HotProfiles::new(cache, store.clone()),
             store,
-            cache,
             hasher,
         }
     }
@@ -95,17 +76,13 @@ impl CustomerDirectory {
         &self.store
     }
 
-    /// The cache (for its counters).
-    pub fn cache(&self) -> &VersionedCache {
-        &self.cache
+    /// The hot profiles: what GetCustomer serves, and the cache's counters.
+    pub fn profiles(&self) -> &HotProfiles {
+        &self.profiles
     }
 
     async fn cache_committed(&self, customers: &[&Customer]) {
-        for customer in customers {
-            self.cache
-                .store(&customer.id.to_string(), &cache_entry(customer))
-                .await;
-        }
+        self.profiles.write_through(customers).await;
     }
 
     async fn load(&self, id: Uuid) -> Result<Customer, IdentityError> {
@@ -156,67 +133,6 @@ impl CustomerDirectory {
             });
         }
         Ok(suppressed.into_iter().collect())
-    }
-
-    /// A customer as served by GetCustomer: from the cache when hot. A merged
-    /// customer points at its final survivor.
-    pub async fn get(&self, id: Uuid) -> Result<Customer, IdentityError> {
-        let mut customer = self
-            .get_cached(id)
-            .await?
-            .ok_or(IdentityError::NotFound(id))?;
-        let CustomerState::Merged { into } = customer.state else {
-            return Ok(customer);
-        };
-        let Some(next) = self.get_cached(into).await? else {
-            return Ok(customer);
-        };
-        let (survivor_id, survivor) = self.final_survivor(into, next).await?;
-        // The chain ends at a customer that was never merged, or, when a
-        // pointer leads nowhere or the chain is too long, at the last
-        // pointer read.
-        customer.state = CustomerState::Merged {
-            into: match survivor.state {
-                CustomerState::Merged { into } => into,
-                _ => survivor_id,
-            },
-        };
-        Ok(customer)
-    }
-
-    /// Follows the merge pointers from `customer` (whose id is `id`) through
-    /// the cache, at most [`MAX_MERGE_HOPS`] of them, and returns the last
-    /// customer reached with its id: the final survivor, or `customer` itself
-    /// when it was never merged. The chain stops early at a pointer that leads
-    /// nowhere; the customer returned then still carries that pointer.
-    async fn final_survivor(
-        &self,
-        id: Uuid,
-        customer: Customer,
-    ) -> Result<(Uuid, Customer), IdentityError> {
-        let mut current = (id, customer);
-        for _ in 0..MAX_MERGE_HOPS {
-            let CustomerState::Merged { into } = current.1.state else {
-                break;
-            };
-            match self.get_cached(into).await? {
-                Some(next) => current = (into, next),
-                None => break,
-            }
-        }
-        Ok(current)
-    }
-
-    async fn get_cached(&self, id: Uuid) -> Result<Option<Customer>, IdentityError> {
-        let store = &self.store;
-        let cached = self
-            .cache
-            .get_or_load(&id.to_string(), || async move {
-                let customer = store.get(id).await?;
-                Ok::<_, StoreError>(customer.as_ref().map(cache_entry))
-            })
-            .await?;
-        cached.map(|value| from_cache(&value.bytes)).transpose()
     }
 
     /// Creates a customer (CreateCustomer).
@@ -440,64 +356,5 @@ impl CustomerDirectory {
                     })
                     .collect()
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::Lifecycle;
-
-    #[test]
-    fn a_cache_entry_reads_back_as_the_whole_record() {
-        let now = Utc::now();
-        let mut customer = Customer::new(now);
-        customer.profile.given_name = "Ada".to_owned();
-        customer
-            .profile
-            .attributes
-            .insert("tier".to_owned(), "gold".to_owned());
-        customer.profile.consents.push(Consent {
-            purpose: "email_marketing".to_owned(),
-            status: ConsentStatus::Granted,
-            source: "signup".to_owned(),
-            recorded_at: now,
-        });
-        // Keys of several kinds, interleaved: their order is kept.
-        customer.keys = vec![
-            IdentityKey {
-                kind: KeyKind::Anonymous,
-                value: "cookie-1".to_owned(),
-            },
-            IdentityKey {
-                kind: KeyKind::Email,
-                value: "ada@example.com".to_owned(),
-            },
-            IdentityKey::external("crm", "42"),
-        ];
-        customer.lifecycle = Some(Lifecycle {
-            stage: 2,
-            acquisition_status: 0,
-            health: 1,
-            engagement_score: 12.5,
-            lead_score: 0.0,
-            health_score: 99.0,
-            model_version: "builtin-1".to_owned(),
-            stage_entered_at: Some(now),
-            health_entered_at: None,
-            evaluated_at: now,
-        });
-        customer.erased_at = Some(now);
-        customer.state = CustomerState::Merged {
-            into: Uuid::now_v7(),
-        };
-        customer.version = 7;
-        let entry = cache_entry(&customer);
-        assert_eq!(entry.version, 7);
-        assert_eq!(from_cache(&entry.bytes).unwrap(), customer);
-        assert!(matches!(
-            from_cache(b"\x0a\x03abc"),
-            Err(IdentityError::Internal(_))
-        ));
     }
 }

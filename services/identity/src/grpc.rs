@@ -170,9 +170,9 @@ impl pb::customer_service_server::CustomerService for CustomerGrpc {
         let request = request.into_inner();
         let id = validate::uuid("customer_id", &request.customer_id)
             .map_err(|v| IdentityError::InvalidArgument(vec![v]))?;
-        let customer = self.directory.get(id).await?;
+        let customer = self.directory.profiles().served(id).await?;
         Ok(Response::new(pb::GetCustomerResponse {
-            customer: Some(customer_to_proto(&customer)),
+            customer: Some(customer),
         }))
     }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod keys;
 pub mod model;
+pub mod profiles;
 pub mod store;
 
 use std::sync::Arc;
@@ -128,7 +129,7 @@ impl Configured for IdentityConfig {
         let backend = backend_from_config(platform)?;
         let cache = Arc::new(VersionedCache::new(
             backend,
-            directory::CACHE_NAMESPACE,
+            profiles::CACHE_NAMESPACE,
             platform.cache_ttl,
         ));
         tracing::info!(cache = cache.backend_name(), "identity service ready");

@@ -17,8 +17,9 @@ use clm_identity::directory::{
 use clm_identity::error::IdentityError;
 use clm_identity::keys::{IdentityKey, KeyKind};
 use clm_identity::model::{Consent, ConsentStatus, Lifecycle, Profile};
-use clm_identity::model::{Customer, CustomerState, MergeRecord};
+use clm_identity::model::{Customer, MergeRecord};
 use clm_identity::store::{ChangeSet, CustomerStore, ListQuery, StoreError};
+use clm_proto::identity as pb;
 use support::Backend;
 use uuid::Uuid;
 
@@ -113,13 +114,13 @@ async fn an_anonymous_profile_is_merged_into_the_identified_one(backend: Backend
     assert_eq!(signed_up.customer.id, known.customer.id);
     assert_eq!(signed_up.merged_ids, vec![visitor.customer.id]);
     assert!(signed_up.customer.keys.contains(&cookie("cookie-1").key));
-    let pointer = directory.get(visitor.customer.id).await.unwrap();
-    assert_eq!(
-        pointer.state,
-        CustomerState::Merged {
-            into: known.customer.id
-        }
-    );
+    let pointer = directory
+        .profiles()
+        .served(visitor.customer.id)
+        .await
+        .unwrap();
+    assert_eq!(pointer.state(), pb::CustomerState::Merged);
+    assert_eq!(pointer.merged_into_id, known.customer.id.to_string());
 }
 
 async fn two_identified_customers_merge_only_when_allowed(backend: Backend) {
@@ -189,8 +190,13 @@ async fn merge_then_get_points_at_the_survivor(backend: Backend) {
         .unwrap();
     // Warm the cache with the merged customer's pre-merge state.
     assert_eq!(
-        directory.get(merged.id).await.unwrap().state,
-        CustomerState::Active
+        directory
+            .profiles()
+            .served(merged.id)
+            .await
+            .unwrap()
+            .state(),
+        pb::CustomerState::Active
     );
 
     let (after, record) = directory
@@ -209,10 +215,11 @@ async fn merge_then_get_points_at_the_survivor(backend: Backend) {
     assert_eq!(after.profile.attributes["city"], "London");
     assert_eq!(after.keys.len(), 3);
 
-    let pointer = directory.get(merged.id).await.unwrap();
-    assert_eq!(pointer.state, CustomerState::Merged { into: survivor.id });
+    let pointer = directory.profiles().served(merged.id).await.unwrap();
+    assert_eq!(pointer.state(), pb::CustomerState::Merged);
+    assert_eq!(pointer.merged_into_id, survivor.id.to_string());
     assert!(
-        pointer.keys.is_empty(),
+        pointer.emails.is_empty(),
         "the merged record keeps no personal data"
     );
 
@@ -238,8 +245,13 @@ async fn merge_then_get_points_at_the_survivor(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        directory.get(merged.id).await.unwrap().state,
-        CustomerState::Merged { into: third.id }
+        directory
+            .profiles()
+            .served(merged.id)
+            .await
+            .unwrap()
+            .merged_into_id,
+        third.id.to_string()
     );
 
     assert!(matches!(
@@ -268,20 +280,16 @@ async fn an_erased_email_is_suppressed_until_consent(backend: Backend) {
         .await
         .unwrap()
         .customer;
-    directory.get(ada.id).await.unwrap();
+    directory.profiles().served(ada.id).await.unwrap();
     let erased = directory.erase(ada.id).await.unwrap();
     assert_eq!(erased.suppressed_keys, 2);
-    let tombstone = directory.get(ada.id).await.unwrap();
+    let tombstone = directory.profiles().served(ada.id).await.unwrap();
     assert_eq!(
-        tombstone.state,
-        CustomerState::Erased,
+        tombstone.state(),
+        pb::CustomerState::Erased,
         "the cache shows the erasure"
     );
-    assert!(tombstone.keys.is_empty());
-    assert!(
-        tombstone.erased_at.is_some(),
-        "the cache keeps the erasure time"
-    );
+    assert!(tombstone.emails.is_empty() && tombstone.anonymous_ids.is_empty());
 
     let err = directory
         .resolve(resolve(vec![email("erase-me@example.com")]))
@@ -343,7 +351,12 @@ async fn a_stale_version_is_aborted(backend: Backend) {
         matches!(err, IdentityError::VersionConflict { expected, current, .. } if expected == ada.version && current == first.version)
     );
     assert_eq!(
-        directory.get(ada.id).await.unwrap().profile.given_name,
+        directory
+            .profiles()
+            .served(ada.id)
+            .await
+            .unwrap()
+            .given_name,
         "One"
     );
 }
@@ -359,7 +372,7 @@ async fn a_read_after_a_write_is_never_stale(backend: Backend) {
         .unwrap();
     for round in 0..20 {
         // Warm: the cache holds the current version.
-        directory.get(ada.id).await.unwrap();
+        directory.profiles().served(ada.id).await.unwrap();
         let name = format!("name-{round}");
         directory
             .update(
@@ -373,11 +386,16 @@ async fn a_read_after_a_write_is_never_stale(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(
-            directory.get(ada.id).await.unwrap().profile.given_name,
+            directory
+                .profiles()
+                .served(ada.id)
+                .await
+                .unwrap()
+                .given_name,
             name
         );
     }
-    assert!(directory.cache().counts().hits >= 20);
+    assert!(directory.profiles().cache().counts().hits >= 20);
 }
 
 async fn a_read_after_a_write_through_redis_is_never_stale(backend: Backend) {
@@ -404,7 +422,7 @@ async fn a_read_after_a_write_through_redis_is_never_stale(backend: Backend) {
             .await
             .unwrap();
         for round in 0..10 {
-            directory.get(ada.id).await.unwrap();
+            directory.profiles().served(ada.id).await.unwrap();
             let name = format!("name-{round}");
             directory
                 .update(
@@ -418,12 +436,17 @@ async fn a_read_after_a_write_through_redis_is_never_stale(backend: Backend) {
                 .await
                 .unwrap();
             assert_eq!(
-                directory.get(ada.id).await.unwrap().profile.given_name,
+                directory
+                    .profiles()
+                    .served(ada.id)
+                    .await
+                    .unwrap()
+                    .given_name,
                 name,
                 "client-side cache: {client_side}"
             );
         }
-        let counts = directory.cache().counts();
+        let counts = directory.profiles().cache().counts();
         assert!(counts.hits >= 10 && counts.errors == 0, "{counts:?}");
     }
 }
@@ -508,7 +531,7 @@ async fn lifecycle_snapshots_never_go_back_in_time(backend: Backend) {
         .await
         .unwrap();
     assert!(!applied, "an older snapshot is ignored");
-    let shown = directory.get(ada.id).await.unwrap();
+    let shown = directory.profiles().served(ada.id).await.unwrap();
     assert_eq!(shown.lifecycle.unwrap().stage, 3);
     assert!(matches!(
         directory
@@ -554,7 +577,7 @@ async fn a_batch_of_references_resolves_each_once(backend: Backend) {
         .customer;
     // Warm the cache with the duplicate before the merge: the batch must
     // still see the merge.
-    directory.get(duplicate.id).await.unwrap();
+    directory.profiles().served(duplicate.id).await.unwrap();
     directory
         .merge(ada.id, duplicate.id, "same person", "test")
         .await
@@ -765,7 +788,7 @@ async fn a_database_outage_fails_the_whole_batch(backend: Backend) {
         .unwrap()
         .customer;
     // Hot in the cache: this reference alone would still resolve.
-    directory.get(ada.id).await.unwrap();
+    directory.profiles().served(ada.id).await.unwrap();
     store.down.store(true, Ordering::SeqCst);
     let err = directory
         .resolve_references(vec![

@@ -86,12 +86,8 @@ impl CustomerDirectory {
     /// The live customer an id names now, through the cache: the customer
     /// itself, or the final survivor of its merges.
     pub(super) async fn live_survivor(&self, id: Uuid) -> ReferenceOutcome {
-        let customer = self
-            .get_cached(id)
-            .await?
-            .ok_or(IdentityError::NotFound(id))?;
-        let (survivor_id, survivor) = self.final_survivor(id, customer).await?;
-        match survivor.state {
+        let (survivor_id, state) = self.profiles.final_survivor(id).await?;
+        match state {
             CustomerState::Active => Ok(ReferencedCustomer {
                 customer_id: survivor_id,
                 created: false,
