@@ -4,6 +4,7 @@
 //! hold no business rules, and the embedded migrations.
 
 pub mod postgres;
+mod seams;
 pub mod sqlite;
 
 use std::collections::HashMap;

@@ -112,3 +112,8 @@ pub(super) async fn load_inputs(
         })
     })
 }
+
+/// The transition log.
+pub(super) fn transition_log(store: &PostgresScoringStore) -> &clm_eventlog::EventLog {
+    &store.log
+}

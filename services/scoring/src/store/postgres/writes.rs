@@ -302,3 +302,18 @@ pub(super) async fn commit(
     }
     Ok(())
 }
+
+/// The cursor a consumer saved for a shard.
+pub(super) async fn saved_cursor(
+    store: &PostgresScoringStore,
+    consumer: &str,
+    shard: clm_eventlog::ShardFilter,
+) -> Result<String, StoreError> {
+    cursors::load(
+        &clm_platform::db::Pools::Postgres(store.pool.clone()),
+        consumer,
+        shard,
+    )
+    .await
+    .map_err(|err| StoreError::Unavailable(err.0))
+}

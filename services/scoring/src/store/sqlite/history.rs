@@ -115,3 +115,8 @@ pub(super) async fn load_inputs(
         })
     })
 }
+
+/// The transition log.
+pub(super) fn transition_log(store: &SqliteScoringStore) -> &clm_eventlog::EventLog {
+    &store.log
+}
