@@ -24,11 +24,12 @@ use crate::feature_map::{CelBindings, Feature, FeatureContext, FeatureValue};
 use crate::features::CustomerFeatures;
 use crate::lifecycle::LifecycleState;
 use crate::next_due::TimeAnalysis;
-use crate::rules::{CompiledCondition, RuleOutcome, rule_env};
+use crate::rules::{CompiledCondition, RuleOutcome};
 use crate::scores::{
     ScoreExplanation, Scores, engagement_score, explain_engagement, explain_health, explain_lead,
     health_score, lead_score,
 };
+use clm_cel::rule_env;
 
 /// How many times the rules run after a move before the engine gives up
 /// settling (a model whose rules keep moving a customer back and forth).

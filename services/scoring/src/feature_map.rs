@@ -25,9 +25,9 @@ use crate::activity::{ActivityHistory, SECONDS_PER_DAY};
 use crate::features::CustomerFeatures;
 use crate::lifecycle::LifecycleState;
 use crate::scores::Scores;
-use crate::type_check::CelType;
 use crate::vocabulary::{CHANNELS, KNOWN_TYPES};
 use crate::window_counts::{CountedBy, WindowCountMap};
+use clm_cel::CelType;
 
 /// The rolling windows of `count` and `channel_count`, with their length in
 /// days (`None`: all time).

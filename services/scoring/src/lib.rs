@@ -55,7 +55,6 @@ pub mod scores;
 pub mod service;
 pub mod store;
 mod stored_time;
-pub mod type_check;
 mod validation;
 pub mod vocabulary;
 mod window_counts;

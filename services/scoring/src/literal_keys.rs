@@ -182,7 +182,7 @@ mod tests {
     use super::*;
 
     fn unknown(source: &str) -> Vec<String> {
-        let program = crate::rules::rule_env().compile(source).unwrap();
+        let program = clm_cel::rule_env().compile(source).unwrap();
         unknown_literal_keys(program.expression())
             .into_iter()
             .map(|key| key.message)

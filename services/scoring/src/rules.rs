@@ -4,16 +4,14 @@
 //! Conditions run on the `cel` crate's interpreter with its standard library
 //! and no optional features (no regular expressions, timestamps or
 //! durations: the feature map has none). Because that interpreter does not
-//! type-check, every condition also goes through
-//! [`type_check`](crate::type_check) when it is compiled.
+//! type-check, every condition is compiled through [`clm_cel`], which
+//! checks it against the feature map's types.
 
-use std::sync::{Arc, OnceLock};
-
-use cel::{Context, Env, Program, Value};
+use cel::{Context, Program, Value};
+use clm_cel::{ConditionErrorKind, compile_checked, position_of};
 
 use crate::feature_map::{Feature, FeatureSet};
 use crate::literal_keys::unknown_literal_keys;
-use crate::type_check::{TypeErrorKind, check_condition};
 use crate::validation::ViolationReason;
 
 /// The longest condition accepted, in characters.
@@ -55,26 +53,12 @@ pub struct CompiledCondition {
     references: FeatureSet,
 }
 
-/// The CEL environment of every rule: the standard library, without the
-/// optional-value syntax.
-pub(crate) fn rule_env() -> Arc<Env> {
-    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
-    ENV.get_or_init(|| Arc::new(Env::stdlib().with_optional_support(false)))
-        .clone()
-}
-
 /// Compiles and checks one condition; on failure, the reason and a
 /// description with the position in the expression.
 pub fn compile_condition(
     source: &str,
     kind: RuleKind,
 ) -> Result<CompiledCondition, (ViolationReason, String)> {
-    let program = rule_env().compile(source).map_err(|errors| {
-        (
-            ViolationReason::SyntaxError,
-            format!("does not parse: {}", parse_error_message(source, &errors)),
-        )
-    })?;
     let resolve_feature = |name: &str| match Feature::from_name(name) {
         Some(Feature::LeadScore) if kind == RuleKind::Fit => {
             Err("'lead_score' is not available to fit rules, which compute it".to_owned())
@@ -82,19 +66,13 @@ pub fn compile_condition(
         Some(feature) => Ok(feature.cel_type()),
         None => Err(format!("unknown feature '{name}'")),
     };
-    check_condition(program.expression(), &resolve_feature).map_err(|error| {
+    let program = compile_checked(source, &resolve_feature).map_err(|error| {
         let reason = match error.kind {
-            TypeErrorKind::UnknownReference => ViolationReason::UnknownFeature,
-            TypeErrorKind::WrongType => ViolationReason::WrongType,
+            ConditionErrorKind::Syntax => ViolationReason::SyntaxError,
+            ConditionErrorKind::UnknownReference => ViolationReason::UnknownFeature,
+            ConditionErrorKind::WrongType => ViolationReason::WrongType,
         };
-        (
-            reason,
-            format!(
-                "{}{}",
-                position_of(&program, source, error.expr_id),
-                error.message
-            ),
-        )
+        (reason, error.description)
     })?;
     if let Some(key) = unknown_literal_keys(program.expression())
         .into_iter()
@@ -119,94 +97,6 @@ pub fn compile_condition(
         program,
         references,
     })
-}
-
-/// `<input>:line:column: ` of the expression `expr_id`, or nothing when the
-/// parser did not record where it was written.
-fn position_of(program: &Program, source: &str, expr_id: u64) -> String {
-    program
-        .source_info()
-        .offset_for(expr_id)
-        .map(|(start, _)| line_and_column(source, start as usize))
-        .map_or(String::new(), |(line, column)| {
-            format!("<input>:{line}:{column}: ")
-        })
-}
-
-/// The first parse error as a user reads it: `<input>:line:column: what`.
-/// The parser wraps some errors (a recursion limit, too many syntax errors)
-/// in its own error type, whose text is Rust debug output; those are
-/// unwrapped to the error inside.
-fn parse_error_message(source: &str, errors: &cel::ParseErrors) -> String {
-    let Some(first) = errors.errors.first() else {
-        return "the expression could not be parsed".to_owned();
-    };
-    let mut line_column = (first.pos.0 > 0).then_some((first.pos.0, first.pos.1));
-    let mut message = first.msg.clone();
-    if let Some(cause) = first.source.as_deref() {
-        let mut innermost: &(dyn std::error::Error + 'static) = cause;
-        while let Some(next) = innermost.source() {
-            innermost = next;
-        }
-        if let Some(inner) = innermost.downcast_ref::<cel::ParseError>() {
-            // Inner positions are character offsets of the offending tokens.
-            let (line, column) = line_and_column(source, inner.pos.0.max(0) as usize);
-            line_column = Some((line as isize, column as isize));
-            message = inner.msg.clone();
-        } else if std::ptr::addr_eq(innermost, cause) {
-            // No inner error: the parser gave up without saying where.
-            message = "the expression could not be parsed".to_owned();
-        } else {
-            message = innermost.to_string();
-        }
-    }
-    // The parser's error listener writes a wrapped error as its debug text,
-    // `OtherError(ParseError { …, msg: "Recursion limit of 96 exceeded", … })`:
-    // only the quoted message is for the user.
-    if message.contains("Error(") {
-        message = message
-            .split_once("msg: \"")
-            .and_then(|(_, rest)| rest.split_once('"'))
-            .map_or_else(
-                || "the expression could not be parsed".to_owned(),
-                |(inner, _)| match inner.strip_prefix("Recursion limit of ") {
-                    Some(rest) => format!(
-                        "the expression is nested too deeply (at most {} levels)",
-                        rest.trim_end_matches(" exceeded")
-                    ),
-                    None => inner.to_owned(),
-                },
-            );
-    }
-    let message = lowercase_first(message.strip_prefix("Syntax error: ").unwrap_or(&message));
-    match line_column {
-        Some((line, column)) => format!("<input>:{line}:{column}: {message}"),
-        None => message,
-    }
-}
-
-/// `text` with its first letter in lower case, as every clm message.
-fn lowercase_first(text: &str) -> String {
-    let mut characters = text.chars();
-    match characters.next() {
-        Some(first) => first.to_lowercase().chain(characters).collect(),
-        None => String::new(),
-    }
-}
-
-/// The 1-based line and column of a character offset.
-fn line_and_column(source: &str, offset: usize) -> (usize, usize) {
-    let mut line = 1;
-    let mut column = 1;
-    for character in source.chars().take(offset) {
-        if character == '\n' {
-            line += 1;
-            column = 1;
-        } else {
-            column += 1;
-        }
-    }
-    (line, column)
 }
 
 impl CompiledCondition {
@@ -325,6 +215,6 @@ mod tests {
     fn compiled_rules_are_shareable_between_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<CompiledCondition>();
-        assert_send_sync::<Env>();
+        assert_send_sync::<cel::Env>();
     }
 }

@@ -1,10 +1,12 @@
-//! A static type checker for rule conditions.
+//! A static type checker for conditions.
 //!
 //! The `cel` crate parses and interprets but does not type-check, so this
-//! module walks a parsed expression with the types of the feature map and
-//! reports, before a model is accepted, what would otherwise only fail (or
-//! silently yield false) at run time: an unknown feature or function, an
-//! operator applied to the wrong types, a condition that is not a bool.
+//! module walks a parsed expression with the types of the variables its
+//! caller declares (scoring's feature map, a survey trigger's event) and
+//! reports, before a model or survey is accepted, what would otherwise only
+//! fail (or silently yield false) at run time: an unknown variable or
+//! function, an operator applied to the wrong types, a condition that is not
+//! a bool.
 //!
 //! It supports what the interpreter runs without optional crate features: the
 //! operators, the macros (`has`, `all`, `exists`, `exists_one`, `map`,
