@@ -39,6 +39,9 @@ pub enum CelType {
     List(Box<CelType>),
     /// `map(K, V)`.
     Map(Box<CelType>, Box<CelType>),
+    /// A map with string keys, each of which is known with its own value
+    /// type, e.g. an event: reading a key it does not have is refused.
+    Record(Vec<(String, CelType)>),
     /// A type value such as `int`.
     Type,
     /// Not known statically.
@@ -49,6 +52,25 @@ impl CelType {
     /// `map(K, V)`.
     pub fn map(key: CelType, value: CelType) -> Self {
         Self::Map(Box::new(key), Box::new(value))
+    }
+
+    /// A record with these keys and value types.
+    pub fn record(fields: &[(&str, CelType)]) -> Self {
+        Self::Record(
+            fields
+                .iter()
+                .map(|(name, kind)| ((*name).to_owned(), kind.clone()))
+                .collect(),
+        )
+    }
+
+    /// A record as the map it is at run time, `map(string, dyn)`; other
+    /// types as they are.
+    fn widened(&self) -> CelType {
+        match self {
+            Self::Record(_) => Self::map(Self::String, Self::Dyn),
+            other => other.clone(),
+        }
     }
 
     fn is_numeric(&self) -> bool {
@@ -68,6 +90,7 @@ impl fmt::Display for CelType {
             Self::Null => f.write_str("null_type"),
             Self::List(element) => write!(f, "list({element})"),
             Self::Map(key, value) => write!(f, "map({key}, {value})"),
+            Self::Record(_) => f.write_str("map(string, dyn)"),
             Self::Type => f.write_str("type"),
             Self::Dyn => f.write_str("dyn"),
         }
@@ -149,8 +172,35 @@ fn unknown(expr: &IdedExpr, message: String) -> TypeError {
     }
 }
 
+/// The type of a record's field `name`, or an error at `expr` naming the
+/// fields there are.
+fn field_of(
+    expr: &IdedExpr,
+    fields: &[(String, CelType)],
+    name: &str,
+) -> Result<CelType, TypeError> {
+    match fields.iter().find(|(field, _)| field == name) {
+        Some((_, kind)) => Ok(kind.clone()),
+        None => Err(unknown(
+            expr,
+            format!(
+                "no key '{name}' here: the keys are {}",
+                fields
+                    .iter()
+                    .map(|(field, _)| format!("'{field}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 /// The common type of two expressions that may yield either.
 fn join(a: &CelType, b: &CelType) -> CelType {
+    if a == b {
+        return a.clone();
+    }
+    let (a, b) = (&a.widened(), &b.widened());
     match (a, b) {
         _ if a == b => a.clone(),
         (CelType::List(x), CelType::List(y)) => CelType::List(Box::new(join(x, y))),
@@ -161,6 +211,7 @@ fn join(a: &CelType, b: &CelType) -> CelType {
 
 /// Whether `==` between the two can ever be true.
 fn comparable(a: &CelType, b: &CelType) -> bool {
+    let (a, b) = (&a.widened(), &b.widened());
     match (a, b) {
         (CelType::Dyn, _) | (_, CelType::Dyn) | (CelType::Null, _) | (_, CelType::Null) => true,
         _ if a.is_numeric() && b.is_numeric() => true,
@@ -203,6 +254,7 @@ impl Checker<'_> {
             Expr::Select(select) => {
                 let operand = self.check(&select.operand)?;
                 let value = match &operand {
+                    CelType::Record(fields) => field_of(expr, fields, &select.field)?,
                     CelType::Map(key, value) if matches!(**key, CelType::String | CelType::Dyn) => {
                         (**value).clone()
                     }
@@ -268,6 +320,7 @@ impl Checker<'_> {
                         }
                     }
                     CelType::Map(key, value) => ((**key).clone(), (**value).clone()),
+                    CelType::Record(_) => (CelType::String, CelType::Dyn),
                     CelType::Dyn => (CelType::Dyn, CelType::Dyn),
                     other => {
                         return Err(wrong_type(
@@ -311,6 +364,16 @@ impl Checker<'_> {
                 for arg in &call.args {
                     args.push(self.check(arg)?);
                 }
+                // A record read with a literal key is read like a field.
+                if call.func_name == operators::INDEX
+                    && let (Some(CelType::Record(fields)), Some(key)) =
+                        (args.first(), call.args.get(1))
+                    && let Expr::Literal(LiteralValue::String(name)) = &key.expr
+                {
+                    return field_of(key, fields, name);
+                }
+                let args: Vec<CelType> = args.iter().map(CelType::widened).collect();
+                let target = target.map(|target| target.widened());
                 self.call(expr, &call.func_name, target, &args)
             }
         }
@@ -526,8 +589,38 @@ mod tests {
             "lead_score" => Ok(CelType::Double),
             "industry" => Ok(CelType::String),
             "identified" => Ok(CelType::Bool),
+            "event" => Ok(CelType::record(&[
+                ("to_stage", CelType::String),
+                ("revenue", CelType::Double),
+            ])),
             _ => Err(format!("unknown feature '{name}'")),
         }
+    }
+
+    #[test]
+    fn records_know_their_keys_and_the_type_of_each() {
+        for source in [
+            "event.to_stage == 'CONVERSION' && event.revenue > 10.0",
+            "event['to_stage'].startsWith('CONV')",
+            "'to_stage' in event && size(event) == 2",
+            "event.exists(k, k == 'revenue')",
+            "has(event.revenue)",
+            "event == {'to_stage': 'REACH', 'revenue': 0.0}",
+        ] {
+            assert_eq!(check(source), Ok(()), "{source}");
+        }
+        let (kind, message) = check("event.to_stge == 'CONVERSION'").unwrap_err();
+        assert_eq!(kind, TypeErrorKind::UnknownReference);
+        assert_eq!(
+            message,
+            "no key 'to_stge' here: the keys are 'to_stage', 'revenue'"
+        );
+        let (kind, _) = check("event['revenu'] > 1.0").unwrap_err();
+        assert_eq!(kind, TypeErrorKind::UnknownReference);
+        let (kind, _) = check("event.to_stage > 1").unwrap_err();
+        assert_eq!(kind, TypeErrorKind::WrongType);
+        let (kind, _) = check("event.revenue").unwrap_err();
+        assert_eq!(kind, TypeErrorKind::WrongType);
     }
 
     fn check(source: &str) -> Result<(), (TypeErrorKind, String)> {
