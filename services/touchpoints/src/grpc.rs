@@ -20,9 +20,9 @@ use uuid::Uuid;
 
 use crate::ingest::{Candidate, IngestError, Outcome, TouchpointIngest, Violation};
 use crate::model::{LogEntry, Money, TimelineQuery, Touchpoint};
-use crate::resolver::Reference;
 use crate::store::StoreError;
 use crate::vocabulary;
+use clm_platform::identity::Reference;
 
 const MAX_EVENT_ID: usize = 128;
 const MAX_TEXT: usize = 256;

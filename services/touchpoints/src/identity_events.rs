@@ -13,8 +13,8 @@ use clm_eventlog::customer_events::{self, CustomerLogChange};
 use clm_proto::identity as identity_pb;
 
 use crate::model::{CustomerChange, Merge};
-use crate::resolver::IdentityResolver;
 use crate::store::TouchpointStore;
+use clm_platform::identity::IdentityResolver;
 
 /// The name this consumer saves its cursor under.
 pub const CONSUMER_NAME: &str = "identity.customer_events";

@@ -12,8 +12,8 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::model::{Stored, Touchpoint};
-use crate::resolver::{IdentityResolver, IdentityUnavailable, Reference, Resolution};
 use crate::store::{StoreError, TouchpointStore};
+use clm_platform::identity::{IdentityResolver, IdentityUnavailable, Reference, Resolution};
 
 /// One reason an item was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,6 @@ pub mod grpc;
 pub mod identity_events;
 pub mod ingest;
 pub mod model;
-pub mod resolver;
 pub mod store;
 pub mod vocabulary;
 
@@ -27,7 +26,7 @@ use clm_eventlog::sources::{CustomerEvents, GrpcLogSource};
 
 use crate::identity_events::TouchpointCustomerProjection;
 use crate::ingest::TouchpointIngest;
-use crate::resolver::IdentityResolver;
+use clm_platform::identity::IdentityResolver;
 
 /// The name of this service in `clm serve` and `clm migrate`.
 pub const SERVICE_NAME: &str = "touchpoints";

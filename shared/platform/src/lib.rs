@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod identity;
 pub mod paging;
 pub mod secret;
 pub mod server;

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use clm_platform::service::PeerChannel;
+use crate::service::PeerChannel;
 use clm_proto::common as common_pb;
 use clm_proto::identity as identity_pb;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
