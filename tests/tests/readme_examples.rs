@@ -142,6 +142,16 @@ async fn every_readme_grpcurl_example_answers_as_documented() {
         "LifecycleService/ListModels",
         "LifecycleService/StartRescore",
         "LifecycleService/GetRescore",
+        "SurveyService/CreateSurvey",
+        "SurveyService/GetSurvey",
+        "SurveyService/ListSurveys",
+        "SurveyService/UpdateSurvey",
+        "SurveyService/ArchiveSurvey",
+        "SurveyService/ListDispatches",
+        "SurveyService/RecordResponse",
+        "SurveyService/ListResponses",
+        "SurveyService/GetSurveySummary",
+        "SurveyService/StreamFeedbackLog",
     ] {
         assert!(
             examples

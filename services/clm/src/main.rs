@@ -30,6 +30,7 @@ const SERVICES: &[&dyn Service] = &[
     &clm_identity::Identity,
     &clm_touchpoints::Touchpoints,
     &clm_scoring::Scoring,
+    &clm_feedback::FeedbackSurveys,
 ];
 
 /// The names of [`SERVICES`] for the command line, each with what it does.

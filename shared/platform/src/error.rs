@@ -233,6 +233,19 @@ pub mod reasons {
     pub const ACTIVE_MODEL_CHANGED: &str = "ACTIVE_MODEL_CHANGED";
     /// NOT_FOUND: no rescore has this id.
     pub const RESCORE_NOT_FOUND: &str = "RESCORE_NOT_FOUND";
+    /// NOT_FOUND: no survey has this id.
+    pub const SURVEY_NOT_FOUND: &str = "SURVEY_NOT_FOUND";
+    /// FAILED_PRECONDITION: the survey is archived.
+    pub const SURVEY_ARCHIVED: &str = "SURVEY_ARCHIVED";
+    /// NOT_FOUND: no dispatch has this id.
+    pub const DISPATCH_NOT_FOUND: &str = "DISPATCH_NOT_FOUND";
+    /// FAILED_PRECONDITION: the dispatch was not released for delivery (it
+    /// is scheduled, suppressed or expired).
+    pub const DISPATCH_NOT_OPEN: &str = "DISPATCH_NOT_OPEN";
+    /// FAILED_PRECONDITION: the dispatch's response window has closed.
+    pub const RESPONSE_WINDOW_CLOSED: &str = "RESPONSE_WINDOW_CLOSED";
+    /// ALREADY_EXISTS: the dispatch was answered by another response.
+    pub const DISPATCH_ANSWERED: &str = "DISPATCH_ANSWERED";
 }
 
 /// How a service error is told to a caller: every error enum of a service

@@ -1,0 +1,637 @@
+//! The feedback store on PostgreSQL (schema `feedback`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use clm_eventlog::{EventLog, NewEntry};
+use clm_platform::db::DbErrorKind;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::types::Json;
+use sqlx::{Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{
+    Created, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError, Updated, hour_of,
+    window_parts,
+};
+use crate::model::{
+    Answer, Dispatch, DispatchQuery, DispatchState, Language, Question, Response, ResponseQuery,
+    Sentiment, Survey, SurveyDefinition, SurveyKind, SurveyQuery, SurveyState,
+};
+use crate::summary::{TALLY_COLUMNS, Tally};
+
+/// Surveys, dispatches and responses in PostgreSQL.
+pub struct PostgresFeedbackStore {
+    pool: PgPool,
+    log: EventLog,
+}
+
+impl PostgresFeedbackStore {
+    /// A store over an open pool whose `search_path` is the feedback schema.
+    pub fn new(pool: PgPool, log: EventLog) -> Self {
+        Self { pool, log }
+    }
+}
+
+const SURVEY_COLUMNS: &str =
+    "id, kind, state, version, questions_version, definition, created_at, updated_at, archived_at";
+
+fn survey_from_row(row: &PgRow) -> Result<Survey, StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("survey", err);
+    let kind: String = row.try_get("kind").map_err(decode)?;
+    let state: String = row.try_get("state").map_err(decode)?;
+    let Json(definition): Json<SurveyDefinition> = row.try_get("definition").map_err(decode)?;
+    Ok(Survey {
+        id: row.try_get("id").map_err(decode)?,
+        kind: SurveyKind::parse(&kind).ok_or_else(|| StoreError::corrupt("survey kind", &kind))?,
+        state: SurveyState::parse(&state)
+            .ok_or_else(|| StoreError::corrupt("survey state", &state))?,
+        definition,
+        version: row.try_get("version").map_err(decode)?,
+        questions_version: row.try_get("questions_version").map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(decode)?,
+        updated_at: row.try_get("updated_at").map_err(decode)?,
+        archived_at: row.try_get("archived_at").map_err(decode)?,
+    })
+}
+
+const DISPATCH_COLUMNS: &str = "id, survey_id, customer_id, trigger_name, source_entry_id, state, \
+     due_at, dispatched_at, expires_at, responded_at, created_at";
+
+fn dispatch_from_row(row: &PgRow) -> Result<Dispatch, StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("dispatch", err);
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(Dispatch {
+        id: row.try_get("id").map_err(decode)?,
+        survey_id: row.try_get("survey_id").map_err(decode)?,
+        customer_id: row.try_get("customer_id").map_err(decode)?,
+        trigger_name: row.try_get("trigger_name").map_err(decode)?,
+        source_entry_id: row.try_get("source_entry_id").map_err(decode)?,
+        state: DispatchState::parse(&state)
+            .ok_or_else(|| StoreError::corrupt("dispatch state", &state))?,
+        due_at: row.try_get("due_at").map_err(decode)?,
+        dispatched_at: row.try_get("dispatched_at").map_err(decode)?,
+        expires_at: row.try_get("expires_at").map_err(decode)?,
+        responded_at: row.try_get("responded_at").map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(decode)?,
+    })
+}
+
+const RESPONSE_COLUMNS: &str = "id, response_id, survey_id, survey_version, dispatch_id, customer_id, \
+     answers, submitted_at, sentiment_score, sentiment_scored, language, recorded_at";
+
+fn response_from_row(row: &PgRow) -> Result<Response, StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("response", err);
+    let Json(answers): Json<Vec<Answer>> = row.try_get("answers").map_err(decode)?;
+    let score: Option<f64> = row.try_get("sentiment_score").map_err(decode)?;
+    let scored: Option<bool> = row.try_get("sentiment_scored").map_err(decode)?;
+    let language: String = row.try_get("language").map_err(decode)?;
+    Ok(Response {
+        id: row.try_get("id").map_err(decode)?,
+        response_id: row.try_get("response_id").map_err(decode)?,
+        survey_id: row.try_get("survey_id").map_err(decode)?,
+        survey_version: row.try_get("survey_version").map_err(decode)?,
+        dispatch_id: row.try_get("dispatch_id").map_err(decode)?,
+        customer_id: row.try_get("customer_id").map_err(decode)?,
+        answers,
+        submitted_at: row.try_get("submitted_at").map_err(decode)?,
+        sentiment: sentiment_of(score, scored, &language),
+        recorded_at: row.try_get("recorded_at").map_err(decode)?,
+    })
+}
+
+/// A response's sentiment from its columns.
+pub(super) fn sentiment_of(
+    score: Option<f64>,
+    scored: Option<bool>,
+    language: &str,
+) -> Option<Sentiment> {
+    let language = Language::of_code(language);
+    match scored? {
+        true => Some(Sentiment::Scored {
+            score: score.unwrap_or(0.0),
+            language,
+        }),
+        false => Some(Sentiment::NotScored { language }),
+    }
+}
+
+/// `SUM(c) AS c` for every tally column.
+fn tally_sums() -> String {
+    TALLY_COLUMNS
+        .iter()
+        .map(|column| format!("COALESCE(SUM({column}), 0)::float8 AS {column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn tally_from_row(row: &PgRow) -> Result<Tally, StoreError> {
+    let mut columns = [0.0; 17];
+    for (slot, column) in columns.iter_mut().zip(TALLY_COLUMNS) {
+        *slot = row
+            .try_get::<f64, _>(column)
+            .map_err(|err| StoreError::corrupt("rollup", err))?;
+    }
+    Ok(Tally::from_columns(&columns))
+}
+
+/// Adds `tally` to the rollup row of (survey, hour, slot).
+async fn add_to_rollup(
+    tx: &mut sqlx::PgConnection,
+    survey_id: Uuid,
+    hour: DateTime<Utc>,
+    slot: i16,
+    tally: &Tally,
+) -> Result<(), sqlx::Error> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+        "INSERT INTO survey_rollups (survey_id, hour, slot, {}) VALUES (",
+        TALLY_COLUMNS.join(", ")
+    ));
+    let mut values = sql.separated(", ");
+    values.push_bind(survey_id).push_bind(hour).push_bind(slot);
+    for (column, value) in TALLY_COLUMNS.iter().zip(tally.to_columns()) {
+        if *column == "sentiment_sum" {
+            values.push_bind(value);
+        } else {
+            values.push_bind(value.round() as i64);
+        }
+    }
+    sql.push(") ON CONFLICT (survey_id, hour, slot) DO UPDATE SET ");
+    sql.push(
+        TALLY_COLUMNS
+            .iter()
+            .map(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    sql.build().execute(tx).await?;
+    Ok(())
+}
+
+async fn append(
+    log: &EventLog,
+    tx: &mut sqlx::PgConnection,
+    entries: &[LogEntry],
+) -> Result<(), sqlx::Error> {
+    let entries: Vec<NewEntry<'_>> = entries
+        .iter()
+        .map(|entry| NewEntry {
+            event_id: entry.event_id,
+            customer_id: Some(entry.customer_id),
+            kind: entry.kind,
+            payload: &entry.payload,
+            recorded_at: entry.recorded_at,
+        })
+        .collect();
+    log.append_many_postgres(tx, &entries).await
+}
+
+#[async_trait]
+impl FeedbackStore for PostgresFeedbackStore {
+    async fn create_survey(
+        &self,
+        survey: &Survey,
+        request_id: Option<&str>,
+    ) -> Result<Created, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let inserted = sqlx::query(
+            "INSERT INTO surveys (id, kind, state, version, questions_version, definition, request_id, \
+               created_at, updated_at, archived_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(survey.id)
+        .bind(survey.kind.as_str())
+        .bind(survey.state.as_str())
+        .bind(survey.version)
+        .bind(survey.questions_version)
+        .bind(Json(&survey.definition))
+        .bind(request_id)
+        .bind(survey.created_at)
+        .bind(survey.updated_at)
+        .bind(survey.archived_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if inserted.rows_affected() == 0 {
+            drop(tx);
+            let row = sqlx::query(&format!(
+                "SELECT {SURVEY_COLUMNS} FROM surveys WHERE request_id = $1"
+            ))
+            .bind(request_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::from_db)?;
+            return Ok(Created::Earlier(survey_from_row(&row)?));
+        }
+        sqlx::query(
+            "INSERT INTO survey_questions (survey_id, version, questions) VALUES ($1, $2, $3)",
+        )
+        .bind(survey.id)
+        .bind(survey.questions_version)
+        .bind(Json(&survey.definition.questions))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(Created::New(survey.clone()))
+    }
+
+    async fn survey(&self, id: Uuid) -> Result<Option<Survey>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {SURVEY_COLUMNS} FROM surveys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(survey_from_row)
+        .transpose()
+    }
+
+    async fn list_surveys(&self, query: &SurveyQuery) -> Result<Vec<Survey>, StoreError> {
+        let states: Vec<&str> = query.states.iter().map(|state| state.as_str()).collect();
+        sqlx::query(&format!(
+            "SELECT {SURVEY_COLUMNS} FROM surveys \
+             WHERE state = ANY($1) AND ($2::text IS NULL OR kind = $2) AND ($3::uuid IS NULL OR id > $3) \
+             ORDER BY id LIMIT $4"
+        ))
+        .bind(&states)
+        .bind(query.kind.map(SurveyKind::as_str))
+        .bind(query.after)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(survey_from_row)
+        .collect()
+    }
+
+    async fn update_survey(&self, survey: &Survey) -> Result<Updated, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let updated = sqlx::query(
+            "UPDATE surveys SET state = $2, version = $3, questions_version = $4, definition = $5, \
+               updated_at = $6, archived_at = $7 \
+             WHERE id = $1 AND version = $3 - 1",
+        )
+        .bind(survey.id)
+        .bind(survey.state.as_str())
+        .bind(survey.version)
+        .bind(survey.questions_version)
+        .bind(Json(&survey.definition))
+        .bind(survey.updated_at)
+        .bind(survey.archived_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if updated.rows_affected() == 0 {
+            drop(tx);
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM surveys WHERE id = $1")
+                    .bind(survey.id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(StoreError::from_db)?;
+            return Ok(current.map_or(Updated::NotFound, Updated::VersionChanged));
+        }
+        if survey.questions_version == survey.version {
+            sqlx::query(
+                "INSERT INTO survey_questions (survey_id, version, questions) VALUES ($1, $2, $3)",
+            )
+            .bind(survey.id)
+            .bind(survey.questions_version)
+            .bind(Json(&survey.definition.questions))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        }
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(Updated::Done(survey.clone()))
+    }
+
+    async fn questions(
+        &self,
+        survey_id: Uuid,
+        questions_version: i64,
+    ) -> Result<Option<Vec<Question>>, StoreError> {
+        let found: Option<Json<Vec<Question>>> = sqlx::query_scalar(
+            "SELECT questions FROM survey_questions WHERE survey_id = $1 AND version = $2",
+        )
+        .bind(survey_id)
+        .bind(questions_version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        Ok(found.map(|Json(questions)| questions))
+    }
+
+    async fn insert_dispatches(
+        &self,
+        dispatches: &[Dispatch],
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        if dispatches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        // 11 parameters a row: chunks stay far below PostgreSQL's 65,535.
+        let mut stored: Vec<Uuid> = Vec::with_capacity(dispatches.len());
+        for chunk in dispatches.chunks(1000) {
+            let mut sql: QueryBuilder<Postgres> =
+                QueryBuilder::new(format!("INSERT INTO dispatches ({DISPATCH_COLUMNS}) "));
+            sql.push_values(chunk, |mut row, dispatch| {
+                row.push_bind(dispatch.id)
+                    .push_bind(dispatch.survey_id)
+                    .push_bind(dispatch.customer_id)
+                    .push_bind(&dispatch.trigger_name)
+                    .push_bind(&dispatch.source_entry_id)
+                    .push_bind(dispatch.state.as_str())
+                    .push_bind(dispatch.due_at)
+                    .push_bind(dispatch.dispatched_at)
+                    .push_bind(dispatch.expires_at)
+                    .push_bind(dispatch.responded_at)
+                    .push_bind(dispatch.created_at);
+            });
+            sql.push(
+                " ON CONFLICT (survey_id, trigger_name, source_entry_id) DO NOTHING RETURNING id",
+            );
+            stored.extend(
+                sql.build_query_scalar::<Uuid>()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?,
+            );
+        }
+        let stored: std::collections::HashSet<Uuid> = stored.into_iter().collect();
+        let stored: Vec<Dispatch> = dispatches
+            .iter()
+            .filter(|dispatch| stored.contains(&dispatch.id))
+            .cloned()
+            .collect();
+        for dispatch in &stored {
+            if let Some(released) = dispatch.dispatched_at {
+                let tally = Tally {
+                    dispatched: 1,
+                    answered: i64::from(dispatch.responded_at.is_some()),
+                    ..Tally::default()
+                };
+                add_to_rollup(
+                    &mut tx,
+                    dispatch.survey_id,
+                    hour_of(released),
+                    super::rollup_slot(&dispatch.id.to_string()),
+                    &tally,
+                )
+                .await
+                .map_err(StoreError::from_db)?;
+            }
+        }
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(stored)
+    }
+
+    async fn dispatch(&self, id: Uuid) -> Result<Option<Dispatch>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(dispatch_from_row)
+        .transpose()
+    }
+
+    async fn list_dispatches(&self, query: &DispatchQuery) -> Result<Vec<Dispatch>, StoreError> {
+        let states: Vec<&str> = query.states.iter().map(|state| state.as_str()).collect();
+        let (after_due, after_id) = query.after.unzip();
+        sqlx::query(&format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches \
+             WHERE ($1::uuid IS NULL OR survey_id = $1) AND ($2::uuid IS NULL OR customer_id = $2) \
+               AND (cardinality($3::text[]) = 0 OR state = ANY($3)) \
+               AND ($4::timestamptz IS NULL OR due_at >= $4) AND ($5::timestamptz IS NULL OR due_at < $5) \
+               AND ($6::timestamptz IS NULL OR (due_at, id) > ($6, $7)) \
+             ORDER BY due_at, id LIMIT $8"
+        ))
+        .bind(query.survey_id)
+        .bind(query.customer_id)
+        .bind(&states)
+        .bind(query.start)
+        .bind(query.end)
+        .bind(after_due)
+        .bind(after_id)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(dispatch_from_row)
+        .collect()
+    }
+
+    async fn record_response(&self, new: &NewResponse) -> Result<Recorded, StoreError> {
+        let response = &new.response;
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "INSERT INTO responses ({RESPONSE_COLUMNS}, {}) VALUES (",
+            TALLY_COLUMNS.join(", ")
+        ));
+        let mut values = sql.separated(", ");
+        values
+            .push_bind(response.id)
+            .push_bind(&response.response_id)
+            .push_bind(response.survey_id)
+            .push_bind(response.survey_version)
+            .push_bind(response.dispatch_id)
+            .push_bind(response.customer_id)
+            .push_bind(Json(&response.answers))
+            .push_bind(response.submitted_at)
+            .push_bind(response.sentiment.map(|s| s.score()))
+            .push_bind(
+                response
+                    .sentiment
+                    .map(|s| matches!(s, Sentiment::Scored { .. })),
+            )
+            .push_bind(
+                response
+                    .sentiment
+                    .map(|s| s.language().code().to_owned())
+                    .unwrap_or_default(),
+            )
+            .push_bind(response.recorded_at);
+        for (column, value) in TALLY_COLUMNS.iter().zip(new.tally.to_columns()) {
+            if *column == "sentiment_sum" {
+                values.push_bind(value);
+            } else {
+                values.push_bind(value.round() as i64);
+            }
+        }
+        sql.push(") ON CONFLICT (response_id) DO NOTHING");
+        let inserted = sql.build().execute(&mut *tx).await;
+        let inserted = match inserted {
+            Ok(done) => done.rows_affected() == 1,
+            // The dispatch took another response meanwhile.
+            Err(err)
+                if matches!(
+                    clm_platform::db::classify(&err),
+                    DbErrorKind::UniqueViolation(_)
+                ) =>
+            {
+                return Ok(Recorded::DispatchClosed);
+            }
+            Err(err) => return Err(StoreError::from_db(err)),
+        };
+        if !inserted {
+            drop(tx);
+            return match self.response_by_response_id(&response.response_id).await? {
+                Some(earlier) => Ok(Recorded::Duplicate(earlier)),
+                None => Err(StoreError::Conflict(
+                    "a response with this response_id was being stored concurrently".into(),
+                )),
+            };
+        }
+        if let Some(dispatch_id) = response.dispatch_id {
+            // The release time is read from the row, so that the answered
+            // count lands in the hour its release was counted in.
+            let released: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+                "UPDATE dispatches SET state = 'RESPONDED', responded_at = $2 \
+                 WHERE id = $1 AND state = 'DISPATCHED' RETURNING dispatched_at",
+            )
+            .bind(dispatch_id)
+            .bind(response.recorded_at)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            let Some(released) = released else {
+                return Ok(Recorded::DispatchClosed);
+            };
+            if let Some(released) = released {
+                let answered = Tally {
+                    answered: 1,
+                    ..Tally::default()
+                };
+                add_to_rollup(
+                    &mut tx,
+                    response.survey_id,
+                    hour_of(released),
+                    super::rollup_slot(&response.response_id),
+                    &answered,
+                )
+                .await
+                .map_err(StoreError::from_db)?;
+            }
+        }
+        add_to_rollup(
+            &mut tx,
+            response.survey_id,
+            hour_of(response.submitted_at),
+            super::rollup_slot(&response.response_id),
+            &new.tally,
+        )
+        .await
+        .map_err(StoreError::from_db)?;
+        append(&self.log, &mut tx, &new.log)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        self.log.notify_appended();
+        Ok(Recorded::New(response.clone()))
+    }
+
+    async fn response_by_response_id(
+        &self,
+        response_id: &str,
+    ) -> Result<Option<Response>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = $1"
+        ))
+        .bind(response_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(response_from_row)
+        .transpose()
+    }
+
+    async fn list_responses(&self, query: &ResponseQuery) -> Result<Vec<Response>, StoreError> {
+        let (before_time, before_id) = query.before.unzip();
+        sqlx::query(&format!(
+            "SELECT {RESPONSE_COLUMNS} FROM responses \
+             WHERE ($1::uuid IS NULL OR survey_id = $1) AND ($2::uuid IS NULL OR customer_id = $2) \
+               AND ($3::timestamptz IS NULL OR submitted_at >= $3) \
+               AND ($4::timestamptz IS NULL OR submitted_at < $4) \
+               AND ($5::timestamptz IS NULL OR (submitted_at, id) < ($5, $6)) \
+             ORDER BY submitted_at DESC, id DESC LIMIT $7"
+        ))
+        .bind(query.survey_id)
+        .bind(query.customer_id)
+        .bind(query.start)
+        .bind(query.end)
+        .bind(before_time)
+        .bind(before_id)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(response_from_row)
+        .collect()
+    }
+
+    async fn tally(
+        &self,
+        survey_id: Uuid,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<Tally, StoreError> {
+        let parts = window_parts(start, end);
+        let sums = tally_sums();
+        let mut total = Tally::default();
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from_db)?;
+        if let Some((from, to)) = parts.hours {
+            let row = sqlx::query(&format!(
+                "SELECT {sums} FROM survey_rollups WHERE survey_id = $1 AND hour >= $2 AND hour < $3"
+            ))
+            .bind(survey_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+            total = total.plus(&tally_from_row(&row)?);
+        }
+        for (from, to) in parts.edges.into_iter().flatten() {
+            let row = sqlx::query(&format!(
+                "SELECT {sums} FROM responses WHERE survey_id = $1 AND submitted_at >= $2 AND submitted_at < $3"
+            ))
+            .bind(survey_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+            total = total.plus(&tally_from_row(&row)?);
+            let (dispatched, answered): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(responded_at) FROM dispatches \
+                 WHERE survey_id = $1 AND dispatched_at >= $2 AND dispatched_at < $3",
+            )
+            .bind(survey_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+            total = total.plus(&Tally {
+                dispatched,
+                answered,
+                ..Tally::default()
+            });
+        }
+        Ok(total)
+    }
+
+    fn log(&self) -> &EventLog {
+        &self.log
+    }
+}

@@ -1,0 +1,765 @@
+//! The feedback store on SQLite (the embedded default): the PostgreSQL
+//! store's statements, in SQLite's column conventions. Ids are UUID
+//! strings, times microseconds since the Unix epoch, JSON documents text
+//! and booleans 0 or 1. Writes run on the one writer connection (SQLite has
+//! a single writer, so write transactions run one after another), reads on
+//! the reader connections.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use clm_eventlog::{EventLog, NewEntry};
+use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
+use clm_platform::db::{DbErrorKind, SqlitePools};
+use serde::Serialize;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use uuid::Uuid;
+
+use super::postgres::sentiment_of;
+use super::{
+    Created, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError, Updated, hour_of,
+    window_parts,
+};
+use crate::model::{
+    Answer, Dispatch, DispatchQuery, DispatchState, Question, Response, ResponseQuery, Sentiment,
+    Survey, SurveyDefinition, SurveyKind, SurveyQuery, SurveyState,
+};
+use crate::summary::{TALLY_COLUMNS, Tally};
+
+/// Surveys, dispatches and responses in a SQLite file.
+pub struct SqliteFeedbackStore {
+    pools: SqlitePools,
+    log: EventLog,
+}
+
+impl SqliteFeedbackStore {
+    /// A store over open pools, with the feedback log in the same file.
+    pub fn new(pools: SqlitePools, log: EventLog) -> Self {
+        Self { pools, log }
+    }
+}
+
+/// Dispatches per `INSERT` statement: 11 parameters each, well below
+/// SQLite's limit of 32,766 parameters per statement.
+const DISPATCHES_PER_STATEMENT: usize = 1000;
+
+/// A document as the JSON text it is stored as.
+fn to_json(what: &str, value: &impl Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|err| StoreError::Internal(format!("a {what} does not encode: {err}")))
+}
+
+/// A UUID stored as text, or NULL.
+fn optional_uuid(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    row.try_get::<Option<String>, _>(column)?
+        .map(|raw| Uuid::try_parse(&raw).map_err(decode_err))
+        .transpose()
+}
+
+/// A time stored as microseconds since the Unix epoch, or NULL.
+fn optional_time(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    row.try_get::<Option<i64>, _>(column)?
+        .map(|micros| {
+            DateTime::from_timestamp_micros(micros)
+                .ok_or_else(|| sqlx::Error::Decode(format!("bad time in {column}").into()))
+        })
+        .transpose()
+}
+
+const SURVEY_COLUMNS: &str =
+    "id, kind, state, version, questions_version, definition, created_at, updated_at, archived_at";
+
+fn survey_from_row(row: &SqliteRow) -> Result<Survey, StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("survey", err);
+    let kind: String = row.try_get("kind").map_err(decode)?;
+    let state: String = row.try_get("state").map_err(decode)?;
+    let definition: String = row.try_get("definition").map_err(decode)?;
+    let definition: SurveyDefinition = serde_json::from_str(&definition)
+        .map_err(|err| StoreError::corrupt("survey definition", err))?;
+    Ok(Survey {
+        id: uuid_column(row, "id").map_err(decode)?,
+        kind: SurveyKind::parse(&kind).ok_or_else(|| StoreError::corrupt("survey kind", &kind))?,
+        state: SurveyState::parse(&state)
+            .ok_or_else(|| StoreError::corrupt("survey state", &state))?,
+        definition,
+        version: row.try_get("version").map_err(decode)?,
+        questions_version: row.try_get("questions_version").map_err(decode)?,
+        created_at: time_column(row, "created_at").map_err(decode)?,
+        updated_at: time_column(row, "updated_at").map_err(decode)?,
+        archived_at: optional_time(row, "archived_at").map_err(decode)?,
+    })
+}
+
+const DISPATCH_COLUMNS: &str = "id, survey_id, customer_id, trigger_name, source_entry_id, state, \
+     due_at, dispatched_at, expires_at, responded_at, created_at";
+
+fn dispatch_from_row(row: &SqliteRow) -> Result<Dispatch, StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("dispatch", err);
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(Dispatch {
+        id: uuid_column(row, "id").map_err(decode)?,
+        survey_id: uuid_column(row, "survey_id").map_err(decode)?,
+        customer_id: uuid_column(row, "customer_id").map_err(decode)?,
+        trigger_name: row.try_get("trigger_name").map_err(decode)?,
+        source_entry_id: row.try_get("source_entry_id").map_err(decode)?,
+        state: DispatchState::parse(&state)
+            .ok_or_else(|| StoreError::corrupt("dispatch state", &state))?,
+        due_at: time_column(row, "due_at").map_err(decode)?,
+        dispatched_at: optional_time(row, "dispatched_at").map_err(decode)?,
+        expires_at: optional_time(row, "expires_at").map_err(decode)?,
+        responded_at: optional_time(row, "responded_at").map_err(decode)?,
+        created_at: time_column(row, "created_at").map_err(decode)?,
+    })
+}
+
+const RESPONSE_COLUMNS: &str = "id, response_id, survey_id, survey_version, dispatch_id, customer_id, \
+     answers, submitted_at, sentiment_score, sentiment_scored, language, recorded_at";
+
+fn response_from_row(row: &SqliteRow) -> Result<Response, StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("response", err);
+    let answers: String = row.try_get("answers").map_err(decode)?;
+    let answers: Vec<Answer> = serde_json::from_str(&answers)
+        .map_err(|err| StoreError::corrupt("response's answers", err))?;
+    let score: Option<f64> = row.try_get("sentiment_score").map_err(decode)?;
+    let scored: Option<bool> = row.try_get("sentiment_scored").map_err(decode)?;
+    let language: String = row.try_get("language").map_err(decode)?;
+    Ok(Response {
+        id: uuid_column(row, "id").map_err(decode)?,
+        response_id: row.try_get("response_id").map_err(decode)?,
+        survey_id: uuid_column(row, "survey_id").map_err(decode)?,
+        survey_version: row.try_get("survey_version").map_err(decode)?,
+        dispatch_id: optional_uuid(row, "dispatch_id").map_err(decode)?,
+        customer_id: uuid_column(row, "customer_id").map_err(decode)?,
+        answers,
+        submitted_at: time_column(row, "submitted_at").map_err(decode)?,
+        sentiment: sentiment_of(score, scored, &language),
+        recorded_at: time_column(row, "recorded_at").map_err(decode)?,
+    })
+}
+
+/// `TOTAL(c) AS c` for every tally column: SQLite's sum that is 0.0 over
+/// no rows and always a real, as PostgreSQL's `COALESCE(SUM(c), 0)::float8`.
+fn tally_sums() -> String {
+    TALLY_COLUMNS
+        .iter()
+        .map(|column| format!("TOTAL({column}) AS {column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn tally_from_row(row: &SqliteRow) -> Result<Tally, StoreError> {
+    let mut columns = [0.0; 17];
+    for (slot, column) in columns.iter_mut().zip(TALLY_COLUMNS) {
+        *slot = row
+            .try_get::<f64, _>(column)
+            .map_err(|err| StoreError::corrupt("rollup", err))?;
+    }
+    Ok(Tally::from_columns(&columns))
+}
+
+/// Binds a tally's columns in [`TALLY_COLUMNS`] order: counts as integers,
+/// the sentiment sum as a real.
+fn push_tally(values: &mut sqlx::query_builder::Separated<'_, '_, Sqlite, &str>, tally: &Tally) {
+    for (column, value) in TALLY_COLUMNS.iter().zip(tally.to_columns()) {
+        if *column == "sentiment_sum" {
+            values.push_bind(value);
+        } else {
+            values.push_bind(value.round() as i64);
+        }
+    }
+}
+
+/// Adds `tally` to the rollup row of (survey, hour, slot).
+async fn add_to_rollup(
+    tx: &mut SqliteConnection,
+    survey_id: Uuid,
+    hour: DateTime<Utc>,
+    slot: i16,
+    tally: &Tally,
+) -> Result<(), sqlx::Error> {
+    let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+        "INSERT INTO survey_rollups (survey_id, hour, slot, {}) VALUES (",
+        TALLY_COLUMNS.join(", ")
+    ));
+    let mut values = sql.separated(", ");
+    values
+        .push_bind(survey_id.to_string())
+        .push_bind(hour.timestamp_micros())
+        .push_bind(i64::from(slot));
+    push_tally(&mut values, tally);
+    sql.push(") ON CONFLICT (survey_id, hour, slot) DO UPDATE SET ");
+    sql.push(
+        TALLY_COLUMNS
+            .iter()
+            .map(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    sql.build().execute(tx).await?;
+    Ok(())
+}
+
+/// Appends the entries to the feedback log, in order, inside `tx`.
+async fn append(
+    log: &EventLog,
+    tx: &mut SqliteConnection,
+    entries: &[LogEntry],
+) -> Result<(), sqlx::Error> {
+    for entry in entries {
+        log.append_sqlite(
+            tx,
+            &NewEntry {
+                event_id: entry.event_id,
+                customer_id: Some(entry.customer_id),
+                kind: entry.kind,
+                payload: &entry.payload,
+                recorded_at: entry.recorded_at,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl FeedbackStore for SqliteFeedbackStore {
+    async fn create_survey(
+        &self,
+        survey: &Survey,
+        request_id: Option<&str>,
+    ) -> Result<Created, StoreError> {
+        let definition = to_json("survey definition", &survey.definition)?;
+        let questions = to_json("question set", &survey.definition.questions)?;
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let inserted = sqlx::query(
+            "INSERT INTO surveys (id, kind, state, version, questions_version, definition, request_id, \
+               created_at, updated_at, archived_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(survey.id.to_string())
+        .bind(survey.kind.as_str())
+        .bind(survey.state.as_str())
+        .bind(survey.version)
+        .bind(survey.questions_version)
+        .bind(&definition)
+        .bind(request_id)
+        .bind(survey.created_at.timestamp_micros())
+        .bind(survey.updated_at.timestamp_micros())
+        .bind(survey.archived_at.map(|at| at.timestamp_micros()))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if inserted.rows_affected() == 0 {
+            // The survey of the earlier request, read in this transaction:
+            // the one writer committed it before this one began.
+            let row = sqlx::query(&format!(
+                "SELECT {SURVEY_COLUMNS} FROM surveys WHERE request_id = ?1"
+            ))
+            .bind(request_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            drop(tx);
+            return Ok(Created::Earlier(survey_from_row(&row)?));
+        }
+        sqlx::query(
+            "INSERT INTO survey_questions (survey_id, version, questions) VALUES (?1, ?2, ?3)",
+        )
+        .bind(survey.id.to_string())
+        .bind(survey.questions_version)
+        .bind(&questions)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(Created::New(survey.clone()))
+    }
+
+    async fn survey(&self, id: Uuid) -> Result<Option<Survey>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {SURVEY_COLUMNS} FROM surveys WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(survey_from_row)
+        .transpose()
+    }
+
+    async fn list_surveys(&self, query: &SurveyQuery) -> Result<Vec<Survey>, StoreError> {
+        // As PostgreSQL's `state = ANY('{}')`: no states, no surveys.
+        if query.states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {SURVEY_COLUMNS} FROM surveys WHERE state IN ("
+        ));
+        let mut list = sql.separated(", ");
+        for state in &query.states {
+            list.push_bind(state.as_str());
+        }
+        sql.push(")");
+        if let Some(kind) = query.kind {
+            sql.push(" AND kind = ").push_bind(kind.as_str());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND id > ").push_bind(after.to_string());
+        }
+        sql.push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(query.limit));
+        sql.build()
+            .fetch_all(&self.pools.reader)
+            .await
+            .map_err(StoreError::from_db)?
+            .iter()
+            .map(survey_from_row)
+            .collect()
+    }
+
+    async fn update_survey(&self, survey: &Survey) -> Result<Updated, StoreError> {
+        let definition = to_json("survey definition", &survey.definition)?;
+        let questions = if survey.questions_version == survey.version {
+            Some(to_json("question set", &survey.definition.questions)?)
+        } else {
+            None
+        };
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let updated = sqlx::query(
+            "UPDATE surveys SET state = ?2, version = ?3, questions_version = ?4, definition = ?5, \
+               updated_at = ?6, archived_at = ?7 \
+             WHERE id = ?1 AND version = ?3 - 1",
+        )
+        .bind(survey.id.to_string())
+        .bind(survey.state.as_str())
+        .bind(survey.version)
+        .bind(survey.questions_version)
+        .bind(&definition)
+        .bind(survey.updated_at.timestamp_micros())
+        .bind(survey.archived_at.map(|at| at.timestamp_micros()))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        if updated.rows_affected() == 0 {
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM surveys WHERE id = ?1")
+                    .bind(survey.id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?;
+            drop(tx);
+            return Ok(current.map_or(Updated::NotFound, Updated::VersionChanged));
+        }
+        if let Some(questions) = &questions {
+            sqlx::query(
+                "INSERT INTO survey_questions (survey_id, version, questions) VALUES (?1, ?2, ?3)",
+            )
+            .bind(survey.id.to_string())
+            .bind(survey.questions_version)
+            .bind(questions)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        }
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(Updated::Done(survey.clone()))
+    }
+
+    async fn questions(
+        &self,
+        survey_id: Uuid,
+        questions_version: i64,
+    ) -> Result<Option<Vec<Question>>, StoreError> {
+        let found: Option<String> = sqlx::query_scalar(
+            "SELECT questions FROM survey_questions WHERE survey_id = ?1 AND version = ?2",
+        )
+        .bind(survey_id.to_string())
+        .bind(questions_version)
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        found
+            .map(|json| {
+                serde_json::from_str(&json).map_err(|err| StoreError::corrupt("question set", err))
+            })
+            .transpose()
+    }
+
+    async fn insert_dispatches(
+        &self,
+        dispatches: &[Dispatch],
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        if dispatches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let mut stored_ids = HashSet::new();
+        for chunk in dispatches.chunks(DISPATCHES_PER_STATEMENT) {
+            let mut sql: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO dispatches ({DISPATCH_COLUMNS}) "));
+            sql.push_values(chunk, |mut row, dispatch| {
+                row.push_bind(dispatch.id.to_string())
+                    .push_bind(dispatch.survey_id.to_string())
+                    .push_bind(dispatch.customer_id.to_string())
+                    .push_bind(&dispatch.trigger_name)
+                    .push_bind(&dispatch.source_entry_id)
+                    .push_bind(dispatch.state.as_str())
+                    .push_bind(dispatch.due_at.timestamp_micros())
+                    .push_bind(dispatch.dispatched_at.map(|at| at.timestamp_micros()))
+                    .push_bind(dispatch.expires_at.map(|at| at.timestamp_micros()))
+                    .push_bind(dispatch.responded_at.map(|at| at.timestamp_micros()))
+                    .push_bind(dispatch.created_at.timestamp_micros());
+            });
+            sql.push(
+                " ON CONFLICT (survey_id, trigger_name, source_entry_id) DO NOTHING RETURNING id",
+            );
+            let ids: Vec<String> = sql
+                .build_query_scalar()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?;
+            for id in ids {
+                stored_ids.insert(
+                    Uuid::try_parse(&id).map_err(|err| StoreError::corrupt("dispatch id", err))?,
+                );
+            }
+        }
+        let stored: Vec<Dispatch> = dispatches
+            .iter()
+            .filter(|dispatch| stored_ids.contains(&dispatch.id))
+            .cloned()
+            .collect();
+        for dispatch in &stored {
+            if let Some(released) = dispatch.dispatched_at {
+                let tally = Tally {
+                    dispatched: 1,
+                    answered: i64::from(dispatch.responded_at.is_some()),
+                    ..Tally::default()
+                };
+                add_to_rollup(
+                    &mut tx,
+                    dispatch.survey_id,
+                    hour_of(released),
+                    super::rollup_slot(&dispatch.id.to_string()),
+                    &tally,
+                )
+                .await
+                .map_err(StoreError::from_db)?;
+            }
+        }
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(stored)
+    }
+
+    async fn dispatch(&self, id: Uuid) -> Result<Option<Dispatch>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(dispatch_from_row)
+        .transpose()
+    }
+
+    async fn list_dispatches(&self, query: &DispatchQuery) -> Result<Vec<Dispatch>, StoreError> {
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE 1 = 1"
+        ));
+        if let Some(survey_id) = query.survey_id {
+            sql.push(" AND survey_id = ")
+                .push_bind(survey_id.to_string());
+        }
+        if let Some(customer_id) = query.customer_id {
+            sql.push(" AND customer_id = ")
+                .push_bind(customer_id.to_string());
+        }
+        // No states: every state.
+        if !query.states.is_empty() {
+            sql.push(" AND state IN (");
+            let mut list = sql.separated(", ");
+            for state in &query.states {
+                list.push_bind(state.as_str());
+            }
+            sql.push(")");
+        }
+        if let Some(start) = query.start {
+            sql.push(" AND due_at >= ")
+                .push_bind(start.timestamp_micros());
+        }
+        if let Some(end) = query.end {
+            sql.push(" AND due_at < ").push_bind(end.timestamp_micros());
+        }
+        if let Some((due_at, id)) = query.after {
+            sql.push(" AND (due_at, id) > (")
+                .push_bind(due_at.timestamp_micros())
+                .push(", ")
+                .push_bind(id.to_string())
+                .push(")");
+        }
+        sql.push(" ORDER BY due_at, id LIMIT ")
+            .push_bind(i64::from(query.limit));
+        sql.build()
+            .fetch_all(&self.pools.reader)
+            .await
+            .map_err(StoreError::from_db)?
+            .iter()
+            .map(dispatch_from_row)
+            .collect()
+    }
+
+    async fn record_response(&self, new: &NewResponse) -> Result<Recorded, StoreError> {
+        let response = &new.response;
+        let answers = to_json("response's answers", &response.answers)?;
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "INSERT INTO responses ({RESPONSE_COLUMNS}, {}) VALUES (",
+            TALLY_COLUMNS.join(", ")
+        ));
+        let mut values = sql.separated(", ");
+        values
+            .push_bind(response.id.to_string())
+            .push_bind(&response.response_id)
+            .push_bind(response.survey_id.to_string())
+            .push_bind(response.survey_version)
+            .push_bind(response.dispatch_id.map(|id| id.to_string()))
+            .push_bind(response.customer_id.to_string())
+            .push_bind(answers)
+            .push_bind(response.submitted_at.timestamp_micros())
+            .push_bind(response.sentiment.map(|s| s.score()))
+            .push_bind(
+                response
+                    .sentiment
+                    .map(|s| matches!(s, Sentiment::Scored { .. })),
+            )
+            .push_bind(
+                response
+                    .sentiment
+                    .map(|s| s.language().code().to_owned())
+                    .unwrap_or_default(),
+            )
+            .push_bind(response.recorded_at.timestamp_micros());
+        push_tally(&mut values, &new.tally);
+        sql.push(") ON CONFLICT (response_id) DO NOTHING");
+        let inserted = match sql.build().execute(&mut *tx).await {
+            Ok(done) => done.rows_affected() == 1,
+            // The dispatch took another response meanwhile. (SQLite, like
+            // PostgreSQL, checks the conflict target first: a response id
+            // stored before is a duplicate, not this.)
+            Err(err)
+                if matches!(
+                    clm_platform::db::classify(&err),
+                    DbErrorKind::UniqueViolation(_)
+                ) =>
+            {
+                return Ok(Recorded::DispatchClosed);
+            }
+            Err(err) => return Err(StoreError::from_db(err)),
+        };
+        if !inserted {
+            let earlier = sqlx::query(&format!(
+                "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = ?1"
+            ))
+            .bind(&response.response_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            drop(tx);
+            return match earlier {
+                Some(row) => Ok(Recorded::Duplicate(response_from_row(&row)?)),
+                None => Err(StoreError::Conflict(
+                    "a response with this response_id was being stored concurrently".into(),
+                )),
+            };
+        }
+        if let Some(dispatch_id) = response.dispatch_id {
+            // The release time is read from the row, so that the answered
+            // count lands in the hour its release was counted in.
+            let released: Option<Option<i64>> = sqlx::query_scalar(
+                "UPDATE dispatches SET state = 'RESPONDED', responded_at = ?2 \
+                 WHERE id = ?1 AND state = 'DISPATCHED' RETURNING dispatched_at",
+            )
+            .bind(dispatch_id.to_string())
+            .bind(response.recorded_at.timestamp_micros())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            let Some(released) = released else {
+                // Dropping the transaction rolls the response back.
+                return Ok(Recorded::DispatchClosed);
+            };
+            if let Some(released) = released.and_then(DateTime::from_timestamp_micros) {
+                let answered = Tally {
+                    answered: 1,
+                    ..Tally::default()
+                };
+                add_to_rollup(
+                    &mut tx,
+                    response.survey_id,
+                    hour_of(released),
+                    super::rollup_slot(&response.response_id),
+                    &answered,
+                )
+                .await
+                .map_err(StoreError::from_db)?;
+            }
+        }
+        add_to_rollup(
+            &mut tx,
+            response.survey_id,
+            hour_of(response.submitted_at),
+            super::rollup_slot(&response.response_id),
+            &new.tally,
+        )
+        .await
+        .map_err(StoreError::from_db)?;
+        append(&self.log, &mut tx, &new.log)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        self.log.notify_appended();
+        Ok(Recorded::New(response.clone()))
+    }
+
+    async fn response_by_response_id(
+        &self,
+        response_id: &str,
+    ) -> Result<Option<Response>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = ?1"
+        ))
+        .bind(response_id)
+        .fetch_optional(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(response_from_row)
+        .transpose()
+    }
+
+    async fn list_responses(&self, query: &ResponseQuery) -> Result<Vec<Response>, StoreError> {
+        let mut sql = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {RESPONSE_COLUMNS} FROM responses WHERE 1 = 1"
+        ));
+        if let Some(survey_id) = query.survey_id {
+            sql.push(" AND survey_id = ")
+                .push_bind(survey_id.to_string());
+        }
+        if let Some(customer_id) = query.customer_id {
+            sql.push(" AND customer_id = ")
+                .push_bind(customer_id.to_string());
+        }
+        if let Some(start) = query.start {
+            sql.push(" AND submitted_at >= ")
+                .push_bind(start.timestamp_micros());
+        }
+        if let Some(end) = query.end {
+            sql.push(" AND submitted_at < ")
+                .push_bind(end.timestamp_micros());
+        }
+        if let Some((submitted_at, id)) = query.before {
+            sql.push(" AND (submitted_at, id) < (")
+                .push_bind(submitted_at.timestamp_micros())
+                .push(", ")
+                .push_bind(id.to_string())
+                .push(")");
+        }
+        sql.push(" ORDER BY submitted_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(query.limit));
+        sql.build()
+            .fetch_all(&self.pools.reader)
+            .await
+            .map_err(StoreError::from_db)?
+            .iter()
+            .map(response_from_row)
+            .collect()
+    }
+
+    async fn tally(
+        &self,
+        survey_id: Uuid,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<Tally, StoreError> {
+        let parts = window_parts(start, end);
+        let sums = tally_sums();
+        let survey = survey_id.to_string();
+        let mut total = Tally::default();
+        let mut conn = self
+            .pools
+            .reader
+            .acquire()
+            .await
+            .map_err(StoreError::from_db)?;
+        if let Some((from, to)) = parts.hours {
+            let row = sqlx::query(&format!(
+                "SELECT {sums} FROM survey_rollups WHERE survey_id = ?1 AND hour >= ?2 AND hour < ?3"
+            ))
+            .bind(&survey)
+            .bind(from.timestamp_micros())
+            .bind(to.timestamp_micros())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+            total = total.plus(&tally_from_row(&row)?);
+        }
+        for (from, to) in parts.edges.into_iter().flatten() {
+            let row = sqlx::query(&format!(
+                "SELECT {sums} FROM responses \
+                 WHERE survey_id = ?1 AND submitted_at >= ?2 AND submitted_at < ?3"
+            ))
+            .bind(&survey)
+            .bind(from.timestamp_micros())
+            .bind(to.timestamp_micros())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+            total = total.plus(&tally_from_row(&row)?);
+            let (dispatched, answered): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(responded_at) FROM dispatches \
+                 WHERE survey_id = ?1 AND dispatched_at >= ?2 AND dispatched_at < ?3",
+            )
+            .bind(&survey)
+            .bind(from.timestamp_micros())
+            .bind(to.timestamp_micros())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+            total = total.plus(&Tally {
+                dispatched,
+                answered,
+                ..Tally::default()
+            });
+        }
+        Ok(total)
+    }
+
+    fn log(&self) -> &EventLog {
+        &self.log
+    }
+}

@@ -1,0 +1,624 @@
+//! One conformance suite for the feedback store, run against SQLite and
+//! PostgreSQL alike.
+
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound as _, TimeDelta, Utc};
+use clm_eventlog::{Cursor, ShardFilter};
+use clm_feedback::model::{
+    Answer, AnswerValue, Dispatch, DispatchQuery, DispatchState, FatiguePolicy, Language, Question,
+    QuestionType, Response, ResponseQuery, Sentiment, SuppressReason, Survey, SurveyDefinition,
+    SurveyKind, SurveyQuery, SurveyState,
+};
+use clm_feedback::store::{self, Created, FeedbackStore, LogEntry, NewResponse, Recorded, Updated};
+use clm_feedback::summary::Tally;
+use clm_platform::Secret;
+use clm_platform::db;
+use uuid::Uuid;
+
+struct Backend {
+    store: Arc<dyn FeedbackStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let url = Secret::new(format!("sqlite://{}/feedback.db", dir.path().display()));
+    let pools = db::connect(&url, "feedback", 4).await.unwrap();
+    store::MIGRATIONS.run(&pools).await.unwrap();
+    Backend {
+        store: store::open(pools),
+        _dir: Some(dir),
+    }
+}
+
+async fn postgres() -> Option<Backend> {
+    let url = clm_platform::testing::fresh_postgres_database("feedback").await?;
+    let pools = db::connect(&url, "feedback", 8).await.unwrap();
+    store::MIGRATIONS.run(&pools).await.unwrap();
+    Some(Backend {
+        store: store::open(pools),
+        _dir: None,
+    })
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+}
+
+fn nps_question() -> Question {
+    Question {
+        id: "recommend".into(),
+        text: "How likely are you to recommend us?".into(),
+        kind: QuestionType::Nps,
+        required: true,
+    }
+}
+
+fn survey(kind: SurveyKind, questions: Vec<Question>) -> Survey {
+    let now = now();
+    Survey {
+        id: Uuid::now_v7(),
+        kind,
+        definition: SurveyDefinition {
+            display_name: "Onboarding".into(),
+            description: String::new(),
+            questions,
+            triggers: Vec::new(),
+            fatigue: FatiguePolicy::default(),
+            response_window: Duration::from_secs(14 * 86_400),
+            consent_purpose: Some("surveys".into()),
+        },
+        state: SurveyState::Active,
+        version: 1,
+        questions_version: 1,
+        created_at: now,
+        updated_at: now,
+        archived_at: None,
+    }
+}
+
+fn response(
+    survey: &Survey,
+    response_id: &str,
+    score: i32,
+    submitted_at: DateTime<Utc>,
+) -> Response {
+    Response {
+        id: Uuid::now_v7(),
+        response_id: response_id.into(),
+        survey_id: survey.id,
+        survey_version: survey.questions_version,
+        dispatch_id: None,
+        customer_id: Uuid::now_v7(),
+        answers: vec![Answer {
+            question_id: "recommend".into(),
+            value: AnswerValue::Score(score),
+            sentiment: None,
+        }],
+        submitted_at,
+        sentiment: None,
+        recorded_at: now(),
+    }
+}
+
+fn new_response(survey: &Survey, response: Response) -> NewResponse {
+    NewResponse {
+        tally: Tally::of_response(&response, &survey.definition.questions),
+        log: vec![LogEntry {
+            event_id: Uuid::now_v7(),
+            customer_id: response.customer_id,
+            kind: "response.recorded",
+            payload: response.response_id.as_bytes().to_vec(),
+            recorded_at: response.recorded_at,
+        }],
+        response,
+    }
+}
+
+fn dispatch(survey: &Survey, entry: &str, state: DispatchState, due_at: DateTime<Utc>) -> Dispatch {
+    let released = matches!(state, DispatchState::Dispatched | DispatchState::Responded);
+    Dispatch {
+        id: Uuid::now_v7(),
+        survey_id: survey.id,
+        customer_id: Uuid::now_v7(),
+        trigger_name: "onboarding".into(),
+        source_entry_id: entry.into(),
+        state,
+        due_at,
+        dispatched_at: released.then_some(due_at),
+        expires_at: released.then_some(due_at + TimeDelta::days(14)),
+        responded_at: None,
+        created_at: now(),
+    }
+}
+
+/// The log once it holds `count` entries: on PostgreSQL an entry is handed
+/// out once every older transaction of the server has ended, and other
+/// tests run beside this one.
+async fn log_when(store: &dyn FeedbackStore, count: usize) -> Vec<clm_eventlog::Entry> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = store
+            .log()
+            .read_after(Cursor::START, ShardFilter::ALL, 100)
+            .await
+            .unwrap();
+        if log.len() >= count || tokio::time::Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn surveys_are_created_once_and_updated_under_their_version(backend: Backend) {
+    let store = backend.store;
+    let first = survey(SurveyKind::Nps, vec![nps_question()]);
+    assert_eq!(
+        store.create_survey(&first, Some("create-1")).await.unwrap(),
+        Created::New(first.clone())
+    );
+    let retry = survey(SurveyKind::Nps, vec![nps_question()]);
+    assert_eq!(
+        store.create_survey(&retry, Some("create-1")).await.unwrap(),
+        Created::Earlier(first.clone()),
+        "a request id is answered with the survey it created"
+    );
+    assert_eq!(store.survey(retry.id).await.unwrap(), None);
+    assert_eq!(store.survey(first.id).await.unwrap(), Some(first.clone()));
+    let without_id = survey(SurveyKind::Csat, vec![]);
+    store.create_survey(&without_id, None).await.unwrap();
+    let another = survey(SurveyKind::Custom, vec![]);
+    assert!(matches!(
+        store.create_survey(&another, None).await.unwrap(),
+        Created::New(_)
+    ));
+
+    let mut next = first.clone();
+    next.version = 2;
+    next.state = SurveyState::Paused;
+    next.definition.display_name = "Renamed".into();
+    assert_eq!(
+        store.update_survey(&next).await.unwrap(),
+        Updated::Done(next.clone())
+    );
+    // Written from version 1 again: the stored one is 2.
+    assert_eq!(
+        store.update_survey(&next).await.unwrap(),
+        Updated::VersionChanged(2)
+    );
+    let mut missing = next.clone();
+    missing.id = Uuid::now_v7();
+    assert_eq!(
+        store.update_survey(&missing).await.unwrap(),
+        Updated::NotFound
+    );
+    assert_eq!(store.survey(first.id).await.unwrap(), Some(next.clone()));
+
+    let active = store
+        .list_surveys(&SurveyQuery {
+            states: vec![SurveyState::Active],
+            kind: None,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        active.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![without_id.id, another.id],
+        "oldest first, paused ones left out"
+    );
+    let page = store
+        .list_surveys(&SurveyQuery {
+            states: vec![SurveyState::Active, SurveyState::Paused],
+            kind: Some(SurveyKind::Custom),
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![another.id]
+    );
+    let after = store
+        .list_surveys(&SurveyQuery {
+            states: vec![SurveyState::Active, SurveyState::Paused],
+            kind: None,
+            after: Some(first.id),
+            limit: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![without_id.id]
+    );
+}
+
+async fn question_sets_are_kept_per_version(backend: Backend) {
+    let store = backend.store;
+    let first = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&first, None).await.unwrap();
+    let mut next = first.clone();
+    next.version = 2;
+    next.questions_version = 2;
+    next.definition.questions.push(Question {
+        id: "why".into(),
+        text: "Why?".into(),
+        kind: QuestionType::FreeText,
+        required: false,
+    });
+    store.update_survey(&next).await.unwrap();
+    assert_eq!(
+        store.questions(first.id, 1).await.unwrap(),
+        Some(first.definition.questions.clone())
+    );
+    assert_eq!(
+        store.questions(first.id, 2).await.unwrap(),
+        Some(next.definition.questions.clone())
+    );
+    assert_eq!(store.questions(first.id, 3).await.unwrap(), None);
+}
+
+async fn responses_are_stored_once_and_take_one_dispatch(backend: Backend) {
+    let store = backend.store;
+    let survey = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&survey, None).await.unwrap();
+    let mut first = response(&survey, "r-1", 10, now());
+    first.sentiment = Some(Sentiment::Scored {
+        score: 0.75,
+        language: Language::of_code("eng"),
+    });
+    first.answers.push(Answer {
+        question_id: "why".into(),
+        value: AnswerValue::Text(Some("Great onboarding".into())),
+        sentiment: first.sentiment,
+    });
+    assert_eq!(
+        store
+            .record_response(&new_response(&survey, first.clone()))
+            .await
+            .unwrap(),
+        Recorded::New(first.clone())
+    );
+    let again = response(&survey, "r-1", 3, now());
+    assert_eq!(
+        store
+            .record_response(&new_response(&survey, again))
+            .await
+            .unwrap(),
+        Recorded::Duplicate(first.clone()),
+        "the response id is the key, whatever the answers"
+    );
+    assert_eq!(
+        store.response_by_response_id("r-1").await.unwrap(),
+        Some(first.clone())
+    );
+
+    let due = now();
+    let open = dispatch(&survey, "entry-1", DispatchState::Dispatched, due);
+    let stored = store
+        .insert_dispatches(&[
+            open.clone(),
+            dispatch(&survey, "entry-1", DispatchState::Scheduled, due),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![open.clone()], "one dispatch per source entry");
+    let mut answer = response(&survey, "r-2", 9, now());
+    answer.dispatch_id = Some(open.id);
+    answer.customer_id = open.customer_id;
+    let recorded = new_response(&survey, answer.clone());
+    assert_eq!(
+        store.record_response(&recorded).await.unwrap(),
+        Recorded::New(answer.clone())
+    );
+    let answered = store.dispatch(open.id).await.unwrap().unwrap();
+    assert_eq!(answered.state, DispatchState::Responded);
+    assert_eq!(answered.responded_at, Some(answer.recorded_at));
+    let mut second = response(&survey, "r-3", 1, now());
+    second.dispatch_id = Some(open.id);
+    assert_eq!(
+        store
+            .record_response(&new_response(&survey, second))
+            .await
+            .unwrap(),
+        Recorded::DispatchClosed
+    );
+    assert_eq!(
+        store.response_by_response_id("r-3").await.unwrap(),
+        None,
+        "nothing of a refused response is stored"
+    );
+    let log = log_when(store.as_ref(), 2).await;
+    assert_eq!(
+        log.iter()
+            .map(|entry| entry.payload.clone())
+            .collect::<Vec<_>>(),
+        vec![b"r-1".to_vec(), b"r-2".to_vec()],
+        "one log entry per stored response, none for refusals"
+    );
+    let tally = store
+        .tally(
+            survey.id,
+            due - TimeDelta::hours(1),
+            now() + TimeDelta::hours(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!((tally.responses, tally.nps_promoters), (2, 2));
+    assert_eq!((tally.dispatched, tally.answered), (1, 1));
+    assert_eq!(tally.sentiment_positive, 1);
+}
+
+async fn lists_page_in_their_order(backend: Backend) {
+    let store = backend.store;
+    let survey = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&survey, None).await.unwrap();
+    let base = at("2026-03-01T12:00:00Z");
+    let dispatches: Vec<Dispatch> = (0..5)
+        .map(|i| {
+            let state = if i % 2 == 0 {
+                DispatchState::Scheduled
+            } else {
+                DispatchState::Suppressed(SuppressReason::Fatigue)
+            };
+            dispatch(
+                &survey,
+                &format!("e{i}"),
+                state,
+                base + TimeDelta::hours(4 - i),
+            )
+        })
+        .collect();
+    store.insert_dispatches(&dispatches).await.unwrap();
+    let query = |states: Vec<DispatchState>, after, limit| DispatchQuery {
+        survey_id: Some(survey.id),
+        customer_id: None,
+        states,
+        start: None,
+        end: None,
+        after,
+        limit,
+    };
+    let all = store
+        .list_dispatches(&query(vec![], None, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|d| d.source_entry_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["e4", "e3", "e2", "e1", "e0"],
+        "oldest due time first"
+    );
+    assert_eq!(all[1], dispatches[3], "stored as given");
+    let page = store
+        .list_dispatches(&query(vec![], Some((all[1].due_at, all[1].id)), 2))
+        .await
+        .unwrap();
+    assert_eq!(page, all[2..4].to_vec());
+    let suppressed = store
+        .list_dispatches(&query(
+            vec![DispatchState::Suppressed(SuppressReason::Fatigue)],
+            None,
+            10,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(suppressed.len(), 2);
+    let windowed = store
+        .list_dispatches(&DispatchQuery {
+            start: Some(base + TimeDelta::hours(1)),
+            end: Some(base + TimeDelta::hours(3)),
+            ..query(vec![], None, 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        windowed
+            .iter()
+            .map(|d| d.source_entry_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["e3", "e2"]
+    );
+    let by_customer = store
+        .list_dispatches(&DispatchQuery {
+            survey_id: None,
+            customer_id: Some(dispatches[0].customer_id),
+            ..query(vec![], None, 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_customer, vec![dispatches[0].clone()]);
+
+    let mut responses = Vec::new();
+    for i in 0..5 {
+        let mut r = response(&survey, &format!("p{i}"), 8, base + TimeDelta::minutes(i));
+        if i == 4 {
+            r.customer_id = responses
+                .first()
+                .map_or(r.customer_id, |f: &Response| f.customer_id);
+        }
+        store
+            .record_response(&new_response(&survey, r.clone()))
+            .await
+            .unwrap();
+        responses.push(r);
+    }
+    let newest = store
+        .list_responses(&ResponseQuery {
+            survey_id: Some(survey.id),
+            customer_id: None,
+            start: None,
+            end: None,
+            before: None,
+            limit: 3,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        newest
+            .iter()
+            .map(|r| r.response_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["p4", "p3", "p2"]
+    );
+    let rest = store
+        .list_responses(&ResponseQuery {
+            survey_id: Some(survey.id),
+            customer_id: None,
+            start: Some(base),
+            end: None,
+            before: Some((newest[2].submitted_at, newest[2].id)),
+            limit: 3,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter()
+            .map(|r| r.response_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["p1", "p0"]
+    );
+    let one_customer = store
+        .list_responses(&ResponseQuery {
+            survey_id: None,
+            customer_id: Some(responses[0].customer_id),
+            start: None,
+            end: Some(base + TimeDelta::minutes(4)),
+            before: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(one_customer, vec![responses[0].clone()]);
+}
+
+/// The tally of any window equals the tally of its responses and
+/// dispatches counted one by one, whatever the window's edges.
+async fn a_window_is_tallied_from_rollups_and_edges(backend: Backend) {
+    let store = backend.store;
+    let survey = survey(
+        SurveyKind::Nps,
+        vec![
+            nps_question(),
+            Question {
+                id: "satisfied".into(),
+                text: "How satisfied are you?".into(),
+                kind: QuestionType::Csat,
+                required: false,
+            },
+        ],
+    );
+    store.create_survey(&survey, None).await.unwrap();
+    let base = at("2026-05-01T08:00:00Z");
+    let mut counted: Vec<(DateTime<Utc>, Tally)> = Vec::new();
+    for i in 0..60_i64 {
+        let submitted = base + TimeDelta::minutes(i * 17 + (i % 7));
+        let mut r = response(&survey, &format!("w{i}"), (i % 11) as i32, submitted);
+        r.answers.push(Answer {
+            question_id: "satisfied".into(),
+            value: AnswerValue::Score((i % 5 + 1) as i32),
+            sentiment: None,
+        });
+        if i % 3 == 0 {
+            r.sentiment = Some(if i % 2 == 0 {
+                Sentiment::Scored {
+                    score: -0.5,
+                    language: Language::of_code("eng"),
+                }
+            } else {
+                Sentiment::NotScored {
+                    language: Language::of_code("deu"),
+                }
+            });
+        }
+        let new = new_response(&survey, r);
+        counted.push((submitted, new.tally));
+        store.record_response(&new).await.unwrap();
+    }
+    let mut released = Vec::new();
+    for i in 0..12_i64 {
+        let due = base + TimeDelta::minutes(i * 41 + 3);
+        released.push(due);
+        store
+            .insert_dispatches(&[dispatch(
+                &survey,
+                &format!("d{i}"),
+                DispatchState::Dispatched,
+                due,
+            )])
+            .await
+            .unwrap();
+    }
+    let windows = [
+        (base, base + TimeDelta::hours(24)),
+        (
+            base + TimeDelta::minutes(13),
+            base + TimeDelta::minutes(500),
+        ),
+        (base + TimeDelta::hours(2), base + TimeDelta::hours(5)),
+        (
+            base + TimeDelta::minutes(70),
+            base + TimeDelta::minutes(110),
+        ),
+        (
+            base + TimeDelta::minutes(61),
+            base + TimeDelta::minutes(119),
+        ),
+        (
+            base + TimeDelta::minutes(300),
+            base + TimeDelta::minutes(300),
+        ),
+    ];
+    for (start, end) in windows {
+        let expected = counted
+            .iter()
+            .filter(|(time, _)| *time >= start && *time < end)
+            .fold(Tally::default(), |sum, (_, tally)| sum.plus(tally));
+        let dispatched = released
+            .iter()
+            .filter(|t| **t >= start && **t < end)
+            .count() as i64;
+        let expected = Tally {
+            dispatched,
+            ..expected
+        };
+        let tally = store.tally(survey.id, start, end).await.unwrap();
+        assert_eq!(
+            Tally {
+                sentiment_sum: 0.0,
+                ..tally
+            },
+            Tally {
+                sentiment_sum: 0.0,
+                ..expected
+            },
+            "window {start} to {end}"
+        );
+        assert!((tally.sentiment_sum - expected.sentiment_sum).abs() < 1e-9);
+    }
+    let other = store
+        .tally(Uuid::now_v7(), base, base + TimeDelta::days(1))
+        .await
+        .unwrap();
+    assert_eq!(other, Tally::default(), "another survey counts nothing");
+}
+
+clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres;
+    surveys_are_created_once_and_updated_under_their_version,
+    question_sets_are_kept_per_version,
+    responses_are_stored_once_and_take_one_dispatch,
+    lists_page_in_their_order,
+    a_window_is_tallied_from_rollups_and_edges,
+);
