@@ -58,7 +58,7 @@ SERVICE_CALLS = {
     "identity": [],
     "touchpoints": ["identity"],
     "scoring": ["touchpoints", "identity"],
-    "feedback": ["scoring", "touchpoints"],
+    "feedback": ["identity"],
     "metrics": ["touchpoints", "scoring", "feedback", "identity"],
 }
 

@@ -22,7 +22,7 @@ def test_helm_lint_strict_passes(values_name: str) -> None:
 
 
 # The services the binary serves today; the chart turns exactly these on by default.
-DEFAULT_SERVICES = ["identity", "touchpoints", "scoring"]
+DEFAULT_SERVICES = ["identity", "touchpoints", "scoring", "feedback"]
 
 
 def test_default_values_render_the_served_services() -> None:
@@ -54,7 +54,11 @@ def _pod_peer_services(documents: list[dict], rules: list[dict], side: str) -> l
 
 @pytest.mark.parametrize(
     ("service", "health_service"),
-    [("touchpoints", "clm.touchpoint.v1.TouchpointService"), ("scoring", "clm.scoring.v1.LifecycleService")],
+    [
+        ("touchpoints", "clm.touchpoint.v1.TouchpointService"),
+        ("scoring", "clm.scoring.v1.LifecycleService"),
+        ("feedback", "clm.feedback.v1.SurveyService"),
+    ],
 )
 def test_default_service_calls_its_callees_and_nothing_else(service: str, health_service: str) -> None:
     """Redis configured, yet the service gets neither it nor identity's hash key; only its callers and callees are wired."""
@@ -128,8 +132,8 @@ def test_prod_values_take_every_secret_from_existing_secrets() -> None:
     namespaces = [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers if "namespaceSelector" in peer]
     assert namespaces == ["web-shop", "support-desk"]
     callers = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in peers if "namespaceSelector" not in peer]
-    assert callers == ["scoring", "touchpoints"]
-    for service in ("touchpoints", "scoring"):
+    assert callers == ["feedback", "scoring", "touchpoints"]
+    for service in ("touchpoints", "scoring", "feedback"):
         deployment = by_name(documents, "Deployment", f"clm-{service}")
         assert "replicas" not in deployment["spec"], service
         env = {entry["name"]: entry for entry in pod_spec(deployment)["containers"][0]["env"]}
@@ -166,7 +170,7 @@ def test_all_services_wire_callers_and_callees() -> None:
         assert ingress_components == callers, name
 
 
-@pytest.mark.parametrize("enabled", [["identity"], ["identity", "touchpoints"]])
+@pytest.mark.parametrize("enabled", [["identity"], ["identity", "touchpoints"], ["identity", "feedback"]])
 def test_disabled_services_render_nothing(enabled: list[str]) -> None:
     values = {"services": {name: {"enabled": name in enabled} for name in manifests.SERVICE_CALLS}}
     names = {doc["metadata"]["name"] for doc in render_chart(values)}
@@ -178,7 +182,8 @@ def test_disabled_services_render_nothing(enabled: list[str]) -> None:
     ("disabled", "message"),
     [
         (["touchpoints"], r"services\.scoring calls touchpoints, but services\.touchpoints\.enabled is false"),
-        (["identity", "scoring"], r"services\.touchpoints calls identity, but services\.identity\.enabled is false"),
+        (["identity", "scoring", "feedback"], r"services\.touchpoints calls identity, but services\.identity\.enabled is false"),
+        (["identity", "touchpoints", "scoring"], r"services\.feedback calls identity, but services\.identity\.enabled is false"),
     ],
 )
 def test_calling_a_disabled_service_is_refused(disabled: list[str], message: str) -> None:

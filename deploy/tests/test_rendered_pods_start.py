@@ -21,9 +21,10 @@ Deployment then becomes a local process of the real `clm` binary:
    grpcurl commands of the chart README work against the service its
    port-forward line names;
 5. calls that cross services work between the processes: a touchpoint
-   recorded with an e-mail on touchpoints is resolved through identity, and
+   recorded with an e-mail on touchpoints is resolved through identity,
    scoring follows touchpoints' log and pushes the customer's new lifecycle
-   stage to identity;
+   stage to identity, and a survey response recorded with an e-mail on
+   feedback is resolved through identity;
 6. SIGTERM stops every process with exit code 0 within the time the pod has
    after its preStop sleep (terminationGracePeriodSeconds minus the sleep).
 
@@ -121,6 +122,7 @@ def _smoke_calls() -> dict[str, SmokeCall]:
 CROSS_SERVICE_CHECKS: dict[str, str] = {
     "touchpoints": "test_touchpoint_recorded_with_an_email_resolves_through_identity",
     "scoring": "test_purchase_on_touchpoints_is_scored_and_pushed_to_identity",
+    "feedback": "test_survey_response_recorded_with_an_email_resolves_through_identity",
 }
 
 
@@ -712,6 +714,49 @@ def test_purchase_on_touchpoints_is_scored_and_pushed_to_identity(pods: dict[str
         lambda response: converted(response["customer"].get("lifecycle")),
         f"identity holds the lifecycle scoring computed for {customer_id}",
     )
+
+
+def test_survey_response_recorded_with_an_email_resolves_through_identity(pods: dict[str, LocalPod]) -> None:
+    """feedback resolves the respondent's e-mail through the identity process: identity then knows that customer."""
+    if "feedback" not in pods:
+        pytest.skip("values-local.yaml leaves feedback off")
+    identity, feedback = pods["identity"], pods["feedback"]
+    # feedback serves nothing of identity's, so its only way there is CLM_IDENTITY_URL.
+    assert feedback.env["CLM_IDENTITY_URL"] == f"http://127.0.0.1:{identity.port}"
+    run = uuid.uuid4().hex[:12]
+    email, response_id = f"deploy-feedback-{run}@example.com", f"deploy-feedback-{run}"
+    survey = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/CreateSurvey", {
+        "request_id": f"deploy-feedback-survey-{run}",
+        "survey": {
+            "display_name": "Deploy check",
+            "kind": "SURVEY_KIND_NPS",
+            "questions": [{"id": "recommend", "text": "How likely are you to recommend us?",
+                           "type": "QUESTION_TYPE_NPS", "required": True}],
+        },
+    })["survey"]
+    request = {"response": {
+        "response_id": response_id,
+        "survey_id": survey["id"],
+        "customer": {"identity_keys": {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": email}]}},
+        "answers": [{"question_id": "recommend", "score": 9}],
+    }}
+    recorded = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/RecordResponse", request)
+    assert not recorded.get("duplicate"), recorded
+    customer_id = recorded["response"].get("customerId")
+    assert customer_id, f"RecordResponse returned no customer_id: {recorded}"
+
+    # identity knows that e-mail as the response's customer, and did before this call.
+    resolved = grpcurl_call(identity.port, "clm.identity.v1.CustomerService/ResolveCustomer",
+                            {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": email}]})
+    assert resolved["customer"]["id"] == customer_id
+    assert not resolved.get("created"), "identity created the customer only now: feedback never reached it"
+
+    # feedback lists the response under that customer, and a retry stores nothing new.
+    listed = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/ListResponses",
+                          {"filter": {"customer_id": customer_id}})
+    assert [r["responseId"] for r in listed.get("responses", [])] == [response_id]
+    again = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/RecordResponse", request)
+    assert again.get("duplicate") is True and again["response"]["customerId"] == customer_id
 
 
 @pytest.mark.parametrize("service", ENABLED)
