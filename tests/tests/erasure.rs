@@ -1,13 +1,15 @@
 //! Erasure on the embedded default leaves nothing readable in any store
 //! file: the SQLite databases and their write-ahead logs are read as raw
 //! bytes after EraseCustomer, looking for every piece of personal data the
-//! customer and their touchpoints carried.
+//! customer, their touchpoints and their survey answers carried.
 
 #![allow(missing_docs)]
 
 use std::time::Duration;
 
 use clm_proto::common::{CustomerReference, customer_reference};
+use clm_proto::feedback as fb;
+use clm_proto::feedback::survey_service_client::SurveyServiceClient;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{self as pb, Customer};
 use clm_proto::touchpoint as tp;
@@ -24,6 +26,7 @@ const SECRETS: &[&str] = &[
     "crm-zq-48151623",
     "attribute-value-kept-secret",
     "property-value-kept-secret",
+    "free-text-answer-kept-secret",
 ];
 
 /// The files of every SQLite database in `dir` that hold any of `needles`,
@@ -54,9 +57,7 @@ fn files_holding(dir: &std::path::Path, needles: &[&str]) -> Vec<(String, &'stat
 async fn erased_personal_data_is_in_no_store_file() {
     // Scoring too: it keeps the profile facts fit rules read (company,
     // attributes), in its features and its kept inputs.
-    let server = ClmServer::start(&["serve", "identity", "touchpoints", "scoring"], &[])
-        .await
-        .unwrap();
+    let server = ClmServer::start(&["serve"], &[]).await.unwrap();
     let mut customers = CustomerServiceClient::new(server.channel().await);
     let mut touchpoints = TouchpointServiceClient::new(server.channel().await);
 
@@ -122,6 +123,46 @@ async fn erased_personal_data_is_in_no_store_file() {
         .unwrap()
         .into_inner();
     assert_eq!(recorded.stored_count, 5);
+    // A survey answer with free text.
+    let mut surveys = SurveyServiceClient::new(server.channel().await);
+    let survey = surveys
+        .create_survey(fb::CreateSurveyRequest {
+            survey: Some(fb::Survey {
+                display_name: "Erasure".into(),
+                kind: fb::SurveyKind::Custom as i32,
+                questions: vec![fb::Question {
+                    id: "why".into(),
+                    text: "Anything to add?".into(),
+                    r#type: fb::QuestionType::FreeText as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .survey
+        .unwrap();
+    surveys
+        .record_response(fb::RecordResponseRequest {
+            response: Some(fb::SurveyResponse {
+                response_id: "erasure-answer".into(),
+                survey_id: survey.id.clone(),
+                customer: Some(by_id.clone()),
+                answers: vec![fb::Answer {
+                    question_id: "why".into(),
+                    value: Some(fb::answer::Value::Text(
+                        "My note: free-text-answer-kept-secret".into(),
+                    )),
+                    sentiment: None,
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     // Scoring has read the profile.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while !files_holding(server.data_dir(), SECRETS)
@@ -141,6 +182,14 @@ async fn erased_personal_data_is_in_no_store_file() {
         !files_holding(server.data_dir(), SECRETS).is_empty(),
         "the test looks for data that was stored"
     );
+    assert!(
+        files_holding(server.data_dir(), SECRETS)
+            .iter()
+            .any(|(file, secret, _)| file.starts_with("feedback")
+                && *secret == "free-text-answer-kept-secret"),
+        "feedback stored the free text: {:?}",
+        files_holding(server.data_dir(), SECRETS)
+    );
 
     customers
         .erase_customer(pb::EraseCustomerRequest {
@@ -157,8 +206,8 @@ async fn erased_personal_data_is_in_no_store_file() {
         .collect();
     assert_eq!(identity_left, [], "personal data left in identity's files");
 
-    // Touchpoints strips properties, and scoring forgets the profile, when
-    // they read the erasure from the log.
+    // Touchpoints strips properties, scoring forgets the profile and
+    // feedback deletes free text when they read the erasure from the log.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let left = files_holding(server.data_dir(), SECRETS);

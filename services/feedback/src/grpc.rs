@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use clm_eventlog::serving::{LogResponses, log_position, respond};
+use clm_platform::clock::Clock;
 use clm_platform::error::{ErrorReport, Violations, reasons};
 use clm_platform::identity::Reference;
 use clm_platform::server::Shutdown;
@@ -31,24 +32,32 @@ use crate::store::StoreError;
 pub struct SurveyGrpc {
     feedback: Feedback,
     max_future_skew: Duration,
+    clock: Clock,
     shutdown: Shutdown,
 }
 
 impl SurveyGrpc {
-    /// Serves `feedback`; stated times may be `max_future_skew` ahead.
-    pub fn new(feedback: Feedback, max_future_skew: Duration, shutdown: Shutdown) -> Self {
+    /// Serves `feedback`; stated times may be `max_future_skew` ahead of
+    /// `clock`.
+    pub fn new(
+        feedback: Feedback,
+        max_future_skew: Duration,
+        clock: Clock,
+        shutdown: Shutdown,
+    ) -> Self {
         Self {
             feedback,
             max_future_skew,
+            clock,
             shutdown,
         }
     }
-}
 
-/// The clock at the precision times are stored at (microseconds), so that
-/// what a call answers equals what later reads return.
-fn stored_now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
+    /// The clock at the precision times are stored at (microseconds), so
+    /// that what a call answers equals what later reads return.
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now().trunc_subsecs(6)
+    }
 }
 
 fn bad(violations: Violations) -> Result<(), Status> {
@@ -262,6 +271,7 @@ const UPDATABLE: &[&str] = &[
     "fatigue",
     "response_window",
     "consent_purpose",
+    "sampling_percent",
     "state",
 ];
 
@@ -299,7 +309,7 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
         let request_id = (!request.request_id.is_empty()).then_some(request.request_id.as_str());
         let survey = self
             .feedback
-            .create_survey(kind, state, definition, request_id, stored_now())
+            .create_survey(kind, state, definition, request_id, self.now())
             .await
             .map_err(status)?;
         Ok(Response::new(pb::CreateSurveyResponse {
@@ -456,6 +466,13 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
                 &raw.consent_purpose,
             )
         });
+        let sampling = has("sampling_percent").then(|| {
+            requests::sampling_percent(
+                &mut violations,
+                "survey.sampling_percent",
+                raw.sampling_percent,
+            )
+        });
         let state = if has("state") {
             violations.check(requests::settable_state("survey.state", raw.state))
         } else {
@@ -464,7 +481,7 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
         bad(violations)?;
         let survey = self
             .feedback
-            .change_survey(id, request.expected_version, stored_now(), |survey| {
+            .change_survey(id, request.expected_version, self.now(), |survey| {
                 if survey.state == SurveyState::Archived {
                     return Err(FeedbackError::SurveyArchived(survey.id));
                 }
@@ -500,6 +517,9 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
                 if let Some(purpose) = &purpose {
                     definition.consent_purpose = purpose.clone();
                 }
+                if let Some(sampling) = sampling {
+                    definition.sampling_percent = sampling;
+                }
                 if let Some(state) = state {
                     survey.state = state;
                 }
@@ -524,7 +544,7 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
                 "must not be negative",
             )));
         }
-        let now = stored_now();
+        let now = self.now();
         let survey = self
             .feedback
             .change_survey(id, request.expected_version, now, |survey| {
@@ -635,7 +655,7 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
                 "is required",
             )));
         };
-        let now = stored_now();
+        let now = self.now();
         let mut violations = Violations::new();
         violations.check(requests::response_id(
             "response.response_id",
@@ -770,7 +790,7 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
         let start = start.unwrap_or(survey.created_at);
         // Up to now: responses may be submitted up to the allowed skew ahead.
         let end = end.unwrap_or_else(|| {
-            Utc::now()
+            self.now()
                 + chrono::TimeDelta::from_std(self.max_future_skew).unwrap_or_default()
                 + chrono::TimeDelta::microseconds(1)
         });

@@ -201,6 +201,33 @@ pub struct SurveyDefinition {
     pub response_window: Duration,
     /// The consent purpose a dispatch needs, when set.
     pub consent_purpose: Option<String>,
+    /// The share of matching events that schedule a dispatch, 1 to 100
+    /// percent, decided per customer (the same customer is always in or
+    /// out of a survey's sample).
+    #[serde(default = "all_of_them")]
+    pub sampling_percent: u8,
+}
+
+fn all_of_them() -> u8 {
+    100
+}
+
+impl SurveyDefinition {
+    /// Whether `customer_id` is in the survey's sample: a hash of the
+    /// survey and the customer, so a retry or a replay decides the same.
+    pub fn samples(&self, survey_id: Uuid, customer_id: Uuid) -> bool {
+        if self.sampling_percent >= 100 {
+            return true;
+        }
+        let hash = survey_id
+            .as_bytes()
+            .iter()
+            .chain(customer_id.as_bytes())
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        hash % 100 < u64::from(self.sampling_percent)
+    }
 }
 
 /// A stored survey.
@@ -414,6 +441,8 @@ pub enum SuppressReason {
     CustomerErased,
     /// Due past the response window already when seen.
     Stale,
+    /// The transition that matched was retracted by scoring.
+    Retracted,
 }
 
 impl DispatchState {
@@ -427,13 +456,14 @@ impl DispatchState {
             Self::Suppressed(SuppressReason::SurveyInactive) => "SUPPRESSED_SURVEY_INACTIVE",
             Self::Suppressed(SuppressReason::CustomerErased) => "SUPPRESSED_CUSTOMER_ERASED",
             Self::Suppressed(SuppressReason::Stale) => "SUPPRESSED_STALE",
+            Self::Suppressed(SuppressReason::Retracted) => "SUPPRESSED_RETRACTED",
             Self::Responded => "RESPONDED",
             Self::Expired => "EXPIRED",
         }
     }
 
     /// Every state.
-    pub const ALL: [DispatchState; 9] = [
+    pub const ALL: [DispatchState; 10] = [
         Self::Scheduled,
         Self::Dispatched,
         Self::Suppressed(SuppressReason::Fatigue),
@@ -441,6 +471,7 @@ impl DispatchState {
         Self::Suppressed(SuppressReason::SurveyInactive),
         Self::Suppressed(SuppressReason::CustomerErased),
         Self::Suppressed(SuppressReason::Stale),
+        Self::Suppressed(SuppressReason::Retracted),
         Self::Responded,
         Self::Expired,
     ];
@@ -525,4 +556,69 @@ pub struct ResponseQuery {
     pub before: Option<(DateTime<Utc>, Uuid)>,
     /// At most this many.
     pub limit: u32,
+}
+
+/// A customer's lifecycle as the transition log last told it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifecycle {
+    /// The stage name without prefix ('' when unspecified).
+    pub stage: String,
+    /// The acquisition status name.
+    pub acquisition_status: String,
+    /// The health name.
+    pub health: String,
+    /// 0 to 100.
+    pub engagement_score: f64,
+    /// 0 to 100.
+    pub lead_score: f64,
+    /// 0 to 100.
+    pub health_score: f64,
+    /// The time of the transition that told it.
+    pub as_of: DateTime<Utc>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            stage: String::new(),
+            acquisition_status: String::new(),
+            health: String::new(),
+            engagement_score: 0.0,
+            lead_score: 0.0,
+            health_score: 0.0,
+            as_of: DateTime::<Utc>::UNIX_EPOCH,
+        }
+    }
+}
+
+/// What identity's log asks of the feedback store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomerChange {
+    /// `merged_id` was merged into `survivor_id`: its dispatches and
+    /// responses belong to the survivor from now on.
+    Merged {
+        /// The customer merged away.
+        merged_id: Uuid,
+        /// The customer that remains.
+        survivor_id: Uuid,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The customer was erased: scheduled dispatches are suppressed and the
+    /// free text of responses deleted.
+    Erased {
+        /// The customer.
+        customer_id: Uuid,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+/// What became of a customer identity told of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Merged into this survivor.
+    Merged(Uuid),
+    /// Erased.
+    Erased,
 }

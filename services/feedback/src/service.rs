@@ -248,6 +248,23 @@ impl Feedback {
                 Some(dispatch)
             }
         };
+        if let Some(dispatch) = &dispatch
+            && matches!(
+                self.store
+                    .fates(&[dispatch.customer_id])
+                    .await?
+                    .get(&dispatch.customer_id),
+                Some(crate::model::Fate::Erased)
+            )
+        {
+            return Err(FeedbackError::CustomerRefused {
+                reason: clm_platform::error::reasons::CUSTOMER_ERASED.to_owned(),
+                problems: vec![(
+                    String::new(),
+                    format!("customer {} was erased", dispatch.customer_id),
+                )],
+            });
+        }
         let customer_id = match (&request.customer, &dispatch) {
             (None, Some(dispatch)) => dispatch.customer_id,
             (Some(reference), dispatch) => {
@@ -392,6 +409,15 @@ pub fn dispatch_entry(dispatch: &crate::model::Dispatch, now: DateTime<Utc>) -> 
         dispatch: Some(convert::dispatch(dispatch)),
     });
     log_entry(dispatch.customer_id, "dispatch.changed", change, now)
+}
+
+/// The log entry of an erasure that deleted the free text of `count`
+/// responses of `customer_id`.
+pub fn text_erased_entry(customer_id: Uuid, count: i64, now: DateTime<Utc>) -> LogEntry {
+    let change = pb::feedback_log_entry::Change::ResponseTextErased(pb::ResponseTextErased {
+        response_count: count,
+    });
+    log_entry(customer_id, "response.text_erased", change, now)
 }
 
 fn log_entry(

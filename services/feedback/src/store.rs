@@ -13,8 +13,14 @@ use clm_eventlog::EventLog;
 use clm_platform::db::{DbFailure, EmbeddedMigration, Pools, ServiceMigrations};
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
+use clm_eventlog::ShardFilter;
+use clm_eventlog::consumer::cursors::CursorMove;
+
 use crate::model::{
-    Dispatch, DispatchQuery, Question, Response, ResponseQuery, Survey, SurveyQuery,
+    CustomerChange, Dispatch, DispatchQuery, Fate, Lifecycle, Question, Response, ResponseQuery,
+    Survey, SurveyQuery,
 };
 use crate::summary::Tally;
 
@@ -63,6 +69,13 @@ pub struct LogEntry {
     /// When it was written.
     pub recorded_at: DateTime<Utc>,
 }
+
+/// Makes the log entry of a dispatch that was stored or changed.
+pub type DispatchEntry = dyn for<'d> Fn(&'d Dispatch) -> LogEntry + Send + Sync;
+
+/// Makes the log entry of an erasure's deleted free text: the customer and
+/// the number of responses changed.
+pub type TextErasedEntry = dyn Fn(Uuid, i64) -> LogEntry + Send + Sync;
 
 /// What creating a survey did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +176,77 @@ pub trait FeedbackStore: Send + Sync + 'static {
     ) -> Result<Tally, StoreError>;
     /// The feedback log.
     fn log(&self) -> &EventLog;
+
+    /// The latest lifecycle known of each customer that has one.
+    async fn lifecycles(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Lifecycle>, StoreError>;
+    /// What identity told of each customer that was merged or erased.
+    async fn fates(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Fate>, StoreError>;
+    /// Applies what a batch of transition or touchpoint log entries asks,
+    /// atomically with the consumer's cursor move: lifecycles kept when
+    /// newer than the stored one, new dispatches stored unless their
+    /// (survey, trigger, source entry) is stored already, scheduled
+    /// dispatches of retracted sources suppressed (RETRACTED). Every
+    /// dispatch stored or changed gets the log entry `entry` makes of it.
+    async fn apply_events(
+        &self,
+        batch: &EventBatch,
+        entry: &DispatchEntry,
+        cursor: &CursorMove,
+    ) -> Result<(), StoreError>;
+    /// Applies merges and erasures with the consumer's cursor move: a
+    /// merged customer's dispatches and responses move to the survivor; an
+    /// erased customer's scheduled dispatches are suppressed
+    /// (CUSTOMER_ERASED, each logged with `entry`) and the free text of
+    /// their responses deleted (logged with `text_erased`, given the
+    /// customer and the number of responses changed).
+    async fn apply_customer_changes(
+        &self,
+        changes: &[CustomerChange],
+        entry: &DispatchEntry,
+        text_erased: &TextErasedEntry,
+        cursor: &CursorMove,
+    ) -> Result<(), StoreError>;
+    /// The cursor a consumer saved (empty when none).
+    async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError>;
+    /// Up to `limit` SCHEDULED dispatches due at or before `now`, oldest due
+    /// time first.
+    async fn due_dispatches(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Dispatch>, StoreError>;
+    /// When `customer_id` was last sent each survey it was sent.
+    async fn last_releases(
+        &self,
+        customer_id: Uuid,
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError>;
+    /// Settles scheduled dispatches (released or suppressed, as given),
+    /// each only if it is still SCHEDULED, with its log entry; a release
+    /// counts in its survey's rollup. Returns those settled.
+    async fn settle_dispatches(
+        &self,
+        settled: &[(Dispatch, LogEntry)],
+    ) -> Result<Vec<Dispatch>, StoreError>;
+    /// Moves up to `limit` DISPATCHED dispatches whose window closed at or
+    /// before `now` to EXPIRED, each with the log entry `entry` makes.
+    /// Returns how many.
+    async fn expire_dispatches(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        entry: &DispatchEntry,
+    ) -> Result<usize, StoreError>;
+}
+
+/// What a batch of transition or touchpoint log entries asks of the store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventBatch {
+    /// Lifecycles seen on transitions (the newest of each customer wins).
+    pub lifecycles: Vec<(Uuid, Lifecycle)>,
+    /// Dispatches scheduled (or suppressed as STALE) by matching triggers.
+    pub dispatches: Vec<Dispatch>,
+    /// The sources (transition ids) retracted.
+    pub retracted: Vec<String>,
 }
 
 /// The name of the feedback log's table.

@@ -75,6 +75,7 @@ fn survey(kind: SurveyKind, questions: Vec<Question>) -> Survey {
             fatigue: FatiguePolicy::default(),
             response_window: Duration::from_secs(14 * 86_400),
             consent_purpose: Some("surveys".into()),
+            sampling_percent: 100,
         },
         state: SurveyState::Active,
         version: 1,

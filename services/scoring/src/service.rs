@@ -1,7 +1,6 @@
 //! The scoring service: settings, start-up (database, default model,
 //! consumers, sweep, pusher, rescore worker) and the gRPC mount.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,10 +89,7 @@ impl ScoringConfig {
             )?),
             max_connections: env.bounded_or("CLM_SCORING_DB_CONNECTIONS", 16, 1, 1000)? as u32,
             lease_time: leases::lease_time(env)?,
-            clock: match env.string("CLM_SCORING_CLOCK_FILE") {
-                Some(path) => Clock::File(PathBuf::from(path)),
-                None => Clock::System,
-            },
+            clock: Clock::from_env(env, SERVICE_NAME),
         })
     }
 }

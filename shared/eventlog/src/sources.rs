@@ -12,6 +12,7 @@ use clm_proto::common::LogShard;
 use clm_proto::identity::{
     CustomerEvent, StreamCustomerEventsRequest, StreamCustomerEventsResponse,
 };
+use clm_proto::scoring::{StreamTransitionsRequest, StreamTransitionsResponse, TransitionLogEntry};
 use clm_proto::touchpoint::{
     StreamTouchpointLogRequest, StreamTouchpointLogResponse, TouchpointLogEntry,
 };
@@ -150,6 +151,33 @@ impl ServedLog for TouchpointLog {
 
     fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request {
         StreamTouchpointLogRequest {
+            after_cursor,
+            shard,
+            stop_at_end: false,
+        }
+    }
+
+    fn entries(batch: Self::Batch) -> Vec<Self::Entry> {
+        batch.entries
+    }
+
+    fn cursor(entry: &Self::Entry) -> &str {
+        &entry.cursor
+    }
+}
+
+/// The scoring service's transition log.
+pub struct TransitionLog;
+
+impl ServedLog for TransitionLog {
+    type Request = StreamTransitionsRequest;
+    type Batch = StreamTransitionsResponse;
+    type Entry = TransitionLogEntry;
+    const PATH: &'static str = "/clm.scoring.v1.LifecycleService/StreamTransitions";
+    const NAME: &'static str = "transition log";
+
+    fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request {
+        StreamTransitionsRequest {
             after_cursor,
             shard,
             stop_at_end: false,

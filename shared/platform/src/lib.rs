@@ -6,6 +6,7 @@
 //! [`service::Service`] value each service of the binary is.
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -46,6 +46,12 @@ CREATE INDEX dispatches_by_due ON dispatches (due_at, id);
 CREATE INDEX dispatches_by_survey ON dispatches (survey_id, due_at, id);
 CREATE INDEX dispatches_by_customer ON dispatches (customer_id, due_at, id);
 CREATE INDEX dispatches_released ON dispatches (survey_id, dispatched_at) WHERE dispatched_at IS NOT NULL;
+-- The sweeps: scheduled ones by due time, released ones by expiry.
+CREATE INDEX dispatches_due ON dispatches (due_at, id) WHERE state = 'SCHEDULED';
+CREATE INDEX dispatches_expiring ON dispatches (expires_at, id) WHERE state = 'DISPATCHED';
+-- Fatigue: a customer's releases; retractions: by the entry that matched.
+CREATE INDEX dispatches_customer_released ON dispatches (customer_id, dispatched_at) WHERE dispatched_at IS NOT NULL;
+CREATE INDEX dispatches_by_source ON dispatches (source_entry_id);
 
 -- Responses, deduplicated by the caller's response_id for ever; a dispatch
 -- takes one. Each row also holds what it adds to its survey's figures (the
@@ -112,6 +118,31 @@ CREATE TABLE survey_rollups (
     dispatched BIGINT NOT NULL DEFAULT 0,
     answered BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (survey_id, hour, slot)
+);
+
+-- Each customer's latest lifecycle snapshot as the transition log told it
+-- (what a trigger's `lifecycle` reads), by the transition's time.
+CREATE TABLE customer_lifecycles (
+    customer_id         UUID PRIMARY KEY,
+    stage               TEXT NOT NULL,
+    acquisition_status  TEXT NOT NULL,
+    health              TEXT NOT NULL,
+    engagement_score    DOUBLE PRECISION NOT NULL,
+    lead_score          DOUBLE PRECISION NOT NULL,
+    health_score        DOUBLE PRECISION NOT NULL,
+    as_of               TIMESTAMPTZ NOT NULL
+);
+
+-- Customers identity merged away, and into whom; customers it erased.
+CREATE TABLE merged_customers (
+    merged_id    UUID PRIMARY KEY,
+    survivor_id  UUID NOT NULL,
+    merged_at    TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX merged_customers_by_survivor ON merged_customers (survivor_id);
+CREATE TABLE erased_customers (
+    customer_id  UUID PRIMARY KEY,
+    erased_at    TIMESTAMPTZ NOT NULL
 );
 
 -- The feedback log (clm_eventlog's table shape).

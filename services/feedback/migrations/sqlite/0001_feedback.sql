@@ -39,6 +39,10 @@ CREATE INDEX dispatches_by_due ON dispatches (due_at, id);
 CREATE INDEX dispatches_by_survey ON dispatches (survey_id, due_at, id);
 CREATE INDEX dispatches_by_customer ON dispatches (customer_id, due_at, id);
 CREATE INDEX dispatches_released ON dispatches (survey_id, dispatched_at) WHERE dispatched_at IS NOT NULL;
+CREATE INDEX dispatches_due ON dispatches (due_at, id) WHERE state = 'SCHEDULED';
+CREATE INDEX dispatches_expiring ON dispatches (expires_at, id) WHERE state = 'DISPATCHED';
+CREATE INDEX dispatches_customer_released ON dispatches (customer_id, dispatched_at) WHERE dispatched_at IS NOT NULL;
+CREATE INDEX dispatches_by_source ON dispatches (source_entry_id);
 
 CREATE TABLE responses (
     id                TEXT PRIMARY KEY,
@@ -97,6 +101,28 @@ CREATE TABLE survey_rollups (
     dispatched INTEGER NOT NULL DEFAULT 0,
     answered INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (survey_id, hour, slot)
+) STRICT;
+
+CREATE TABLE customer_lifecycles (
+    customer_id         TEXT PRIMARY KEY,
+    stage               TEXT NOT NULL,
+    acquisition_status  TEXT NOT NULL,
+    health              TEXT NOT NULL,
+    engagement_score    REAL NOT NULL,
+    lead_score          REAL NOT NULL,
+    health_score        REAL NOT NULL,
+    as_of               INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE merged_customers (
+    merged_id    TEXT PRIMARY KEY,
+    survivor_id  TEXT NOT NULL,
+    merged_at    INTEGER NOT NULL
+) STRICT;
+CREATE INDEX merged_customers_by_survivor ON merged_customers (survivor_id);
+CREATE TABLE erased_customers (
+    customer_id  TEXT PRIMARY KEY,
+    erased_at    INTEGER NOT NULL
 ) STRICT;
 
 CREATE TABLE feedback_log (

@@ -98,6 +98,7 @@ pub fn survey(survey: &Survey) -> pb::Survey {
         update_time: Some(to_timestamp(survey.updated_at)),
         archive_time: survey.archived_at.map(to_timestamp),
         version: survey.version,
+        sampling_percent: i32::from(definition.sampling_percent),
     }
 }
 
@@ -125,6 +126,7 @@ pub fn dispatch_state(state: DispatchState) -> (pb::DispatchState, pb::SuppressR
                 SuppressReason::SurveyInactive => pb::SuppressReason::SurveyInactive,
                 SuppressReason::CustomerErased => pb::SuppressReason::CustomerErased,
                 SuppressReason::Stale => pb::SuppressReason::Stale,
+                SuppressReason::Retracted => pb::SuppressReason::Retracted,
             },
         ),
     }

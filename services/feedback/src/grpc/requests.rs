@@ -434,6 +434,27 @@ pub fn definition(
             &format!("{field}.consent_purpose"),
             &raw.consent_purpose,
         ),
+        sampling_percent: sampling_percent(
+            violations,
+            &format!("{field}.sampling_percent"),
+            raw.sampling_percent,
+        ),
+    }
+}
+
+/// A sampling share: 1 to 100 percent, 0 meaning 100.
+pub fn sampling_percent(violations: &mut Violations, field: &str, raw: i32) -> u8 {
+    match raw {
+        0 => 100,
+        1..=100 => raw as u8,
+        _ => {
+            violations.check::<()>(Err(FieldViolation::with_reason(
+                field,
+                "OUT_OF_RANGE",
+                "must be 1 to 100 (percent), or 0 for every event",
+            )));
+            100
+        }
     }
 }
 

@@ -9,13 +9,20 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
+use std::collections::{HashMap, HashSet};
+
+use clm_eventlog::ShardFilter;
+use clm_eventlog::consumer::cursors::{self, CursorMove};
+use clm_platform::db::{ErasureVacuum, Pools};
+
 use super::{
-    Created, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError, Updated, hour_of,
-    window_parts,
+    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError,
+    TextErasedEntry, Updated, hour_of, window_parts,
 };
 use crate::model::{
-    Answer, Dispatch, DispatchQuery, DispatchState, Language, Question, Response, ResponseQuery,
-    Sentiment, Survey, SurveyDefinition, SurveyKind, SurveyQuery, SurveyState,
+    Answer, AnswerValue, CustomerChange, Dispatch, DispatchQuery, DispatchState, Fate, Language,
+    Lifecycle, Question, Response, ResponseQuery, Sentiment, SuppressReason, Survey,
+    SurveyDefinition, SurveyKind, SurveyQuery, SurveyState,
 };
 use crate::summary::{TALLY_COLUMNS, Tally};
 
@@ -23,13 +30,99 @@ use crate::summary::{TALLY_COLUMNS, Tally};
 pub struct PostgresFeedbackStore {
     pool: PgPool,
     log: EventLog,
+    vacuum: ErasureVacuum,
 }
 
 impl PostgresFeedbackStore {
     /// A store over an open pool whose `search_path` is the feedback schema.
     pub fn new(pool: PgPool, log: EventLog) -> Self {
-        Self { pool, log }
+        Self {
+            vacuum: ErasureVacuum::spawn(
+                pool.clone(),
+                &["responses"],
+                std::time::Duration::from_secs(10),
+            ),
+            pool,
+            log,
+        }
     }
+}
+
+/// Inserts dispatches (one statement per 1,000) unless their source is
+/// stored already; returns those stored.
+async fn insert_new_dispatches(
+    tx: &mut sqlx::PgConnection,
+    dispatches: &[Dispatch],
+) -> Result<Vec<Dispatch>, sqlx::Error> {
+    let mut stored: HashSet<Uuid> = HashSet::with_capacity(dispatches.len());
+    for chunk in dispatches.chunks(1000) {
+        let mut sql: QueryBuilder<Postgres> =
+            QueryBuilder::new(format!("INSERT INTO dispatches ({DISPATCH_COLUMNS}) "));
+        sql.push_values(chunk, |mut row, dispatch| {
+            row.push_bind(dispatch.id)
+                .push_bind(dispatch.survey_id)
+                .push_bind(dispatch.customer_id)
+                .push_bind(&dispatch.trigger_name)
+                .push_bind(&dispatch.source_entry_id)
+                .push_bind(dispatch.state.as_str())
+                .push_bind(dispatch.due_at)
+                .push_bind(dispatch.dispatched_at)
+                .push_bind(dispatch.expires_at)
+                .push_bind(dispatch.responded_at)
+                .push_bind(dispatch.created_at);
+        });
+        sql.push(" ON CONFLICT (survey_id, trigger_name, source_entry_id) DO NOTHING RETURNING id");
+        stored.extend(sql.build_query_scalar::<Uuid>().fetch_all(&mut *tx).await?);
+    }
+    Ok(dispatches
+        .iter()
+        .filter(|dispatch| stored.contains(&dispatch.id))
+        .cloned()
+        .collect())
+}
+
+/// Which scheduled dispatches to suppress.
+enum Scheduled<'a> {
+    /// Those a source (transition) scheduled.
+    OfSources(&'a [String]),
+    /// Those of a customer.
+    OfCustomer(Uuid),
+}
+
+/// Moves the scheduled dispatches selected to SUPPRESSED with `reason`;
+/// returns them as changed, oldest due first.
+async fn suppress_scheduled(
+    tx: &mut sqlx::PgConnection,
+    which: Scheduled<'_>,
+    reason: SuppressReason,
+) -> Result<Vec<Dispatch>, StoreError> {
+    let state = DispatchState::Suppressed(reason).as_str();
+    let rows = match which {
+        Scheduled::OfSources([]) => return Ok(Vec::new()),
+        Scheduled::OfSources(sources) => sqlx::query(&format!(
+            "UPDATE dispatches SET state = $2 WHERE state = 'SCHEDULED' AND source_entry_id = ANY($1) \
+             RETURNING {DISPATCH_COLUMNS}"
+        ))
+        .bind(sources)
+        .bind(state)
+        .fetch_all(&mut *tx)
+        .await,
+        Scheduled::OfCustomer(customer_id) => sqlx::query(&format!(
+            "UPDATE dispatches SET state = $2 WHERE state = 'SCHEDULED' AND customer_id = $1 \
+             RETURNING {DISPATCH_COLUMNS}"
+        ))
+        .bind(customer_id)
+        .bind(state)
+        .fetch_all(&mut *tx)
+        .await,
+    }
+    .map_err(StoreError::from_db)?;
+    let mut changed = rows
+        .iter()
+        .map(dispatch_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    changed.sort_by_key(|dispatch| (dispatch.due_at, dispatch.id));
+    Ok(changed)
 }
 
 const SURVEY_COLUMNS: &str =
@@ -333,40 +426,9 @@ impl FeedbackStore for PostgresFeedbackStore {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
-        // 11 parameters a row: chunks stay far below PostgreSQL's 65,535.
-        let mut stored: Vec<Uuid> = Vec::with_capacity(dispatches.len());
-        for chunk in dispatches.chunks(1000) {
-            let mut sql: QueryBuilder<Postgres> =
-                QueryBuilder::new(format!("INSERT INTO dispatches ({DISPATCH_COLUMNS}) "));
-            sql.push_values(chunk, |mut row, dispatch| {
-                row.push_bind(dispatch.id)
-                    .push_bind(dispatch.survey_id)
-                    .push_bind(dispatch.customer_id)
-                    .push_bind(&dispatch.trigger_name)
-                    .push_bind(&dispatch.source_entry_id)
-                    .push_bind(dispatch.state.as_str())
-                    .push_bind(dispatch.due_at)
-                    .push_bind(dispatch.dispatched_at)
-                    .push_bind(dispatch.expires_at)
-                    .push_bind(dispatch.responded_at)
-                    .push_bind(dispatch.created_at);
-            });
-            sql.push(
-                " ON CONFLICT (survey_id, trigger_name, source_entry_id) DO NOTHING RETURNING id",
-            );
-            stored.extend(
-                sql.build_query_scalar::<Uuid>()
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(StoreError::from_db)?,
-            );
-        }
-        let stored: std::collections::HashSet<Uuid> = stored.into_iter().collect();
-        let stored: Vec<Dispatch> = dispatches
-            .iter()
-            .filter(|dispatch| stored.contains(&dispatch.id))
-            .cloned()
-            .collect();
+        let stored = insert_new_dispatches(&mut tx, dispatches)
+            .await
+            .map_err(StoreError::from_db)?;
         for dispatch in &stored {
             if let Some(released) = dispatch.dispatched_at {
                 let tally = Tally {
@@ -634,4 +696,367 @@ impl FeedbackStore for PostgresFeedbackStore {
     fn log(&self) -> &EventLog {
         &self.log
     }
+
+    async fn lifecycles(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Lifecycle>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT customer_id, stage, acquisition_status, health, engagement_score, lead_score, \
+               health_score, as_of FROM customer_lifecycles WHERE customer_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.iter()
+            .map(|row| {
+                let decode = |err: sqlx::Error| StoreError::corrupt("lifecycle", err);
+                Ok((
+                    row.try_get("customer_id").map_err(decode)?,
+                    Lifecycle {
+                        stage: row.try_get("stage").map_err(decode)?,
+                        acquisition_status: row.try_get("acquisition_status").map_err(decode)?,
+                        health: row.try_get("health").map_err(decode)?,
+                        engagement_score: row.try_get("engagement_score").map_err(decode)?,
+                        lead_score: row.try_get("lead_score").map_err(decode)?,
+                        health_score: row.try_get("health_score").map_err(decode)?,
+                        as_of: row.try_get("as_of").map_err(decode)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn fates(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Fate>, StoreError> {
+        let rows: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+            "SELECT merged_id, survivor_id FROM merged_customers WHERE merged_id = ANY($1) \
+             UNION ALL SELECT customer_id, NULL FROM erased_customers WHERE customer_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        let mut fates = HashMap::new();
+        for (id, survivor) in rows {
+            // An erasure outranks a merge: nothing more goes to the person.
+            match survivor {
+                None => {
+                    fates.insert(id, Fate::Erased);
+                }
+                Some(survivor) => {
+                    fates.entry(id).or_insert(Fate::Merged(survivor));
+                }
+            }
+        }
+        Ok(fates)
+    }
+
+    async fn apply_events(
+        &self,
+        batch: &EventBatch,
+        entry: &DispatchEntry,
+        cursor: &CursorMove,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        // The newest lifecycle of each customer in the batch.
+        let mut newest: HashMap<Uuid, &Lifecycle> = HashMap::new();
+        for (id, lifecycle) in &batch.lifecycles {
+            let keep = newest
+                .get(id)
+                .is_none_or(|kept| kept.as_of <= lifecycle.as_of);
+            if keep {
+                newest.insert(*id, lifecycle);
+            }
+        }
+        for (id, lifecycle) in &newest {
+            sqlx::query(
+                "INSERT INTO customer_lifecycles (customer_id, stage, acquisition_status, health, \
+                   engagement_score, lead_score, health_score, as_of) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (customer_id) DO UPDATE SET stage = EXCLUDED.stage, \
+                   acquisition_status = EXCLUDED.acquisition_status, health = EXCLUDED.health, \
+                   engagement_score = EXCLUDED.engagement_score, lead_score = EXCLUDED.lead_score, \
+                   health_score = EXCLUDED.health_score, as_of = EXCLUDED.as_of \
+                 WHERE customer_lifecycles.as_of <= EXCLUDED.as_of",
+            )
+            .bind(id)
+            .bind(&lifecycle.stage)
+            .bind(&lifecycle.acquisition_status)
+            .bind(&lifecycle.health)
+            .bind(lifecycle.engagement_score)
+            .bind(lifecycle.lead_score)
+            .bind(lifecycle.health_score)
+            .bind(lifecycle.as_of)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        }
+        let mut changed = insert_new_dispatches(&mut tx, &batch.dispatches)
+            .await
+            .map_err(StoreError::from_db)?;
+        changed.extend(
+            suppress_scheduled(
+                &mut tx,
+                Scheduled::OfSources(&batch.retracted),
+                SuppressReason::Retracted,
+            )
+            .await?,
+        );
+        let entries: Vec<LogEntry> = changed.iter().map(entry).collect();
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        cursors::move_postgres(&mut tx, cursor)
+            .await
+            .map_err(StoreError::from_db)?
+            .map_err(|moved| StoreError::Conflict(moved.to_string()))?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(())
+    }
+
+    async fn apply_customer_changes(
+        &self,
+        changes: &[CustomerChange],
+        entry: &DispatchEntry,
+        text_erased: &TextErasedEntry,
+        cursor: &CursorMove,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let mut entries = Vec::new();
+        let mut erased = false;
+        for change in changes {
+            match change {
+                CustomerChange::Merged {
+                    merged_id,
+                    survivor_id,
+                    at,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO merged_customers (merged_id, survivor_id, merged_at) \
+                         VALUES ($1, $2, $3) ON CONFLICT (merged_id) DO NOTHING",
+                    )
+                    .bind(merged_id)
+                    .bind(survivor_id)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?;
+                    // Those merged into the merged customer earlier follow.
+                    for sql in [
+                        "UPDATE merged_customers SET survivor_id = $2 WHERE survivor_id = $1",
+                        "UPDATE dispatches SET customer_id = $2 WHERE customer_id = $1",
+                        "UPDATE responses SET customer_id = $2 WHERE customer_id = $1",
+                    ] {
+                        sqlx::query(sql)
+                            .bind(merged_id)
+                            .bind(survivor_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from_db)?;
+                    }
+                }
+                CustomerChange::Erased { customer_id, at } => {
+                    sqlx::query(
+                        "INSERT INTO erased_customers (customer_id, erased_at) VALUES ($1, $2) \
+                         ON CONFLICT (customer_id) DO NOTHING",
+                    )
+                    .bind(customer_id)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?;
+                    let suppressed = suppress_scheduled(
+                        &mut tx,
+                        Scheduled::OfCustomer(*customer_id),
+                        SuppressReason::CustomerErased,
+                    )
+                    .await?;
+                    entries.extend(suppressed.iter().map(entry));
+                    let rows = sqlx::query(
+                        "SELECT id, answers FROM responses WHERE customer_id = $1 FOR UPDATE",
+                    )
+                    .bind(customer_id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?;
+                    let mut stripped = 0_i64;
+                    for row in rows {
+                        let decode = |err: sqlx::Error| StoreError::corrupt("response", err);
+                        let id: Uuid = row.try_get("id").map_err(decode)?;
+                        let Json(mut answers): Json<Vec<Answer>> =
+                            row.try_get("answers").map_err(decode)?;
+                        if !strip_text(&mut answers) {
+                            continue;
+                        }
+                        sqlx::query("UPDATE responses SET answers = $2 WHERE id = $1")
+                            .bind(id)
+                            .bind(Json(&answers))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from_db)?;
+                        stripped += 1;
+                    }
+                    if stripped > 0 {
+                        erased = true;
+                        entries.push(text_erased(*customer_id, stripped));
+                    }
+                }
+            }
+        }
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        cursors::move_postgres(&mut tx, cursor)
+            .await
+            .map_err(StoreError::from_db)?
+            .map_err(|moved| StoreError::Conflict(moved.to_string()))?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if erased {
+            self.vacuum.erased();
+        }
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(())
+    }
+
+    async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError> {
+        cursors::load(&Pools::Postgres(self.pool.clone()), consumer, shard)
+            .await
+            .map_err(|err| StoreError::Unavailable(err.0))
+    }
+
+    async fn due_dispatches(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE state = 'SCHEDULED' AND due_at <= $1 \
+             ORDER BY due_at, id LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(dispatch_from_row)
+        .collect()
+    }
+
+    async fn last_releases(
+        &self,
+        customer_id: Uuid,
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError> {
+        let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT survey_id, max(dispatched_at) FROM dispatches \
+             WHERE customer_id = $1 AND dispatched_at IS NOT NULL GROUP BY survey_id",
+        )
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_db)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn settle_dispatches(
+        &self,
+        settled: &[(Dispatch, LogEntry)],
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        if settled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let mut done = Vec::new();
+        let mut entries = Vec::new();
+        for (dispatch, entry) in settled {
+            let updated = sqlx::query(
+                "UPDATE dispatches SET state = $2, dispatched_at = $3, expires_at = $4 \
+                 WHERE id = $1 AND state = 'SCHEDULED'",
+            )
+            .bind(dispatch.id)
+            .bind(dispatch.state.as_str())
+            .bind(dispatch.dispatched_at)
+            .bind(dispatch.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            if updated.rows_affected() == 0 {
+                continue;
+            }
+            if let Some(released) = dispatch.dispatched_at {
+                let tally = Tally {
+                    dispatched: 1,
+                    ..Tally::default()
+                };
+                add_to_rollup(
+                    &mut tx,
+                    dispatch.survey_id,
+                    hour_of(released),
+                    super::rollup_slot(&dispatch.id.to_string()),
+                    &tally,
+                )
+                .await
+                .map_err(StoreError::from_db)?;
+            }
+            done.push(dispatch.clone());
+            entries.push(entry.clone());
+        }
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(done)
+    }
+
+    async fn expire_dispatches(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        entry: &DispatchEntry,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let expired: Vec<Dispatch> = sqlx::query(&format!(
+            "UPDATE dispatches SET state = 'EXPIRED' WHERE id IN ( \
+               SELECT id FROM dispatches WHERE state = 'DISPATCHED' AND expires_at <= $1 \
+               ORDER BY expires_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING {DISPATCH_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(dispatch_from_row)
+        .collect::<Result<_, _>>()?;
+        let mut expired = expired;
+        expired.sort_by_key(|dispatch| (dispatch.expires_at, dispatch.id));
+        let entries: Vec<LogEntry> = expired.iter().map(entry).collect();
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(expired.len())
+    }
+}
+
+/// Deletes the free text of `answers`; true when there was any.
+pub(super) fn strip_text(answers: &mut [Answer]) -> bool {
+    let mut stripped = false;
+    for answer in answers {
+        if let AnswerValue::Text(text @ Some(_)) = &mut answer.value {
+            *text = None;
+            stripped = true;
+        }
+    }
+    stripped
 }

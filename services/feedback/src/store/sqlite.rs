@@ -5,26 +5,28 @@
 //! a single writer, so write transactions run one after another), reads on
 //! the reader connections.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use clm_eventlog::{EventLog, NewEntry};
+use clm_eventlog::consumer::cursors::{self, CursorMove};
+use clm_eventlog::{EventLog, NewEntry, ShardFilter};
 use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
-use clm_platform::db::{DbErrorKind, SqlitePools};
+use clm_platform::db::{DbErrorKind, Pools, SqlitePools};
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::postgres::sentiment_of;
+use super::postgres::{sentiment_of, strip_text};
 use super::{
-    Created, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError, Updated, hour_of,
-    window_parts,
+    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError,
+    TextErasedEntry, Updated, hour_of, window_parts,
 };
 use crate::model::{
-    Answer, Dispatch, DispatchQuery, DispatchState, Question, Response, ResponseQuery, Sentiment,
-    Survey, SurveyDefinition, SurveyKind, SurveyQuery, SurveyState,
+    Answer, CustomerChange, Dispatch, DispatchQuery, DispatchState, Fate, Lifecycle, Question,
+    Response, ResponseQuery, Sentiment, SuppressReason, Survey, SurveyDefinition, SurveyKind,
+    SurveyQuery, SurveyState,
 };
 use crate::summary::{TALLY_COLUMNS, Tally};
 
@@ -44,6 +46,114 @@ impl SqliteFeedbackStore {
 /// Dispatches per `INSERT` statement: 11 parameters each, well below
 /// SQLite's limit of 32,766 parameters per statement.
 const DISPATCHES_PER_STATEMENT: usize = 1000;
+
+/// Values per `IN (...)` list: one statement per 1,000, well below
+/// SQLite's limit of 32,766 parameters per statement.
+const IDS_PER_STATEMENT: usize = 1000;
+
+/// Inserts dispatches (one statement per [`DISPATCHES_PER_STATEMENT`])
+/// unless their (survey, trigger, source entry) is stored already; returns
+/// those stored, in the order given.
+async fn insert_new_dispatches(
+    tx: &mut SqliteConnection,
+    dispatches: &[Dispatch],
+) -> Result<Vec<Dispatch>, StoreError> {
+    let mut stored_ids = HashSet::with_capacity(dispatches.len());
+    for chunk in dispatches.chunks(DISPATCHES_PER_STATEMENT) {
+        let mut sql: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("INSERT INTO dispatches ({DISPATCH_COLUMNS}) "));
+        sql.push_values(chunk, |mut row, dispatch| {
+            row.push_bind(dispatch.id.to_string())
+                .push_bind(dispatch.survey_id.to_string())
+                .push_bind(dispatch.customer_id.to_string())
+                .push_bind(&dispatch.trigger_name)
+                .push_bind(&dispatch.source_entry_id)
+                .push_bind(dispatch.state.as_str())
+                .push_bind(dispatch.due_at.timestamp_micros())
+                .push_bind(dispatch.dispatched_at.map(|at| at.timestamp_micros()))
+                .push_bind(dispatch.expires_at.map(|at| at.timestamp_micros()))
+                .push_bind(dispatch.responded_at.map(|at| at.timestamp_micros()))
+                .push_bind(dispatch.created_at.timestamp_micros());
+        });
+        sql.push(" ON CONFLICT (survey_id, trigger_name, source_entry_id) DO NOTHING RETURNING id");
+        let ids: Vec<String> = sql
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        for id in ids {
+            stored_ids.insert(
+                Uuid::try_parse(&id).map_err(|err| StoreError::corrupt("dispatch id", err))?,
+            );
+        }
+    }
+    Ok(dispatches
+        .iter()
+        .filter(|dispatch| stored_ids.contains(&dispatch.id))
+        .cloned()
+        .collect())
+}
+
+/// Moves the SCHEDULED dispatches whose `column` is one of `values` to
+/// SUPPRESSED with `reason`; returns them as changed.
+async fn suppress_scheduled(
+    tx: &mut SqliteConnection,
+    column: &str,
+    values: &[String],
+    reason: SuppressReason,
+) -> Result<Vec<Dispatch>, StoreError> {
+    let mut changed = Vec::new();
+    for chunk in values.chunks(IDS_PER_STATEMENT) {
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE dispatches SET state = ");
+        sql.push_bind(DispatchState::Suppressed(reason).as_str());
+        sql.push(format!(" WHERE state = 'SCHEDULED' AND {column} IN ("));
+        let mut list = sql.separated(", ");
+        for value in chunk {
+            list.push_bind(value);
+        }
+        sql.push(format!(") RETURNING {DISPATCH_COLUMNS}"));
+        for row in sql
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?
+        {
+            changed.push(dispatch_from_row(&row)?);
+        }
+    }
+    // RETURNING gives no order: log them in due order, as they are listed.
+    changed.sort_by_key(|dispatch| (dispatch.due_at, dispatch.id));
+    Ok(changed)
+}
+
+/// Moves the cursor as the transaction's last statement and commits; a
+/// cursor moved meanwhile rolls everything back as a conflict.
+async fn move_cursor_and_commit(
+    mut tx: sqlx::Transaction<'_, Sqlite>,
+    cursor: &CursorMove,
+) -> Result<(), StoreError> {
+    cursors::move_sqlite(&mut tx, cursor)
+        .await
+        .map_err(StoreError::from_db)?
+        .map_err(|moved| StoreError::Conflict(moved.to_string()))?;
+    tx.commit().await.map_err(StoreError::from_db)
+}
+
+fn lifecycle_from_row(row: &SqliteRow) -> Result<(Uuid, Lifecycle), StoreError> {
+    let decode = |err: sqlx::Error| StoreError::corrupt("lifecycle", err);
+    Ok((
+        uuid_column(row, "customer_id").map_err(decode)?,
+        Lifecycle {
+            stage: row.try_get("stage").map_err(decode)?,
+            acquisition_status: row.try_get("acquisition_status").map_err(decode)?,
+            health: row.try_get("health").map_err(decode)?,
+            engagement_score: row.try_get("engagement_score").map_err(decode)?,
+            lead_score: row.try_get("lead_score").map_err(decode)?,
+            health_score: row.try_get("health_score").map_err(decode)?,
+            as_of: time_column(row, "as_of").map_err(decode)?,
+        },
+    ))
+}
 
 /// A document as the JSON text it is stored as.
 fn to_json(what: &str, value: &impl Serialize) -> Result<String, StoreError> {
@@ -411,42 +521,7 @@ impl FeedbackStore for SqliteFeedbackStore {
             .begin()
             .await
             .map_err(StoreError::from_db)?;
-        let mut stored_ids = HashSet::new();
-        for chunk in dispatches.chunks(DISPATCHES_PER_STATEMENT) {
-            let mut sql: QueryBuilder<Sqlite> =
-                QueryBuilder::new(format!("INSERT INTO dispatches ({DISPATCH_COLUMNS}) "));
-            sql.push_values(chunk, |mut row, dispatch| {
-                row.push_bind(dispatch.id.to_string())
-                    .push_bind(dispatch.survey_id.to_string())
-                    .push_bind(dispatch.customer_id.to_string())
-                    .push_bind(&dispatch.trigger_name)
-                    .push_bind(&dispatch.source_entry_id)
-                    .push_bind(dispatch.state.as_str())
-                    .push_bind(dispatch.due_at.timestamp_micros())
-                    .push_bind(dispatch.dispatched_at.map(|at| at.timestamp_micros()))
-                    .push_bind(dispatch.expires_at.map(|at| at.timestamp_micros()))
-                    .push_bind(dispatch.responded_at.map(|at| at.timestamp_micros()))
-                    .push_bind(dispatch.created_at.timestamp_micros());
-            });
-            sql.push(
-                " ON CONFLICT (survey_id, trigger_name, source_entry_id) DO NOTHING RETURNING id",
-            );
-            let ids: Vec<String> = sql
-                .build_query_scalar()
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(StoreError::from_db)?;
-            for id in ids {
-                stored_ids.insert(
-                    Uuid::try_parse(&id).map_err(|err| StoreError::corrupt("dispatch id", err))?,
-                );
-            }
-        }
-        let stored: Vec<Dispatch> = dispatches
-            .iter()
-            .filter(|dispatch| stored_ids.contains(&dispatch.id))
-            .cloned()
-            .collect();
+        let stored = insert_new_dispatches(&mut tx, dispatches).await?;
         for dispatch in &stored {
             if let Some(released) = dispatch.dispatched_at {
                 let tally = Tally {
@@ -761,5 +836,419 @@ impl FeedbackStore for SqliteFeedbackStore {
 
     fn log(&self) -> &EventLog {
         &self.log
+    }
+
+    async fn lifecycles(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Lifecycle>, StoreError> {
+        let mut lifecycles = HashMap::new();
+        if ids.is_empty() {
+            return Ok(lifecycles);
+        }
+        // One read transaction, so that every chunk sees the same snapshot.
+        let mut tx = self
+            .pools
+            .reader
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::<Sqlite>::new(
+                "SELECT customer_id, stage, acquisition_status, health, engagement_score, \
+                   lead_score, health_score, as_of FROM customer_lifecycles WHERE customer_id IN (",
+            );
+            let mut list = sql.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            sql.push(")");
+            for row in sql
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?
+            {
+                let (id, lifecycle) = lifecycle_from_row(&row)?;
+                lifecycles.insert(id, lifecycle);
+            }
+        }
+        Ok(lifecycles)
+    }
+
+    async fn fates(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Fate>, StoreError> {
+        let mut fates = HashMap::new();
+        if ids.is_empty() {
+            return Ok(fates);
+        }
+        let mut tx = self
+            .pools
+            .reader
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::<Sqlite>::new(
+                "SELECT merged_id AS id, survivor_id FROM merged_customers WHERE merged_id IN (",
+            );
+            let mut list = sql.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            sql.push(
+                ") UNION ALL SELECT customer_id AS id, NULL AS survivor_id FROM erased_customers \
+                 WHERE customer_id IN (",
+            );
+            let mut list = sql.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            sql.push(")");
+            for row in sql
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::from_db)?
+            {
+                let decode = |err: sqlx::Error| StoreError::corrupt("customer fate", err);
+                let id = uuid_column(&row, "id").map_err(decode)?;
+                // An erasure outranks a merge: nothing more goes to the person.
+                match optional_uuid(&row, "survivor_id").map_err(decode)? {
+                    None => {
+                        fates.insert(id, Fate::Erased);
+                    }
+                    Some(survivor) => {
+                        fates.entry(id).or_insert(Fate::Merged(survivor));
+                    }
+                }
+            }
+        }
+        Ok(fates)
+    }
+
+    async fn apply_events(
+        &self,
+        batch: &EventBatch,
+        entry: &DispatchEntry,
+        cursor: &CursorMove,
+    ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        // The newest lifecycle of each customer in the batch.
+        let mut newest: HashMap<Uuid, &Lifecycle> = HashMap::new();
+        for (id, lifecycle) in &batch.lifecycles {
+            let keep = newest
+                .get(id)
+                .is_none_or(|kept| kept.as_of <= lifecycle.as_of);
+            if keep {
+                newest.insert(*id, lifecycle);
+            }
+        }
+        for (id, lifecycle) in &newest {
+            sqlx::query(
+                "INSERT INTO customer_lifecycles (customer_id, stage, acquisition_status, health, \
+                   engagement_score, lead_score, health_score, as_of) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (customer_id) DO UPDATE SET stage = excluded.stage, \
+                   acquisition_status = excluded.acquisition_status, health = excluded.health, \
+                   engagement_score = excluded.engagement_score, lead_score = excluded.lead_score, \
+                   health_score = excluded.health_score, as_of = excluded.as_of \
+                 WHERE customer_lifecycles.as_of <= excluded.as_of",
+            )
+            .bind(id.to_string())
+            .bind(&lifecycle.stage)
+            .bind(&lifecycle.acquisition_status)
+            .bind(&lifecycle.health)
+            .bind(lifecycle.engagement_score)
+            .bind(lifecycle.lead_score)
+            .bind(lifecycle.health_score)
+            .bind(lifecycle.as_of.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        }
+        let mut changed = insert_new_dispatches(&mut tx, &batch.dispatches).await?;
+        changed.extend(
+            suppress_scheduled(
+                &mut tx,
+                "source_entry_id",
+                &batch.retracted,
+                SuppressReason::Retracted,
+            )
+            .await?,
+        );
+        let entries: Vec<LogEntry> = changed.iter().map(entry).collect();
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        move_cursor_and_commit(tx, cursor).await?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(())
+    }
+
+    async fn apply_customer_changes(
+        &self,
+        changes: &[CustomerChange],
+        entry: &DispatchEntry,
+        text_erased: &TextErasedEntry,
+        cursor: &CursorMove,
+    ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let mut entries = Vec::new();
+        let mut erased = false;
+        for change in changes {
+            match change {
+                CustomerChange::Merged {
+                    merged_id,
+                    survivor_id,
+                    at,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO merged_customers (merged_id, survivor_id, merged_at) \
+                         VALUES (?1, ?2, ?3) ON CONFLICT (merged_id) DO NOTHING",
+                    )
+                    .bind(merged_id.to_string())
+                    .bind(survivor_id.to_string())
+                    .bind(at.timestamp_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?;
+                    // Those merged into the merged customer earlier follow.
+                    for sql in [
+                        "UPDATE merged_customers SET survivor_id = ?2 WHERE survivor_id = ?1",
+                        "UPDATE dispatches SET customer_id = ?2 WHERE customer_id = ?1",
+                        "UPDATE responses SET customer_id = ?2 WHERE customer_id = ?1",
+                    ] {
+                        sqlx::query(sql)
+                            .bind(merged_id.to_string())
+                            .bind(survivor_id.to_string())
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from_db)?;
+                    }
+                }
+                CustomerChange::Erased { customer_id, at } => {
+                    sqlx::query(
+                        "INSERT INTO erased_customers (customer_id, erased_at) VALUES (?1, ?2) \
+                         ON CONFLICT (customer_id) DO NOTHING",
+                    )
+                    .bind(customer_id.to_string())
+                    .bind(at.timestamp_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?;
+                    let suppressed = suppress_scheduled(
+                        &mut tx,
+                        "customer_id",
+                        &[customer_id.to_string()],
+                        SuppressReason::CustomerErased,
+                    )
+                    .await?;
+                    entries.extend(suppressed.iter().map(entry));
+                    // The one writer: no other transaction changes these
+                    // rows between the read and the update.
+                    let rows =
+                        sqlx::query("SELECT id, answers FROM responses WHERE customer_id = ?1")
+                            .bind(customer_id.to_string())
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(StoreError::from_db)?;
+                    let mut stripped = 0_i64;
+                    for row in rows {
+                        let decode = |err: sqlx::Error| StoreError::corrupt("response", err);
+                        let id: String = row.try_get("id").map_err(decode)?;
+                        let answers: String = row.try_get("answers").map_err(decode)?;
+                        let mut answers: Vec<Answer> = serde_json::from_str(&answers)
+                            .map_err(|err| StoreError::corrupt("response's answers", err))?;
+                        if !strip_text(&mut answers) {
+                            continue;
+                        }
+                        sqlx::query("UPDATE responses SET answers = ?2 WHERE id = ?1")
+                            .bind(&id)
+                            .bind(to_json("response's answers", &answers)?)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from_db)?;
+                        stripped += 1;
+                    }
+                    if stripped > 0 {
+                        erased = true;
+                        entries.push(text_erased(*customer_id, stripped));
+                    }
+                }
+            }
+        }
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        move_cursor_and_commit(tx, cursor).await?;
+        if erased {
+            // The old answers are zeroed in the main file (`secure_delete`);
+            // the WAL still holds their pages until it is truncated. The
+            // erasure is committed already: a busy WAL is wiped by a later
+            // erasure.
+            if let Err(err) = clm_platform::db::wipe_sqlite_wal(&self.pools, 50).await {
+                tracing::warn!(error = %err, "cannot truncate the WAL after an erasure");
+            }
+        }
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(())
+    }
+
+    async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError> {
+        cursors::load(&Pools::Sqlite(self.pools.clone()), consumer, shard)
+            .await
+            .map_err(|err| StoreError::Unavailable(err.0))
+    }
+
+    async fn due_dispatches(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE state = 'SCHEDULED' AND due_at <= ?1 \
+             ORDER BY due_at, id LIMIT ?2"
+        ))
+        .bind(now.timestamp_micros())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(dispatch_from_row)
+        .collect()
+    }
+
+    async fn last_releases(
+        &self,
+        customer_id: Uuid,
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT survey_id, max(dispatched_at) FROM dispatches \
+             WHERE customer_id = ?1 AND dispatched_at IS NOT NULL GROUP BY survey_id",
+        )
+        .bind(customer_id.to_string())
+        .fetch_all(&self.pools.reader)
+        .await
+        .map_err(StoreError::from_db)?;
+        rows.into_iter()
+            .map(|(survey_id, released)| {
+                let survey_id = Uuid::try_parse(&survey_id)
+                    .map_err(|err| StoreError::corrupt("dispatch's survey id", err))?;
+                let released = DateTime::from_timestamp_micros(released)
+                    .ok_or_else(|| StoreError::corrupt("dispatch's release time", released))?;
+                Ok((survey_id, released))
+            })
+            .collect()
+    }
+
+    async fn settle_dispatches(
+        &self,
+        settled: &[(Dispatch, LogEntry)],
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        if settled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let mut done = Vec::new();
+        let mut entries = Vec::new();
+        for (dispatch, entry) in settled {
+            let updated = sqlx::query(
+                "UPDATE dispatches SET state = ?2, dispatched_at = ?3, expires_at = ?4 \
+                 WHERE id = ?1 AND state = 'SCHEDULED'",
+            )
+            .bind(dispatch.id.to_string())
+            .bind(dispatch.state.as_str())
+            .bind(dispatch.dispatched_at.map(|at| at.timestamp_micros()))
+            .bind(dispatch.expires_at.map(|at| at.timestamp_micros()))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            if updated.rows_affected() == 0 {
+                continue;
+            }
+            if let Some(released) = dispatch.dispatched_at {
+                let tally = Tally {
+                    dispatched: 1,
+                    ..Tally::default()
+                };
+                add_to_rollup(
+                    &mut tx,
+                    dispatch.survey_id,
+                    hour_of(released),
+                    super::rollup_slot(&dispatch.id.to_string()),
+                    &tally,
+                )
+                .await
+                .map_err(StoreError::from_db)?;
+            }
+            done.push(dispatch.clone());
+            entries.push(entry.clone());
+        }
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(done)
+    }
+
+    async fn expire_dispatches(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        entry: &DispatchEntry,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        // The one writer: no other transaction takes these rows meanwhile,
+        // so no locking clause is needed.
+        let mut expired: Vec<Dispatch> = sqlx::query(&format!(
+            "UPDATE dispatches SET state = 'EXPIRED' WHERE id IN ( \
+               SELECT id FROM dispatches WHERE state = 'DISPATCHED' AND expires_at <= ?1 \
+               ORDER BY expires_at, id LIMIT ?2) \
+             RETURNING {DISPATCH_COLUMNS}"
+        ))
+        .bind(now.timestamp_micros())
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?
+        .iter()
+        .map(dispatch_from_row)
+        .collect::<Result<_, _>>()?;
+        // RETURNING gives no order: log the oldest first.
+        expired.sort_by_key(|dispatch| (dispatch.expires_at, dispatch.id));
+        let entries: Vec<LogEntry> = expired.iter().map(entry).collect();
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(expired.len())
     }
 }
