@@ -18,6 +18,8 @@ use clm_proto::feedback as pb;
 use clm_proto::feedback::survey_service_client::SurveyServiceClient;
 use clm_proto::identity as identity_pb;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
+use clm_proto::scoring as scoring_pb;
+use clm_proto::scoring::lifecycle_service_client::LifecycleServiceClient;
 use clm_proto::touchpoint as tp;
 use clm_proto::touchpoint::touchpoint_service_client::TouchpointServiceClient;
 use clm_tests::ClmServer;
@@ -383,6 +385,88 @@ async fn the_onboarding_journey(mode: Mode) {
         .into_inner();
     assert_eq!((summary.dispatch_count, summary.response_count), (1, 1));
     assert_eq!(summary.response_rate, 1.0);
+
+    // Scoring folds the answer in: the NPS feature, and with the default
+    // model a promoter is evidence for ADVOCACY.
+    let mut scoring = LifecycleServiceClient::new(server.channel().await);
+    let promoted = explained_when(&mut scoring, &customer, "the NPS of 10", |e| {
+        int_feature(e, "nps") == Some(10)
+    })
+    .await;
+    assert_eq!(int_feature(&promoted, "days_since_nps"), Some(0));
+    let lifecycle = promoted.lifecycle.clone().unwrap();
+    assert_eq!(
+        lifecycle.stage,
+        clm_proto::common::LifecycleStage::Advocacy as i32,
+        "{promoted:?}"
+    );
+    let before = lifecycle.health_score;
+    // A later detractor answer, by customer rather than dispatch, lowers
+    // health.
+    clients
+        .surveys
+        .record_response(pb::RecordResponseRequest {
+            response: Some(pb::SurveyResponse {
+                response_id: "olive-later".into(),
+                survey_id: survey.clone(),
+                customer: Some(CustomerReference {
+                    reference: Some(customer_reference::Reference::CustomerId(customer.clone())),
+                }),
+                answers: vec![pb::Answer {
+                    question_id: "recommend".into(),
+                    value: Some(pb::answer::Value::Score(3)),
+                    sentiment: None,
+                }],
+                submit_time: Some(timestamp(
+                    start + TimeDelta::days(8) + TimeDelta::minutes(2),
+                )),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let detracted = explained_when(&mut scoring, &customer, "the NPS of 3", |e| {
+        int_feature(e, "nps") == Some(3)
+    })
+    .await;
+    let after = detracted.lifecycle.unwrap().health_score;
+    assert!(after < before, "health {before} then {after}");
+}
+
+fn int_feature(explained: &scoring_pb::ExplainLifecycleResponse, name: &str) -> Option<i64> {
+    match explained.features.get(name)?.kind {
+        Some(scoring_pb::feature_value::Kind::IntValue(value)) => Some(value),
+        _ => None,
+    }
+}
+
+/// The explanation of a customer's lifecycle once `ready` holds for it.
+async fn explained_when(
+    scoring: &mut LifecycleServiceClient<Channel>,
+    customer_id: &str,
+    what: &str,
+    ready: impl Fn(&scoring_pb::ExplainLifecycleResponse) -> bool,
+) -> scoring_pb::ExplainLifecycleResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let explained = scoring
+            .explain_lifecycle(scoring_pb::ExplainLifecycleRequest {
+                customer_id: customer_id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner);
+        if let Ok(explained) = &explained
+            && ready(explained)
+        {
+            return explained.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {explained:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn fatigue_across_surveys(mode: Mode) {
@@ -652,6 +736,11 @@ async fn a_kill_mid_consumption_loses_and_doubles_nothing(mode: Mode) {
             env.push(("CLM_DATABASE_URL", url.expose().to_owned()));
         }
         env.push(("CLM_DATA_DIR", data.path().display().to_string()));
+        if !services.is_empty() && !services.contains(&"feedback") {
+            // Scoring follows feedback's log: nothing answers here while
+            // feedback is down, and its consumer waits.
+            env.push(("CLM_FEEDBACK_URL", "http://127.0.0.1:9".to_owned()));
+        }
         async move {
             let mut args = vec!["serve"];
             args.extend(services);
@@ -697,7 +786,7 @@ async fn a_kill_mid_consumption_loses_and_doubles_nothing(mode: Mode) {
     // Feedback consumes the backlog; it is killed as soon as part of it is
     // stored.
     let mut server = with(&[]).await;
-    let mut clients = Clients::of(&server).await;
+    let clients = Clients::of(&server).await;
     let seen = eventually("the first dispatches", || {
         let mut clients = Clients {
             surveys: clients.surveys.clone(),

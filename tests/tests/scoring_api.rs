@@ -707,9 +707,12 @@ fn model_with_stage_rules(version: &str, rules: &[(&str, &str)]) -> pb::Model {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_models_are_rejected_with_the_rule_named() {
-    let server = ClmServer::start(&["serve", "scoring", "identity", "touchpoints"], &[])
-        .await
-        .expect("start clm");
+    let server = ClmServer::start(
+        &["serve", "scoring", "identity", "touchpoints", "feedback"],
+        &[],
+    )
+    .await
+    .expect("start clm");
     let mut clients = Clients::of(&server).await;
     let bad = model_with_stage_rules(
         "bad-1",
@@ -1149,6 +1152,8 @@ async fn scoring_with(
         ("CLM_SCORING_DATABASE_URL", database.expose().to_owned()),
         ("CLM_IDENTITY_URL", upstream.endpoint()),
         ("CLM_TOUCHPOINTS_URL", upstream.endpoint()),
+        // Not served there: scoring's feedback consumer waits, retrying.
+        ("CLM_FEEDBACK_URL", upstream.endpoint()),
     ];
     env.extend(more.iter().cloned());
     ClmServer::start(&["serve", "scoring"], &env)
@@ -1641,6 +1646,7 @@ async fn trickle_then_replay(live_env: &[(&str, String)], replay_env: &[(&str, S
     env.extend(clock_env.iter().cloned());
     env.push(("CLM_IDENTITY_URL", upstream.endpoint()));
     env.push(("CLM_TOUCHPOINTS_URL", upstream.endpoint()));
+    env.push(("CLM_FEEDBACK_URL", upstream.endpoint()));
     let replay = ClmServer::start(&["serve", "scoring"], &env)
         .await
         .expect("start clm serve scoring");

@@ -78,6 +78,53 @@ impl Projection for TouchpointProjection {
     }
 }
 
+/// The name the feedback log consumer saves its cursors under.
+pub const FEEDBACK_CONSUMER: &str = "feedback.log";
+
+/// Folds survey answers (NPS, CSAT, CES) into features and evaluates.
+pub struct FeedbackProjection {
+    scorer: Arc<Scorer>,
+}
+
+impl FeedbackProjection {
+    /// A projection through `scorer`.
+    pub fn new(scorer: Arc<Scorer>) -> Self {
+        Self { scorer }
+    }
+}
+
+#[async_trait]
+impl Projection for FeedbackProjection {
+    type Entry = clm_proto::feedback::FeedbackLogEntry;
+
+    fn cursor_name(&self) -> &'static str {
+        FEEDBACK_CONSUMER
+    }
+
+    async fn saved_cursor(&self, shard: ShardFilter) -> Result<String, ConsumeError> {
+        self.scorer
+            .store()
+            .saved_cursor(FEEDBACK_CONSUMER, shard)
+            .await
+            .map_err(ConsumeError::new)
+    }
+
+    fn max_batch(&self) -> usize {
+        TOUCHPOINTS_PER_TRANSACTION
+    }
+
+    async fn apply(
+        &self,
+        batch: Vec<Self::Entry>,
+        cursor: &CursorMove,
+    ) -> Result<(), ConsumeError> {
+        self.scorer
+            .apply_answers(&batch, cursor.clone())
+            .await
+            .map_err(ConsumeError::new)
+    }
+}
+
 /// Applies profile changes, merges and erasures. Profiles are read from
 /// identity (the log carries no personal data).
 pub struct CustomerEventProjection {

@@ -62,6 +62,9 @@ pub enum Feature {
     Nps,
     Csat,
     Ces,
+    DaysSinceNps,
+    DaysSinceCsat,
+    DaysSinceCes,
     OpenSupportTickets,
     Stage,
     AcquisitionStatus,
@@ -89,7 +92,7 @@ pub enum TimeBehaviour {
 
 impl Feature {
     /// Every feature, in documentation order.
-    pub const ALL: [Feature; 28] = [
+    pub const ALL: [Feature; 31] = [
         Feature::Count,
         Feature::ChannelCount,
         Feature::DaysSinceFirstTouch,
@@ -109,6 +112,9 @@ impl Feature {
         Feature::Nps,
         Feature::Csat,
         Feature::Ces,
+        Feature::DaysSinceNps,
+        Feature::DaysSinceCsat,
+        Feature::DaysSinceCes,
         Feature::OpenSupportTickets,
         Feature::Stage,
         Feature::AcquisitionStatus,
@@ -142,6 +148,9 @@ impl Feature {
             Feature::Nps => "nps",
             Feature::Csat => "csat",
             Feature::Ces => "ces",
+            Feature::DaysSinceNps => "days_since_nps",
+            Feature::DaysSinceCsat => "days_since_csat",
+            Feature::DaysSinceCes => "days_since_ces",
             Feature::OpenSupportTickets => "open_support_tickets",
             Feature::Stage => "stage",
             Feature::AcquisitionStatus => "acquisition_status",
@@ -191,6 +200,9 @@ impl Feature {
             | Feature::Nps
             | Feature::Csat
             | Feature::Ces
+            | Feature::DaysSinceNps
+            | Feature::DaysSinceCsat
+            | Feature::DaysSinceCes
             | Feature::OpenSupportTickets => CelType::Int,
         }
     }
@@ -204,7 +216,10 @@ impl Feature {
             | Feature::DaysSinceConversion
             | Feature::DaysSinceLastCancellation
             | Feature::DaysInStage
-            | Feature::DaysInHealth => TimeBehaviour::DaysSince,
+            | Feature::DaysInHealth
+            | Feature::DaysSinceNps
+            | Feature::DaysSinceCsat
+            | Feature::DaysSinceCes => TimeBehaviour::DaysSince,
             Feature::Count | Feature::ChannelCount => TimeBehaviour::Windowed,
             Feature::EngagementScore | Feature::LeadScore | Feature::HealthScore => {
                 TimeBehaviour::Continuous
@@ -309,6 +324,9 @@ impl<'a> FeatureContext<'a> {
             Feature::DaysSinceLastCancellation => features.last_cancellation_at(),
             Feature::DaysInStage => self.state.stage_entered_at,
             Feature::DaysInHealth => self.state.health_entered_at,
+            Feature::DaysSinceNps => features.nps().map(|answer| answer.answered_at),
+            Feature::DaysSinceCsat => features.csat().map(|answer| answer.answered_at),
+            Feature::DaysSinceCes => features.ces().map(|answer| answer.answered_at),
             _ => None,
         }
     }

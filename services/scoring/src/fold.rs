@@ -1,7 +1,9 @@
 //! A customer's history as a function of their inputs.
 //!
 //! The inputs of a customer are their touchpoints, each at its
-//! `occur_time`, and the profile identity holds for them now. The profile
+//! `occur_time`, their survey answers (NPS, CSAT, CES) from the feedback
+//! log, each at its `submit_time`, and the profile identity holds for them
+//! now. The profile
 //! applies to the whole history (identity keeps no history of profiles, so a
 //! replay of the customer event log can only read the current one): it is
 //! folded in first, and a change of it derives the history again. Their
@@ -24,7 +26,7 @@ use crate::compiled_model::CompiledModel;
 use crate::features::{Money, TouchpointFacts};
 use crate::history::{Cause, RecordedTransition};
 use crate::scorer::evaluate_record;
-use crate::store::{CustomerRecord, Fact, Input};
+use crate::store::{CustomerRecord, Fact, Input, SurveyScore};
 
 /// The most evaluations at due times that one fold makes in a row: a bound
 /// for models whose due times never end (each is a step forward in time).
@@ -90,6 +92,7 @@ pub fn fold(
         catch_up(model, record, at, false, &mut out);
         let mut touchpoint = None;
         let mut profile_changed = false;
+        let mut answered = false;
         for input in group {
             match &input.fact {
                 Fact::Touchpoint {
@@ -114,6 +117,14 @@ pub fn fold(
                         profile_changed = true;
                     }
                 }
+                Fact::SurveyAnswer { kind, score } => {
+                    match kind {
+                        SurveyScore::Nps => record.features.record_nps(*score, at),
+                        SurveyScore::Csat => record.features.record_csat(*score, at),
+                        SurveyScore::Ces => record.features.record_ces(*score, at),
+                    }
+                    answered = true;
+                }
             }
         }
         record.folded_to = record.folded_to.max(Some(at));
@@ -125,6 +136,9 @@ pub fn fold(
                 Cause::Touchpoint,
                 Some(touchpoint_id),
             ));
+        } else if answered {
+            // A survey answer feeds stage and health rules (NPS, CSAT).
+            out.extend(evaluate_record(model, record, at, Cause::Feedback, None));
         } else if profile_changed && record.snapshot.is_some() {
             // The profile feeds fit rules: customers already scored are
             // evaluated; others wait for a touchpoint.
@@ -243,6 +257,58 @@ mod tests {
             .iter()
             .map(|t| ((t.at - day(0)).num_days(), t.to.stage, t.to.health))
             .collect()
+    }
+
+    fn answer(n: i64, score: i64) -> Input {
+        Input {
+            at: day(n),
+            key: format!("response/r-{n}/recommend"),
+            fact: Fact::SurveyAnswer {
+                kind: SurveyScore::Nps,
+                score,
+            },
+        }
+    }
+
+    #[test]
+    fn survey_answers_fold_in_at_their_time_in_any_arrival_order() {
+        let model = model();
+        let id = Uuid::now_v7();
+        let now = day(400);
+        let mut inputs = backfill();
+        inputs.extend([answer(30, 10), answer(200, 3)]);
+        let mut ordered = inputs.clone();
+        in_fold_order(&mut ordered);
+        let mut batch = CustomerRecord::new(id);
+        let all = fold(&model, &mut batch, &ordered, now);
+        // The promoter of day 30 is evidence for ADVOCACY, then, and the
+        // detractor of day 200 makes the latest NPS 3.
+        assert!(
+            moves(&all).iter().any(
+                |(day, stage, _)| *day == 30 && *stage == Some(crate::LifecycleStage::Advocacy)
+            ),
+            "{:?}",
+            moves(&all)
+        );
+        assert_eq!(batch.features.nps().map(|answer| answer.score), Some(3));
+        assert!(all.iter().any(|t| t.cause == Cause::Feedback));
+
+        // The answers arriving last (late, after everything else) and one
+        // by one give the same history.
+        let mut trickle = CustomerRecord::new(id);
+        let mut history: Vec<RecordedTransition> = Vec::new();
+        let mut kept = Vec::new();
+        let mut arrival = backfill();
+        arrival.extend([answer(200, 3), answer(30, 10)]);
+        for input in arrival {
+            kept.push(input);
+            let again = rederive(&model, &mut trickle, kept.clone(), history.clone(), now);
+            let retracted = again.retracted.len();
+            history.truncate(history.len() - retracted);
+            history.extend(again.added);
+        }
+        assert_eq!(moves(&history), moves(&all));
+        assert_eq!(trickle.features.nps(), batch.features.nps());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use clm_proto::feedback as feedback_pb;
 use clm_proto::identity as identity_pb;
 use clm_proto::touchpoint as touchpoint_pb;
 use tokio::sync::Notify;
@@ -299,6 +300,32 @@ impl Scorer {
         .await
     }
 
+    /// Folds the NPS, CSAT and CES answers of the responses on a batch of
+    /// the feedback log into their customers (each at its submit time, late
+    /// ones by deriving the history again) and moves the cursor, in one
+    /// transaction.
+    pub async fn apply_answers(
+        &self,
+        entries: &[feedback_pb::FeedbackLogEntry],
+        cursor: CursorMove,
+    ) -> Result<(), ScoringError> {
+        let answers: Vec<(Uuid, Input)> = entries.iter().flat_map(answer_inputs).collect();
+        let ids: Vec<Uuid> = answers.iter().map(|(id, _)| *id).collect();
+        self.with_retries(Retry::UntilDone, || async {
+            let model = self.active_model().await?;
+            let mut work = Work::new(self.load_with_survivors(ids.iter().copied()).await?);
+            for (customer_id, input) in &answers {
+                let target = work.target(*customer_id).customer_id;
+                work.add_input(target, input.clone());
+            }
+            self.settle(&mut work, &model).await?;
+            let mut changes = work.into_changes();
+            changes.cursor = Some(cursor.clone());
+            self.commit(&changes).await
+        })
+        .await
+    }
+
     /// Applies profile changes, merges and erasures from the customer event
     /// log and moves the cursor, in one transaction.
     pub async fn apply_customer_changes(
@@ -362,7 +389,7 @@ impl Scorer {
             // nothing.
             inputs.retain(|input| match &input.fact {
                 Fact::Profile(profile) => profile != record.features.profile(),
-                Fact::Touchpoint { .. } => true,
+                Fact::Touchpoint { .. } | Fact::SurveyAnswer { .. } => true,
             });
             if inputs.is_empty() {
                 continue;
@@ -975,6 +1002,48 @@ impl Work {
             retracted: self.retracted,
         }
     }
+}
+
+/// The inputs a feedback log entry gives: one per NPS, CSAT or CES answer
+/// of a recorded response, keyed by the response and question so that a
+/// replayed entry replaces itself.
+pub fn answer_inputs(entry: &feedback_pb::FeedbackLogEntry) -> Vec<(Uuid, Input)> {
+    use feedback_pb::feedback_log_entry::Change;
+    let Some(Change::ResponseRecorded(recorded)) = &entry.change else {
+        return Vec::new();
+    };
+    let (Ok(customer_id), Some(submitted)) = (
+        Uuid::try_parse(&entry.customer_id),
+        recorded
+            .submit_time
+            .as_ref()
+            .and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)),
+    ) else {
+        return Vec::new();
+    };
+    recorded
+        .scores
+        .iter()
+        .filter_map(|answer| {
+            let kind = match feedback_pb::QuestionType::try_from(answer.r#type).ok()? {
+                feedback_pb::QuestionType::Nps => crate::store::SurveyScore::Nps,
+                feedback_pb::QuestionType::Csat => crate::store::SurveyScore::Csat,
+                feedback_pb::QuestionType::Ces => crate::store::SurveyScore::Ces,
+                _ => return None,
+            };
+            Some((
+                customer_id,
+                Input {
+                    at: submitted,
+                    key: format!("response/{}/{}", recorded.id, answer.question_id),
+                    fact: Fact::SurveyAnswer {
+                        kind,
+                        score: i64::from(answer.score),
+                    },
+                },
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use chrono::Utc;
 use clm_eventlog::ShardFilter;
 use clm_eventlog::consumer::{self, Backoff};
 use clm_eventlog::leases::{self, HeldShards, LeaseGroup, ShardLease};
-use clm_eventlog::sources::{CustomerEvents, GrpcLogSource, TouchpointLog};
+use clm_eventlog::sources::{CustomerEvents, FeedbackLog, GrpcLogSource, TouchpointLog};
 use clm_platform::db::Pools;
 use clm_platform::server::Shutdown;
 use clm_platform::service::{
@@ -19,7 +19,9 @@ use clm_platform::{ConfigError, Env, PlatformConfig, Secret};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
-use crate::consumers::{CUSTOMERS_CONSUMER, CustomerEventProjection, TouchpointProjection};
+use crate::consumers::{
+    CUSTOMERS_CONSUMER, CustomerEventProjection, FeedbackProjection, TouchpointProjection,
+};
 use crate::default_model::default_model;
 use crate::grpc::LifecycleGrpc;
 use crate::history::Cause;
@@ -98,6 +100,8 @@ impl ScoringConfig {
 const IDENTITY: &str = "identity";
 /// The service whose log scoring folds.
 const TOUCHPOINTS: &str = "touchpoints";
+/// The service whose feedback log (survey answers) scoring folds in.
+const FEEDBACK: &str = "feedback";
 
 /// The scoring service, as the binary lists it.
 pub struct Scoring;
@@ -121,7 +125,7 @@ const INFO: ServiceInfo = ServiceInfo {
     name: SERVICE_NAME,
     about: "Lifecycle stages, scores, models and transitions",
     grpc_services: &["clm.scoring.v1.LifecycleService"],
-    calls: &[TOUCHPOINTS, IDENTITY],
+    calls: &[TOUCHPOINTS, IDENTITY, FEEDBACK],
     // A fresh database already holds the default model.
     smoke_call: SmokeCall {
         service: "clm.scoring.v1.LifecycleService",
@@ -164,11 +168,13 @@ impl Configured for ScoringConfig {
         let scorer = Arc::new(Scorer::new(store.clone(), config.clock.clone()));
         let identity = context.peers.channel(IDENTITY)?;
         let touchpoints = context.peers.channel(TOUCHPOINTS)?;
+        let feedback = context.peers.channel(FEEDBACK)?;
         let tasks = &mut *context.tasks;
         let rescore_wake = Arc::new(Notify::new());
         let shard_work = ShardWork {
             scorer: scorer.clone(),
             touchpoints: touchpoints.clone(),
+            feedback: feedback.clone(),
             rescore_wake: rescore_wake.clone(),
             config: config.clone(),
             divided,
@@ -234,6 +240,7 @@ impl Configured for ScoringConfig {
             let work = ShardWork {
                 scorer: scorer.clone(),
                 touchpoints: touchpoints.clone(),
+                feedback: feedback.clone(),
                 rescore_wake: rescore_wake.clone(),
                 config: config.clone(),
                 divided,
@@ -261,6 +268,7 @@ const SHARDS_GROUP: &str = "scoring.shards";
 struct ShardWork {
     scorer: Arc<Scorer>,
     touchpoints: PeerChannel,
+    feedback: PeerChannel,
     rescore_wake: Arc<Notify>,
     config: ScoringConfig,
     /// Whether the customers' work is divided by shard too (PostgreSQL).
@@ -275,7 +283,7 @@ impl ShardWork {
         let shard = lease.shard;
         let source = GrpcLogSource::<TouchpointLog>::new(self.touchpoints.clone());
         let projection = TouchpointProjection::new(self.scorer.clone());
-        let consume = consumer::run(
+        let touchpoints = consumer::run(
             "scoring.touchpoints",
             source,
             projection,
@@ -283,6 +291,19 @@ impl ShardWork {
             Backoff::default(),
             stop.clone(),
         );
+        // The shard's survey answers, beside its touchpoints: the feedback
+        // log is sharded by customer as the touchpoint log is.
+        let answers = consumer::run(
+            "scoring.feedback",
+            GrpcLogSource::<FeedbackLog>::new(self.feedback.clone()),
+            FeedbackProjection::new(self.scorer.clone()),
+            lease.clone(),
+            Backoff::default(),
+            stop.clone(),
+        );
+        let consume = async move {
+            tokio::join!(touchpoints, answers);
+        };
         if self.divided {
             // Tasks of their own, so a batch being evaluated never holds up
             // the shard's pushes.

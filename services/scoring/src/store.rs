@@ -150,6 +150,25 @@ pub enum Fact {
     },
     /// The profile identity holds for the customer from then on.
     Profile(crate::features::ProfileFacts),
+    /// An answer to an NPS, CSAT or CES question, from the feedback log.
+    /// (Variants are encoded by position: new ones go last.)
+    SurveyAnswer {
+        /// Which score it is.
+        kind: SurveyScore,
+        /// The score given.
+        score: i64,
+    },
+}
+
+/// The survey scores the features keep (the latest answer of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SurveyScore {
+    /// Net Promoter Score, 0 to 10.
+    Nps,
+    /// Customer satisfaction, 1 to 5.
+    Csat,
+    /// Customer effort, 1 to 7.
+    Ces,
 }
 
 impl Input {

@@ -9,6 +9,7 @@ use std::marker::PhantomData;
 use async_trait::async_trait;
 use clm_platform::service::PeerChannel;
 use clm_proto::common::LogShard;
+use clm_proto::feedback::{FeedbackLogEntry, StreamFeedbackLogRequest, StreamFeedbackLogResponse};
 use clm_proto::identity::{
     CustomerEvent, StreamCustomerEventsRequest, StreamCustomerEventsResponse,
 };
@@ -178,6 +179,33 @@ impl ServedLog for TransitionLog {
 
     fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request {
         StreamTransitionsRequest {
+            after_cursor,
+            shard,
+            stop_at_end: false,
+        }
+    }
+
+    fn entries(batch: Self::Batch) -> Vec<Self::Entry> {
+        batch.entries
+    }
+
+    fn cursor(entry: &Self::Entry) -> &str {
+        &entry.cursor
+    }
+}
+
+/// The feedback service's feedback log.
+pub struct FeedbackLog;
+
+impl ServedLog for FeedbackLog {
+    type Request = StreamFeedbackLogRequest;
+    type Batch = StreamFeedbackLogResponse;
+    type Entry = FeedbackLogEntry;
+    const PATH: &'static str = "/clm.feedback.v1.SurveyService/StreamFeedbackLog";
+    const NAME: &'static str = "feedback log";
+
+    fn request(after_cursor: String, shard: Option<LogShard>) -> Self::Request {
+        StreamFeedbackLogRequest {
             after_cursor,
             shard,
             stop_at_end: false,

@@ -246,11 +246,17 @@ async fn measure(
 ) -> anyhow::Result<String> {
     let run_id = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let data_dir = tempfile::tempdir()?;
-    let spec = ServerSpec::this_binary(
+    let mut spec = ServerSpec::this_binary(
         data_dir.path(),
         database_url,
         &["identity", "touchpoints", "scoring"],
     )?;
+    // Feedback is not started (the figure is touchpoint to stage): scoring's
+    // consumer of its log finds nothing at this address and waits.
+    spec.env.push((
+        "CLM_FEEDBACK_URL".to_owned(),
+        "http://127.0.0.1:9".to_owned(),
+    ));
     eprintln!(
         "starting identity, touchpoints and scoring on a fresh PostgreSQL database, \
          with {replicas} scoring replica(s) in all"
@@ -264,6 +270,10 @@ async fn measure(
             env: vec![
                 ("CLM_IDENTITY_URL".to_owned(), endpoint.clone()),
                 ("CLM_TOUCHPOINTS_URL".to_owned(), endpoint),
+                (
+                    "CLM_FEEDBACK_URL".to_owned(),
+                    "http://127.0.0.1:9".to_owned(),
+                ),
             ],
             ..spec.clone()
         };
