@@ -57,8 +57,8 @@ def binary_services() -> list[dict[str, Any]] | None:
 SERVICE_CALLS = {
     "identity": [],
     "touchpoints": ["identity"],
-    "scoring": ["touchpoints", "identity"],
-    "feedback": ["identity"],
+    "scoring": ["touchpoints", "identity", "feedback"],
+    "feedback": ["identity", "touchpoints", "scoring"],
     "metrics": ["touchpoints", "scoring", "feedback", "identity"],
 }
 

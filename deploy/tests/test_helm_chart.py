@@ -170,7 +170,10 @@ def test_all_services_wire_callers_and_callees() -> None:
         assert ingress_components == callers, name
 
 
-@pytest.mark.parametrize("enabled", [["identity"], ["identity", "touchpoints"], ["identity", "feedback"]])
+# scoring and feedback call each other: they are on together or off together.
+@pytest.mark.parametrize(
+    "enabled", [["identity"], ["identity", "touchpoints"], ["identity", "touchpoints", "scoring", "feedback"]]
+)
 def test_disabled_services_render_nothing(enabled: list[str]) -> None:
     values = {"services": {name: {"enabled": name in enabled} for name in manifests.SERVICE_CALLS}}
     names = {doc["metadata"]["name"] for doc in render_chart(values)}
@@ -181,9 +184,12 @@ def test_disabled_services_render_nothing(enabled: list[str]) -> None:
 @pytest.mark.parametrize(
     ("disabled", "message"),
     [
-        (["touchpoints"], r"services\.scoring calls touchpoints, but services\.touchpoints\.enabled is false"),
+        (["touchpoints", "feedback"], r"services\.scoring calls touchpoints, but services\.touchpoints\.enabled is false"),
         (["identity", "scoring", "feedback"], r"services\.touchpoints calls identity, but services\.identity\.enabled is false"),
         (["identity", "touchpoints", "scoring"], r"services\.feedback calls identity, but services\.identity\.enabled is false"),
+        (["touchpoints"], r"services\.feedback calls touchpoints, but services\.touchpoints\.enabled is false"),
+        (["scoring"], r"services\.feedback calls scoring, but services\.scoring\.enabled is false"),
+        (["feedback"], r"services\.scoring calls feedback, but services\.feedback\.enabled is false"),
     ],
 )
 def test_calling_a_disabled_service_is_refused(disabled: list[str], message: str) -> None:

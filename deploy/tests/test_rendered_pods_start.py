@@ -23,8 +23,11 @@ Deployment then becomes a local process of the real `clm` binary:
 5. calls that cross services work between the processes: a touchpoint
    recorded with an e-mail on touchpoints is resolved through identity,
    scoring follows touchpoints' log and pushes the customer's new lifecycle
-   stage to identity, and a survey response recorded with an e-mail on
-   feedback is resolved through identity;
+   stage to identity, a survey response recorded with an e-mail on feedback
+   is resolved through identity, feedback follows touchpoints' log and
+   scoring's transitions and schedules the surveys their entries trigger, and
+   scoring follows feedback's log and folds an NPS answer into the stage it
+   pushes to identity;
 6. SIGTERM stops every process with exit code 0 within the time the pod has
    after its preStop sleep (terminationGracePeriodSeconds minus the sleep).
 
@@ -687,10 +690,11 @@ def test_purchase_on_touchpoints_is_scored_and_pushed_to_identity(pods: dict[str
     """scoring follows the touchpoints process's log and pushes the new lifecycle to the identity process."""
     if "scoring" not in pods:
         pytest.skip("values-local.yaml leaves scoring off")
-    identity, touchpoints, scoring = pods["identity"], pods["touchpoints"], pods["scoring"]
-    # scoring serves neither touchpoints nor identity: its only ways there are these URLs.
+    identity, touchpoints, scoring, feedback = pods["identity"], pods["touchpoints"], pods["scoring"], pods["feedback"]
+    # scoring serves nothing of touchpoints', identity's or feedback's: its only ways there are these URLs.
     assert scoring.env["CLM_TOUCHPOINTS_URL"] == f"http://127.0.0.1:{touchpoints.port}"
     assert scoring.env["CLM_IDENTITY_URL"] == f"http://127.0.0.1:{identity.port}"
+    assert scoring.env["CLM_FEEDBACK_URL"] == f"http://127.0.0.1:{feedback.port}"
     run = uuid.uuid4().hex[:12]
     recorded = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", {"touchpoint": {
         "event_id": f"deploy-scoring-{run}",
@@ -720,9 +724,11 @@ def test_survey_response_recorded_with_an_email_resolves_through_identity(pods: 
     """feedback resolves the respondent's e-mail through the identity process: identity then knows that customer."""
     if "feedback" not in pods:
         pytest.skip("values-local.yaml leaves feedback off")
-    identity, feedback = pods["identity"], pods["feedback"]
-    # feedback serves nothing of identity's, so its only way there is CLM_IDENTITY_URL.
+    identity, touchpoints, scoring, feedback = pods["identity"], pods["touchpoints"], pods["scoring"], pods["feedback"]
+    # feedback serves nothing of identity's, touchpoints' or scoring's: its only ways there are these URLs.
     assert feedback.env["CLM_IDENTITY_URL"] == f"http://127.0.0.1:{identity.port}"
+    assert feedback.env["CLM_TOUCHPOINTS_URL"] == f"http://127.0.0.1:{touchpoints.port}"
+    assert feedback.env["CLM_SCORING_URL"] == f"http://127.0.0.1:{scoring.port}"
     run = uuid.uuid4().hex[:12]
     email, response_id = f"deploy-feedback-{run}@example.com", f"deploy-feedback-{run}"
     survey = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/CreateSurvey", {
@@ -757,6 +763,103 @@ def test_survey_response_recorded_with_an_email_resolves_through_identity(pods: 
     assert [r["responseId"] for r in listed.get("responses", [])] == [response_id]
     again = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/RecordResponse", request)
     assert again.get("duplicate") is True and again["response"]["customerId"] == customer_id
+
+
+def test_purchase_on_touchpoints_triggers_surveys_on_feedback_from_both_logs(pods: dict[str, LocalPod]) -> None:
+    """feedback follows the touchpoints process's log and the scoring process's transitions: a purchase triggers both."""
+    if "feedback" not in pods:
+        pytest.skip("values-local.yaml leaves feedback off")
+    touchpoints, scoring, feedback = pods["touchpoints"], pods["scoring"], pods["feedback"]
+    assert feedback.env["CLM_TOUCHPOINTS_URL"] == f"http://127.0.0.1:{touchpoints.port}"
+    assert feedback.env["CLM_SCORING_URL"] == f"http://127.0.0.1:{scoring.port}"
+    run = uuid.uuid4().hex[:12]
+    # One trigger on each log; no consent purpose, sampling or delay stands in the way.
+    survey = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/CreateSurvey", {
+        "request_id": f"deploy-feedback-triggers-{run}",
+        "survey": {
+            "display_name": "Deploy trigger check",
+            "kind": "SURVEY_KIND_NPS",
+            "questions": [{"id": "recommend", "text": "How likely are you to recommend us?",
+                           "type": "QUESTION_TYPE_NPS", "required": True}],
+            "triggers": [
+                {"name": "purchased", "source": "TRIGGER_SOURCE_TOUCHPOINT", "condition": "event.type == 'purchase'"},
+                {"name": "converted", "source": "TRIGGER_SOURCE_TRANSITION", "condition": "event.to_stage == 'CONVERSION'"},
+            ],
+        },
+    })["survey"]
+    recorded = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", {"touchpoint": {
+        "event_id": f"deploy-feedback-purchase-{run}",
+        "customer": {"identity_keys": {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": f"deploy-feedback-purchase-{run}@example.com"}]}},
+        "channel": "CHANNEL_WEB",
+        "type": "purchase",
+    }})["touchpoint"]
+    customer_id = recorded["customerId"]
+
+    triggered = lambda response: {d.get("triggerName") for d in response.get("dispatches", [])} == {"purchased", "converted"}  # noqa: E731
+    dispatches = grpcurl_eventually(
+        feedback.port, "clm.feedback.v1.SurveyService/ListDispatches",
+        {"filter": {"survey_id": survey["id"], "customer_id": customer_id}}, triggered,
+        f"feedback schedules the survey for {customer_id} from touchpoints' log and from scoring's transitions",
+    )["dispatches"]
+    assert len(dispatches) == 2, f"one dispatch per trigger and log entry: {dispatches}"
+    by_trigger = {d["triggerName"]: d for d in dispatches}
+    assert by_trigger["purchased"]["sourceEntryId"] == recorded["id"], "the touchpoint trigger names the touchpoint"
+    assert by_trigger["converted"]["sourceEntryId"] != recorded["id"], "the transition trigger names scoring's transition"
+
+
+def test_nps_answer_on_feedback_is_folded_by_scoring_and_pushed_to_identity(pods: dict[str, LocalPod]) -> None:
+    """scoring follows the feedback process's log: a promoter's NPS answer makes a converted customer an advocate."""
+    if "scoring" not in pods or "feedback" not in pods:
+        pytest.skip("values-local.yaml leaves scoring or feedback off")
+    identity, touchpoints, scoring, feedback = pods["identity"], pods["touchpoints"], pods["scoring"], pods["feedback"]
+    assert scoring.env["CLM_FEEDBACK_URL"] == f"http://127.0.0.1:{feedback.port}"
+    run = uuid.uuid4().hex[:12]
+    email = f"deploy-scoring-nps-{run}@example.com"
+    customer = {"identity_keys": {"keys": [{"kind": "IDENTITY_KIND_EMAIL", "value": email}]}}
+    recorded = grpcurl_call(touchpoints.port, "clm.touchpoint.v1.TouchpointService/RecordTouchpoint", {"touchpoint": {
+        "event_id": f"deploy-scoring-nps-purchase-{run}",
+        "customer": customer,
+        "channel": "CHANNEL_WEB",
+        "type": "purchase",
+    }})
+    customer_id = recorded["touchpoint"]["customerId"]
+    stage_is = lambda stage: lambda snapshot: (snapshot or {}).get("stage") == stage  # noqa: E731
+    grpcurl_eventually(
+        scoring.port, "clm.scoring.v1.LifecycleService/GetLifecycle", {"customer_id": customer_id},
+        lambda response: stage_is("LIFECYCLE_STAGE_CONVERSION")(response.get("lifecycle", {}).get("lifecycle")),
+        f"scoring scores the purchase of {customer_id} recorded on touchpoints",
+    )
+
+    survey = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/CreateSurvey", {
+        "request_id": f"deploy-scoring-nps-survey-{run}",
+        "survey": {
+            "display_name": "Deploy NPS fold check",
+            "kind": "SURVEY_KIND_NPS",
+            "questions": [{"id": "recommend", "text": "How likely are you to recommend us?",
+                           "type": "QUESTION_TYPE_NPS", "required": True}],
+        },
+    })["survey"]
+    response = grpcurl_call(feedback.port, "clm.feedback.v1.SurveyService/RecordResponse", {"response": {
+        "response_id": f"deploy-scoring-nps-{run}",
+        "survey_id": survey["id"],
+        "customer": customer,
+        "answers": [{"question_id": "recommend", "score": 10}],
+    }})["response"]
+    assert response["customerId"] == customer_id, "feedback resolved the e-mail to the purchase's customer"
+
+    # The built-in model's "advocate" rule: a converted customer whose NPS is 9 or more.
+    advocate = stage_is("LIFECYCLE_STAGE_ADVOCACY")
+    lifecycle = grpcurl_eventually(
+        scoring.port, "clm.scoring.v1.LifecycleService/GetLifecycle", {"customer_id": customer_id},
+        lambda response: advocate(response.get("lifecycle", {}).get("lifecycle")),
+        f"scoring folds the NPS answer of {customer_id} recorded on feedback",
+    )["lifecycle"]
+    assert lifecycle["customerId"] == customer_id
+    grpcurl_eventually(
+        identity.port, "clm.identity.v1.CustomerService/GetCustomer", {"customer_id": customer_id},
+        lambda response: advocate(response["customer"].get("lifecycle")),
+        f"identity holds the stage scoring derived from the NPS answer of {customer_id}",
+    )
 
 
 @pytest.mark.parametrize("service", ENABLED)
