@@ -632,6 +632,85 @@ async fn consent_is_required_for_its_purpose(mode: Mode) {
     );
 }
 
+async fn paused_and_archived_surveys_send_nothing(mode: Mode) {
+    let start = Utc::now() - TimeDelta::days(60);
+    let clock = Clock::new(start);
+    let server = mode.start(&clock, None).await;
+    let mut clients = Clients::of(&server).await;
+    let mut later = nps_survey("A month on", on_touchpoint("custom.signup"));
+    later.triggers[0].delay = Some(days(30));
+    let later = create(&mut clients, later).await;
+    let mut soon = nps_survey("Right away", on_touchpoint("custom.signup"));
+    soon.fatigue = Some(pb::FatiguePolicy {
+        min_interval: Some(days(0)),
+        repeat_interval: Some(days(0)),
+    });
+    soon.triggers[0].delay = Some(days(1));
+    let soon = create(&mut clients, soon).await;
+    let customer = touch(
+        &mut clients,
+        "signup-1",
+        "hal@example.org",
+        "custom.signup",
+        start,
+    )
+    .await;
+    dispatches_when(&mut clients, &customer, "both scheduled", |d| d.len() == 2).await;
+    // Archived: what it scheduled is suppressed at once.
+    clients
+        .surveys
+        .archive_survey(pb::ArchiveSurveyRequest {
+            survey_id: later.clone(),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    // Paused: what falls due is suppressed.
+    clients
+        .surveys
+        .update_survey(pb::UpdateSurveyRequest {
+            survey: Some(pb::Survey {
+                id: soon.clone(),
+                state: pb::SurveyState::Paused as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["state".into()],
+            }),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    let archived = dispatches(&mut clients, &customer).await;
+    let of = |dispatches: &[pb::Dispatch], survey: &str| {
+        dispatches
+            .iter()
+            .find(|d| d.survey_id == survey)
+            .map(state)
+            .unwrap()
+    };
+    assert_eq!(
+        of(&archived, &later),
+        (
+            pb::DispatchState::Suppressed,
+            pb::SuppressReason::SurveyInactive
+        )
+    );
+    assert_eq!(of(&archived, &soon).0, pb::DispatchState::Scheduled);
+    clock.set(start + TimeDelta::days(2));
+    let settled = dispatches_when(&mut clients, &customer, "the paused one falls due", |d| {
+        d.iter().all(|d| state(d).0 != pb::DispatchState::Scheduled)
+    })
+    .await;
+    assert_eq!(
+        of(&settled, &soon),
+        (
+            pb::DispatchState::Suppressed,
+            pb::SuppressReason::SurveyInactive
+        )
+    );
+}
+
 async fn merges_move_dispatches_and_count_for_fatigue(mode: Mode) {
     let start = Utc::now() - TimeDelta::days(60);
     let clock = Clock::new(start);
@@ -881,6 +960,7 @@ on_both_modes!(
     the_onboarding_journey,
     fatigue_across_surveys,
     consent_is_required_for_its_purpose,
+    paused_and_archived_surveys_send_nothing,
     merges_move_dispatches_and_count_for_fatigue,
     a_kill_mid_consumption_loses_and_doubles_nothing,
 );

@@ -70,6 +70,24 @@ fn one_bad(violation: FieldViolation) -> Status {
     Status::from(ErrorReport::BadRequest(vec![violation]))
 }
 
+/// Cuts `items` (fetched one beyond `limit`) to the page and returns the
+/// token of the next one: the position `after` gives of the page's last
+/// item, bound to the filter; empty on the last page.
+fn next_page<T, P: Serialize>(
+    items: &mut Vec<T>,
+    limit: u32,
+    fingerprint: u64,
+    after: impl Fn(&T) -> P,
+) -> String {
+    if items.len() <= limit as usize {
+        return String::new();
+    }
+    items.truncate(limit as usize);
+    items.last().map_or(String::new(), |last| {
+        paging::encode(fingerprint, &after(last))
+    })
+}
+
 fn optional_uuid(field: &str, raw: &str) -> Result<Option<Uuid>, FieldViolation> {
     if raw.is_empty() {
         Ok(None)
@@ -380,14 +398,9 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
             })
             .await
             .map_err(store_status)?;
-        let next_page_token = if surveys.len() > limit as usize {
-            surveys.truncate(limit as usize);
-            surveys.last().map_or(String::new(), |last| {
-                paging::encode(fingerprint, &SurveyPage { after: last.id })
-            })
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut surveys, limit, fingerprint, |last| SurveyPage {
+            after: last.id,
+        });
         Ok(Response::new(pb::ListSurveysResponse {
             surveys: surveys.iter().map(convert::survey).collect(),
             next_page_token,
@@ -556,6 +569,15 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
             })
             .await
             .map_err(status)?;
+        // Its scheduled dispatches are suppressed now rather than when they
+        // fall due (the sweep would too); a retry finds none left.
+        let entry =
+            move |dispatch: &crate::model::Dispatch| crate::service::dispatch_entry(dispatch, now);
+        self.feedback
+            .store()
+            .suppress_survey_dispatches(survey.id, &entry)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(pb::ArchiveSurveyResponse {
             survey: Some(convert::survey(&survey)),
         }))
@@ -624,20 +646,10 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
             })
             .await
             .map_err(store_status)?;
-        let next_page_token = if dispatches.len() > limit as usize {
-            dispatches.truncate(limit as usize);
-            dispatches.last().map_or(String::new(), |last| {
-                paging::encode(
-                    fingerprint,
-                    &DispatchPage {
-                        due: last.due_at,
-                        id: last.id,
-                    },
-                )
-            })
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut dispatches, limit, fingerprint, |last| DispatchPage {
+            due: last.due_at,
+            id: last.id,
+        });
         Ok(Response::new(pb::ListDispatchesResponse {
             dispatches: dispatches.iter().map(convert::dispatch).collect(),
             next_page_token,
@@ -750,20 +762,10 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
             })
             .await
             .map_err(store_status)?;
-        let next_page_token = if responses.len() > limit as usize {
-            responses.truncate(limit as usize);
-            responses.last().map_or(String::new(), |last| {
-                paging::encode(
-                    fingerprint,
-                    &ResponsePage {
-                        submitted: last.submitted_at,
-                        id: last.id,
-                    },
-                )
-            })
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut responses, limit, fingerprint, |last| ResponsePage {
+            submitted: last.submitted_at,
+            id: last.id,
+        });
         Ok(Response::new(pb::ListResponsesResponse {
             responses: responses.iter().map(convert::response).collect(),
             next_page_token,

@@ -227,6 +227,14 @@ pub trait FeedbackStore: Send + Sync + 'static {
         &self,
         settled: &[(Dispatch, LogEntry)],
     ) -> Result<Vec<Dispatch>, StoreError>;
+    /// Suppresses every scheduled dispatch of an archived survey
+    /// (SURVEY_INACTIVE), each with the log entry `entry` makes. Returns how
+    /// many.
+    async fn suppress_survey_dispatches(
+        &self,
+        survey_id: Uuid,
+        entry: &DispatchEntry,
+    ) -> Result<usize, StoreError>;
     /// Moves up to `limit` DISPATCHED dispatches whose window closed at or
     /// before `now` to EXPIRED, each with the log entry `entry` makes.
     /// Returns how many.

@@ -84,9 +84,11 @@ async fn insert_new_dispatches(
 /// Which scheduled dispatches to suppress.
 enum Scheduled<'a> {
     /// Those a source (transition) scheduled.
-    OfSources(&'a [String]),
+    Sources(&'a [String]),
     /// Those of a customer.
-    OfCustomer(Uuid),
+    Customer(Uuid),
+    /// Those of a survey.
+    Survey(Uuid),
 }
 
 /// Moves the scheduled dispatches selected to SUPPRESSED with `reason`;
@@ -98,8 +100,8 @@ async fn suppress_scheduled(
 ) -> Result<Vec<Dispatch>, StoreError> {
     let state = DispatchState::Suppressed(reason).as_str();
     let rows = match which {
-        Scheduled::OfSources([]) => return Ok(Vec::new()),
-        Scheduled::OfSources(sources) => sqlx::query(&format!(
+        Scheduled::Sources([]) => return Ok(Vec::new()),
+        Scheduled::Sources(sources) => sqlx::query(&format!(
             "UPDATE dispatches SET state = $2 WHERE state = 'SCHEDULED' AND source_entry_id = ANY($1) \
              RETURNING {DISPATCH_COLUMNS}"
         ))
@@ -107,11 +109,19 @@ async fn suppress_scheduled(
         .bind(state)
         .fetch_all(&mut *tx)
         .await,
-        Scheduled::OfCustomer(customer_id) => sqlx::query(&format!(
+        Scheduled::Customer(customer_id) => sqlx::query(&format!(
             "UPDATE dispatches SET state = $2 WHERE state = 'SCHEDULED' AND customer_id = $1 \
              RETURNING {DISPATCH_COLUMNS}"
         ))
         .bind(customer_id)
+        .bind(state)
+        .fetch_all(&mut *tx)
+        .await,
+        Scheduled::Survey(survey_id) => sqlx::query(&format!(
+            "UPDATE dispatches SET state = $2 WHERE state = 'SCHEDULED' AND survey_id = $1 \
+             RETURNING {DISPATCH_COLUMNS}"
+        ))
+        .bind(survey_id)
         .bind(state)
         .fetch_all(&mut *tx)
         .await,
@@ -795,7 +805,7 @@ impl FeedbackStore for PostgresFeedbackStore {
         changed.extend(
             suppress_scheduled(
                 &mut tx,
-                Scheduled::OfSources(&batch.retracted),
+                Scheduled::Sources(&batch.retracted),
                 SuppressReason::Retracted,
             )
             .await?,
@@ -868,7 +878,7 @@ impl FeedbackStore for PostgresFeedbackStore {
                     .map_err(StoreError::from_db)?;
                     let suppressed = suppress_scheduled(
                         &mut tx,
-                        Scheduled::OfCustomer(*customer_id),
+                        Scheduled::Customer(*customer_id),
                         SuppressReason::CustomerErased,
                     )
                     .await?;
@@ -1012,6 +1022,29 @@ impl FeedbackStore for PostgresFeedbackStore {
             self.log.notify_appended();
         }
         Ok(done)
+    }
+
+    async fn suppress_survey_dispatches(
+        &self,
+        survey_id: Uuid,
+        entry: &DispatchEntry,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let suppressed = suppress_scheduled(
+            &mut tx,
+            Scheduled::Survey(survey_id),
+            SuppressReason::SurveyInactive,
+        )
+        .await?;
+        let entries: Vec<LogEntry> = suppressed.iter().map(entry).collect();
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(entries.len())
     }
 
     async fn expire_dispatches(

@@ -1211,6 +1211,35 @@ impl FeedbackStore for SqliteFeedbackStore {
         Ok(done)
     }
 
+    async fn suppress_survey_dispatches(
+        &self,
+        survey_id: Uuid,
+        entry: &DispatchEntry,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let suppressed = suppress_scheduled(
+            &mut tx,
+            "survey_id",
+            &[survey_id.to_string()],
+            SuppressReason::SurveyInactive,
+        )
+        .await?;
+        let entries: Vec<LogEntry> = suppressed.iter().map(entry).collect();
+        append(&self.log, &mut tx, &entries)
+            .await
+            .map_err(StoreError::from_db)?;
+        tx.commit().await.map_err(StoreError::from_db)?;
+        if !entries.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(entries.len())
+    }
+
     async fn expire_dispatches(
         &self,
         now: DateTime<Utc>,
