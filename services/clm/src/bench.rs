@@ -2,6 +2,9 @@
 //!
 //! `clm bench ingest` measures touchpoint ingest; see its module.
 //!
+//! `clm bench feedback` measures the feedback service's dispatch latency,
+//! RecordResponse and GetSurveySummary; see its module.
+//!
 //! `clm bench get-customer` starts identity servers of this same binary,
 //! seeds customers and measures, with many concurrent clients over several
 //! HTTP/2 connections, the requests per second and p50/p99 latency of
@@ -14,6 +17,7 @@
 
 mod database;
 mod evaluate;
+mod feedback;
 mod ingest;
 mod lifecycle;
 mod load;
@@ -85,6 +89,17 @@ enum Benchmark {
     /// database, ingests at --rate events/s and times purchases of fresh
     /// customers until their profile shows CONVERSION (p50/p90/p99).
     Lifecycle(lifecycle::LifecycleBenchArgs),
+    /// The feedback service's targets: transition to dispatch while 1,000
+    /// transitions/s flow, RecordResponse next to the health Check, and
+    /// GetSurveySummary over a year of 1,000,000 responses.
+    ///
+    /// Creates a fresh PostgreSQL database, starts `clm serve` (every
+    /// service) on it, times dispatches of fresh customers' transitions to
+    /// REACH (p50/p90/p99), measures unary RecordResponse alternating with
+    /// the health Check, seeds a year-old survey through the feedback store
+    /// and times summaries over random and whole-survey windows; drops the
+    /// database.
+    Feedback(feedback::FeedbackBenchArgs),
 }
 
 /// Arguments of `clm bench get-customer`.
@@ -163,6 +178,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Benchmark::Evaluate(args) => evaluate::run(&args),
         Benchmark::Rescore(args) => rescore::run(args).await,
         Benchmark::Lifecycle(args) => lifecycle::run(args).await,
+        Benchmark::Feedback(args) => feedback::run(args).await,
         Benchmark::GetCustomer(args) => {
             let report = match &args.server {
                 Some(address) => bench_running_server(&args, address).await?,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use clm_proto::feedback::survey_service_client::SurveyServiceClient;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{CreateCustomerRequest, Customer, GetCustomerRequest};
 use clm_proto::touchpoint::RecordTouchpointRequest;
@@ -80,6 +81,29 @@ pub enum Workload {
         run_id: Arc<str>,
         /// The next event number, shared by the clients.
         next_event: Arc<AtomicUsize>,
+    },
+    /// RecordResponse of a new response each time (a fresh response id),
+    /// for the customers in turn.
+    RecordResponse {
+        /// The survey answered.
+        survey_id: Arc<str>,
+        /// The customers who respond.
+        customer_ids: Arc<[String]>,
+        /// Makes the response ids of this run unique.
+        run_id: Arc<str>,
+        /// The next response number, shared by the clients.
+        next_response: Arc<AtomicUsize>,
+    },
+    /// GetSurveySummary of one survey: over random windows inside
+    /// `within`, or over the default window (the whole survey) when `None`.
+    SurveySummary {
+        /// The survey.
+        survey_id: Arc<str>,
+        /// Where the random windows lie.
+        within: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
+        /// The next request number, shared by the clients (seeds the
+        /// window).
+        next_request: Arc<AtomicUsize>,
     },
 }
 
@@ -257,6 +281,7 @@ async fn run_client(
 ) -> (Vec<u32>, ErrorTally) {
     let mut health = HealthClient::new(channel.clone());
     let mut touchpoints = TouchpointServiceClient::new(channel.clone());
+    let mut surveys = SurveyServiceClient::new(channel.clone());
     let mut customers = CustomerServiceClient::new(channel);
     let mut latencies = Vec::with_capacity(16 * 1024);
     let mut errors = ErrorTally::default();
@@ -319,6 +344,39 @@ async fn run_client(
                     )),
                     Err(status) => Err(status),
                 }
+            }
+            Workload::RecordResponse {
+                survey_id,
+                customer_ids,
+                run_id,
+                next_response,
+            } => {
+                if customer_ids.is_empty() {
+                    break;
+                }
+                let number = next_response.fetch_add(1, Ordering::Relaxed);
+                let request = super::feedback::response_request(
+                    survey_id,
+                    &customer_ids[number % customer_ids.len()],
+                    run_id,
+                    number,
+                );
+                match surveys.record_response(request).await {
+                    Ok(response) if !response.get_ref().duplicate => Ok(()),
+                    Ok(_) => Err(tonic::Status::already_exists(
+                        "a new response was reported as a duplicate",
+                    )),
+                    Err(status) => Err(status),
+                }
+            }
+            Workload::SurveySummary {
+                survey_id,
+                within,
+                next_request,
+            } => {
+                let number = next_request.fetch_add(1, Ordering::Relaxed);
+                let request = super::feedback::summary_request(survey_id, *within, number);
+                surveys.get_survey_summary(request).await.map(drop)
             }
         };
         let micros = u32::try_from(request_started.elapsed().as_micros()).unwrap_or(u32::MAX);
