@@ -75,6 +75,13 @@ impl ClmServer {
             .env("CLM_SHUTDOWN_GRACE_SECONDS", "5")
             // Tests stop servers often; the one that checks the delay sets it.
             .env("CLM_SHUTDOWN_DELAY_SECONDS", "0")
+            // Many servers run side by side against one PostgreSQL server
+            // that allows 100 connections (CI's default); four pools of 16
+            // each per server ran it out, and calls failed as UNAVAILABLE.
+            .env("CLM_IDENTITY_DB_CONNECTIONS", "5")
+            .env("CLM_TOUCHPOINTS_DB_CONNECTIONS", "5")
+            .env("CLM_SCORING_DB_CONNECTIONS", "5")
+            .env("CLM_FEEDBACK_DB_CONNECTIONS", "5")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
