@@ -8,7 +8,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, DurationRound as _, TimeDelta, Utc};
+use chrono::{DateTime, Datelike as _, DurationRound as _, TimeDelta, Utc};
 use clm_eventlog::EventLog;
 use clm_platform::db::{DbFailure, EmbeddedMigration, Pools, ServiceMigrations};
 use uuid::Uuid;
@@ -299,61 +299,185 @@ pub fn rollup_slot(id: &str) -> i16 {
     (hash % 16) as i16
 }
 
-/// How a summary window is read: whole hours from the rollups, the partial
-/// hours at either edge from the rows themselves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WindowParts {
-    /// Whole hours `[start, end)`, when there are any.
-    pub hours: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    /// The partial ranges read from rows (at most two).
-    pub edges: [Option<(DateTime<Utc>, DateTime<Utc>)>; 2],
+/// The lengths of period a rollup row covers. Every response and release
+/// is added to the row of its hour, of its day and of its month (UTC), so
+/// that a window reads whole months, then whole days, then whole hours at
+/// its edges: a year's window reads a few hundred rows, not one per hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Grain {
+    /// One hour.
+    Hour,
+    /// One UTC day.
+    Day,
+    /// One UTC calendar month.
+    Month,
+}
+
+impl Grain {
+    /// Every grain, finest first.
+    pub const ALL: [Grain; 3] = [Grain::Hour, Grain::Day, Grain::Month];
+
+    /// The value of the `grain` column.
+    pub fn code(self) -> i16 {
+        match self {
+            Self::Hour => 0,
+            Self::Day => 1,
+            Self::Month => 2,
+        }
+    }
+
+    /// The start of the period `time` falls in.
+    pub fn start(self, time: DateTime<Utc>) -> DateTime<Utc> {
+        let hour = time.duration_trunc(TimeDelta::hours(1)).unwrap_or(time);
+        match self {
+            Self::Hour => hour,
+            Self::Day => time.duration_trunc(TimeDelta::days(1)).unwrap_or(hour),
+            Self::Month => time
+                .date_naive()
+                .with_day(1)
+                .and_then(|day| day.and_hms_opt(0, 0, 0))
+                .map_or(hour, |start| start.and_utc()),
+        }
+    }
+
+    /// The start of the period after the one starting at `start`.
+    fn next(self, start: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Self::Hour => start + TimeDelta::hours(1),
+            Self::Day => start + TimeDelta::days(1),
+            Self::Month => start
+                .checked_add_months(chrono::Months::new(1))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        }
+    }
+
+    /// The first period start at or after `time`.
+    fn ceil(self, time: DateTime<Utc>) -> DateTime<Utc> {
+        let start = self.start(time);
+        if start == time {
+            start
+        } else {
+            self.next(start)
+        }
+    }
 }
 
 /// The hour a time falls in.
 pub fn hour_of(time: DateTime<Utc>) -> DateTime<Utc> {
-    time.duration_trunc(TimeDelta::hours(1)).unwrap_or(time)
+    Grain::Hour.start(time)
 }
 
-/// Splits `[start, end)` into whole hours and partial edges.
+/// What a write adds to the rollups, by (survey, grain, period, slot), in
+/// key order: one statement writes them all, and every writer takes the
+/// rows' locks in the same order.
+#[derive(Debug, Default)]
+pub struct RollupDeltas {
+    rows: std::collections::BTreeMap<(Uuid, Grain, DateTime<Utc>, i16), Tally>,
+}
+
+impl RollupDeltas {
+    /// Adds `tally` at `time` to the survey's hour, day and month in
+    /// `slot`.
+    pub fn add(&mut self, survey_id: Uuid, time: DateTime<Utc>, slot: i16, tally: &Tally) {
+        for grain in Grain::ALL {
+            let row = self
+                .rows
+                .entry((survey_id, grain, grain.start(time), slot))
+                .or_default();
+            *row = row.plus(tally);
+        }
+    }
+
+    /// The rows to add to, in key order.
+    pub fn rows(&self) -> impl Iterator<Item = (&(Uuid, Grain, DateTime<Utc>, i16), &Tally)> {
+        self.rows.iter()
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// How a summary window is read: whole periods from the rollups, the
+/// partial hours at either edge from the rows themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowParts {
+    /// Whole periods `[start, end)` of a grain, at most two of each grain
+    /// but the coarsest.
+    pub periods: Vec<(Grain, DateTime<Utc>, DateTime<Utc>)>,
+    /// The partial ranges read from rows (at most two).
+    pub edges: [Option<(DateTime<Utc>, DateTime<Utc>)>; 2],
+}
+
+/// Splits `[start, end)` into whole months, whole days around them, whole
+/// hours around those and partial edges.
 pub fn window_parts(start: DateTime<Utc>, end: DateTime<Utc>) -> WindowParts {
-    if end <= start {
-        return WindowParts {
-            hours: None,
-            edges: [None, None],
-        };
-    }
-    let first_whole = if hour_of(start) == start {
-        start
-    } else {
-        hour_of(start) + TimeDelta::hours(1)
+    let mut parts = WindowParts {
+        periods: Vec::new(),
+        edges: [None, None],
     };
-    let last_whole = hour_of(end);
+    if end <= start {
+        return parts;
+    }
+    let first_whole = Grain::Hour.ceil(start);
+    let last_whole = Grain::Hour.start(end);
     if first_whole >= last_whole {
-        return WindowParts {
-            hours: None,
-            edges: [Some((start, end)), None],
-        };
+        parts.edges[0] = Some((start, end));
+        return parts;
     }
-    WindowParts {
-        hours: Some((first_whole, last_whole)),
-        edges: [
-            (start < first_whole).then_some((start, first_whole)),
-            (last_whole < end).then_some((last_whole, end)),
-        ],
+    parts.edges = [
+        (start < first_whole).then_some((start, first_whole)),
+        (last_whole < end).then_some((last_whole, end)),
+    ];
+    split_periods(first_whole, last_whole, 0, &mut parts.periods);
+    parts
+}
+
+/// Splits `[from, to)`, aligned to `Grain::ALL[level]`, into the coarsest
+/// whole periods.
+fn split_periods(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    level: usize,
+    out: &mut Vec<(Grain, DateTime<Utc>, DateTime<Utc>)>,
+) {
+    let grain = Grain::ALL[level];
+    if let Some(&coarser) = Grain::ALL.get(level + 1) {
+        let inner_from = coarser.ceil(from);
+        let inner_to = coarser.start(to);
+        if inner_from < inner_to {
+            if from < inner_from {
+                out.push((grain, from, inner_from));
+            }
+            split_periods(inner_from, inner_to, level + 1, out);
+            if inner_to < to {
+                out.push((grain, inner_to, to));
+            }
+            return;
+        }
     }
+    out.push((grain, from, to));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
     #[test]
-    fn a_window_is_whole_hours_and_two_edges() {
-        let at = |text: &str| DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+    fn a_window_is_whole_periods_and_two_edges() {
         let parts = window_parts(at("2026-01-01T10:15:00Z"), at("2026-01-01T13:30:00Z"));
         assert_eq!(
-            parts.hours,
-            Some((at("2026-01-01T11:00:00Z"), at("2026-01-01T13:00:00Z")))
+            parts.periods,
+            vec![(
+                Grain::Hour,
+                at("2026-01-01T11:00:00Z"),
+                at("2026-01-01T13:00:00Z")
+            )]
         );
         assert_eq!(
             parts.edges,
@@ -365,12 +489,97 @@ mod tests {
         let aligned = window_parts(at("2026-01-01T10:00:00Z"), at("2026-01-01T12:00:00Z"));
         assert_eq!(aligned.edges, [None, None]);
         let inside = window_parts(at("2026-01-01T10:15:00Z"), at("2026-01-01T10:45:00Z"));
-        assert_eq!(inside.hours, None);
+        assert!(inside.periods.is_empty());
         assert_eq!(
             inside.edges[0],
             Some((at("2026-01-01T10:15:00Z"), at("2026-01-01T10:45:00Z")))
         );
         let empty = window_parts(at("2026-01-01T10:45:00Z"), at("2026-01-01T10:15:00Z"));
         assert_eq!(empty.edges, [None, None]);
+        assert!(empty.periods.is_empty());
+    }
+
+    #[test]
+    fn a_long_window_reads_months_then_days_then_hours() {
+        let parts = window_parts(at("2025-11-28T22:30:00Z"), at("2026-03-02T01:10:00Z"));
+        assert_eq!(
+            parts.periods,
+            vec![
+                (
+                    Grain::Hour,
+                    at("2025-11-28T23:00:00Z"),
+                    at("2025-11-29T00:00:00Z")
+                ),
+                (
+                    Grain::Day,
+                    at("2025-11-29T00:00:00Z"),
+                    at("2025-12-01T00:00:00Z")
+                ),
+                (
+                    Grain::Month,
+                    at("2025-12-01T00:00:00Z"),
+                    at("2026-03-01T00:00:00Z")
+                ),
+                (
+                    Grain::Day,
+                    at("2026-03-01T00:00:00Z"),
+                    at("2026-03-02T00:00:00Z")
+                ),
+                (
+                    Grain::Hour,
+                    at("2026-03-02T00:00:00Z"),
+                    at("2026-03-02T01:00:00Z")
+                ),
+            ]
+        );
+        // The parts cover the window exactly once, in order.
+        let mut cursor = at("2025-11-28T23:00:00Z");
+        for (_, from, to) in &parts.periods {
+            assert_eq!(*from, cursor);
+            cursor = *to;
+        }
+        assert_eq!(cursor, at("2026-03-02T01:00:00Z"));
+        // Within one month: days, no months.
+        let days = window_parts(at("2026-02-03T00:00:00Z"), at("2026-02-10T05:00:00Z"));
+        assert_eq!(
+            days.periods,
+            vec![
+                (
+                    Grain::Day,
+                    at("2026-02-03T00:00:00Z"),
+                    at("2026-02-10T00:00:00Z")
+                ),
+                (
+                    Grain::Hour,
+                    at("2026-02-10T00:00:00Z"),
+                    at("2026-02-10T05:00:00Z")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_delta_lands_in_its_hour_day_and_month() {
+        let survey = Uuid::nil();
+        let mut deltas = RollupDeltas::default();
+        let one = Tally {
+            responses: 1,
+            ..Tally::default()
+        };
+        deltas.add(survey, at("2026-02-10T05:20:00Z"), 3, &one);
+        deltas.add(survey, at("2026-02-10T06:20:00Z"), 3, &one);
+        let rows: Vec<_> = deltas
+            .rows()
+            .map(|((_, grain, period, slot), tally)| (*grain, *period, *slot, tally.responses))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (Grain::Hour, at("2026-02-10T05:00:00Z"), 3, 1),
+                (Grain::Hour, at("2026-02-10T06:00:00Z"), 3, 1),
+                (Grain::Day, at("2026-02-10T00:00:00Z"), 3, 2),
+                (Grain::Month, at("2026-02-01T00:00:00Z"), 3, 2),
+            ]
+        );
     }
 }

@@ -91,14 +91,16 @@ CREATE INDEX responses_by_survey ON responses (survey_id, submitted_at DESC, id 
 CREATE INDEX responses_by_customer ON responses (customer_id, submitted_at DESC, id DESC);
 CREATE INDEX responses_by_time ON responses (submitted_at DESC, id DESC);
 
--- The figures of each survey per hour (responses by submit time,
+-- The figures of each survey per hour, day and month (grain 0, 1, 2;
+-- `period` is the period's start, UTC; responses by submit time,
 -- dispatches by release time), kept as responses and dispatches arrive:
--- a summary adds up the hours of its window. Each hour is spread over a
--- few slots (by response id) so that concurrent responses to one survey do
--- not queue for one row.
+-- a summary adds up whole months, then whole days, then whole hours of its
+-- window. Each period is spread over a few slots (by response id) so that
+-- concurrent responses to one survey do not queue for one row.
 CREATE TABLE survey_rollups (
     survey_id  UUID NOT NULL,
-    hour       TIMESTAMPTZ NOT NULL,
+    grain      SMALLINT NOT NULL,
+    period     TIMESTAMPTZ NOT NULL,
     slot       SMALLINT NOT NULL,
     responses BIGINT NOT NULL DEFAULT 0,
     nps_count BIGINT NOT NULL DEFAULT 0,
@@ -117,7 +119,7 @@ CREATE TABLE survey_rollups (
     sentiment_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
     dispatched BIGINT NOT NULL DEFAULT 0,
     answered BIGINT NOT NULL DEFAULT 0,
-    PRIMARY KEY (survey_id, hour, slot)
+    PRIMARY KEY (survey_id, grain, period, slot)
 );
 
 -- Each customer's latest lifecycle snapshot as the transition log told it

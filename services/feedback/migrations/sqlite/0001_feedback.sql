@@ -81,7 +81,8 @@ CREATE INDEX responses_by_time ON responses (submitted_at DESC, id DESC);
 
 CREATE TABLE survey_rollups (
     survey_id  TEXT NOT NULL,
-    hour       INTEGER NOT NULL,
+    grain      INTEGER NOT NULL,
+    period     INTEGER NOT NULL,
     slot       INTEGER NOT NULL,
     responses INTEGER NOT NULL DEFAULT 0,
     nps_count INTEGER NOT NULL DEFAULT 0,
@@ -100,7 +101,7 @@ CREATE TABLE survey_rollups (
     sentiment_sum REAL NOT NULL DEFAULT 0,
     dispatched INTEGER NOT NULL DEFAULT 0,
     answered INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (survey_id, hour, slot)
+    PRIMARY KEY (survey_id, grain, period, slot)
 ) STRICT;
 
 CREATE TABLE customer_lifecycles (

@@ -16,8 +16,8 @@ use clm_eventlog::consumer::cursors::{self, CursorMove};
 use clm_platform::db::{ErasureVacuum, Pools};
 
 use super::{
-    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError,
-    TextErasedEntry, Updated, hour_of, window_parts,
+    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded,
+    RollupDeltas, StoreError, TextErasedEntry, Updated, window_parts,
 };
 use crate::model::{
     Answer, AnswerValue, CustomerChange, Dispatch, DispatchQuery, DispatchState, Fate, Language,
@@ -237,36 +237,45 @@ fn tally_from_row(row: &PgRow) -> Result<Tally, StoreError> {
     Ok(Tally::from_columns(&columns))
 }
 
-/// Adds `tally` to the rollup row of (survey, hour, slot).
-async fn add_to_rollup(
+/// Adds `deltas` to the rollup rows, one statement per 1,000 rows, in key
+/// order.
+async fn add_to_rollups(
     tx: &mut sqlx::PgConnection,
-    survey_id: Uuid,
-    hour: DateTime<Utc>,
-    slot: i16,
-    tally: &Tally,
+    deltas: &RollupDeltas,
 ) -> Result<(), sqlx::Error> {
-    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-        "INSERT INTO survey_rollups (survey_id, hour, slot, {}) VALUES (",
-        TALLY_COLUMNS.join(", ")
-    ));
-    let mut values = sql.separated(", ");
-    values.push_bind(survey_id).push_bind(hour).push_bind(slot);
-    for (column, value) in TALLY_COLUMNS.iter().zip(tally.to_columns()) {
-        if *column == "sentiment_sum" {
-            values.push_bind(value);
-        } else {
-            values.push_bind(value.round() as i64);
-        }
+    let rows: Vec<_> = deltas.rows().collect();
+    for chunk in rows.chunks(1000) {
+        let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "INSERT INTO survey_rollups (survey_id, grain, period, slot, {}) ",
+            TALLY_COLUMNS.join(", ")
+        ));
+        sql.push_values(
+            chunk,
+            |mut values, ((survey_id, grain, period, slot), tally)| {
+                values
+                    .push_bind(*survey_id)
+                    .push_bind(grain.code())
+                    .push_bind(*period)
+                    .push_bind(*slot);
+                for (column, value) in TALLY_COLUMNS.iter().zip(tally.to_columns()) {
+                    if *column == "sentiment_sum" {
+                        values.push_bind(value);
+                    } else {
+                        values.push_bind(value.round() as i64);
+                    }
+                }
+            },
+        );
+        sql.push(" ON CONFLICT (survey_id, grain, period, slot) DO UPDATE SET ");
+        sql.push(
+            TALLY_COLUMNS
+                .iter()
+                .map(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        sql.build().execute(&mut *tx).await?;
     }
-    sql.push(") ON CONFLICT (survey_id, hour, slot) DO UPDATE SET ");
-    sql.push(
-        TALLY_COLUMNS
-            .iter()
-            .map(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
-    sql.build().execute(tx).await?;
     Ok(())
 }
 
@@ -439,6 +448,7 @@ impl FeedbackStore for PostgresFeedbackStore {
         let stored = insert_new_dispatches(&mut tx, dispatches)
             .await
             .map_err(StoreError::from_db)?;
+        let mut deltas = RollupDeltas::default();
         for dispatch in &stored {
             if let Some(released) = dispatch.dispatched_at {
                 let tally = Tally {
@@ -446,17 +456,17 @@ impl FeedbackStore for PostgresFeedbackStore {
                     answered: i64::from(dispatch.responded_at.is_some()),
                     ..Tally::default()
                 };
-                add_to_rollup(
-                    &mut tx,
+                deltas.add(
                     dispatch.survey_id,
-                    hour_of(released),
+                    released,
                     super::rollup_slot(&dispatch.id.to_string()),
                     &tally,
-                )
-                .await
-                .map_err(StoreError::from_db)?;
+                );
             }
         }
+        add_to_rollups(&mut tx, &deltas)
+            .await
+            .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
         Ok(stored)
     }
@@ -562,6 +572,8 @@ impl FeedbackStore for PostgresFeedbackStore {
                 )),
             };
         }
+        let slot = super::rollup_slot(&response.response_id);
+        let mut deltas = RollupDeltas::default();
         if let Some(dispatch_id) = response.dispatch_id {
             // The release time is read from the row, so that the answered
             // count lands in the hour its release was counted in.
@@ -582,26 +594,13 @@ impl FeedbackStore for PostgresFeedbackStore {
                     answered: 1,
                     ..Tally::default()
                 };
-                add_to_rollup(
-                    &mut tx,
-                    response.survey_id,
-                    hour_of(released),
-                    super::rollup_slot(&response.response_id),
-                    &answered,
-                )
-                .await
-                .map_err(StoreError::from_db)?;
+                deltas.add(response.survey_id, released, slot, &answered);
             }
         }
-        add_to_rollup(
-            &mut tx,
-            response.survey_id,
-            hour_of(response.submitted_at),
-            super::rollup_slot(&response.response_id),
-            &new.tally,
-        )
-        .await
-        .map_err(StoreError::from_db)?;
+        deltas.add(response.survey_id, response.submitted_at, slot, &new.tally);
+        add_to_rollups(&mut tx, &deltas)
+            .await
+            .map_err(StoreError::from_db)?;
         append(&self.log, &mut tx, &new.log)
             .await
             .map_err(StoreError::from_db)?;
@@ -661,13 +660,15 @@ impl FeedbackStore for PostgresFeedbackStore {
         let sums = tally_sums();
         let mut total = Tally::default();
         let mut conn = self.pool.acquire().await.map_err(StoreError::from_db)?;
-        if let Some((from, to)) = parts.hours {
+        for (grain, from, to) in parts.periods {
             let row = sqlx::query(&format!(
-                "SELECT {sums} FROM survey_rollups WHERE survey_id = $1 AND hour >= $2 AND hour < $3"
+                "SELECT {sums} FROM survey_rollups \
+                 WHERE survey_id = $1 AND grain = $4 AND period >= $2 AND period < $3"
             ))
             .bind(survey_id)
             .bind(from)
             .bind(to)
+            .bind(grain.code())
             .fetch_one(&mut *conn)
             .await
             .map_err(StoreError::from_db)?;
@@ -981,6 +982,7 @@ impl FeedbackStore for PostgresFeedbackStore {
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
         let mut done = Vec::new();
         let mut entries = Vec::new();
+        let mut deltas = RollupDeltas::default();
         for (dispatch, entry) in settled {
             let updated = sqlx::query(
                 "UPDATE dispatches SET state = $2, dispatched_at = $3, expires_at = $4 \
@@ -1001,19 +1003,19 @@ impl FeedbackStore for PostgresFeedbackStore {
                     dispatched: 1,
                     ..Tally::default()
                 };
-                add_to_rollup(
-                    &mut tx,
+                deltas.add(
                     dispatch.survey_id,
-                    hour_of(released),
+                    released,
                     super::rollup_slot(&dispatch.id.to_string()),
                     &tally,
-                )
-                .await
-                .map_err(StoreError::from_db)?;
+                );
             }
             done.push(dispatch.clone());
             entries.push(entry.clone());
         }
+        add_to_rollups(&mut tx, &deltas)
+            .await
+            .map_err(StoreError::from_db)?;
         append(&self.log, &mut tx, &entries)
             .await
             .map_err(StoreError::from_db)?;

@@ -20,8 +20,8 @@ use uuid::Uuid;
 
 use super::postgres::{sentiment_of, strip_text};
 use super::{
-    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded, StoreError,
-    TextErasedEntry, Updated, hour_of, window_parts,
+    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded,
+    RollupDeltas, StoreError, TextErasedEntry, Updated, window_parts,
 };
 use crate::model::{
     Answer, CustomerChange, Dispatch, DispatchQuery, DispatchState, Fate, Lifecycle, Question,
@@ -281,33 +281,39 @@ fn push_tally(values: &mut sqlx::query_builder::Separated<'_, '_, Sqlite, &str>,
     }
 }
 
-/// Adds `tally` to the rollup row of (survey, hour, slot).
-async fn add_to_rollup(
+/// Adds `deltas` to the rollup rows, one statement per 500 rows, in key
+/// order.
+async fn add_to_rollups(
     tx: &mut SqliteConnection,
-    survey_id: Uuid,
-    hour: DateTime<Utc>,
-    slot: i16,
-    tally: &Tally,
+    deltas: &RollupDeltas,
 ) -> Result<(), sqlx::Error> {
-    let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-        "INSERT INTO survey_rollups (survey_id, hour, slot, {}) VALUES (",
-        TALLY_COLUMNS.join(", ")
-    ));
-    let mut values = sql.separated(", ");
-    values
-        .push_bind(survey_id.to_string())
-        .push_bind(hour.timestamp_micros())
-        .push_bind(i64::from(slot));
-    push_tally(&mut values, tally);
-    sql.push(") ON CONFLICT (survey_id, hour, slot) DO UPDATE SET ");
-    sql.push(
-        TALLY_COLUMNS
-            .iter()
-            .map(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
-    sql.build().execute(tx).await?;
+    let rows: Vec<_> = deltas.rows().collect();
+    for chunk in rows.chunks(500) {
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "INSERT INTO survey_rollups (survey_id, grain, period, slot, {}) ",
+            TALLY_COLUMNS.join(", ")
+        ));
+        sql.push_values(
+            chunk,
+            |mut values, ((survey_id, grain, period, slot), tally)| {
+                values
+                    .push_bind(survey_id.to_string())
+                    .push_bind(i64::from(grain.code()))
+                    .push_bind(period.timestamp_micros())
+                    .push_bind(i64::from(*slot));
+                push_tally(&mut values, tally);
+            },
+        );
+        sql.push(" ON CONFLICT (survey_id, grain, period, slot) DO UPDATE SET ");
+        sql.push(
+            TALLY_COLUMNS
+                .iter()
+                .map(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        sql.build().execute(&mut *tx).await?;
+    }
     Ok(())
 }
 
@@ -522,6 +528,7 @@ impl FeedbackStore for SqliteFeedbackStore {
             .await
             .map_err(StoreError::from_db)?;
         let stored = insert_new_dispatches(&mut tx, dispatches).await?;
+        let mut deltas = RollupDeltas::default();
         for dispatch in &stored {
             if let Some(released) = dispatch.dispatched_at {
                 let tally = Tally {
@@ -529,17 +536,17 @@ impl FeedbackStore for SqliteFeedbackStore {
                     answered: i64::from(dispatch.responded_at.is_some()),
                     ..Tally::default()
                 };
-                add_to_rollup(
-                    &mut tx,
+                deltas.add(
                     dispatch.survey_id,
-                    hour_of(released),
+                    released,
                     super::rollup_slot(&dispatch.id.to_string()),
                     &tally,
-                )
-                .await
-                .map_err(StoreError::from_db)?;
+                );
             }
         }
+        add_to_rollups(&mut tx, &deltas)
+            .await
+            .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
         Ok(stored)
     }
@@ -672,6 +679,8 @@ impl FeedbackStore for SqliteFeedbackStore {
                 )),
             };
         }
+        let slot = super::rollup_slot(&response.response_id);
+        let mut deltas = RollupDeltas::default();
         if let Some(dispatch_id) = response.dispatch_id {
             // The release time is read from the row, so that the answered
             // count lands in the hour its release was counted in.
@@ -693,26 +702,13 @@ impl FeedbackStore for SqliteFeedbackStore {
                     answered: 1,
                     ..Tally::default()
                 };
-                add_to_rollup(
-                    &mut tx,
-                    response.survey_id,
-                    hour_of(released),
-                    super::rollup_slot(&response.response_id),
-                    &answered,
-                )
-                .await
-                .map_err(StoreError::from_db)?;
+                deltas.add(response.survey_id, released, slot, &answered);
             }
         }
-        add_to_rollup(
-            &mut tx,
-            response.survey_id,
-            hour_of(response.submitted_at),
-            super::rollup_slot(&response.response_id),
-            &new.tally,
-        )
-        .await
-        .map_err(StoreError::from_db)?;
+        deltas.add(response.survey_id, response.submitted_at, slot, &new.tally);
+        add_to_rollups(&mut tx, &deltas)
+            .await
+            .map_err(StoreError::from_db)?;
         append(&self.log, &mut tx, &new.log)
             .await
             .map_err(StoreError::from_db)?;
@@ -791,13 +787,15 @@ impl FeedbackStore for SqliteFeedbackStore {
             .acquire()
             .await
             .map_err(StoreError::from_db)?;
-        if let Some((from, to)) = parts.hours {
+        for (grain, from, to) in parts.periods {
             let row = sqlx::query(&format!(
-                "SELECT {sums} FROM survey_rollups WHERE survey_id = ?1 AND hour >= ?2 AND hour < ?3"
+                "SELECT {sums} FROM survey_rollups \
+                 WHERE survey_id = ?1 AND grain = ?4 AND period >= ?2 AND period < ?3"
             ))
             .bind(&survey)
             .bind(from.timestamp_micros())
             .bind(to.timestamp_micros())
+            .bind(i64::from(grain.code()))
             .fetch_one(&mut *conn)
             .await
             .map_err(StoreError::from_db)?;
@@ -1168,6 +1166,7 @@ impl FeedbackStore for SqliteFeedbackStore {
             .map_err(StoreError::from_db)?;
         let mut done = Vec::new();
         let mut entries = Vec::new();
+        let mut deltas = RollupDeltas::default();
         for (dispatch, entry) in settled {
             let updated = sqlx::query(
                 "UPDATE dispatches SET state = ?2, dispatched_at = ?3, expires_at = ?4 \
@@ -1188,19 +1187,19 @@ impl FeedbackStore for SqliteFeedbackStore {
                     dispatched: 1,
                     ..Tally::default()
                 };
-                add_to_rollup(
-                    &mut tx,
+                deltas.add(
                     dispatch.survey_id,
-                    hour_of(released),
+                    released,
                     super::rollup_slot(&dispatch.id.to_string()),
                     &tally,
-                )
-                .await
-                .map_err(StoreError::from_db)?;
+                );
             }
             done.push(dispatch.clone());
             entries.push(entry.clone());
         }
+        add_to_rollups(&mut tx, &deltas)
+            .await
+            .map_err(StoreError::from_db)?;
         append(&self.log, &mut tx, &entries)
             .await
             .map_err(StoreError::from_db)?;
