@@ -147,13 +147,14 @@ impl Dispatcher {
         let due = self.store.due_dispatches(now, ROUND).await?;
         let mut settled = Vec::with_capacity(due.len());
         let mut surveys: HashMap<Uuid, Option<Survey>> = HashMap::new();
-        // Releases decided in this round, so two dispatches of one customer
-        // due together count each other for fatigue.
-        let mut released: HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>> = HashMap::new();
-        let fates = self
-            .store
-            .fates(&due.iter().map(|d| d.customer_id).collect::<Vec<_>>())
-            .await?;
+        let mut customers: Vec<Uuid> = due.iter().map(|d| d.customer_id).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let fates = self.store.fates(&customers).await?;
+        // The last releases of every customer of the round, in one read;
+        // releases decided in this round join them, so two dispatches of one
+        // customer due together count each other for fatigue.
+        let mut released = self.store.last_releases(&customers).await?;
         for dispatch in due {
             if let Entry::Vacant(vacant) = surveys.entry(dispatch.survey_id) {
                 vacant.insert(self.store.survey(dispatch.survey_id).await?);
@@ -166,7 +167,7 @@ impl Dispatcher {
                     &dispatch,
                     &survey,
                     fates.get(&dispatch.customer_id),
-                    &mut released,
+                    &released,
                     now,
                 )
                 .await?
@@ -201,7 +202,7 @@ impl Dispatcher {
         dispatch: &Dispatch,
         survey: &Survey,
         fate: Option<&Fate>,
-        released: &mut HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>>,
+        released: &HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>>,
         now: DateTime<Utc>,
     ) -> Result<Option<DispatchState>, StoreError> {
         let suppressed = |reason| Ok(Some(DispatchState::Suppressed(reason)));
@@ -212,9 +213,6 @@ impl Dispatcher {
             return suppressed(SuppressReason::CustomerErased);
         }
         let customer = dispatch.customer_id;
-        if let Entry::Vacant(vacant) = released.entry(customer) {
-            vacant.insert(self.store.last_releases(customer).await?);
-        }
         let last = released.get(&customer).cloned().unwrap_or_default();
         let fatigue = survey.definition.fatigue;
         let within = |at: &DateTime<Utc>, interval: Duration| {

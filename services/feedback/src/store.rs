@@ -215,11 +215,12 @@ pub trait FeedbackStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<Dispatch>, StoreError>;
-    /// When `customer_id` was last sent each survey it was sent.
+    /// For each of `customer_ids` that was ever sent a survey: when it was
+    /// last sent each survey it was sent (one read for a whole sweep round).
     async fn last_releases(
         &self,
-        customer_id: Uuid,
-    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError>;
+        customer_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>>, StoreError>;
     /// Settles scheduled dispatches (released or suppressed, as given),
     /// each only if it is still SCHEDULED, with its log entry; a release
     /// counts in its survey's rollup. Returns those settled.

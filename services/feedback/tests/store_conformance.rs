@@ -616,10 +616,105 @@ async fn a_window_is_tallied_from_rollups_and_edges(backend: Backend) {
     assert_eq!(other, Tally::default(), "another survey counts nothing");
 }
 
+async fn a_round_settles_once_and_reads_every_customers_releases(backend: Backend) {
+    let store = backend.store;
+    let first = survey(SurveyKind::Nps, vec![nps_question()]);
+    let second = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&first, None).await.unwrap();
+    store.create_survey(&second, None).await.unwrap();
+    let due = now() - TimeDelta::minutes(5);
+    let mut scheduled: Vec<Dispatch> = (0..6)
+        .map(|n| dispatch(&first, &format!("entry-{n}"), DispatchState::Scheduled, due))
+        .collect();
+    // Two customers hold two dispatches each, one per survey.
+    scheduled[1].customer_id = scheduled[0].customer_id;
+    scheduled[1].survey_id = second.id;
+    scheduled[3].customer_id = scheduled[2].customer_id;
+    scheduled[3].survey_id = second.id;
+    store.insert_dispatches(&scheduled).await.unwrap();
+    let released_at = now();
+    let decided: Vec<(Dispatch, LogEntry)> = scheduled
+        .iter()
+        .enumerate()
+        .map(|(n, dispatch)| {
+            let mut decided = dispatch.clone();
+            if n == 4 {
+                decided.state = DispatchState::Suppressed(SuppressReason::Fatigue);
+            } else {
+                decided.state = DispatchState::Dispatched;
+                decided.dispatched_at = Some(released_at - TimeDelta::seconds(n as i64));
+                decided.expires_at = Some(released_at + TimeDelta::days(14));
+            }
+            let entry = LogEntry {
+                event_id: Uuid::now_v7(),
+                customer_id: decided.customer_id,
+                kind: "dispatch.changed",
+                payload: format!("settled-{n}").into_bytes(),
+                recorded_at: released_at,
+            };
+            (decided, entry)
+        })
+        .collect();
+    // Backwards, so the store cannot rely on the caller's order.
+    let mut reversed = decided.clone();
+    reversed.reverse();
+    let settled = store.settle_dispatches(&reversed).await.unwrap();
+    assert_eq!(settled.len(), 6, "every scheduled dispatch settles");
+    assert!(
+        store.settle_dispatches(&decided).await.unwrap().is_empty(),
+        "a settled dispatch is never settled again"
+    );
+    for (decided, _) in &decided {
+        let stored = store.dispatch(decided.id).await.unwrap().unwrap();
+        assert_eq!(stored, *decided);
+    }
+    let log = log_when(store.as_ref(), 6).await;
+    assert_eq!(
+        log.len(),
+        6,
+        "one entry per settled dispatch, none for the repeat"
+    );
+
+    let customers: Vec<Uuid> = scheduled.iter().map(|d| d.customer_id).collect();
+    let releases = store.last_releases(&customers).await.unwrap();
+    let expected = |n: usize| decided[n].0.dispatched_at.unwrap();
+    assert_eq!(
+        releases.get(&scheduled[0].customer_id),
+        Some(&[(first.id, expected(0)), (second.id, expected(1))].into())
+    );
+    assert_eq!(
+        releases.get(&scheduled[2].customer_id),
+        Some(&[(first.id, expected(2)), (second.id, expected(3))].into())
+    );
+    assert_eq!(
+        releases.get(&scheduled[5].customer_id),
+        Some(&[(first.id, expected(5))].into())
+    );
+    assert_eq!(
+        releases.get(&scheduled[4].customer_id),
+        None,
+        "a suppressed dispatch is no release"
+    );
+    assert!(store.last_releases(&[]).await.unwrap().is_empty());
+    let tally = store
+        .tally(
+            first.id,
+            due - TimeDelta::hours(1),
+            now() + TimeDelta::hours(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        tally.dispatched, 3,
+        "the first survey's three releases count"
+    );
+}
+
 clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres;
     surveys_are_created_once_and_updated_under_their_version,
     question_sets_are_kept_per_version,
     responses_are_stored_once_and_take_one_dispatch,
     lists_page_in_their_order,
     a_window_is_tallied_from_rollups_and_edges,
+    a_round_settles_once_and_reads_every_customers_releases,
 );

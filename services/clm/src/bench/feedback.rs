@@ -2,14 +2,17 @@
 //! PostgreSQL database with every service of this binary in one `clm serve`
 //! process on this machine. Three phases, one per target:
 //!
-//! - A, transition to dispatch: an NPS survey with a TRANSITION trigger
-//!   (`event.to_stage == 'REACH'`, no delay, no fatigue limits) while a page
-//!   view of a fresh anonymous customer streams in at `--rate` per second:
-//!   each makes scoring log a transition to REACH, which the feedback
-//!   service matches and schedules, and its sweep releases. `--probes` times
-//!   per second a probe records the page view of another fresh customer and
-//!   polls ListDispatches for that customer every 10 ms (every 100 ms once
-//!   a second has passed); a sample is the
+//! - A, transition to dispatch: customers are created beforehand (so that
+//!   identity's creation of customers is not what is measured), then an NPS
+//!   survey with a TRANSITION trigger (`event.to_stage == 'ACQUISITION'`, no
+//!   delay, no fatigue limits) while the first page view of one of those
+//!   customers, named by id, streams in at `--rate` per second: each makes
+//!   scoring log a transition into ACQUISITION (a known contact seen on the
+//!   pricing page), which the feedback service matches and schedules, and
+//!   its sweep releases. `--probes` times per second a probe records the
+//!   page view of another such customer and polls ListDispatches for that
+//!   customer every 10 ms (every 100 ms once a second has passed); a sample
+//!   is the
 //!   time from RecordTouchpoint's return to the first poll that lists the
 //!   dispatch (any state), and to the first that lists it DISPATCHED.
 //! - B, RecordResponse: unary calls with fresh response ids from many
@@ -26,8 +29,8 @@
 //! its cursor for a while, so that one phase's backlog does not load the
 //! next.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -40,9 +43,7 @@ use clm_feedback::model::{
 use clm_feedback::store::{NewResponse, Recorded};
 use clm_feedback::summary::Tally;
 use clm_platform::Secret;
-use clm_proto::common::{
-    CustomerReference, IdentityKey, IdentityKeys, IdentityKind, customer_reference,
-};
+use clm_proto::common::{CustomerReference, customer_reference};
 use clm_proto::feedback as fb;
 use clm_proto::feedback::survey_service_client::SurveyServiceClient;
 use clm_proto::touchpoint as tp;
@@ -101,8 +102,8 @@ const SUMMARY_P99_TARGET_MS: f64 = 20.0;
 /// Arguments of `clm bench feedback`.
 #[derive(Debug, Args)]
 pub struct FeedbackBenchArgs {
-    /// Fresh customers' page views per second in phase A (each makes one
-    /// transition to REACH).
+    /// First page views of customers per second in phase A (each makes one
+    /// transition into ACQUISITION).
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     rate: u32,
     /// Seconds of each measurement: phase A's probes (after a 5 s warm-up),
@@ -110,7 +111,7 @@ pub struct FeedbackBenchArgs {
     /// kinds each.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
-    /// Probes (page views of fresh customers, timed to their dispatch) per
+    /// Probes (first page views of customers, timed to their dispatch) per
     /// second in phase A.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     probes: u32,
@@ -170,19 +171,11 @@ fn by_id(customer_id: &str) -> Option<CustomerReference> {
     })
 }
 
-/// A page view of a new anonymous customer.
-fn page_view(event_id: String, anonymous_id: String) -> tp::Touchpoint {
+/// A pricing-page view by the customer `customer_id`.
+fn page_view(event_id: String, customer_id: &str) -> tp::Touchpoint {
     tp::Touchpoint {
         event_id,
-        customer: Some(CustomerReference {
-            reference: Some(customer_reference::Reference::IdentityKeys(IdentityKeys {
-                keys: vec![IdentityKey {
-                    kind: IdentityKind::AnonymousId as i32,
-                    value: anonymous_id,
-                    source: String::new(),
-                }],
-            })),
-        }),
+        customer: by_id(customer_id),
         channel: tp::Channel::Web as i32,
         r#type: "page_view".to_owned(),
         properties: [("path".to_owned(), "/pricing".to_owned())].into(),
@@ -340,7 +333,26 @@ async fn measure(args: &FeedbackBenchArgs, database_url: &str) -> anyhow::Result
     let channels = load::connect_channels(&address, args.channels as usize).await?;
     let mut notes = Vec::new();
 
-    // A. Transition -> dispatch.
+    // A. Transition -> dispatch, for customers created beforehand: a page
+    // view each during the warm-up and the measurement, a few seconds'
+    // worth to spare.
+    let background_count =
+        ((u64::from(args.rate) * (WARM_UP.as_secs() + args.seconds + 5)) as usize).max(1_000);
+    let probe_count = (u64::from(args.probes) * args.seconds) as usize;
+    progress(&format!(
+        "phase A: creating {background_count} background and {probe_count} probe customers"
+    ));
+    let seeded =
+        load::seed_customers(&channels, 32, background_count + probe_count, &run_id).await?;
+    anyhow::ensure!(
+        seeded.errors.total() == 0,
+        "creating customers failed: {:?}",
+        seeded.errors.by_code
+    );
+    let mut customer_ids = seeded.customer_ids;
+    let probe_customers: Arc<[String]> = customer_ids.split_off(background_count).into();
+    let background_customers: Arc<[String]> = customer_ids.into();
+    settle(database_url, "creating the customers", &mut notes).await?;
     let mut surveys = SurveyServiceClient::new(channels[0].clone());
     let survey = surveys
         .create_survey(fb::CreateSurveyRequest {
@@ -351,7 +363,7 @@ async fn measure(args: &FeedbackBenchArgs, database_url: &str) -> anyhow::Result
                 triggers: vec![fb::Trigger {
                     name: "reached".into(),
                     source: fb::TriggerSource::Transition as i32,
-                    condition: "event.to_stage == 'REACH'".into(),
+                    condition: "event.to_stage == 'ACQUISITION'".into(),
                     delay: None,
                 }],
                 fatigue: Some(fb::FatiguePolicy {
@@ -368,18 +380,20 @@ async fn measure(args: &FeedbackBenchArgs, database_url: &str) -> anyhow::Result
         .into_inner()
         .survey
         .context("CreateSurvey returned no survey")?;
-    let (dispatch, customer_ids) =
-        measure_dispatch(args, &channels, database_url, &survey.id, &run_id).await?;
+    let dispatch = measure_dispatch(
+        args,
+        &channels,
+        database_url,
+        &survey.id,
+        &run_id,
+        (background_customers.clone(), probe_customers),
+    )
+    .await?;
     server.ensure_running("phase A")?;
     settle(database_url, "phase A", &mut notes).await?;
 
     // B. RecordResponse next to the health Check.
-    let mut response_customers: Vec<String> = customer_ids;
-    if response_customers.len() < 1_000 {
-        let seeded = load::seed_customers(&channels, 32, 1_000, &run_id).await?;
-        response_customers.extend(seeded.customer_ids);
-    }
-    let response_customers: Arc<[String]> = response_customers.into();
+    let response_customers = background_customers;
     progress(&format!(
         "phase B: RecordResponse and the health Check, {} clients over {} connections, {} s each, alternating every {} s",
         args.concurrency,
@@ -481,15 +495,15 @@ async fn measure(args: &FeedbackBenchArgs, database_url: &str) -> anyhow::Result
     })
 }
 
-/// Sends background batches of fresh customers' page views paced to `rate`
-/// per second until `stop`; counts the touchpoints stored in `stored` and
-/// keeps their customers' ids.
+/// Sends background batches of page views, one per customer of
+/// `customers` in turn, paced to `rate` per second until `stop` (or until
+/// every customer had one); counts the touchpoints stored in `stored`.
 async fn background(
     channel: Channel,
     rate: u32,
     run_id: String,
+    customers: Arc<[String]>,
     stored: Arc<AtomicU64>,
-    customers: Arc<Mutex<Vec<String>>>,
     stop: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<()> {
     if rate == 0 {
@@ -500,21 +514,26 @@ async fn background(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let in_flight = Arc::new(Semaphore::new(32));
-    let mut next = 0;
     let stopped = stop.notified();
     tokio::pin!(stopped);
-    loop {
+    for (batch_index, batch) in customers.chunks(BATCH).enumerate() {
         tokio::select! {
             () = &mut stopped => return Ok(()),
             _ = ticker.tick() => {}
         }
         let permit = in_flight.clone().acquire_owned().await?;
         let mut client = TouchpointServiceClient::new(channel.clone());
-        let touchpoints = (next..next + BATCH)
-            .map(|n| page_view(format!("{run_id}-bg-{n}"), format!("{run_id}-anon-{n}")))
+        let touchpoints = batch
+            .iter()
+            .enumerate()
+            .map(|(n, customer_id)| {
+                page_view(
+                    format!("{run_id}-bg-{}", batch_index * BATCH + n),
+                    customer_id,
+                )
+            })
             .collect();
-        next += BATCH;
-        let (stored, customers) = (stored.clone(), customers.clone());
+        let stored = stored.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match client
@@ -522,43 +541,35 @@ async fn background(
                 .await
             {
                 Ok(response) => {
-                    let response = response.into_inner();
-                    stored.fetch_add(response.stored_count as u64, Ordering::Relaxed);
-                    let mut customers = customers.lock().unwrap_or_else(|p| p.into_inner());
-                    customers.extend(
-                        response
-                            .results
-                            .into_iter()
-                            .map(|result| result.customer_id)
-                            .filter(|id| !id.is_empty()),
-                    );
+                    stored.fetch_add(response.into_inner().stored_count as u64, Ordering::Relaxed);
                 }
                 Err(status) => tracing::warn!(error = %status, "a background batch failed"),
             }
         });
     }
+    tracing::warn!("phase A ran out of background customers");
+    stopped.await;
+    Ok(())
 }
 
 /// What one probe saw: until listed, until DISPATCHED (`None`: not within
 /// [`PROBE_TIMEOUT`]).
 type ProbeOutcome = (Option<Duration>, Option<Duration>);
 
-/// Records the page view of a fresh customer and polls ListDispatches until
-/// that customer's dispatch of `survey_id` is DISPATCHED.
+/// Records the first page view of `customer_id` and polls ListDispatches
+/// until that customer's dispatch of `survey_id` is DISPATCHED.
 async fn probe(
     channel: Channel,
     survey_id: String,
     run_id: String,
     index: usize,
+    customer_id: String,
 ) -> anyhow::Result<ProbeOutcome> {
     let mut touchpoints = TouchpointServiceClient::new(channel.clone());
     let mut surveys = SurveyServiceClient::new(channel);
     let customer_id = touchpoints
         .record_touchpoint(tp::RecordTouchpointRequest {
-            touchpoint: Some(page_view(
-                format!("{run_id}-probe-{index}"),
-                format!("{run_id}-probe-anon-{index}"),
-            )),
+            touchpoint: Some(page_view(format!("{run_id}-probe-{index}"), &customer_id)),
         })
         .await
         .context("the probe's RecordTouchpoint failed")?
@@ -609,27 +620,27 @@ async fn probe(
     }
 }
 
-/// Phase A; returns its figures and the customers its touchpoints created.
+/// Phase A, with page views of `customers` (background, probes).
 async fn measure_dispatch(
     args: &FeedbackBenchArgs,
     channels: &[Channel],
     database_url: &str,
     survey_id: &str,
     run_id: &str,
-) -> anyhow::Result<(DispatchFigures, Vec<String>)> {
+    (background_customers, probe_customers): (Arc<[String]>, Arc<[String]>),
+) -> anyhow::Result<DispatchFigures> {
     let stored = Arc::new(AtomicU64::new(0));
-    let customers = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(tokio::sync::Notify::new());
     let load = tokio::spawn(background(
         channels[0].clone(),
         args.rate,
         run_id.to_owned(),
+        background_customers,
         stored.clone(),
-        customers.clone(),
         stop.clone(),
     ));
     progress(&format!(
-        "phase A: warming up for {} s at {} fresh customers/s",
+        "phase A: warming up for {} s at {} first page views/s",
         WARM_UP.as_secs(),
         args.rate
     ));
@@ -651,6 +662,7 @@ async fn measure_dispatch(
             survey_id.to_owned(),
             run_id.to_owned(),
             index,
+            probe_customers[index % probe_customers.len()].clone(),
         )));
     }
     let sent_for = measuring.elapsed();
@@ -708,23 +720,19 @@ async fn measure_dispatch(
     .bind(survey_uuid)
     .fetch_all(&mut connection)
     .await?;
-    let customers = std::mem::take(&mut *customers.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok((
-        DispatchFigures {
-            sent_for,
-            ingest_rate: stored_during as f64 / sent_for.as_secs_f64(),
-            transition_rate: transitions as f64 / window,
-            dispatch_rate: scheduled as f64 / window,
-            listed,
-            released,
-            timed_out,
-            failed: (failed, first_failure),
-            probes: probes_total,
-            states,
-            stored_total: stored.load(Ordering::Relaxed),
-        },
-        customers,
-    ))
+    Ok(DispatchFigures {
+        sent_for,
+        ingest_rate: stored_during as f64 / sent_for.as_secs_f64(),
+        transition_rate: transitions as f64 / window,
+        dispatch_rate: scheduled as f64 / window,
+        listed,
+        released,
+        timed_out,
+        failed: (failed, first_failure),
+        probes: probes_total,
+        states,
+        stored_total: stored.load(Ordering::Relaxed),
+    })
 }
 
 /// Waits until no log consumer of any service has moved its cursor for
@@ -1029,7 +1037,7 @@ impl FeedbackReport {
         );
         let _ = writeln!(
             text,
-            "A. transition -> dispatch, zero delay: {} fresh customers/s (a page view each, a transition to REACH each), {} probes/s for {:.1} s, each polling ListDispatches every 10 ms (100 ms after the first second)",
+            "A. transition -> dispatch, zero delay: {} customers/s (created beforehand; their first page view each, a transition into ACQUISITION each), {} probes/s for {:.1} s, each polling ListDispatches every 10 ms (100 ms after the first second)",
             args.rate,
             args.probes,
             d.sent_for.as_secs_f64()

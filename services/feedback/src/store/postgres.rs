@@ -959,17 +959,25 @@ impl FeedbackStore for PostgresFeedbackStore {
 
     async fn last_releases(
         &self,
-        customer_id: Uuid,
-    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError> {
-        let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT survey_id, max(dispatched_at) FROM dispatches \
-             WHERE customer_id = $1 AND dispatched_at IS NOT NULL GROUP BY survey_id",
+        customer_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>>, StoreError> {
+        let rows: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT customer_id, survey_id, max(dispatched_at) FROM dispatches \
+             WHERE customer_id = ANY($1) AND dispatched_at IS NOT NULL \
+             GROUP BY customer_id, survey_id",
         )
-        .bind(customer_id)
+        .bind(customer_ids)
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from_db)?;
-        Ok(rows.into_iter().collect())
+        let mut releases: HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>> = HashMap::new();
+        for (customer_id, survey_id, released) in rows {
+            releases
+                .entry(customer_id)
+                .or_default()
+                .insert(survey_id, released);
+        }
+        Ok(releases)
     }
 
     async fn settle_dispatches(
@@ -979,23 +987,41 @@ impl FeedbackStore for PostgresFeedbackStore {
         if settled.is_empty() {
             return Ok(Vec::new());
         }
+        // One statement for the round, its rows locked in id order so that
+        // two settles (or a settle and a merge) never wait on each other in
+        // a cycle.
+        let mut order: Vec<&(Dispatch, LogEntry)> = settled.iter().collect();
+        order.sort_by_key(|(dispatch, _)| dispatch.id);
+        let ids: Vec<Uuid> = order.iter().map(|(d, _)| d.id).collect();
+        let states: Vec<&str> = order.iter().map(|(d, _)| d.state.as_str()).collect();
+        let dispatched: Vec<Option<DateTime<Utc>>> =
+            order.iter().map(|(d, _)| d.dispatched_at).collect();
+        let expires: Vec<Option<DateTime<Utc>>> = order.iter().map(|(d, _)| d.expires_at).collect();
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
+        let changed: Vec<Uuid> = sqlx::query_scalar(
+            "WITH wanted AS ( \
+                 SELECT d.id FROM dispatches d JOIN unnest($1::uuid[]) AS w (id) ON d.id = w.id \
+                 WHERE d.state = 'SCHEDULED' ORDER BY d.id FOR UPDATE OF d) \
+             UPDATE dispatches d SET state = v.state, dispatched_at = v.dispatched_at, \
+                 expires_at = v.expires_at \
+             FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[]) \
+                 AS v (id, state, dispatched_at, expires_at) \
+             WHERE d.id = v.id AND d.id IN (SELECT id FROM wanted) AND d.state = 'SCHEDULED' \
+             RETURNING d.id",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&dispatched)
+        .bind(&expires)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        let changed: std::collections::HashSet<Uuid> = changed.into_iter().collect();
         let mut done = Vec::new();
         let mut entries = Vec::new();
         let mut deltas = RollupDeltas::default();
         for (dispatch, entry) in settled {
-            let updated = sqlx::query(
-                "UPDATE dispatches SET state = $2, dispatched_at = $3, expires_at = $4 \
-                 WHERE id = $1 AND state = 'SCHEDULED'",
-            )
-            .bind(dispatch.id)
-            .bind(dispatch.state.as_str())
-            .bind(dispatch.dispatched_at)
-            .bind(dispatch.expires_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
-            if updated.rows_affected() == 0 {
+            if !changed.contains(&dispatch.id) {
                 continue;
             }
             if let Some(released) = dispatch.dispatched_at {

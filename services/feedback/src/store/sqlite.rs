@@ -1130,25 +1130,34 @@ impl FeedbackStore for SqliteFeedbackStore {
 
     async fn last_releases(
         &self,
-        customer_id: Uuid,
-    ) -> Result<HashMap<Uuid, DateTime<Utc>>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT survey_id, max(dispatched_at) FROM dispatches \
-             WHERE customer_id = ?1 AND dispatched_at IS NOT NULL GROUP BY survey_id",
+        customer_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>>, StoreError> {
+        let ids: Vec<String> = customer_ids.iter().map(Uuid::to_string).collect();
+        let ids =
+            serde_json::to_string(&ids).map_err(|err| StoreError::corrupt("customer ids", err))?;
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT customer_id, survey_id, max(dispatched_at) FROM dispatches \
+             WHERE customer_id IN (SELECT value FROM json_each(?1)) \
+             AND dispatched_at IS NOT NULL GROUP BY customer_id, survey_id",
         )
-        .bind(customer_id.to_string())
+        .bind(ids)
         .fetch_all(&self.pools.reader)
         .await
         .map_err(StoreError::from_db)?;
-        rows.into_iter()
-            .map(|(survey_id, released)| {
-                let survey_id = Uuid::try_parse(&survey_id)
-                    .map_err(|err| StoreError::corrupt("dispatch's survey id", err))?;
-                let released = DateTime::from_timestamp_micros(released)
-                    .ok_or_else(|| StoreError::corrupt("dispatch's release time", released))?;
-                Ok((survey_id, released))
-            })
-            .collect()
+        let mut releases: HashMap<Uuid, HashMap<Uuid, DateTime<Utc>>> = HashMap::new();
+        for (customer_id, survey_id, released) in rows {
+            let customer_id = Uuid::try_parse(&customer_id)
+                .map_err(|err| StoreError::corrupt("dispatch's customer id", err))?;
+            let survey_id = Uuid::try_parse(&survey_id)
+                .map_err(|err| StoreError::corrupt("dispatch's survey id", err))?;
+            let released = DateTime::from_timestamp_micros(released)
+                .ok_or_else(|| StoreError::corrupt("dispatch's release time", released))?;
+            releases
+                .entry(customer_id)
+                .or_default()
+                .insert(survey_id, released);
+        }
+        Ok(releases)
     }
 
     async fn settle_dispatches(
