@@ -94,8 +94,9 @@ enum Benchmark {
     /// GetSurveySummary over a year of 1,000,000 responses.
     ///
     /// Creates a fresh PostgreSQL database, starts `clm serve` (every
-    /// service) on it, times dispatches of fresh customers' transitions to
-    /// REACH (p50/p90/p99), measures unary RecordResponse alternating with
+    /// service) on it, seeds identified customers and times the dispatches
+    /// of their first page views (each a transition into ACQUISITION;
+    /// p50/p90/p99), measures unary RecordResponse alternating with
     /// the health Check, seeds a year-old survey through the feedback store
     /// and times summaries over random and whole-survey windows; drops the
     /// database.
