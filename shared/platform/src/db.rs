@@ -77,8 +77,18 @@ pub async fn connect(
         .map_err(|reason| sqlx::Error::Configuration(reason.into()))?
     {
         DatabaseKind::Postgres => {
+            // Every statement is planned for the values of its call. After
+            // five calls PostgreSQL may switch a prepared statement to a
+            // generic plan, and one made while a table was small (a
+            // sequential scan) stays cached on the connection while the
+            // table grows, until the next ANALYZE: a service's tables start
+            // empty and grow under load. Planning these short statements
+            // costs far less than one such scan.
             let options = PgConnectOptions::from_str(url.expose())?
-                .options([("search_path", schema)])
+                .options([
+                    ("search_path", schema),
+                    ("plan_cache_mode", "force_custom_plan"),
+                ])
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
             // One connection made directly first: when the server cannot be
