@@ -636,6 +636,192 @@ async fn responses_are_recorded_once_and_summarised(server: ClmServer) {
     );
 }
 
+async fn a_batch_of_responses_is_recorded_item_by_item(server: ClmServer) {
+    let channel = server.channel().await;
+    let mut client = Surveys::new(channel.clone());
+    let survey = create(&mut client, onboarding_survey(), "").await;
+    let alice = new_customer(channel.clone(), "alice@example.org").await;
+    let bob = new_customer(channel.clone(), "bob@example.org").await;
+    let item = |response_id: &str, customer: &str, answers: Vec<pb::Answer>| {
+        response(&survey.id, response_id, customer, answers)
+            .response
+            .unwrap()
+    };
+    let batch = pb::RecordResponsesRequest {
+        responses: vec![
+            item(
+                "alice-batch",
+                &alice,
+                vec![
+                    score("recommend", 10),
+                    text("why", "Wonderful support, very helpful and kind."),
+                ],
+            ),
+            item("bob-batch", &bob, vec![score("recommend", 11)]),
+            item("alice-batch", &alice, vec![score("recommend", 0)]),
+            pb::SurveyResponse {
+                survey_id: uuid::Uuid::now_v7().to_string(),
+                ..item("nobody-survey", &bob, vec![score("recommend", 5)])
+            },
+            item(
+                "ghost-batch",
+                &uuid::Uuid::now_v7().to_string(),
+                vec![score("recommend", 5)],
+            ),
+            pb::SurveyResponse {
+                customer: None,
+                ..item("anonymous", &bob, vec![score("recommend", 5)])
+            },
+            pb::SurveyResponse {
+                survey_id: "not-a-uuid".into(),
+                ..item("bad-survey", &bob, vec![score("recommend", 5)])
+            },
+            item("bob-batch-2", &bob, vec![score("recommend", 6)]),
+        ],
+    };
+    let first = client
+        .record_responses(batch.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses = |reply: &pb::RecordResponsesResponse| {
+        reply
+            .results
+            .iter()
+            .map(|r| {
+                (
+                    r.index,
+                    r.response_id.clone(),
+                    r.status,
+                    r.code,
+                    r.reason.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let stored = pb::ResponseRecordStatus::Stored as i32;
+    let duplicate = pb::ResponseRecordStatus::Duplicate as i32;
+    let refused = pb::ResponseRecordStatus::Refused as i32;
+    let row = |index: i32, id: &str, status: i32, code: Code, reason: &str| {
+        (index, id.to_owned(), status, code as i32, reason.to_owned())
+    };
+    assert_eq!(
+        statuses(&first),
+        vec![
+            row(0, "alice-batch", stored, Code::Ok, ""),
+            row(1, "bob-batch", refused, Code::InvalidArgument, ""),
+            row(2, "alice-batch", duplicate, Code::Ok, ""),
+            row(
+                3,
+                "nobody-survey",
+                refused,
+                Code::NotFound,
+                "SURVEY_NOT_FOUND"
+            ),
+            row(
+                4,
+                "ghost-batch",
+                refused,
+                Code::NotFound,
+                "CUSTOMER_NOT_FOUND"
+            ),
+            row(5, "anonymous", refused, Code::InvalidArgument, ""),
+            row(6, "bad-survey", refused, Code::InvalidArgument, ""),
+            row(7, "bob-batch-2", stored, Code::Ok, ""),
+        ]
+    );
+    assert_eq!(
+        (
+            first.stored_count,
+            first.duplicate_count,
+            first.refused_count
+        ),
+        (2, 1, 5)
+    );
+    let violations = |index: usize| {
+        first.results[index]
+            .violations
+            .iter()
+            .map(|v| (v.field.clone(), v.reason.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        violations(1),
+        vec![(
+            "responses[1].answers[0].score".to_owned(),
+            "OUT_OF_RANGE".to_owned()
+        )]
+    );
+    assert_eq!(
+        violations(5),
+        vec![("responses[5].customer".to_owned(), "REQUIRED".to_owned())]
+    );
+    assert_eq!(violations(6)[0].0, "responses[6].survey_id");
+    assert!(!first.results[3].message.is_empty());
+    let alice_stored = first.results[0].response.clone().unwrap();
+    assert_eq!(alice_stored.customer_id, alice);
+    assert_eq!(
+        alice_stored.sentiment.as_ref().map(|s| s.label),
+        Some(pb::SentimentLabel::Positive as i32)
+    );
+    assert_eq!(
+        first.results[2].response.as_ref(),
+        Some(&alice_stored),
+        "a repeat within the batch is a duplicate of the first"
+    );
+    assert!(first.results[1].response.is_none());
+
+    // The whole batch again: what was stored is a duplicate, the refusals
+    // are the same, nothing is stored twice.
+    let again = client.record_responses(batch).await.unwrap().into_inner();
+    let mut expected = statuses(&first);
+    expected[0].2 = duplicate;
+    expected[7].2 = duplicate;
+    assert_eq!(statuses(&again), expected);
+    assert_eq!(again.results[0].response.as_ref(), Some(&alice_stored));
+    let unary = client
+        .record_response(response(
+            &survey.id,
+            "alice-batch",
+            &alice,
+            vec![score("recommend", 1)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(unary.duplicate);
+    assert_eq!(unary.response.unwrap(), alice_stored);
+    let summary = client
+        .get_survey_summary(pb::GetSurveySummaryRequest {
+            survey_id: survey.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.response_count, 2);
+    let nps = summary.nps.unwrap();
+    assert_eq!((nps.promoter_count, nps.detractor_count), (1, 1));
+
+    let empty = client
+        .record_responses(pb::RecordResponsesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert_eq!(
+        violation_reasons(&empty),
+        vec![("responses".to_owned(), "REQUIRED".to_owned())]
+    );
+    let too_many = pb::RecordResponsesRequest {
+        responses: (0..1001)
+            .map(|n| item(&format!("many-{n}"), &bob, vec![score("recommend", 5)]))
+            .collect(),
+    };
+    let status = client.record_responses(too_many).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(details(&status).1.as_deref(), Some("BATCH_TOO_LARGE"));
+}
+
 macro_rules! on_both_modes {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -662,4 +848,5 @@ on_both_modes!(
     surveys_are_versioned_paused_and_archived,
     bad_surveys_are_refused_with_the_field_named,
     responses_are_recorded_once_and_summarised,
+    a_batch_of_responses_is_recorded_item_by_item,
 );

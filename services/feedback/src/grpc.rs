@@ -24,7 +24,7 @@ use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 use crate::model::{DispatchQuery, ResponseQuery, SurveyQuery, SurveyState};
-use crate::service::{Feedback, FeedbackError, ResponseRequest};
+use crate::service::{Feedback, FeedbackError, ResponseOutcome, ResponseRequest};
 use crate::store::StoreError;
 
 /// The gRPC face of the feedback service.
@@ -51,6 +51,60 @@ impl SurveyGrpc {
             clock,
             shutdown,
         }
+    }
+
+    /// Reads the response at `field` of a request: its checked fields and
+    /// its raw answers (checked later, against the survey's questions).
+    fn read_response(
+        &self,
+        raw: pb::SurveyResponse,
+        field: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(ResponseRequest, Vec<pb::Answer>), Vec<FieldViolation>> {
+        let mut violations = Violations::new();
+        violations.check(requests::response_id(
+            &format!("{field}.response_id"),
+            &raw.response_id,
+        ));
+        let survey_id = violations.check(validate::uuid(
+            &format!("{field}.survey_id"),
+            &raw.survey_id,
+        ));
+        let dispatch_id = violations
+            .check(optional_uuid(
+                &format!("{field}.dispatch_id"),
+                &raw.dispatch_id,
+            ))
+            .flatten();
+        let customer = reference(
+            &mut violations,
+            &format!("{field}.customer"),
+            raw.customer.as_ref(),
+        );
+        let submitted_at = match &raw.submit_time {
+            None => Some(now),
+            Some(time) => violations
+                .check(
+                    FactTimes::at(now, self.max_future_skew)
+                        .check(&format!("{field}.submit_time"), time),
+                )
+                .map(|time| time.trunc_subsecs(6)),
+        };
+        violations.into_result()?;
+        let (Some(survey_id), Some(submitted_at)) = (survey_id, submitted_at) else {
+            unreachable!("checked above");
+        };
+        Ok((
+            ResponseRequest {
+                response_id: raw.response_id,
+                survey_id,
+                dispatch_id,
+                customer,
+                submitted_at,
+                field: field.to_owned(),
+            },
+            raw.answers,
+        ))
     }
 
     /// The clock at the precision times are stored at (microseconds), so
@@ -189,7 +243,11 @@ fn report(err: FeedbackError) -> ErrorReport {
             ),
             &[("id", dispatch.to_string())],
         ),
-        FeedbackError::CustomerRefused { reason, problems } => {
+        FeedbackError::CustomerRefused {
+            field,
+            reason,
+            problems,
+        } => {
             let code = if reason == reasons::CUSTOMER_NOT_FOUND {
                 Code::NotFound
             } else {
@@ -207,7 +265,7 @@ fn report(err: FeedbackError) -> ErrorReport {
             .unwrap_or(reasons::INVALID_REFERENCE);
             let message = problems
                 .iter()
-                .map(|(path, description)| format!("response.customer{path}: {description}"))
+                .map(|(path, description)| format!("{field}{path}: {description}"))
                 .collect::<Vec<_>>()
                 .join("; ");
             if reason == reasons::INVALID_REFERENCE {
@@ -215,7 +273,7 @@ fn report(err: FeedbackError) -> ErrorReport {
                     problems
                         .into_iter()
                         .map(|(path, description)| {
-                            FieldViolation::new(format!("response.customer{path}"), description)
+                            FieldViolation::new(format!("{field}{path}"), description)
                         })
                         .collect(),
                 )
@@ -252,6 +310,49 @@ fn store_report(err: StoreError) -> ErrorReport {
             detail,
         },
     }
+}
+
+/// The most responses one RecordResponses call may carry.
+const MAX_RESPONSE_BATCH: usize = 1000;
+
+/// Fills a batch item's result with why it was refused: the code, reason
+/// and violations RecordResponse would have failed with.
+fn refusal(result: &mut pb::RecordResponseResult, err: FeedbackError) {
+    let report = report(err);
+    match &report {
+        ErrorReport::BadRequest(violations) => {
+            result.violations = violations
+                .iter()
+                .map(|v| pb::FieldViolation {
+                    field: v.field.clone(),
+                    reason: v.reason.clone(),
+                    description: v.description.clone(),
+                })
+                .collect();
+        }
+        ErrorReport::Reason { reason, .. } => result.reason = (*reason).to_owned(),
+        ErrorReport::Unavailable { .. } | ErrorReport::Internal { .. } => {}
+    }
+    let status = Status::from(report);
+    result.status = pb::ResponseRecordStatus::Refused as i32;
+    result.code = status.code() as i32;
+    result.message = status.message().to_owned();
+}
+
+/// Checks the answers of the response at `field` against `questions`.
+fn check_answers(
+    field: &str,
+    answers: &[pb::Answer],
+    questions: &[crate::model::Question],
+) -> Result<Vec<crate::model::Answer>, Vec<FieldViolation>> {
+    let mut violations = Violations::new();
+    let answers = requests::answers(
+        &mut violations,
+        &format!("{field}.answers"),
+        answers,
+        questions,
+    );
+    violations.into_result().map(|()| answers)
 }
 
 fn status(err: FeedbackError) -> Status {
@@ -668,43 +769,14 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
             )));
         };
         let now = self.now();
-        let mut violations = Violations::new();
-        violations.check(requests::response_id(
-            "response.response_id",
-            &raw.response_id,
-        ));
-        let survey_id = violations.check(validate::uuid("response.survey_id", &raw.survey_id));
-        let dispatch_id = violations
-            .check(optional_uuid("response.dispatch_id", &raw.dispatch_id))
-            .flatten();
-        let customer = reference(&mut violations, "response.customer", raw.customer.as_ref());
-        let submitted_at = match &raw.submit_time {
-            None => Some(now),
-            Some(time) => violations
-                .check(FactTimes::at(now, self.max_future_skew).check("response.submit_time", time))
-                .map(|time| time.trunc_subsecs(6)),
-        };
-        bad(violations)?;
-        let (Some(survey_id), Some(submitted_at)) = (survey_id, submitted_at) else {
-            unreachable!("checked above");
-        };
-        let answers = raw.answers;
+        let (request, answers) = self
+            .read_response(raw, "response", now)
+            .map_err(|violations| Status::from(ErrorReport::BadRequest(violations)))?;
         let (response, duplicate) = self
             .feedback
             .record_response(
-                ResponseRequest {
-                    response_id: raw.response_id,
-                    survey_id,
-                    dispatch_id,
-                    customer,
-                    submitted_at,
-                },
-                |questions| {
-                    let mut violations = Violations::new();
-                    let answers =
-                        requests::answers(&mut violations, "response.answers", &answers, questions);
-                    violations.into_result().map(|()| answers)
-                },
+                request,
+                |questions| check_answers("response", &answers, questions),
                 now,
             )
             .await
@@ -713,6 +785,101 @@ impl pb::survey_service_server::SurveyService for SurveyGrpc {
             response: Some(convert::response(&response)),
             duplicate,
         }))
+    }
+
+    async fn record_responses(
+        &self,
+        request: Request<pb::RecordResponsesRequest>,
+    ) -> Result<Response<pb::RecordResponsesResponse>, Status> {
+        let raws = request.into_inner().responses;
+        if raws.is_empty() {
+            return Err(one_bad(FieldViolation::with_reason(
+                "responses",
+                "REQUIRED",
+                "at least one response is required",
+            )));
+        }
+        if raws.len() > MAX_RESPONSE_BATCH {
+            return Err(Status::from(ErrorReport::reason(
+                Code::ResourceExhausted,
+                reasons::BATCH_TOO_LARGE,
+                format!(
+                    "responses: {} items, at most {MAX_RESPONSE_BATCH} are allowed in one batch",
+                    raws.len()
+                ),
+                &[("limit", MAX_RESPONSE_BATCH.to_string())],
+            )));
+        }
+        let now = self.now();
+        let response_ids: Vec<String> = raws.iter().map(|raw| raw.response_id.clone()).collect();
+        let mut outcomes: Vec<Option<ResponseOutcome>> = vec![None; raws.len()];
+        // The items that read well, with their position in the request.
+        let mut read: Vec<(usize, ResponseRequest, Vec<pb::Answer>)> = Vec::new();
+        for (index, raw) in raws.into_iter().enumerate() {
+            match self.read_response(raw, &format!("responses[{index}]"), now) {
+                Ok((request, answers)) => read.push((index, request, answers)),
+                Err(violations) => {
+                    outcomes[index] = Some(Err(FeedbackError::BadRequest(violations)))
+                }
+            }
+        }
+        let (positions, (requests, answers)): (Vec<usize>, (Vec<_>, Vec<_>)) = read
+            .into_iter()
+            .map(|(index, request, answers)| (index, (request, answers)))
+            .unzip();
+        let recorded = self
+            .feedback
+            .record_responses(
+                requests,
+                |i, questions| {
+                    check_answers(
+                        &format!("responses[{}]", positions[i]),
+                        &answers[i],
+                        questions,
+                    )
+                },
+                now,
+            )
+            .await
+            .map_err(status)?;
+        for (index, outcome) in positions.into_iter().zip(recorded) {
+            outcomes[index] = Some(outcome);
+        }
+        let mut reply = pb::RecordResponsesResponse::default();
+        for (index, (outcome, response_id)) in outcomes.into_iter().zip(response_ids).enumerate() {
+            let mut result = pb::RecordResponseResult {
+                index: index as i32,
+                response_id,
+                ..Default::default()
+            };
+            match outcome {
+                Some(Ok((response, duplicate))) => {
+                    result.status = if duplicate {
+                        reply.duplicate_count += 1;
+                        pb::ResponseRecordStatus::Duplicate
+                    } else {
+                        reply.stored_count += 1;
+                        pb::ResponseRecordStatus::Stored
+                    } as i32;
+                    result.response = Some(convert::response(&response));
+                }
+                Some(Err(err)) => {
+                    reply.refused_count += 1;
+                    refusal(&mut result, err);
+                }
+                None => {
+                    reply.refused_count += 1;
+                    refusal(
+                        &mut result,
+                        FeedbackError::Store(StoreError::Internal(
+                            "a response of the batch was left without an outcome".into(),
+                        )),
+                    );
+                }
+            }
+            reply.results.push(result);
+        }
+        Ok(Response::new(reply))
     }
 
     async fn list_responses(

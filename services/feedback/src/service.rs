@@ -4,6 +4,8 @@
 //! sentiment, figures and log entry). No protobuf requests here: `grpc`
 //! reads them; the log entries are the one protobuf this writes.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -23,7 +25,7 @@ use crate::store::{Created, FeedbackStore, LogEntry, NewResponse, Recorded, Stor
 use crate::summary::Tally;
 
 /// Why a call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FeedbackError {
     /// Bad fields.
     #[error("invalid request")]
@@ -70,6 +72,8 @@ pub enum FeedbackError {
     /// Identity refused the customer reference.
     #[error("{}", .problems.first().map_or("", |(_, description)| description.as_str()))]
     CustomerRefused {
+        /// The reference's field in the request (`response.customer`).
+        field: String,
         /// Identity's reason.
         reason: String,
         /// The bad fields, relative to the reference, and why.
@@ -104,7 +108,14 @@ pub struct ResponseRequest {
     pub customer: Option<Reference>,
     /// When the customer answered (checked against the clock's skew).
     pub submitted_at: DateTime<Utc>,
+    /// The response's field in the request (`response`, `responses[3]`),
+    /// which the paths of refusals start with.
+    pub field: String,
 }
+
+/// What recording one response of a batch came to: the stored response
+/// and whether it was stored before, or why it was refused.
+pub type ResponseOutcome = Result<(Response, bool), FeedbackError>;
 
 impl Feedback {
     /// Operations over `store`, resolving customers with `resolver`.
@@ -196,182 +207,343 @@ impl Feedback {
     pub async fn record_response(
         &self,
         request: ResponseRequest,
-        check_answers: impl FnOnce(&[Question]) -> Result<Vec<Answer>, Vec<FieldViolation>>,
+        check_answers: impl Fn(&[Question]) -> Result<Vec<Answer>, Vec<FieldViolation>>,
         now: DateTime<Utc>,
     ) -> Result<(Response, bool), FeedbackError> {
-        if let Some(earlier) = self
-            .store
-            .response_by_response_id(&request.response_id)
+        self.record_responses(vec![request], |_, questions| check_answers(questions), now)
             .await?
-        {
-            return Ok((earlier, true));
-        }
-        let survey = self.survey(request.survey_id).await?;
-        if survey.state == SurveyState::Archived {
-            return Err(FeedbackError::SurveyArchived(survey.id));
-        }
-        let dispatch = match request.dispatch_id {
-            None => None,
-            Some(id) => {
-                let dispatch = self
-                    .store
-                    .dispatch(id)
-                    .await?
-                    .ok_or(FeedbackError::DispatchNotFound(id))?;
-                if dispatch.survey_id != survey.id {
-                    return Err(FeedbackError::DispatchMismatch(
-                        FieldViolation::with_reason(
-                            "response.dispatch_id",
-                            "DISPATCH_MISMATCH",
-                            format!(
-                                "belongs to survey {}, not to {}",
-                                dispatch.survey_id, survey.id
-                            ),
-                        ),
-                    ));
+            .pop()
+            .unwrap_or_else(|| {
+                Err(FeedbackError::Store(StoreError::Internal(
+                    "a response was recorded with no outcome".into(),
+                )))
+            })
+    }
+
+    /// Records a batch of responses, each as [`Self::record_response`]
+    /// would alone, with one outcome per request in order;
+    /// `check_answers(i, questions)` checks the answers of request `i`. The
+    /// reads are made once for the batch (earlier responses, surveys,
+    /// dispatches, customers) and the stored responses are written in one
+    /// transaction. Fails as a whole only when identity or the store cannot
+    /// be used; then nothing is stored.
+    pub async fn record_responses(
+        &self,
+        requests: Vec<ResponseRequest>,
+        check_answers: impl Fn(usize, &[Question]) -> Result<Vec<Answer>, Vec<FieldViolation>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ResponseOutcome>, FeedbackError> {
+        let mut outcomes: Vec<Option<ResponseOutcome>> = vec![None; requests.len()];
+        // A repeat of an earlier item's response id is answered like it.
+        let mut first_of: HashMap<&str, usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut open: Vec<usize> = Vec::with_capacity(requests.len());
+        for (index, request) in requests.iter().enumerate() {
+            match first_of.entry(request.response_id.as_str()) {
+                Entry::Occupied(first) => repeats.push((index, *first.get())),
+                Entry::Vacant(slot) => {
+                    slot.insert(index);
+                    open.push(index);
                 }
-                match dispatch.state {
-                    DispatchState::Dispatched => {}
-                    DispatchState::Responded => {
-                        return Err(FeedbackError::DispatchAnswered(id));
-                    }
-                    other => {
-                        return Err(FeedbackError::DispatchNotOpen {
-                            id,
-                            state: other.as_str(),
-                        });
-                    }
-                }
-                if let Some(expired_at) = dispatch.expires_at.filter(|at| *at <= now) {
-                    return Err(FeedbackError::WindowClosed { id, expired_at });
-                }
-                Some(dispatch)
             }
+        }
+        let response_ids: Vec<&str> = open
+            .iter()
+            .map(|&i| requests[i].response_id.as_str())
+            .collect();
+        let mut earlier = self.store.responses_by_response_ids(&response_ids).await?;
+        refuse(&mut open, &mut outcomes, |i| {
+            earlier
+                .remove(&requests[i].response_id)
+                .map(|earlier| Ok((earlier, true)))
+        });
+
+        let mut surveys: HashMap<Uuid, Option<Survey>> = HashMap::new();
+        for &i in &open {
+            if let Entry::Vacant(slot) = surveys.entry(requests[i].survey_id) {
+                slot.insert(self.store.survey(requests[i].survey_id).await?);
+            }
+        }
+        refuse(&mut open, &mut outcomes, |i| {
+            let id = requests[i].survey_id;
+            match &surveys[&id] {
+                None => Some(Err(FeedbackError::SurveyNotFound(id))),
+                Some(survey) if survey.state == SurveyState::Archived => {
+                    Some(Err(FeedbackError::SurveyArchived(id)))
+                }
+                Some(_) => None,
+            }
+        });
+
+        let mut dispatch_ids: Vec<Uuid> = open
+            .iter()
+            .filter_map(|&i| requests[i].dispatch_id)
+            .collect();
+        dispatch_ids.sort_unstable();
+        dispatch_ids.dedup();
+        let dispatches = if dispatch_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.dispatches(&dispatch_ids).await?
         };
-        if let Some(dispatch) = &dispatch
-            && matches!(
-                self.store
-                    .fates(&[dispatch.customer_id])
-                    .await?
-                    .get(&dispatch.customer_id),
+        let mut claimed: HashSet<Uuid> = HashSet::new();
+        refuse(&mut open, &mut outcomes, |i| {
+            let request = &requests[i];
+            let id = request.dispatch_id?;
+            let refusal = match dispatches.get(&id) {
+                None => FeedbackError::DispatchNotFound(id),
+                Some(dispatch) if dispatch.survey_id != request.survey_id => {
+                    FeedbackError::DispatchMismatch(FieldViolation::with_reason(
+                        format!("{}.dispatch_id", request.field),
+                        "DISPATCH_MISMATCH",
+                        format!(
+                            "belongs to survey {}, not to {}",
+                            dispatch.survey_id, request.survey_id
+                        ),
+                    ))
+                }
+                Some(dispatch) => match dispatch.state {
+                    DispatchState::Responded => FeedbackError::DispatchAnswered(id),
+                    DispatchState::Dispatched => {
+                        match dispatch.expires_at.filter(|at| *at <= now) {
+                            Some(expired_at) => FeedbackError::WindowClosed { id, expired_at },
+                            // Another item of the batch answers it.
+                            None if !claimed.insert(id) => FeedbackError::DispatchAnswered(id),
+                            None => return None,
+                        }
+                    }
+                    other => FeedbackError::DispatchNotOpen {
+                        id,
+                        state: other.as_str(),
+                    },
+                },
+            };
+            Some(Err(refusal))
+        });
+
+        let dispatch_of = |i: usize| requests[i].dispatch_id.and_then(|id| dispatches.get(&id));
+        let mut answering: Vec<Uuid> = open
+            .iter()
+            .filter_map(|&i| dispatch_of(i).map(|d| d.customer_id))
+            .collect();
+        answering.sort_unstable();
+        answering.dedup();
+        let fates = if answering.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.fates(&answering).await?
+        };
+        refuse(&mut open, &mut outcomes, |i| {
+            let dispatch = dispatch_of(i)?;
+            matches!(
+                fates.get(&dispatch.customer_id),
                 Some(crate::model::Fate::Erased)
             )
-        {
-            return Err(FeedbackError::CustomerRefused {
-                reason: clm_platform::error::reasons::CUSTOMER_ERASED.to_owned(),
-                problems: vec![(
-                    String::new(),
-                    format!("customer {} was erased", dispatch.customer_id),
-                )],
+            .then(|| {
+                Err(FeedbackError::CustomerRefused {
+                    field: format!("{}.customer", requests[i].field),
+                    reason: clm_platform::error::reasons::CUSTOMER_ERASED.to_owned(),
+                    problems: vec![(
+                        String::new(),
+                        format!("customer {} was erased", dispatch.customer_id),
+                    )],
+                })
+            })
+        });
+
+        let referring: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| requests[i].customer.is_some())
+            .collect();
+        let references: Vec<Reference> = referring
+            .iter()
+            .filter_map(|&i| requests[i].customer.clone())
+            .collect();
+        let mut resolved: HashMap<usize, Resolution> = HashMap::new();
+        if !references.is_empty() {
+            let resolutions = self.resolver.resolve(&references).await?;
+            if resolutions.len() != references.len() {
+                return Err(FeedbackError::IdentityUnavailable(IdentityUnavailable(
+                    "identity answered too few resolutions".into(),
+                )));
+            }
+            resolved.extend(referring.iter().copied().zip(resolutions));
+        }
+        let mut customers: HashMap<usize, Uuid> = HashMap::new();
+        refuse(&mut open, &mut outcomes, |i| {
+            let request = &requests[i];
+            let dispatch = dispatch_of(i);
+            let customer_id = match (resolved.remove(&i), dispatch) {
+                (None, Some(dispatch)) => dispatch.customer_id,
+                (Some(Resolution::Customer(id)), dispatch) => {
+                    if let Some(dispatch) = dispatch
+                        && dispatch.customer_id != id
+                    {
+                        return Some(Err(FeedbackError::DispatchMismatch(
+                            FieldViolation::with_reason(
+                                format!("{}.customer", request.field),
+                                "DISPATCH_MISMATCH",
+                                format!(
+                                    "is customer {id}, the dispatch was made to {}",
+                                    dispatch.customer_id
+                                ),
+                            ),
+                        )));
+                    }
+                    id
+                }
+                (Some(Resolution::Refused { reason, problems }), _) => {
+                    return Some(Err(FeedbackError::CustomerRefused {
+                        field: format!("{}.customer", request.field),
+                        reason,
+                        problems,
+                    }));
+                }
+                (None, None) => {
+                    return Some(Err(FeedbackError::BadRequest(vec![
+                        FieldViolation::with_reason(
+                            format!("{}.customer", request.field),
+                            "REQUIRED",
+                            "is required unless dispatch_id is set",
+                        ),
+                    ])));
+                }
+            };
+            customers.insert(i, customer_id);
+            None
+        });
+
+        let mut news: Vec<(usize, NewResponse)> = Vec::with_capacity(open.len());
+        for &i in &open {
+            let request = &requests[i];
+            let Some(survey) = surveys[&request.survey_id].as_ref() else {
+                continue;
+            };
+            let questions = &survey.definition.questions;
+            match check_answers(i, questions) {
+                Err(violations) => outcomes[i] = Some(Err(FeedbackError::BadRequest(violations))),
+                Ok(answers) => news.push((
+                    i,
+                    new_response(request, survey, dispatch_of(i), customers[&i], answers, now),
+                )),
+            }
+        }
+
+        let batch: Vec<NewResponse> = news.iter().map(|(_, new)| new.clone()).collect();
+        let recorded = self.store.record_responses(&batch).await?;
+        let mut closed: Vec<(usize, Uuid)> = Vec::new();
+        for ((i, new), recorded) in news.iter().zip(recorded) {
+            outcomes[*i] = Some(match recorded {
+                Recorded::New(response) => Ok((response, false)),
+                Recorded::Duplicate(earlier) => Ok((earlier, true)),
+                Recorded::DispatchClosed => {
+                    closed.push((*i, new.response.dispatch_id.unwrap_or_default()));
+                    continue;
+                }
             });
         }
-        let customer_id = match (&request.customer, &dispatch) {
-            (None, Some(dispatch)) => dispatch.customer_id,
-            (Some(reference), dispatch) => {
-                let resolved = self.resolve(reference).await?;
-                if let Some(dispatch) = dispatch
-                    && dispatch.customer_id != resolved
-                {
-                    return Err(FeedbackError::DispatchMismatch(
-                        FieldViolation::with_reason(
-                            "response.customer",
-                            "DISPATCH_MISMATCH",
-                            format!(
-                                "is customer {resolved}, the dispatch was made to {}",
-                                dispatch.customer_id
-                            ),
-                        ),
-                    ));
-                }
-                resolved
-            }
-            (None, None) => {
-                return Err(FeedbackError::BadRequest(vec![
-                    FieldViolation::with_reason(
-                        "response.customer",
-                        "REQUIRED",
-                        "is required unless dispatch_id is set",
-                    ),
-                ]));
-            }
-        };
-        let questions = &survey.definition.questions;
-        let mut answers = check_answers(questions).map_err(FeedbackError::BadRequest)?;
-        for answer in &mut answers {
-            if let AnswerValue::Text(Some(text)) = &answer.value {
-                answer.sentiment = Some(sentiment::analyse(text));
-            }
-        }
-        let texts: Vec<(&str, Option<crate::model::Sentiment>)> = answers
-            .iter()
-            .filter_map(|answer| match &answer.value {
-                AnswerValue::Text(Some(text)) => Some((text.as_str(), answer.sentiment)),
-                _ => None,
-            })
-            .collect();
-        let overall = match texts.as_slice() {
-            [] => None,
-            [(_, one)] => *one,
-            many => sentiment::analyse_all(many.iter().map(|(text, _)| *text)),
-        };
-        let response = Response {
-            id: Uuid::now_v7(),
-            response_id: request.response_id,
-            survey_id: survey.id,
-            survey_version: survey.questions_version,
-            dispatch_id: dispatch.as_ref().map(|d| d.id),
-            customer_id,
-            answers,
-            submitted_at: request.submitted_at,
-            sentiment: overall,
-            recorded_at: now,
-        };
-        let tally = Tally::of_response(&response, questions);
-        let mut log = vec![response_entry(&survey, &response, questions)];
-        if let Some(dispatch) = &dispatch {
-            let mut answered = dispatch.clone();
-            answered.state = DispatchState::Responded;
-            answered.responded_at = Some(now);
-            log.push(dispatch_entry(&answered, now));
-        }
-        let new = NewResponse {
-            response,
-            tally,
-            log,
-        };
-        match self.store.record_response(&new).await? {
-            Recorded::New(response) => Ok((response, false)),
-            Recorded::Duplicate(earlier) => Ok((earlier, true)),
-            Recorded::DispatchClosed => {
-                let id = new.response.dispatch_id.unwrap_or_default();
-                Err(match self.store.dispatch(id).await?.map(|d| d.state) {
+        if !closed.is_empty() {
+            let ids: Vec<Uuid> = closed.iter().map(|(_, id)| *id).collect();
+            let now_stored = self.store.dispatches(&ids).await?;
+            for (i, id) in closed {
+                outcomes[i] = Some(Err(match now_stored.get(&id).map(|d| d.state) {
                     Some(DispatchState::Responded) => FeedbackError::DispatchAnswered(id),
                     Some(state) => FeedbackError::DispatchNotOpen {
                         id,
                         state: state.as_str(),
                     },
                     None => FeedbackError::DispatchNotFound(id),
-                })
+                }));
             }
+        }
+        for (repeat, first) in repeats {
+            outcomes[repeat] = match &outcomes[first] {
+                Some(Ok((response, _))) => Some(Ok((response.clone(), true))),
+                other => other.clone(),
+            };
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    Err(FeedbackError::Store(StoreError::Internal(
+                        "a response of the batch was left without an outcome".into(),
+                    )))
+                })
+            })
+            .collect())
+    }
+}
+
+/// Settles the outcome of the open items `decide` has one for and keeps
+/// the others open.
+fn refuse(
+    open: &mut Vec<usize>,
+    outcomes: &mut [Option<ResponseOutcome>],
+    mut decide: impl FnMut(usize) -> Option<ResponseOutcome>,
+) {
+    open.retain(|&i| match decide(i) {
+        Some(outcome) => {
+            outcomes[i] = Some(outcome);
+            false
+        }
+        None => true,
+    });
+}
+
+/// The response to store for a checked request: answers with their
+/// sentiment, the overall sentiment, its figures and log entries.
+fn new_response(
+    request: &ResponseRequest,
+    survey: &Survey,
+    dispatch: Option<&crate::model::Dispatch>,
+    customer_id: Uuid,
+    mut answers: Vec<Answer>,
+    now: DateTime<Utc>,
+) -> NewResponse {
+    let questions = &survey.definition.questions;
+    for answer in &mut answers {
+        if let AnswerValue::Text(Some(text)) = &answer.value {
+            answer.sentiment = Some(sentiment::analyse(text));
         }
     }
-
-    async fn resolve(&self, reference: &Reference) -> Result<Uuid, FeedbackError> {
-        let resolution = self
-            .resolver
-            .resolve(std::slice::from_ref(reference))
-            .await?
-            .into_iter()
-            .next();
-        match resolution {
-            Some(Resolution::Customer(id)) => Ok(id),
-            Some(Resolution::Refused { reason, problems }) => {
-                Err(FeedbackError::CustomerRefused { reason, problems })
-            }
-            None => Err(FeedbackError::IdentityUnavailable(IdentityUnavailable(
-                "identity answered no resolution".into(),
-            ))),
-        }
+    let texts: Vec<(&str, Option<crate::model::Sentiment>)> = answers
+        .iter()
+        .filter_map(|answer| match &answer.value {
+            AnswerValue::Text(Some(text)) => Some((text.as_str(), answer.sentiment)),
+            _ => None,
+        })
+        .collect();
+    let overall = match texts.as_slice() {
+        [] => None,
+        [(_, one)] => *one,
+        many => sentiment::analyse_all(many.iter().map(|(text, _)| *text)),
+    };
+    let response = Response {
+        id: Uuid::now_v7(),
+        response_id: request.response_id.clone(),
+        survey_id: survey.id,
+        survey_version: survey.questions_version,
+        dispatch_id: dispatch.map(|d| d.id),
+        customer_id,
+        answers,
+        submitted_at: request.submitted_at,
+        sentiment: overall,
+        recorded_at: now,
+    };
+    let tally = Tally::of_response(&response, questions);
+    let mut log = vec![response_entry(survey, &response, questions)];
+    if let Some(dispatch) = dispatch {
+        let mut answered = dispatch.clone();
+        answered.state = DispatchState::Responded;
+        answered.responded_at = Some(now);
+        log.push(dispatch_entry(&answered, now));
+    }
+    NewResponse {
+        response,
+        tally,
+        log,
     }
 }
 

@@ -153,17 +153,42 @@ pub trait FeedbackStore: Send + Sync + 'static {
     /// stored already is left as it is. Returns those stored now.
     async fn insert_dispatches(&self, dispatches: &[Dispatch])
     -> Result<Vec<Dispatch>, StoreError>;
+    /// Dispatches by id; ids not stored are left out.
+    async fn dispatches(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Dispatch>, StoreError>;
     /// A dispatch by id.
-    async fn dispatch(&self, id: Uuid) -> Result<Option<Dispatch>, StoreError>;
+    async fn dispatch(&self, id: Uuid) -> Result<Option<Dispatch>, StoreError> {
+        Ok(self.dispatches(&[id]).await?.remove(&id))
+    }
     /// A page of dispatches, oldest due time first.
     async fn list_dispatches(&self, query: &DispatchQuery) -> Result<Vec<Dispatch>, StoreError>;
-    /// Records a response, its figures and log entries atomically.
-    async fn record_response(&self, new: &NewResponse) -> Result<Recorded, StoreError>;
+    /// Records responses (distinct response ids), their figures and log
+    /// entries in one transaction; one result per response, in order. A
+    /// response that is not stored (a duplicate, a closed dispatch) adds
+    /// nothing to the figures and writes nothing to the log.
+    async fn record_responses(&self, news: &[NewResponse]) -> Result<Vec<Recorded>, StoreError>;
+    /// Records one response, its figures and log entries atomically.
+    async fn record_response(&self, new: &NewResponse) -> Result<Recorded, StoreError> {
+        self.record_responses(std::slice::from_ref(new))
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Internal("a response was recorded with no result".into()))
+    }
+    /// The responses stored under callers' response ids, by response id;
+    /// ids not stored are left out.
+    async fn responses_by_response_ids(
+        &self,
+        response_ids: &[&str],
+    ) -> Result<HashMap<String, Response>, StoreError>;
     /// The response stored under a caller's response id.
     async fn response_by_response_id(
         &self,
         response_id: &str,
-    ) -> Result<Option<Response>, StoreError>;
+    ) -> Result<Option<Response>, StoreError> {
+        Ok(self
+            .responses_by_response_ids(&[response_id])
+            .await?
+            .remove(response_id))
+    }
     /// A page of responses, newest first.
     async fn list_responses(&self, query: &ResponseQuery) -> Result<Vec<Response>, StoreError>;
     /// The figures of a survey's responses submitted, and dispatches

@@ -710,6 +710,111 @@ async fn a_round_settles_once_and_reads_every_customers_releases(backend: Backen
     );
 }
 
+async fn a_batch_of_responses_is_recorded_in_one_go(backend: Backend) {
+    let store = backend.store;
+    let survey = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&survey, None).await.unwrap();
+    let stored_before = response(&survey, "b-0", 10, now());
+    store
+        .record_response(&new_response(&survey, stored_before.clone()))
+        .await
+        .unwrap();
+    let released = now() - TimeDelta::hours(30);
+    let open = dispatch(&survey, "entry-b1", DispatchState::Dispatched, released);
+    let closed = dispatch(&survey, "entry-b2", DispatchState::Expired, released);
+    store
+        .insert_dispatches(&[open.clone(), closed.clone()])
+        .await
+        .unwrap();
+    let answering = |response_id: &str, score: i32, dispatch: &Dispatch| {
+        let mut answer = response(&survey, response_id, score, now());
+        answer.dispatch_id = Some(dispatch.id);
+        answer.customer_id = dispatch.customer_id;
+        answer
+    };
+    let first = response(&survey, "b-1", 9, now());
+    let answers_open = answering("b-2", 3, &open);
+    let answers_open_again = answering("b-3", 10, &open);
+    let answers_closed = answering("b-4", 10, &closed);
+    let batch = [
+        new_response(&survey, answers_open_again.clone()),
+        new_response(&survey, first.clone()),
+        new_response(&survey, response(&survey, "b-0", 1, now())),
+        new_response(&survey, answers_closed),
+        new_response(&survey, answers_open.clone()),
+    ];
+    let recorded = store.record_responses(&batch).await.unwrap();
+    // Either item answering the open dispatch may take it; the other finds
+    // it closed.
+    let (taker, loser) = match &recorded[0] {
+        Recorded::New(_) => (0, 4),
+        _ => (4, 0),
+    };
+    assert_eq!(recorded[loser], Recorded::DispatchClosed, "{recorded:?}");
+    assert_eq!(
+        recorded[taker],
+        Recorded::New(batch[taker].response.clone())
+    );
+    assert_eq!(recorded[1], Recorded::New(first.clone()));
+    assert_eq!(recorded[2], Recorded::Duplicate(stored_before.clone()));
+    assert_eq!(recorded[3], Recorded::DispatchClosed);
+    assert_eq!(recorded.len(), 5);
+    let answered = store.dispatch(open.id).await.unwrap().unwrap();
+    assert_eq!(answered.state, DispatchState::Responded);
+    assert_eq!(
+        store.dispatch(closed.id).await.unwrap().unwrap().state,
+        DispatchState::Expired
+    );
+    let found = store
+        .responses_by_response_ids(&["b-0", "b-1", "b-2", "b-3", "b-4", "nope"])
+        .await
+        .unwrap();
+    let mut keys: Vec<&str> = found.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let taken = batch[taker].response.response_id.as_str();
+    let mut expected = vec!["b-0", "b-1", taken];
+    expected.sort_unstable();
+    assert_eq!(keys, expected, "nothing of a refused item is stored");
+    assert_eq!(found["b-1"], first);
+    let dispatches = store
+        .dispatches(&[open.id, closed.id, Uuid::now_v7()])
+        .await
+        .unwrap();
+    assert_eq!(dispatches.len(), 2);
+    assert_eq!(dispatches[&closed.id], closed);
+
+    let log = log_when(store.as_ref(), 3).await;
+    let mut payloads: Vec<Vec<u8>> = log.iter().map(|entry| entry.payload.clone()).collect();
+    payloads.sort();
+    let mut expected: Vec<Vec<u8>> = vec![b"b-0".to_vec(), b"b-1".to_vec(), taken.into()];
+    expected.sort();
+    assert_eq!(payloads, expected, "log entries of the stored items only");
+    let tally = store
+        .tally(
+            survey.id,
+            released - TimeDelta::hours(1),
+            now() + TimeDelta::hours(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(tally.responses, 3, "b-0 before, b-1 and one answer now");
+    assert_eq!((tally.dispatched, tally.answered), (1, 1));
+    // The answer counts in the hour the dispatch was released in.
+    let release_hour = store
+        .tally(
+            survey.id,
+            store::hour_of(released),
+            store::hour_of(released) + TimeDelta::hours(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!((release_hour.answered, release_hour.responses), (1, 0));
+    assert!(
+        store.record_responses(&[]).await.unwrap().is_empty(),
+        "an empty batch is nothing"
+    );
+}
+
 clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres;
     surveys_are_created_once_and_updated_under_their_version,
     question_sets_are_kept_per_version,
@@ -717,4 +822,5 @@ clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres
     lists_page_in_their_order,
     a_window_is_tallied_from_rollups_and_edges,
     a_round_settles_once_and_reads_every_customers_releases,
+    a_batch_of_responses_is_recorded_in_one_go,
 );

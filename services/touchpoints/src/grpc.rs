@@ -297,7 +297,7 @@ impl TouchpointGrpc {
                 format!(
                     "touchpoints: {count} items, at most {max} are allowed in one batch or chunk"
                 ),
-                "BATCH_TOO_LARGE",
+                reasons::BATCH_TOO_LARGE,
                 &[("limit", &max.to_string())],
             ));
         }

@@ -246,6 +246,8 @@ pub mod reasons {
     pub const RESPONSE_WINDOW_CLOSED: &str = "RESPONSE_WINDOW_CLOSED";
     /// ALREADY_EXISTS: the dispatch was answered by another response.
     pub const DISPATCH_ANSWERED: &str = "DISPATCH_ANSWERED";
+    /// A batch holds more items than one call may carry.
+    pub const BATCH_TOO_LARGE: &str = "BATCH_TOO_LARGE";
 }
 
 /// How a service error is told to a caller: every error enum of a service

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use clm_proto::feedback::RecordResponsesRequest;
 use clm_proto::feedback::survey_service_client::SurveyServiceClient;
 use clm_proto::identity::customer_service_client::CustomerServiceClient;
 use clm_proto::identity::{CreateCustomerRequest, Customer, GetCustomerRequest};
@@ -93,6 +94,9 @@ pub enum Workload {
         run_id: Arc<str>,
         /// The next response number, shared by the clients.
         next_response: Arc<AtomicUsize>,
+        /// Responses per call: 1 sends RecordResponse, more send
+        /// RecordResponses batches of this many.
+        batch: usize,
     },
     /// GetSurveySummary of one survey: over random windows inside
     /// `within`, or over the default window (the whole survey) when `None`.
@@ -246,22 +250,26 @@ pub async fn measure(
     Ok(measurement)
 }
 
-/// Measures two workloads for `duration` each, alternating in slices of
-/// about [`ALTERNATION_SLICE`] in ABBA order, so that both see the same
-/// background load and drift of a shared machine.
-pub async fn measure_alternating(
+/// Measures workloads for `duration` each, alternating in slices of about
+/// [`ALTERNATION_SLICE`] in ABBA order (forwards, then backwards), so that
+/// all see the same background load and drift of a shared machine.
+pub async fn measure_alternating<const N: usize>(
     channels: &[Channel],
     concurrency: usize,
     duration: Duration,
-    workloads: [&Workload; 2],
-) -> anyhow::Result<[PhaseMeasurement; 2]> {
+    workloads: [&Workload; N],
+) -> anyhow::Result<[PhaseMeasurement; N]> {
     let slices = (duration.as_secs_f64() / ALTERNATION_SLICE.as_secs_f64())
         .round()
         .max(1.0) as u32;
     let slice = duration / slices;
-    let mut measurements = [PhaseMeasurement::empty(), PhaseMeasurement::empty()];
+    let mut measurements: [PhaseMeasurement; N] =
+        std::array::from_fn(|_| PhaseMeasurement::empty());
     for round in 0..slices {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut order: Vec<usize> = (0..N).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for index in order {
             let measured = measure(channels, concurrency, slice, workloads[index]).await?;
             measurements[index].absorb(measured);
@@ -350,23 +358,43 @@ async fn run_client(
                 customer_ids,
                 run_id,
                 next_response,
+                batch,
             } => {
                 if customer_ids.is_empty() {
                     break;
                 }
-                let number = next_response.fetch_add(1, Ordering::Relaxed);
-                let request = super::feedback::response_request(
-                    survey_id,
-                    &customer_ids[number % customer_ids.len()],
-                    run_id,
-                    number,
-                );
-                match surveys.record_response(request).await {
-                    Ok(response) if !response.get_ref().duplicate => Ok(()),
-                    Ok(_) => Err(tonic::Status::already_exists(
-                        "a new response was reported as a duplicate",
-                    )),
-                    Err(status) => Err(status),
+                let first = next_response.fetch_add(*batch, Ordering::Relaxed);
+                let request = |number: usize| {
+                    super::feedback::response_request(
+                        survey_id,
+                        &customer_ids[number % customer_ids.len()],
+                        run_id,
+                        number,
+                    )
+                };
+                if *batch == 1 {
+                    match surveys.record_response(request(first)).await {
+                        Ok(response) if !response.get_ref().duplicate => Ok(()),
+                        Ok(_) => Err(tonic::Status::already_exists(
+                            "a new response was reported as a duplicate",
+                        )),
+                        Err(status) => Err(status),
+                    }
+                } else {
+                    let responses = (first..first + batch)
+                        .filter_map(|number| request(number).response)
+                        .collect();
+                    match surveys
+                        .record_responses(RecordResponsesRequest { responses })
+                        .await
+                    {
+                        Ok(reply) if reply.get_ref().stored_count as usize == *batch => Ok(()),
+                        Ok(reply) => Err(tonic::Status::failed_precondition(format!(
+                            "{} of {batch} new responses were stored",
+                            reply.get_ref().stored_count
+                        ))),
+                        Err(status) => Err(status),
+                    }
                 }
             }
             Workload::SurveySummary {

@@ -3,7 +3,6 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use clm_eventlog::{EventLog, NewEntry};
-use clm_platform::db::DbErrorKind;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row};
@@ -279,6 +278,23 @@ async fn add_to_rollups(
     Ok(())
 }
 
+/// The responses stored under `response_ids`, by response id.
+async fn responses_by_ids(
+    conn: &mut sqlx::PgConnection,
+    response_ids: &[&str],
+) -> Result<HashMap<String, Response>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = ANY($1)"
+    ))
+    .bind(response_ids)
+    .fetch_all(conn)
+    .await
+    .map_err(StoreError::from_db)?
+    .iter()
+    .map(|row| response_from_row(row).map(|response| (response.response_id.clone(), response)))
+    .collect()
+}
+
 async fn append(
     log: &EventLog,
     tx: &mut sqlx::PgConnection,
@@ -471,17 +487,17 @@ impl FeedbackStore for PostgresFeedbackStore {
         Ok(stored)
     }
 
-    async fn dispatch(&self, id: Uuid) -> Result<Option<Dispatch>, StoreError> {
+    async fn dispatches(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Dispatch>, StoreError> {
         sqlx::query(&format!(
-            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id = $1"
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id = ANY($1)"
         ))
-        .bind(id)
-        .fetch_optional(&self.pool)
+        .bind(ids)
+        .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from_db)?
-        .as_ref()
-        .map(dispatch_from_row)
-        .transpose()
+        .iter()
+        .map(|row| dispatch_from_row(row).map(|dispatch| (dispatch.id, dispatch)))
+        .collect()
     }
 
     async fn list_dispatches(&self, query: &DispatchQuery) -> Result<Vec<Dispatch>, StoreError> {
@@ -511,118 +527,175 @@ impl FeedbackStore for PostgresFeedbackStore {
         .collect()
     }
 
-    async fn record_response(&self, new: &NewResponse) -> Result<Recorded, StoreError> {
-        let response = &new.response;
+    async fn record_responses(&self, news: &[NewResponse]) -> Result<Vec<Recorded>, StoreError> {
+        if news.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.pool.begin().await.map_err(StoreError::from_db)?;
-        let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "INSERT INTO responses ({RESPONSE_COLUMNS}, {}) VALUES (",
-            TALLY_COLUMNS.join(", ")
-        ));
-        let mut values = sql.separated(", ");
-        values
-            .push_bind(response.id)
-            .push_bind(&response.response_id)
-            .push_bind(response.survey_id)
-            .push_bind(response.survey_version)
-            .push_bind(response.dispatch_id)
-            .push_bind(response.customer_id)
-            .push_bind(Json(&response.answers))
-            .push_bind(response.submitted_at)
-            .push_bind(response.sentiment.map(|s| s.score()))
-            .push_bind(
-                response
-                    .sentiment
-                    .map(|s| matches!(s, Sentiment::Scored { .. })),
+        // The dispatches answered are locked first, in id order, as the
+        // sweep locks them: a response is stored only while its dispatch is
+        // DISPATCHED and cannot change under it.
+        let mut dispatch_ids: Vec<Uuid> = news
+            .iter()
+            .filter_map(|new| new.response.dispatch_id)
+            .collect();
+        dispatch_ids.sort_unstable();
+        let open: HashMap<Uuid, Option<DateTime<Utc>>> = if dispatch_ids.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as(
+                "SELECT id, dispatched_at FROM dispatches \
+                 WHERE id = ANY($1) AND state = 'DISPATCHED' ORDER BY id FOR UPDATE",
             )
-            .push_bind(
-                response
-                    .sentiment
-                    .map(|s| s.language().code().to_owned())
-                    .unwrap_or_default(),
-            )
-            .push_bind(response.recorded_at);
-        for (column, value) in TALLY_COLUMNS.iter().zip(new.tally.to_columns()) {
-            if *column == "sentiment_sum" {
-                values.push_bind(value);
-            } else {
-                values.push_bind(value.round() as i64);
-            }
-        }
-        sql.push(") ON CONFLICT (response_id) DO NOTHING");
-        let inserted = sql.build().execute(&mut *tx).await;
-        let inserted = match inserted {
-            Ok(done) => done.rows_affected() == 1,
-            // The dispatch took another response meanwhile.
-            Err(err)
-                if matches!(
-                    clm_platform::db::classify(&err),
-                    DbErrorKind::UniqueViolation(_)
-                ) =>
-            {
-                return Ok(Recorded::DispatchClosed);
-            }
-            Err(err) => return Err(StoreError::from_db(err)),
+            .bind(&dispatch_ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?
+            .into_iter()
+            .collect()
         };
-        if !inserted {
-            drop(tx);
-            return match self.response_by_response_id(&response.response_id).await? {
-                Some(earlier) => Ok(Recorded::Duplicate(earlier)),
-                None => Err(StoreError::Conflict(
-                    "a response with this response_id was being stored concurrently".into(),
-                )),
-            };
+        let takes = |new: &NewResponse| {
+            new.response
+                .dispatch_id
+                .is_none_or(|id| open.contains_key(&id))
+        };
+        // Inserted in response-id order, so that concurrent batches meet on
+        // the unique index in one order.
+        let mut order: Vec<&NewResponse> = news.iter().filter(|new| takes(new)).collect();
+        order.sort_unstable_by(|a, b| a.response.response_id.cmp(&b.response.response_id));
+        let columns = 12 + TALLY_COLUMNS.len();
+        let mut inserted: HashSet<String> = HashSet::with_capacity(order.len());
+        for chunk in order.chunks(30_000 / columns) {
+            let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                "INSERT INTO responses ({RESPONSE_COLUMNS}, {}) ",
+                TALLY_COLUMNS.join(", ")
+            ));
+            sql.push_values(chunk, |mut values, new| {
+                let response = &new.response;
+                values
+                    .push_bind(response.id)
+                    .push_bind(&response.response_id)
+                    .push_bind(response.survey_id)
+                    .push_bind(response.survey_version)
+                    .push_bind(response.dispatch_id)
+                    .push_bind(response.customer_id)
+                    .push_bind(Json(&response.answers))
+                    .push_bind(response.submitted_at)
+                    .push_bind(response.sentiment.map(|s| s.score()))
+                    .push_bind(
+                        response
+                            .sentiment
+                            .map(|s| matches!(s, Sentiment::Scored { .. })),
+                    )
+                    .push_bind(
+                        response
+                            .sentiment
+                            .map(|s| s.language().code().to_owned())
+                            .unwrap_or_default(),
+                    )
+                    .push_bind(response.recorded_at);
+                for (column, value) in TALLY_COLUMNS.iter().zip(new.tally.to_columns()) {
+                    if *column == "sentiment_sum" {
+                        values.push_bind(value);
+                    } else {
+                        values.push_bind(value.round() as i64);
+                    }
+                }
+            });
+            // No conflict target: a response id stored before, and a
+            // dispatch that took another response, both skip the row.
+            sql.push(" ON CONFLICT DO NOTHING RETURNING response_id");
+            inserted.extend(
+                sql.build_query_scalar::<String>()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_db)?,
+            );
         }
-        let slot = super::rollup_slot(&response.response_id);
-        let mut deltas = RollupDeltas::default();
-        if let Some(dispatch_id) = response.dispatch_id {
-            // The release time is read from the row, so that the answered
-            // count lands in the hour its release was counted in.
-            let released: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
-                "UPDATE dispatches SET state = 'RESPONDED', responded_at = $2 \
-                 WHERE id = $1 AND state = 'DISPATCHED' RETURNING dispatched_at",
+        let (answered_ids, answered_at): (Vec<Uuid>, Vec<DateTime<Utc>>) = news
+            .iter()
+            .filter(|new| inserted.contains(&new.response.response_id))
+            .filter_map(|new| {
+                new.response
+                    .dispatch_id
+                    .map(|id| (id, new.response.recorded_at))
+            })
+            .unzip();
+        if !answered_ids.is_empty() {
+            sqlx::query(
+                "UPDATE dispatches d SET state = 'RESPONDED', responded_at = a.at \
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS a(id, at) WHERE d.id = a.id",
             )
-            .bind(dispatch_id)
-            .bind(response.recorded_at)
-            .fetch_optional(&mut *tx)
+            .bind(&answered_ids)
+            .bind(&answered_at)
+            .execute(&mut *tx)
             .await
             .map_err(StoreError::from_db)?;
-            let Some(released) = released else {
-                return Ok(Recorded::DispatchClosed);
-            };
-            if let Some(released) = released {
+        }
+        // Anything not stored may be a retry of a response stored
+        // meanwhile, its dispatch answered by it.
+        let skipped: Vec<&str> = news
+            .iter()
+            .map(|new| new.response.response_id.as_str())
+            .filter(|id| !inserted.contains(*id))
+            .collect();
+        let mut earlier = if skipped.is_empty() {
+            HashMap::new()
+        } else {
+            responses_by_ids(&mut tx, &skipped).await?
+        };
+        let mut deltas = RollupDeltas::default();
+        let mut log = Vec::new();
+        let mut results = Vec::with_capacity(news.len());
+        for new in news {
+            let response = &new.response;
+            if !inserted.contains(&response.response_id) {
+                results.push(match earlier.remove(&response.response_id) {
+                    Some(earlier) => Recorded::Duplicate(earlier),
+                    None if response.dispatch_id.is_some() => Recorded::DispatchClosed,
+                    None => {
+                        return Err(StoreError::Conflict(
+                            "a response with this response_id was being stored concurrently".into(),
+                        ));
+                    }
+                });
+                continue;
+            }
+            let slot = super::rollup_slot(&response.response_id);
+            // The answered count lands in the hour its release was counted
+            // in.
+            if let Some(Some(released)) = response.dispatch_id.and_then(|id| open.get(&id)) {
                 let answered = Tally {
                     answered: 1,
                     ..Tally::default()
                 };
-                deltas.add(response.survey_id, released, slot, &answered);
+                deltas.add(response.survey_id, *released, slot, &answered);
             }
+            deltas.add(response.survey_id, response.submitted_at, slot, &new.tally);
+            log.extend_from_slice(&new.log);
+            results.push(Recorded::New(response.clone()));
         }
-        deltas.add(response.survey_id, response.submitted_at, slot, &new.tally);
+        append(&self.log, &mut tx, &log)
+            .await
+            .map_err(StoreError::from_db)?;
+        // Last before the commit: every batch adds to the same few rollup
+        // rows, so their locks are held for as short a time as possible.
         add_to_rollups(&mut tx, &deltas)
             .await
             .map_err(StoreError::from_db)?;
-        append(&self.log, &mut tx, &new.log)
-            .await
-            .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
-        self.log.notify_appended();
-        Ok(Recorded::New(response.clone()))
+        if !log.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(results)
     }
 
-    async fn response_by_response_id(
+    async fn responses_by_response_ids(
         &self,
-        response_id: &str,
-    ) -> Result<Option<Response>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = $1"
-        ))
-        .bind(response_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(StoreError::from_db)?
-        .as_ref()
-        .map(response_from_row)
-        .transpose()
+        response_ids: &[&str],
+    ) -> Result<HashMap<String, Response>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from_db)?;
+        responses_by_ids(&mut conn, response_ids).await
     }
 
     async fn list_responses(&self, query: &ResponseQuery) -> Result<Vec<Response>, StoreError> {

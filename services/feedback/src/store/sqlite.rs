@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use clm_eventlog::consumer::cursors::{self, CursorMove};
 use clm_eventlog::{EventLog, NewEntry, ShardFilter};
 use clm_platform::db::sqlite_columns::{decode_err, time as time_column, uuid as uuid_column};
-use clm_platform::db::{DbErrorKind, Pools, SqlitePools};
+use clm_platform::db::{Pools, SqlitePools};
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
@@ -279,6 +279,108 @@ fn push_tally(values: &mut sqlx::query_builder::Separated<'_, '_, Sqlite, &str>,
             values.push_bind(value.round() as i64);
         }
     }
+}
+
+/// Records one response of a batch inside the writer's transaction, adding
+/// its figures to `deltas`.
+async fn record_one(
+    tx: &mut SqliteConnection,
+    new: &NewResponse,
+    deltas: &mut RollupDeltas,
+) -> Result<Recorded, StoreError> {
+    let response = &new.response;
+    let earlier = async |tx: &mut SqliteConnection| -> Result<Option<Response>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = ?1"
+        ))
+        .bind(&response.response_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?
+        .as_ref()
+        .map(response_from_row)
+        .transpose()
+    };
+    // The release time is read from the row, so that the answered count
+    // lands in the hour its release was counted in.
+    let mut released = None;
+    if let Some(dispatch_id) = response.dispatch_id {
+        let open: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT dispatched_at FROM dispatches WHERE id = ?1 AND state = 'DISPATCHED'",
+        )
+        .bind(dispatch_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?;
+        let Some(open) = open else {
+            return Ok(match earlier(tx).await? {
+                Some(earlier) => Recorded::Duplicate(earlier),
+                None => Recorded::DispatchClosed,
+            });
+        };
+        released = open.and_then(DateTime::from_timestamp_micros);
+    }
+    let answers = to_json("response's answers", &response.answers)?;
+    let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+        "INSERT INTO responses ({RESPONSE_COLUMNS}, {}) VALUES (",
+        TALLY_COLUMNS.join(", ")
+    ));
+    let mut values = sql.separated(", ");
+    values
+        .push_bind(response.id.to_string())
+        .push_bind(&response.response_id)
+        .push_bind(response.survey_id.to_string())
+        .push_bind(response.survey_version)
+        .push_bind(response.dispatch_id.map(|id| id.to_string()))
+        .push_bind(response.customer_id.to_string())
+        .push_bind(answers)
+        .push_bind(response.submitted_at.timestamp_micros())
+        .push_bind(response.sentiment.map(|s| s.score()))
+        .push_bind(
+            response
+                .sentiment
+                .map(|s| matches!(s, Sentiment::Scored { .. })),
+        )
+        .push_bind(
+            response
+                .sentiment
+                .map(|s| s.language().code().to_owned())
+                .unwrap_or_default(),
+        )
+        .push_bind(response.recorded_at.timestamp_micros());
+    push_tally(&mut values, &new.tally);
+    sql.push(") ON CONFLICT DO NOTHING");
+    let inserted = sql
+        .build()
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_db)?
+        .rows_affected()
+        == 1;
+    if !inserted {
+        return Ok(match earlier(tx).await? {
+            Some(earlier) => Recorded::Duplicate(earlier),
+            None => Recorded::DispatchClosed,
+        });
+    }
+    let slot = super::rollup_slot(&response.response_id);
+    if let Some(dispatch_id) = response.dispatch_id {
+        sqlx::query("UPDATE dispatches SET state = 'RESPONDED', responded_at = ?2 WHERE id = ?1")
+            .bind(dispatch_id.to_string())
+            .bind(response.recorded_at.timestamp_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+        if let Some(released) = released {
+            let answered = Tally {
+                answered: 1,
+                ..Tally::default()
+            };
+            deltas.add(response.survey_id, released, slot, &answered);
+        }
+    }
+    deltas.add(response.survey_id, response.submitted_at, slot, &new.tally);
+    Ok(Recorded::New(response.clone()))
 }
 
 /// Adds `deltas` to the rollup rows, one statement per 500 rows, in key
@@ -551,17 +653,21 @@ impl FeedbackStore for SqliteFeedbackStore {
         Ok(stored)
     }
 
-    async fn dispatch(&self, id: Uuid) -> Result<Option<Dispatch>, StoreError> {
+    async fn dispatches(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Dispatch>, StoreError> {
+        let ids = to_json(
+            "dispatch ids",
+            &ids.iter().map(Uuid::to_string).collect::<Vec<_>>(),
+        )?;
         sqlx::query(&format!(
-            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id = ?1"
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id IN (SELECT value FROM json_each(?1))"
         ))
-        .bind(id.to_string())
-        .fetch_optional(&self.pools.reader)
+        .bind(ids)
+        .fetch_all(&self.pools.reader)
         .await
         .map_err(StoreError::from_db)?
-        .as_ref()
-        .map(dispatch_from_row)
-        .transpose()
+        .iter()
+        .map(|row| dispatch_from_row(row).map(|dispatch| (dispatch.id, dispatch)))
+        .collect()
     }
 
     async fn list_dispatches(&self, query: &DispatchQuery) -> Result<Vec<Dispatch>, StoreError> {
@@ -610,127 +716,57 @@ impl FeedbackStore for SqliteFeedbackStore {
             .collect()
     }
 
-    async fn record_response(&self, new: &NewResponse) -> Result<Recorded, StoreError> {
-        let response = &new.response;
-        let answers = to_json("response's answers", &response.answers)?;
+    async fn record_responses(&self, news: &[NewResponse]) -> Result<Vec<Recorded>, StoreError> {
+        if news.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One writer: nothing changes between a check and the write after
+        // it.
         let mut tx = self
             .pools
             .writer
             .begin()
             .await
             .map_err(StoreError::from_db)?;
-        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "INSERT INTO responses ({RESPONSE_COLUMNS}, {}) VALUES (",
-            TALLY_COLUMNS.join(", ")
-        ));
-        let mut values = sql.separated(", ");
-        values
-            .push_bind(response.id.to_string())
-            .push_bind(&response.response_id)
-            .push_bind(response.survey_id.to_string())
-            .push_bind(response.survey_version)
-            .push_bind(response.dispatch_id.map(|id| id.to_string()))
-            .push_bind(response.customer_id.to_string())
-            .push_bind(answers)
-            .push_bind(response.submitted_at.timestamp_micros())
-            .push_bind(response.sentiment.map(|s| s.score()))
-            .push_bind(
-                response
-                    .sentiment
-                    .map(|s| matches!(s, Sentiment::Scored { .. })),
-            )
-            .push_bind(
-                response
-                    .sentiment
-                    .map(|s| s.language().code().to_owned())
-                    .unwrap_or_default(),
-            )
-            .push_bind(response.recorded_at.timestamp_micros());
-        push_tally(&mut values, &new.tally);
-        sql.push(") ON CONFLICT (response_id) DO NOTHING");
-        let inserted = match sql.build().execute(&mut *tx).await {
-            Ok(done) => done.rows_affected() == 1,
-            // The dispatch took another response meanwhile. (SQLite, like
-            // PostgreSQL, checks the conflict target first: a response id
-            // stored before is a duplicate, not this.)
-            Err(err)
-                if matches!(
-                    clm_platform::db::classify(&err),
-                    DbErrorKind::UniqueViolation(_)
-                ) =>
-            {
-                return Ok(Recorded::DispatchClosed);
-            }
-            Err(err) => return Err(StoreError::from_db(err)),
-        };
-        if !inserted {
-            let earlier = sqlx::query(&format!(
-                "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = ?1"
-            ))
-            .bind(&response.response_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
-            drop(tx);
-            return match earlier {
-                Some(row) => Ok(Recorded::Duplicate(response_from_row(&row)?)),
-                None => Err(StoreError::Conflict(
-                    "a response with this response_id was being stored concurrently".into(),
-                )),
-            };
-        }
-        let slot = super::rollup_slot(&response.response_id);
         let mut deltas = RollupDeltas::default();
-        if let Some(dispatch_id) = response.dispatch_id {
-            // The release time is read from the row, so that the answered
-            // count lands in the hour its release was counted in.
-            let released: Option<Option<i64>> = sqlx::query_scalar(
-                "UPDATE dispatches SET state = 'RESPONDED', responded_at = ?2 \
-                 WHERE id = ?1 AND state = 'DISPATCHED' RETURNING dispatched_at",
-            )
-            .bind(dispatch_id.to_string())
-            .bind(response.recorded_at.timestamp_micros())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::from_db)?;
-            let Some(released) = released else {
-                // Dropping the transaction rolls the response back.
-                return Ok(Recorded::DispatchClosed);
-            };
-            if let Some(released) = released.and_then(DateTime::from_timestamp_micros) {
-                let answered = Tally {
-                    answered: 1,
-                    ..Tally::default()
-                };
-                deltas.add(response.survey_id, released, slot, &answered);
+        let mut log = Vec::new();
+        let mut results = Vec::with_capacity(news.len());
+        for new in news {
+            let recorded = record_one(&mut tx, new, &mut deltas).await?;
+            if matches!(recorded, Recorded::New(_)) {
+                log.extend_from_slice(&new.log);
             }
+            results.push(recorded);
         }
-        deltas.add(response.survey_id, response.submitted_at, slot, &new.tally);
         add_to_rollups(&mut tx, &deltas)
             .await
             .map_err(StoreError::from_db)?;
-        append(&self.log, &mut tx, &new.log)
+        append(&self.log, &mut tx, &log)
             .await
             .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
-        self.log.notify_appended();
-        Ok(Recorded::New(response.clone()))
+        if !log.is_empty() {
+            self.log.notify_appended();
+        }
+        Ok(results)
     }
 
-    async fn response_by_response_id(
+    async fn responses_by_response_ids(
         &self,
-        response_id: &str,
-    ) -> Result<Option<Response>, StoreError> {
+        response_ids: &[&str],
+    ) -> Result<HashMap<String, Response>, StoreError> {
+        let ids = to_json("response ids", &response_ids)?;
         sqlx::query(&format!(
-            "SELECT {RESPONSE_COLUMNS} FROM responses WHERE response_id = ?1"
+            "SELECT {RESPONSE_COLUMNS} FROM responses \
+             WHERE response_id IN (SELECT value FROM json_each(?1))"
         ))
-        .bind(response_id)
-        .fetch_optional(&self.pools.reader)
+        .bind(ids)
+        .fetch_all(&self.pools.reader)
         .await
         .map_err(StoreError::from_db)?
-        .as_ref()
-        .map(response_from_row)
-        .transpose()
+        .iter()
+        .map(|row| response_from_row(row).map(|response| (response.response_id.clone(), response)))
+        .collect()
     }
 
     async fn list_responses(&self, query: &ResponseQuery) -> Result<Vec<Response>, StoreError> {
