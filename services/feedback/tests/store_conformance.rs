@@ -824,3 +824,82 @@ clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres
     a_round_settles_once_and_reads_every_customers_releases,
     a_batch_of_responses_is_recorded_in_one_go,
 );
+
+/// A window's edge is read by an index range of the survey's own rows on
+/// PostgreSQL, however the planner misjudges it: here another survey took
+/// 130,000 responses in the last minutes, and the planner, which does not
+/// know how survey and time go together, expects the current hour of the
+/// summarised survey (300,000 responses over a year) to hold tens of
+/// thousands of rows. It holds none.
+#[tokio::test]
+async fn a_summary_edge_does_not_scan_the_responses_on_postgres() {
+    let Some(url) = clm_platform::testing::fresh_postgres_database("feedback_edges").await else {
+        return;
+    };
+    let pools = db::connect(&url, "feedback", 4).await.unwrap();
+    store::MIGRATIONS.run(&pools).await.unwrap();
+    let db::Pools::Postgres(pool) = pools.clone() else {
+        panic!("a postgres URL opens PostgreSQL pools");
+    };
+    let store = store::open(pools);
+    let busy = survey(SurveyKind::Nps, vec![nps_question()]);
+    let quiet = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&busy, None).await.unwrap();
+    store.create_survey(&quiet, None).await.unwrap();
+    // Rows only (no rollups): the window below has no whole hour.
+    let generate = |survey: Uuid, kind: &str, count: i64, spacing: &str, before: &str| {
+        let sql = format!(
+            "INSERT INTO feedback.responses (id, response_id, survey_id, survey_version, customer_id, \
+               answers, submitted_at, language, recorded_at) \
+             SELECT gen_random_uuid(), '{kind}-' || n, $1, 1, gen_random_uuid(), '[]', \
+               now() - interval '{before}' - n * interval '{spacing}', '', now() \
+             FROM generate_series(1, {count}) n"
+        );
+        let pool = pool.clone();
+        async move { sqlx::query(&sql).bind(survey).execute(&pool).await }
+    };
+    generate(quiet.id, "quiet", 300_000, "100 seconds", "2 hours")
+        .await
+        .unwrap();
+    generate(busy.id, "busy", 130_000, "1 millisecond", "0 seconds")
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE feedback.responses")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let scans = || async {
+        // Statistics reach the shared counters once their backend has been
+        // idle for a moment.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+             WHERE schemaname = 'feedback' AND relname = 'responses'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = scans().await;
+    let now = now();
+    let tally = store
+        .tally(quiet.id, store::hour_of(now), now + TimeDelta::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        tally.responses, 0,
+        "the quiet survey's current hour is empty"
+    );
+    let mut after = scans().await;
+    for _ in 0..10 {
+        if after != before {
+            break;
+        }
+        after = scans().await;
+    }
+    assert!(
+        after.1 > before.1,
+        "the edge was read by index: {before:?} -> {after:?}"
+    );
+    assert_eq!(after.0, before.0, "no sequential scan of the responses");
+}

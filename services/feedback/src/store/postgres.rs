@@ -732,7 +732,21 @@ impl FeedbackStore for PostgresFeedbackStore {
         let parts = window_parts(start, end);
         let sums = tally_sums();
         let mut total = Tally::default();
-        let mut conn = self.pool.acquire().await.map_err(StoreError::from_db)?;
+        // The edges are read by index ranges of one survey's rows. The
+        // planner does not know how survey and time go together: when
+        // another survey takes many responses in the current hour it
+        // expects most of them to be this survey's and scans the table
+        // (seen: 516 ms for 15 rows of 430,000). Set locally in a read-only
+        // transaction.
+        let mut conn = self.pool.begin().await.map_err(StoreError::from_db)?;
+        sqlx::query("SET TRANSACTION READ ONLY")
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::from_db)?;
         for (grain, from, to) in parts.periods {
             let row = sqlx::query(&format!(
                 "SELECT {sums} FROM survey_rollups \
@@ -774,6 +788,7 @@ impl FeedbackStore for PostgresFeedbackStore {
                 ..Tally::default()
             });
         }
+        conn.commit().await.map_err(StoreError::from_db)?;
         Ok(total)
     }
 
