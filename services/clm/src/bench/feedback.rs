@@ -21,7 +21,7 @@
 //!   with the health Check of the same server.
 //! - C, GetSurveySummary: a survey created a year ago holds `--responses`
 //!   responses submitted over that year, stored from this process through
-//!   the feedback store (`record_response`, so the rollups are built the
+//!   the feedback store (`record_responses`, so the rollups are built the
 //!   way the service builds them); then summaries over random windows and
 //!   over the default window (the whole survey) from a few clients,
 //!   alternating in 1 s slices.
@@ -85,6 +85,9 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 const SEEDERS: usize = 16;
 /// How far back the seeded responses go.
 const SEEDED_SPAN: TimeDelta = TimeDelta::days(365);
+/// Responses per transaction when phase C seeds its survey.
+const SEED_BATCH: usize = 200;
+
 /// One in this many phase B responses carries free text.
 const TEXT_EVERY: usize = 4;
 /// Short free-text answers, positive, negative and neutral.
@@ -901,55 +904,61 @@ async fn seed_year(
         writers.push(tokio::spawn(async move {
             let (mut failed, mut first) = (0_u64, None);
             loop {
-                let number = next.fetch_add(1, Ordering::Relaxed);
-                if number >= total {
+                let from = next.fetch_add(SEED_BATCH, Ordering::Relaxed);
+                if from >= total {
                     break;
                 }
-                let random = mix(number as u64 ^ 0xc0ffee);
-                let mut answers = vec![Answer {
-                    question_id: "recommend".into(),
-                    value: AnswerValue::Score((random % 11) as i32),
-                    sentiment: None,
-                }];
-                let mut sentiment = None;
-                if number.is_multiple_of(TEXT_EVERY) {
-                    let text = (random >> 8) as usize % TEXTS.len();
-                    sentiment = Some(sentiments[text]);
-                    answers.push(Answer {
-                        question_id: "why".into(),
-                        value: AnswerValue::Text(Some(TEXTS[text].to_owned())),
-                        sentiment,
-                    });
-                }
-                let offset = mix(random) % span_micros;
-                let response = Response {
-                    id: uuid::Uuid::now_v7(),
-                    response_id: format!("{run_id}-seed-{number}"),
-                    survey_id,
-                    survey_version: 1,
-                    dispatch_id: None,
-                    customer_id: customers[(random >> 16) as usize % customers.len()],
-                    answers,
-                    submitted_at: year_start + TimeDelta::microseconds(offset as i64),
-                    sentiment,
-                    recorded_at: Utc::now(),
-                };
-                let tally = Tally::of_response(&response, &questions);
-                let new = NewResponse {
-                    response,
-                    tally,
-                    log: Vec::new(),
-                };
-                match store.record_response(&new).await {
-                    Ok(Recorded::New(_)) => {
-                        stored.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(other) => {
-                        failed += 1;
-                        first.get_or_insert_with(|| format!("not stored: {other:?}"));
+                let batch: Vec<NewResponse> = (from..(from + SEED_BATCH).min(total))
+                    .map(|number| {
+                        let random = mix(number as u64 ^ 0xc0ffee);
+                        let mut answers = vec![Answer {
+                            question_id: "recommend".into(),
+                            value: AnswerValue::Score((random % 11) as i32),
+                            sentiment: None,
+                        }];
+                        let mut sentiment = None;
+                        if number.is_multiple_of(TEXT_EVERY) {
+                            let text = (random >> 8) as usize % TEXTS.len();
+                            sentiment = Some(sentiments[text]);
+                            answers.push(Answer {
+                                question_id: "why".into(),
+                                value: AnswerValue::Text(Some(TEXTS[text].to_owned())),
+                                sentiment,
+                            });
+                        }
+                        let offset = mix(random) % span_micros;
+                        let response = Response {
+                            id: uuid::Uuid::now_v7(),
+                            response_id: format!("{run_id}-seed-{number}"),
+                            survey_id,
+                            survey_version: 1,
+                            dispatch_id: None,
+                            customer_id: customers[(random >> 16) as usize % customers.len()],
+                            answers,
+                            submitted_at: year_start + TimeDelta::microseconds(offset as i64),
+                            sentiment,
+                            recorded_at: Utc::now(),
+                        };
+                        NewResponse {
+                            tally: Tally::of_response(&response, &questions),
+                            response,
+                            log: Vec::new(),
+                        }
+                    })
+                    .collect();
+                match store.record_responses(&batch).await {
+                    Ok(recorded) => {
+                        for outcome in recorded {
+                            if matches!(outcome, Recorded::New(_)) {
+                                stored.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                failed += 1;
+                                first.get_or_insert_with(|| format!("not stored: {outcome:?}"));
+                            }
+                        }
                     }
                     Err(err) => {
-                        failed += 1;
+                        failed += batch.len() as u64;
                         first.get_or_insert_with(|| err.to_string());
                     }
                 }
