@@ -296,11 +296,6 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
             sql: include_str!("../migrations/postgres/0001_feedback.sql"),
         },
         clm_eventlog::kit::postgres_migration(2),
-        EmbeddedMigration {
-            version: 3,
-            description: "responses by survey in ascending time, for summary edges",
-            sql: include_str!("../migrations/postgres/0003_responses_by_survey_ascending.sql"),
-        },
     ],
     sqlite: &[
         EmbeddedMigration {
