@@ -296,6 +296,11 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
             sql: include_str!("../migrations/postgres/0001_feedback.sql"),
         },
         clm_eventlog::kit::postgres_migration(2),
+        EmbeddedMigration {
+            version: 3,
+            description: "summary edges read by index only",
+            sql: include_str!("../migrations/postgres/0003_summary_edges_index_only.sql"),
+        },
     ],
     sqlite: &[
         EmbeddedMigration {

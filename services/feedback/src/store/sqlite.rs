@@ -6,6 +6,7 @@
 //! the reader connections.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -251,13 +252,13 @@ fn response_from_row(row: &SqliteRow) -> Result<Response, StoreError> {
 
 /// `TOTAL(c) AS c` for every tally column: SQLite's sum that is 0.0 over
 /// no rows and always a real, as PostgreSQL's `COALESCE(SUM(c), 0)::float8`.
-fn tally_sums() -> String {
+static TALLY_SUMS: LazyLock<String> = LazyLock::new(|| {
     TALLY_COLUMNS
         .iter()
         .map(|column| format!("TOTAL({column}) AS {column}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
+});
 
 fn tally_from_row(row: &SqliteRow) -> Result<Tally, StoreError> {
     let mut columns = [0.0; 17];
@@ -814,7 +815,7 @@ impl FeedbackStore for SqliteFeedbackStore {
         end: DateTime<Utc>,
     ) -> Result<Tally, StoreError> {
         let parts = window_parts(start, end);
-        let sums = tally_sums();
+        let sums = TALLY_SUMS.as_str();
         let survey = survey_id.to_string();
         let mut total = Tally::default();
         let mut conn = self
