@@ -3,6 +3,7 @@
 //! response id with the sentiment of their free text, summaries from
 //! rollups kept as responses arrive, and the feedback log.
 
+pub mod compaction;
 pub mod dispatcher;
 pub mod grpc;
 pub mod model;
@@ -129,8 +130,8 @@ impl Configured for FeedbackConfig {
 
     /// Connects, migrates when asked to, starts the consumers of the
     /// transition, touchpoint and customer event logs and the dispatch
-    /// sweep (each on a lease: one replica at a time), and mounts the
-    /// service.
+    /// sweep with the rollup compaction (each on a lease: one replica at a
+    /// time), and mounts the service.
     async fn start(self: Box<Self>, context: &mut StartContext<'_>) -> anyhow::Result<()> {
         let platform = context.platform;
         let pools = store::MIGRATIONS
@@ -212,7 +213,13 @@ impl Configured for FeedbackConfig {
                 pools,
                 group(SWEEP),
                 move |_lease, stop| {
-                    Dispatcher::new(swept.clone(), clock.clone(), consent.clone(), poll).run(stop)
+                    let dispatcher =
+                        Dispatcher::new(swept.clone(), clock.clone(), consent.clone(), poll);
+                    let compacting = compaction::run(swept.clone(), clock.clone(), stop.clone());
+                    async move {
+                        tokio::try_join!(dispatcher.run(stop), compacting)?;
+                        Ok(())
+                    }
                 },
                 stop,
             )

@@ -199,6 +199,15 @@ pub trait FeedbackStore: Send + Sync + 'static {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
     ) -> Result<Tally, StoreError>;
+    /// Folds the slots of every rollup period that ended before `before`
+    /// into one row (slot 0), up to `limit` distinct periods of each grain
+    /// per call, oldest first; returns how many periods of any grain were
+    /// in reach (less than `limit` of each when nothing is left). The
+    /// figures do not change: a summary then reads one row per period
+    /// instead of up to 16. A write into a folded period (a late response,
+    /// a merge) adds slot rows again, which a later call folds.
+    async fn compact_rollups(&self, before: DateTime<Utc>, limit: u32)
+    -> Result<usize, StoreError>;
     /// The feedback log.
     fn log(&self) -> &EventLog;
 
@@ -298,7 +307,7 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
         clm_eventlog::kit::postgres_migration(2),
         EmbeddedMigration {
             version: 3,
-            description: "summary edges read by index only",
+            description: "summary edges read by index only; rollup periods still spread over slots",
             sql: include_str!("../migrations/postgres/0003_summary_edges_index_only.sql"),
         },
     ],
@@ -309,6 +318,11 @@ pub const MIGRATIONS: ServiceMigrations = ServiceMigrations {
             sql: include_str!("../migrations/sqlite/0001_feedback.sql"),
         },
         clm_eventlog::kit::sqlite_migration(2),
+        EmbeddedMigration {
+            version: 3,
+            description: "rollup periods still spread over slots",
+            sql: include_str!("../migrations/sqlite/0003_rollup_compaction.sql"),
+        },
     ],
 };
 

@@ -582,7 +582,48 @@ async fn a_window_is_tallied_from_rollups_and_edges(backend: Backend) {
             base + TimeDelta::minutes(300),
         ),
     ];
-    for (start, end) in windows {
+    assert_windows(&*store, survey.id, &counted, &released, &windows).await;
+    // Closed periods folded into one row each: the same figures.
+    let folded = store.compact_rollups(now(), 100).await.unwrap();
+    assert!(folded > 0, "the spread periods were folded: {folded}");
+    assert_eq!(store.compact_rollups(now(), 100).await.unwrap(), 0);
+    assert_windows(&*store, survey.id, &counted, &released, &windows).await;
+    // Late responses into folded periods count, before and after the next
+    // fold; a small limit folds a little at a time.
+    for i in 0..20_i64 {
+        let submitted = base + TimeDelta::minutes(i * 37 + 5);
+        let new = new_response(
+            &survey,
+            response(&survey, &format!("late{i}"), (i % 11) as i32, submitted),
+        );
+        counted.push((submitted, new.tally));
+        store.record_response(&new).await.unwrap();
+    }
+    assert_windows(&*store, survey.id, &counted, &released, &windows).await;
+    let mut calls = 0;
+    while store.compact_rollups(now(), 1).await.unwrap() > 0 {
+        calls += 1;
+        assert!(calls < 100, "folding one period a grain at a time ends");
+    }
+    assert!(calls > 1, "a limit of 1 folds over several calls: {calls}");
+    assert_windows(&*store, survey.id, &counted, &released, &windows).await;
+    let other = store
+        .tally(Uuid::now_v7(), base, base + TimeDelta::days(1))
+        .await
+        .unwrap();
+    assert_eq!(other, Tally::default(), "another survey counts nothing");
+}
+
+/// Every window's tally equals the responses submitted and dispatches
+/// released in it.
+async fn assert_windows(
+    store: &dyn FeedbackStore,
+    survey_id: Uuid,
+    counted: &[(DateTime<Utc>, Tally)],
+    released: &[DateTime<Utc>],
+    windows: &[(DateTime<Utc>, DateTime<Utc>)],
+) {
+    for &(start, end) in windows {
         let expected = counted
             .iter()
             .filter(|(time, _)| *time >= start && *time < end)
@@ -595,7 +636,7 @@ async fn a_window_is_tallied_from_rollups_and_edges(backend: Backend) {
             dispatched,
             ..expected
         };
-        let tally = store.tally(survey.id, start, end).await.unwrap();
+        let tally = store.tally(survey_id, start, end).await.unwrap();
         assert_eq!(
             Tally {
                 sentiment_sum: 0.0,
@@ -609,11 +650,6 @@ async fn a_window_is_tallied_from_rollups_and_edges(backend: Backend) {
         );
         assert!((tally.sentiment_sum - expected.sentiment_sum).abs() < 1e-9);
     }
-    let other = store
-        .tally(Uuid::now_v7(), base, base + TimeDelta::days(1))
-        .await
-        .unwrap();
-    assert_eq!(other, Tally::default(), "another survey counts nothing");
 }
 
 async fn a_round_settles_once_and_reads_every_customers_releases(backend: Backend) {
@@ -815,6 +851,74 @@ async fn a_batch_of_responses_is_recorded_in_one_go(backend: Backend) {
     );
 }
 
+/// Responses written into closed periods while their slots are folded
+/// are all counted: the fold waits for a writer's rows or leaves the rows
+/// that come after it for the next fold.
+async fn folding_under_writes_loses_nothing(backend: Backend) {
+    let store = backend.store;
+    let survey = survey(SurveyKind::Nps, vec![nps_question()]);
+    store.create_survey(&survey, None).await.unwrap();
+    let base = at("2026-03-10T06:00:00Z");
+    let writers: Vec<_> = (0..4_i64)
+        .map(|writer| {
+            let (store, survey) = (store.clone(), survey.clone());
+            tokio::spawn(async move {
+                // Two writers one response at a time, two in batches of 10
+                // over several periods (as a merge moves responses).
+                let mut total = Tally::default();
+                let mut batch = Vec::new();
+                for i in 0..40_i64 {
+                    let submitted = base + TimeDelta::minutes((i * 13 + writer * 7) % 240);
+                    let new = new_response(
+                        &survey,
+                        response(
+                            &survey,
+                            &format!("fold-{writer}-{i}"),
+                            ((i + writer) % 11) as i32,
+                            submitted,
+                        ),
+                    );
+                    total = total.plus(&new.tally);
+                    if writer < 2 {
+                        store.record_response(&new).await.unwrap();
+                    } else {
+                        batch.push(new);
+                        if batch.len() == 10 {
+                            store.record_responses(&batch).await.unwrap();
+                            batch.clear();
+                        }
+                    }
+                }
+                total
+            })
+        })
+        .collect();
+    let folding = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut folds = 0;
+            for _ in 0..200 {
+                folds += store.compact_rollups(now(), 2).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            folds
+        })
+    };
+    let mut expected = Tally::default();
+    for writer in writers {
+        expected = expected.plus(&writer.await.unwrap());
+    }
+    assert!(folding.await.unwrap() > 0, "periods were folded meanwhile");
+    while store.compact_rollups(now(), 100).await.unwrap() > 0 {}
+    for (start, end) in [
+        (base, base + TimeDelta::days(1)),
+        (base - TimeDelta::days(30), base + TimeDelta::days(30)),
+    ] {
+        let tally = store.tally(survey.id, start, end).await.unwrap();
+        assert_eq!(tally, expected, "window {start} to {end}");
+    }
+}
+
 clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres;
     surveys_are_created_once_and_updated_under_their_version,
     question_sets_are_kept_per_version,
@@ -823,6 +927,7 @@ clm_platform::on_both_backends!(sqlite: super::sqlite, postgres: super::postgres
     a_window_is_tallied_from_rollups_and_edges,
     a_round_settles_once_and_reads_every_customers_releases,
     a_batch_of_responses_is_recorded_in_one_go,
+    folding_under_writes_loses_nothing,
 );
 
 /// A window's edge is read by an index range of the survey's own rows on

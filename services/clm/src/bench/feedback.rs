@@ -314,6 +314,9 @@ struct Seeding {
     stored: u64,
     failed: (u64, Option<String>),
     elapsed: Duration,
+    /// Rollup periods folded into one row each after seeding, and how long
+    /// that took.
+    folded: (usize, Duration),
 }
 
 struct FeedbackReport {
@@ -454,11 +457,14 @@ async fn measure(args: &FeedbackBenchArgs, database_url: &str) -> anyhow::Result
             .execute(&mut connection)
             .await?;
     }
-    notes.push(
-        "phase C ran VACUUM (ANALYZE) on feedback.responses and feedback.survey_rollups after \
-         seeding, as autovacuum would have by then on a survey a year old"
-            .to_owned(),
-    );
+    notes.push(format!(
+        "phase C folded the rollup slots of {} closed periods in {:.1} s and ran VACUUM (ANALYZE) \
+         on feedback.responses and feedback.survey_rollups after seeding, as the service's \
+         compaction (every {} s) and autovacuum would have by then on a survey a year old",
+        seeding.folded.0,
+        seeding.folded.1.as_secs_f64(),
+        clm_feedback::compaction::EVERY.as_secs()
+    ));
     settle(database_url, "seeding phase C", &mut notes).await?;
     let whole = SurveyServiceClient::new(channels[0].clone())
         .get_survey_summary(summary_request(&survey_c, None, 0))
@@ -975,17 +981,28 @@ async fn seed_year(
         }
     }
     reporter.abort();
+    let elapsed = started.elapsed();
+    progress(&format!(
+        "seeded {} responses in {:.0} s ({:.0}/s)",
+        stored.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        stored.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+    ));
+    // The service folds the slots of closed periods every minute; a year
+    // of them is folded here at once, as it would have been by now.
+    let folding = Instant::now();
+    let folded = clm_feedback::compaction::compact_all(
+        store.as_ref(),
+        Utc::now() - clm_feedback::compaction::MARGIN,
+    )
+    .await
+    .context("cannot fold the rollups of phase C")?;
     let seeding = Seeding {
         stored: stored.load(Ordering::Relaxed),
         failed,
-        elapsed: started.elapsed(),
+        elapsed,
+        folded: (folded, folding.elapsed()),
     };
-    progress(&format!(
-        "seeded {} responses in {:.0} s ({:.0}/s)",
-        seeding.stored,
-        seeding.elapsed.as_secs_f64(),
-        seeding.stored as f64 / seeding.elapsed.as_secs_f64()
-    ));
     anyhow::ensure!(
         seeding.stored > 0,
         "no response could be seeded: {}",
@@ -1309,6 +1326,8 @@ impl FeedbackReport {
                 "seeded": self.seeding.stored,
                 "seed_seconds": self.seeding.elapsed.as_secs_f64(),
                 "seed_failed": self.seeding.failed.0,
+                "folded_periods": self.seeding.folded.0,
+                "fold_seconds": self.seeding.folded.1.as_secs_f64(),
                 "response_count": self.summary_count,
                 "random_windows": phase_json(&self.random_windows),
                 "whole_survey": phase_json(&self.whole_survey),

@@ -16,3 +16,8 @@ DROP INDEX responses_by_survey;
 CREATE INDEX dispatches_released_answered ON dispatches (survey_id, dispatched_at)
     INCLUDE (responded_at) WHERE dispatched_at IS NOT NULL;
 DROP INDEX dispatches_released;
+
+-- Rollup rows of a period beside its slot 0, for the compaction that folds
+-- the slots of closed periods into one row (they are spread only so that
+-- concurrent writers of the current period do not queue for one row).
+CREATE INDEX survey_rollups_spread ON survey_rollups (grain, period) WHERE slot <> 0;

@@ -16,7 +16,7 @@ use clm_eventlog::consumer::cursors::{self, CursorMove};
 use clm_platform::db::{ErasureVacuum, Pools};
 
 use super::{
-    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded,
+    Created, DispatchEntry, EventBatch, FeedbackStore, Grain, LogEntry, NewResponse, Recorded,
     RollupDeltas, StoreError, TextErasedEntry, Updated, window_parts,
 };
 use crate::model::{
@@ -228,6 +228,56 @@ static TALLY_SUMS: LazyLock<String> = LazyLock::new(|| {
         .join(", ")
 });
 
+/// `c = c + EXCLUDED.c` for every tally column: what a write adds to a
+/// rollup row that exists.
+static ROLLUP_ADDED: LazyLock<String> = LazyLock::new(|| {
+    TALLY_COLUMNS
+        .iter()
+        .map(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// Folds the slot rows of up to `$3` periods of grain `$1` that start
+/// before `$2` into slot 0; answers how many periods it reached.
+static COMPACT_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
+    let columns = TALLY_COLUMNS.join(", ");
+    let sums = TALLY_COLUMNS
+        .iter()
+        .map(|column| format!("SUM({column})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let added = ROLLUP_ADDED.as_str();
+    // The rows are locked in key order, the order every writer takes
+    // them in, slot 0 with the others: a fold and a merge or a batch of
+    // late responses into the same periods wait for each other instead of
+    // deadlocking.
+    format!(
+        "WITH periods AS ( \
+           SELECT DISTINCT period FROM survey_rollups \
+           WHERE slot <> 0 AND grain = $1 AND period < $2 ORDER BY period LIMIT $3), \
+         spread AS ( \
+           SELECT DISTINCT survey_id, period FROM survey_rollups \
+           WHERE slot <> 0 AND grain = $1 AND period <= (SELECT max(period) FROM periods)), \
+         locked AS ( \
+           SELECT r.survey_id, r.period, r.slot FROM survey_rollups r \
+           JOIN spread s ON r.survey_id = s.survey_id AND r.grain = $1 AND r.period = s.period \
+           ORDER BY r.survey_id, r.period, r.slot FOR UPDATE OF r), \
+         gone AS ( \
+           DELETE FROM survey_rollups r USING locked l \
+           WHERE r.survey_id = l.survey_id AND r.grain = $1 AND r.period = l.period \
+             AND r.slot = l.slot AND r.slot <> 0 \
+           RETURNING r.*), \
+         folded AS ( \
+           INSERT INTO survey_rollups (survey_id, grain, period, slot, {columns}) \
+           SELECT survey_id, grain, period, 0, {sums} FROM gone \
+           GROUP BY survey_id, grain, period \
+           ON CONFLICT (survey_id, grain, period, slot) DO UPDATE SET {added} \
+           RETURNING 1) \
+         SELECT count(*) FROM periods"
+    )
+});
+
 /// The tally columns of the dispatches released in a range: releases and
 /// the answers they took; every other column is zero.
 static RELEASED_SUMS: LazyLock<String> = LazyLock::new(|| {
@@ -282,13 +332,7 @@ async fn add_to_rollups(
             },
         );
         sql.push(" ON CONFLICT (survey_id, grain, period, slot) DO UPDATE SET ");
-        sql.push(
-            TALLY_COLUMNS
-                .iter()
-                .map(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
+        sql.push(ROLLUP_ADDED.as_str());
         sql.build().execute(&mut *tx).await?;
     }
     Ok(())
@@ -830,6 +874,30 @@ impl FeedbackStore for PostgresFeedbackStore {
             total = total.plus(&tally_from_row(row)?);
         }
         Ok(total)
+    }
+
+    async fn compact_rollups(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
+        let mut reached = 0;
+        for grain in Grain::ALL {
+            // One statement per grain: the slot rows of the oldest `limit`
+            // closed periods are deleted and added to their slot 0. A
+            // writer adding to one of them meanwhile is waited for (its row
+            // is deleted with what it added) or comes after (and adds a slot
+            // row again).
+            let (periods,): (i64,) = sqlx::query_as(&COMPACT_ROLLUPS)
+                .bind(grain.code())
+                .bind(grain.start(before))
+                .bind(i64::from(limit))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::from_db)?;
+            reached += periods as usize;
+        }
+        Ok(reached)
     }
 
     fn log(&self) -> &EventLog {

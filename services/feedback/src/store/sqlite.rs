@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::postgres::{sentiment_of, strip_text};
 use super::{
-    Created, DispatchEntry, EventBatch, FeedbackStore, LogEntry, NewResponse, Recorded,
+    Created, DispatchEntry, EventBatch, FeedbackStore, Grain, LogEntry, NewResponse, Recorded,
     RollupDeltas, StoreError, TextErasedEntry, Updated, window_parts,
 };
 use crate::model::{
@@ -260,6 +260,26 @@ static TALLY_SUMS: LazyLock<String> = LazyLock::new(|| {
         .join(", ")
 });
 
+/// `SUM(c)` for every tally column, in [`TALLY_COLUMNS`] order (whole
+/// counts stay integers; `sentiment_sum` is a real).
+static COMPACTED_SUMS: LazyLock<String> = LazyLock::new(|| {
+    TALLY_COLUMNS
+        .iter()
+        .map(|column| format!("SUM({column})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// `c = c + excluded.c` for every tally column: what a write adds to a
+/// rollup row that exists.
+static ROLLUP_ADDED: LazyLock<String> = LazyLock::new(|| {
+    TALLY_COLUMNS
+        .iter()
+        .map(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
 fn tally_from_row(row: &SqliteRow) -> Result<Tally, StoreError> {
     let mut columns = [0.0; 17];
     for (slot, column) in columns.iter_mut().zip(TALLY_COLUMNS) {
@@ -408,13 +428,7 @@ async fn add_to_rollups(
             },
         );
         sql.push(" ON CONFLICT (survey_id, grain, period, slot) DO UPDATE SET ");
-        sql.push(
-            TALLY_COLUMNS
-                .iter()
-                .map(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
+        sql.push(ROLLUP_ADDED.as_str());
         sql.build().execute(&mut *tx).await?;
     }
     Ok(())
@@ -867,6 +881,62 @@ impl FeedbackStore for SqliteFeedbackStore {
             });
         }
         Ok(total)
+    }
+
+    async fn compact_rollups(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
+        let columns = TALLY_COLUMNS.join(", ");
+        let mut tx = self
+            .pools
+            .writer
+            .begin()
+            .await
+            .map_err(StoreError::from_db)?;
+        let mut reached = 0;
+        for grain in Grain::ALL {
+            // The one writer: the sums, then the slot rows, in one
+            // transaction.
+            let (periods, last): (i64, Option<i64>) = sqlx::query_as(
+                "SELECT count(*), max(period) FROM ( \
+                   SELECT DISTINCT period FROM survey_rollups \
+                   WHERE slot <> 0 AND grain = ?1 AND period < ?2 ORDER BY period LIMIT ?3)",
+            )
+            .bind(i64::from(grain.code()))
+            .bind(grain.start(before).timestamp_micros())
+            .bind(i64::from(limit))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            let Some(last) = last else { continue };
+            sqlx::query(&format!(
+                "INSERT INTO survey_rollups (survey_id, grain, period, slot, {columns}) \
+                 SELECT survey_id, grain, period, 0, {sums} FROM survey_rollups \
+                 WHERE slot <> 0 AND grain = ?1 AND period <= ?2 \
+                 GROUP BY survey_id, grain, period \
+                 ON CONFLICT (survey_id, grain, period, slot) DO UPDATE SET {added}",
+                sums = *COMPACTED_SUMS,
+                added = *ROLLUP_ADDED,
+            ))
+            .bind(i64::from(grain.code()))
+            .bind(last)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            sqlx::query(
+                "DELETE FROM survey_rollups WHERE slot <> 0 AND grain = ?1 AND period <= ?2",
+            )
+            .bind(i64::from(grain.code()))
+            .bind(last)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_db)?;
+            reached += periods as usize;
+        }
+        tx.commit().await.map_err(StoreError::from_db)?;
+        Ok(reached)
     }
 
     fn log(&self) -> &EventLog {
