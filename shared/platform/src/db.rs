@@ -89,9 +89,16 @@ pub async fn connect(
             // call (planning every call took a third of the database's time
             // under load). Statements whose plan depends on their values
             // (optional filters) keep custom plans: PostgreSQL keeps those
-            // when the generic plan costs more.
+            // when the generic plan costs more. JIT compilation is off: the
+            // cost that rules out a sequential scan where it is the only
+            // way (a one-row table) would otherwise cross JIT's threshold,
+            // and compiling took 150 ms for a statement of 0.1 ms.
             let options = PgConnectOptions::from_str(url.expose())?
-                .options([("search_path", schema), ("enable_seqscan", "off")])
+                .options([
+                    ("search_path", schema),
+                    ("enable_seqscan", "off"),
+                    ("jit", "off"),
+                ])
                 .log_statements(tracing::log::LevelFilter::Trace)
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
             // One connection made directly first: when the server cannot be

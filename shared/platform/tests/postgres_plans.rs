@@ -94,3 +94,35 @@ async fn a_lookup_is_not_stuck_with_a_plan_made_for_a_small_table() {
         "each lookup read the key index: {before:?} -> {after:?}"
     );
 }
+
+/// A statement whose only way is a sequential scan (a one-row table
+/// without an index) carries the cost that rules scans out elsewhere; it
+/// must not be compiled for it (JIT took 150 ms for 0.1 ms of work).
+#[tokio::test]
+async fn a_statement_that_must_scan_is_not_compiled() {
+    let Some(url) = clm_platform::testing::fresh_postgres_database("plans").await else {
+        return;
+    };
+    let Pools::Postgres(pool) = db::connect(&url, "public", 1).await.expect("connect") else {
+        panic!("a postgres URL opens PostgreSQL pools");
+    };
+    sqlx::query("CREATE TABLE settings (name TEXT NOT NULL, value TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO settings VALUES ('active', 'v1')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN ANALYZE SELECT value FROM settings WHERE name = 'active'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Seq Scan"), "the one way is a scan:\n{plan}");
+    assert!(
+        !plan.contains("JIT"),
+        "the statement was not compiled:\n{plan}"
+    );
+}
