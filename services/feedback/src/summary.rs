@@ -68,6 +68,16 @@ pub const TALLY_COLUMNS: [&str; 17] = [
     "answered",
 ];
 
+/// `part(column)` for every tally column, in [`TALLY_COLUMNS`] order,
+/// joined by commas: a select or set list of the stores' statements.
+pub fn column_list(part: impl Fn(&str) -> String) -> String {
+    TALLY_COLUMNS
+        .iter()
+        .map(|column| part(column))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Tally {
     /// What one response adds: every NPS, CSAT and CES answer it holds,
     /// typed by the questions it answered.

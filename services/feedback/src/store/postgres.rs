@@ -24,7 +24,7 @@ use crate::model::{
     Lifecycle, Question, Response, ResponseQuery, Sentiment, SuppressReason, Survey,
     SurveyDefinition, SurveyKind, SurveyQuery, SurveyState,
 };
-use crate::summary::{TALLY_COLUMNS, Tally};
+use crate::summary::{TALLY_COLUMNS, Tally, column_list};
 
 /// Surveys, dispatches and responses in PostgreSQL.
 pub struct PostgresFeedbackStore {
@@ -221,32 +221,20 @@ pub(super) fn sentiment_of(
 /// `SUM(c) AS c` for every tally column: the select list of the rollup
 /// periods and of the response edges.
 static TALLY_SUMS: LazyLock<String> = LazyLock::new(|| {
-    TALLY_COLUMNS
-        .iter()
-        .map(|column| format!("COALESCE(SUM({column}), 0)::float8 AS {column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    column_list(|column| format!("COALESCE(SUM({column}), 0)::float8 AS {column}"))
 });
 
 /// `c = c + EXCLUDED.c` for every tally column: what a write adds to a
 /// rollup row that exists.
 static ROLLUP_ADDED: LazyLock<String> = LazyLock::new(|| {
-    TALLY_COLUMNS
-        .iter()
-        .map(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    column_list(|column| format!("{column} = survey_rollups.{column} + EXCLUDED.{column}"))
 });
 
 /// Folds the slot rows of up to `$3` periods of grain `$1` that start
 /// before `$2` into slot 0; answers how many periods it reached.
 static COMPACT_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
     let columns = TALLY_COLUMNS.join(", ");
-    let sums = TALLY_COLUMNS
-        .iter()
-        .map(|column| format!("SUM({column})"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let sums = column_list(|column| format!("SUM({column})"));
     let added = ROLLUP_ADDED.as_str();
     // The rows are locked in key order, the order every writer takes
     // them in, slot 0 with the others: a fold and a merge or a batch of
@@ -281,15 +269,11 @@ static COMPACT_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
 /// The tally columns of the dispatches released in a range: releases and
 /// the answers they took; every other column is zero.
 static RELEASED_SUMS: LazyLock<String> = LazyLock::new(|| {
-    TALLY_COLUMNS
-        .iter()
-        .map(|column| match *column {
-            "dispatched" => "count(*)::float8 AS dispatched".to_owned(),
-            "answered" => "count(responded_at)::float8 AS answered".to_owned(),
-            other => format!("0::float8 AS {other}"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    column_list(|column| match column {
+        "dispatched" => "count(*)::float8 AS dispatched".to_owned(),
+        "answered" => "count(responded_at)::float8 AS answered".to_owned(),
+        other => format!("0::float8 AS {other}"),
+    })
 });
 
 fn tally_from_row(row: &PgRow) -> Result<Tally, StoreError> {

@@ -29,7 +29,7 @@ use crate::model::{
     Response, ResponseQuery, Sentiment, SuppressReason, Survey, SurveyDefinition, SurveyKind,
     SurveyQuery, SurveyState,
 };
-use crate::summary::{TALLY_COLUMNS, Tally};
+use crate::summary::{TALLY_COLUMNS, Tally, column_list};
 
 /// Surveys, dispatches and responses in a SQLite file.
 pub struct SqliteFeedbackStore {
@@ -252,32 +252,18 @@ fn response_from_row(row: &SqliteRow) -> Result<Response, StoreError> {
 
 /// `TOTAL(c) AS c` for every tally column: SQLite's sum that is 0.0 over
 /// no rows and always a real, as PostgreSQL's `COALESCE(SUM(c), 0)::float8`.
-static TALLY_SUMS: LazyLock<String> = LazyLock::new(|| {
-    TALLY_COLUMNS
-        .iter()
-        .map(|column| format!("TOTAL({column}) AS {column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-});
+static TALLY_SUMS: LazyLock<String> =
+    LazyLock::new(|| column_list(|column| format!("TOTAL({column}) AS {column}")));
 
 /// `SUM(c)` for every tally column, in [`TALLY_COLUMNS`] order (whole
 /// counts stay integers; `sentiment_sum` is a real).
-static COMPACTED_SUMS: LazyLock<String> = LazyLock::new(|| {
-    TALLY_COLUMNS
-        .iter()
-        .map(|column| format!("SUM({column})"))
-        .collect::<Vec<_>>()
-        .join(", ")
-});
+static COMPACTED_SUMS: LazyLock<String> =
+    LazyLock::new(|| column_list(|column| format!("SUM({column})")));
 
 /// `c = c + excluded.c` for every tally column: what a write adds to a
 /// rollup row that exists.
 static ROLLUP_ADDED: LazyLock<String> = LazyLock::new(|| {
-    TALLY_COLUMNS
-        .iter()
-        .map(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    column_list(|column| format!("{column} = survey_rollups.{column} + excluded.{column}"))
 });
 
 fn tally_from_row(row: &SqliteRow) -> Result<Tally, StoreError> {
