@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
-use clm_eventlog::{Cursor, TailOptions, tail_batches};
+use clm_eventlog::{Cursor, EndMark, TailOptions, tail_batches};
 use clm_platform::error::{ErrorReport, Violations, reasons};
 use clm_platform::server::Shutdown;
 use clm_platform::time::{FactTimes, from_timestamp, to_timestamp};
@@ -753,8 +753,14 @@ impl pb::touchpoint_service_server::TouchpointService for TouchpointGrpc {
                 )
             }
         };
+        let (store, end) = (self.ingest.store().clone(), EndMark::default());
+        let at_end = move || {
+            let (store, end) = (store.clone(), end.clone());
+            async move { store.log_end_reached(&end).await }
+        };
         let stream = tail_batches(
             reader,
+            at_end,
             after,
             TailOptions {
                 stop_at_end: request.stop_at_end,

@@ -79,6 +79,9 @@ pub trait TouchpointStore: Send + Sync + 'static {
     async fn saved_cursor(&self, consumer: &str, shard: ShardFilter) -> Result<String, StoreError>;
     /// Changes whenever this process commits log entries.
     fn appended(&self) -> watch::Receiver<u64>;
+    /// Whether every log entry committed before `mark` was first asked is
+    /// readable (see [`clm_eventlog::EndMark`]).
+    async fn log_end_reached(&self, mark: &clm_eventlog::EndMark) -> Result<bool, StoreError>;
 }
 
 /// The migrations of the touchpoints database.

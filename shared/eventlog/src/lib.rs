@@ -426,8 +426,13 @@ impl EventLog {
                     .collect())
             }
         };
+        let (pools, end) = (self.pools.clone(), EndMark::default());
         tail_batches(
             reader,
+            move || {
+                let (pools, end) = (pools.clone(), end.clone());
+                async move { end.reached(&pools).await }
+            },
             after,
             TailOptions {
                 stop_at_end,
@@ -474,6 +479,41 @@ where
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
+/// How often a tail that stops at the end looks again while older
+/// transactions hold entries back.
+const END_POLL: Duration = Duration::from_millis(20);
+
+/// Where a tail that stops at the end ends. On PostgreSQL an entry is
+/// readable once no older transaction is running anywhere on the server,
+/// so an empty read does not mean that everything committed so far was
+/// read. The first [`EndMark::reached`] notes the next transaction id to
+/// be assigned; the mark is reached once every transaction older than it
+/// has ended, and every entry committed before the mark is then readable.
+/// On SQLite everything committed is readable: always reached.
+#[derive(Debug, Clone, Default)]
+pub struct EndMark(Arc<std::sync::Mutex<Option<i64>>>);
+
+impl EndMark {
+    /// True once every entry committed before the first call is readable.
+    pub async fn reached(&self, pools: &Pools) -> Result<bool, sqlx::Error> {
+        let Pools::Postgres(pool) = pools else {
+            return Ok(true);
+        };
+        let (oldest_running, next): (i64, i64) = sqlx::query_as(
+            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint \
+             FROM pg_current_snapshot() AS s",
+        )
+        .fetch_one(pool)
+        .await?;
+        let mark = *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_or_insert(next);
+        Ok(oldest_running >= mark)
+    }
+}
+
 /// How a tail behaves once it has caught up.
 #[derive(Debug, Clone, Copy)]
 pub struct TailOptions {
@@ -485,11 +525,14 @@ pub struct TailOptions {
 
 /// The tail loop shared by every log: calls `read` with the cursor after
 /// the last entry handed out and yields each non-empty batch; when a read
-/// comes back empty it ends (`stop_at_end`) or waits for `appended` to
-/// change or for the poll interval. Ends on shutdown and after the first
-/// error, which it yields.
-pub fn tail_batches<E, Err, R, Fut>(
+/// comes back empty it waits for `appended` to change or for the poll
+/// interval, or, with `stop_at_end`, ends once `at_end` says that every
+/// entry committed before the tail found nothing more to read is readable
+/// (an [`EndMark`]: an entry is readable once no older transaction is
+/// running). Ends on shutdown and after the first error, which it yields.
+pub fn tail_batches<E, Err, R, Fut, A, AFut>(
     read: R,
+    at_end: A,
     after: Cursor,
     options: TailOptions,
     appended: watch::Receiver<u64>,
@@ -500,15 +543,19 @@ where
     Err: Send + 'static,
     R: Fn(Cursor) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<Vec<(Cursor, E)>, Err>> + Send,
+    A: Fn() -> AFut + Send + 'static,
+    AFut: std::future::Future<Output = Result<bool, Err>> + Send,
 {
-    struct State<R> {
+    struct State<R, A> {
         read: R,
+        at_end: A,
         cursor: Option<Cursor>,
         appended: watch::Receiver<u64>,
         shutdown: Shutdown,
     }
     let state = State {
         read,
+        at_end,
         cursor: Some(after),
         appended,
         shutdown,
@@ -532,7 +579,21 @@ where
                         state,
                     ));
                 }
-                Ok(_) if options.stop_at_end => return None,
+                Ok(_) if options.stop_at_end => match (state.at_end)().await {
+                    Ok(true) => return None,
+                    // Entries committed before now are still behind an
+                    // older transaction: look again shortly.
+                    Ok(false) => {
+                        tokio::select! {
+                            () = state.shutdown.triggered() => return None,
+                            () = tokio::time::sleep(options.poll_interval.min(END_POLL)) => {}
+                        }
+                    }
+                    Err(err) => {
+                        state.cursor = None;
+                        return Some((Err(err), state));
+                    }
+                },
                 Ok(_) => {
                     tokio::select! {
                         () = state.shutdown.triggered() => return None,

@@ -201,3 +201,57 @@ async fn sqlite_hands_out_entries_in_commit_order() {
     );
     assert!(Cursor::parse("after_cursor", "nonsense").is_err());
 }
+
+/// A tail that stops at the end still hands out every entry committed
+/// before it was opened while an older transaction, anywhere on the
+/// server, holds the readable horizon back: it waits for that transaction
+/// instead of ending with nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tail_to_the_end_waits_for_older_open_transactions() {
+    let Some(url) = clm_platform::testing::fresh_postgres_database("eventlog").await else {
+        return;
+    };
+    let pools = db::connect(&url, "public", 8).await.unwrap();
+    let Pools::Postgres(pool) = &pools else {
+        panic!("expected postgres")
+    };
+    sqlx::query(TABLE_DDL).execute(pool).await.unwrap();
+    sqlx::query("CREATE INDEX test_events_order ON test_events (txid, seq)")
+        .execute(pool)
+        .await
+        .unwrap();
+    let log =
+        EventLog::new(pools.clone(), "test_events").with_poll_interval(Duration::from_millis(20));
+    // Another writer's transaction, unrelated to the log, takes its id
+    // first and stays open.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    for kind in ["first", "second"] {
+        let mut tx = pool.begin().await.unwrap();
+        log.append_postgres(&mut tx, &entry(kind)).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let tail = log.tail(Cursor::START, ShardFilter::ALL, 100, true, Shutdown::new());
+    let reading = tokio::spawn(async move {
+        let batches: Vec<_> = tail.collect().await;
+        batches
+            .into_iter()
+            .flat_map(|batch| batch.expect("the read succeeds"))
+            .map(|entry| entry.kind)
+            .collect::<Vec<_>>()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !reading.is_finished(),
+        "the tail waits for the open transaction"
+    );
+    other.rollback().await.unwrap();
+    let kinds = tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("the tail ends once the transaction is over")
+        .unwrap();
+    assert_eq!(kinds, ["first", "second"]);
+}

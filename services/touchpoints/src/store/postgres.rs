@@ -642,4 +642,10 @@ impl TouchpointStore for PostgresTouchpointStore {
     fn appended(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }
+
+    async fn log_end_reached(&self, mark: &clm_eventlog::EndMark) -> Result<bool, StoreError> {
+        mark.reached(&clm_platform::db::Pools::Postgres(self.pool.clone()))
+            .await
+            .map_err(StoreError::from_db)
+    }
 }
