@@ -33,6 +33,26 @@ fn entry(kind: &str) -> NewEntry<'_> {
     }
 }
 
+/// A fresh database holding the indexed log table, its pool and the log
+/// (polling every 20 ms); `None` where no PostgreSQL server is configured.
+async fn indexed_log() -> Option<(sqlx::PgPool, EventLog)> {
+    let url = clm_platform::testing::fresh_postgres_database("eventlog").await?;
+    let pools = db::connect(&url, "public", 8).await.unwrap();
+    let Pools::Postgres(pool) = &pools else {
+        panic!("expected postgres")
+    };
+    sqlx::query(TABLE_DDL).execute(pool).await.unwrap();
+    sqlx::query("CREATE INDEX test_events_order ON test_events (txid, seq)")
+        .execute(pool)
+        .await
+        .unwrap();
+    let pool = pool.clone();
+    Some((
+        pool,
+        EventLog::new(pools, "test_events").with_poll_interval(Duration::from_millis(20)),
+    ))
+}
+
 async fn next_batch(
     stream: &mut (impl futures_util::Stream<Item = Result<Vec<Entry>, sqlx::Error>> + Unpin),
 ) -> Vec<Entry> {
@@ -45,20 +65,10 @@ async fn next_batch(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_commit_of_an_early_entry_is_not_skipped() {
-    let Some(url) = clm_platform::testing::fresh_postgres_database("eventlog").await else {
+    let Some((pool, log)) = indexed_log().await else {
         return;
     };
-    let pools = db::connect(&url, "public", 8).await.unwrap();
-    let Pools::Postgres(pool) = &pools else {
-        panic!("expected postgres")
-    };
-    sqlx::query(TABLE_DDL).execute(pool).await.unwrap();
-    sqlx::query("CREATE INDEX test_events_order ON test_events (txid, seq)")
-        .execute(pool)
-        .await
-        .unwrap();
-    let log =
-        EventLog::new(pools.clone(), "test_events").with_poll_interval(Duration::from_millis(20));
+    let pool = &pool;
     let mut tail = Box::pin(log.tail(Cursor::START, ShardFilter::ALL, 100, false, Shutdown::new()));
 
     // The slow writer takes its transaction id and its sequence value first…
@@ -208,20 +218,10 @@ async fn sqlite_hands_out_entries_in_commit_order() {
 /// instead of ending with nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tail_to_the_end_waits_for_older_open_transactions() {
-    let Some(url) = clm_platform::testing::fresh_postgres_database("eventlog").await else {
+    let Some((pool, log)) = indexed_log().await else {
         return;
     };
-    let pools = db::connect(&url, "public", 8).await.unwrap();
-    let Pools::Postgres(pool) = &pools else {
-        panic!("expected postgres")
-    };
-    sqlx::query(TABLE_DDL).execute(pool).await.unwrap();
-    sqlx::query("CREATE INDEX test_events_order ON test_events (txid, seq)")
-        .execute(pool)
-        .await
-        .unwrap();
-    let log =
-        EventLog::new(pools.clone(), "test_events").with_poll_interval(Duration::from_millis(20));
+    let pool = &pool;
     // Another writer's transaction, unrelated to the log, takes its id
     // first and stays open.
     let mut other = pool.begin().await.unwrap();
